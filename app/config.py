@@ -1,0 +1,47 @@
+"""One place for configuration: a pydantic-settings `Settings` read from `CROSSPATCH_*` env vars."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service and CLI configuration. Every field can be set as `CROSSPATCH_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="CROSSPATCH_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".crosspatch"), description="Root for the job store, DuckDB, parts.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the job store; default: SQLite file in data_dir."
+    )
+    duckdb_path: Path | None = Field(default=None, description="Results DuckDB file; default: in data_dir.")
+    device: str = Field(default="cpu", description="Torch device for workers and the CLI: cpu, cuda, cuda:N.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    model_allow_list: Path | None = Field(
+        default=None, description="JSON/YAML file listing the pairs researchers may run (admin-managed)."
+    )
+    model_roots: list[Path] = Field(
+        default_factory=list, description="Directories under which requests may name local model paths."
+    )
+    log_level: str = "INFO"
+    env: Literal["dev", "prod"] = "dev"
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.data_dir / 'jobs.sqlite').resolve()}"
+        if self.duckdb_path is None:
+            self.duckdb_path = self.data_dir / "results.duckdb"
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings singleton (tests build their own `Settings(...)`)."""
+    return Settings()

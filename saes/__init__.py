@@ -1,0 +1,1 @@
+"""Sparse dictionaries on final MLP layers: activation caching, training, loading, quality."""
