@@ -31,6 +31,28 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     env: Literal["dev", "prod"] = "dev"
 
+    # ---- service (app/) ---------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address `crosspatch serve` binds.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `crosspatch serve` binds.")
+    embedded_worker: bool = Field(
+        default=True, description="`crosspatch serve` starts one local worker subprocess itself."
+    )
+    max_active_jobs_per_user: int = Field(
+        default=20, ge=1, description="Quota: a researcher's queued + running jobs; more answers 429."
+    )
+    max_request_bytes: int = Field(default=1_000_000, ge=1024, description="Largest request body accepted.")
+    max_prompts_per_job: int = Field(default=10_000, ge=1, description="Most prompts one job may carry.")
+    lease_seconds: float = Field(default=30.0, gt=0, description="A worker's lease on a claimed job.")
+    heartbeat_seconds: float = Field(default=5.0, gt=0, description="How often a worker renews its lease.")
+    max_attempts: int = Field(default=3, ge=1, description="Claims of one job before it is failed.")
+    poll_seconds: float = Field(default=1.0, gt=0, description="Idle worker / ingest loop poll interval.")
+    worker_memory_bytes: int | None = Field(
+        default=None, description="Memory a worker offers; default: the device's total memory."
+    )
+    dictionary_roots: list[Path] = Field(
+        default_factory=list, description="Directories under which dictionaries may be registered."
+    )
+
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
         self.data_dir = self.data_dir.expanduser()

@@ -1,0 +1,1 @@
+"""Storage: the SQL job store (SQLAlchemy) and the DuckDB results store."""

@@ -1,0 +1,28 @@
+"""The Alembic migrations and the ORM models describe the same schema, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from app.store.migrate import upgrade
+from app.store.models import Base
+from app.store.session import Store
+
+
+def test_models_match_migrations(store: Store) -> None:
+    with store.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(ctx, Base.metadata)
+    assert diff == [], f"models and migrations differ; add a revision: {diff}"
+
+
+def test_upgrade_is_idempotent(db_url: str) -> None:
+    upgrade(db_url)
+    upgrade(db_url)
+    s = Store(db_url)
+    try:
+        with s.engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() is not None
+    finally:
+        s.dispose()
