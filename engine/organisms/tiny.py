@@ -11,8 +11,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma3", "gpt2")
 
-_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 
 
 def tiny_config(family: str, vocab_size: int = 512, n_layers: int = 5) -> PretrainedConfig:
@@ -21,13 +28,26 @@ def tiny_config(family: str, vocab_size: int = 512, n_layers: int = 5) -> Pretra
     common = {**_COMMON, "num_hidden_layers": n_layers}
     if family == "gpt2":
         return AutoConfig.for_model(
-            "gpt2", n_embd=64, n_layer=n_layers, n_head=4, n_positions=256, resid_pdrop=0.0,
-            embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+            "gpt2",
+            n_embd=64,
+            n_layer=n_layers,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
         )
     if family == "gemma3":
         return AutoConfig.for_model(
-            "gemma3_text", head_dim=16, sliding_window=4, layer_types=None,
-            sliding_window_pattern=2, query_pre_attn_scalar=16, **common, **ids,
+            "gemma3_text",
+            head_dim=16,
+            sliding_window=4,
+            layer_types=None,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=16,
+            **common,
+            **ids,
         )
     if family == "mistral":
         return AutoConfig.for_model("mistral", sliding_window=6, head_dim=16, **common, **ids)

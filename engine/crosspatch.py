@@ -1,0 +1,162 @@
+"""The 2x2 cross-patch: each model's upstream state crossed with each model's late stack.
+
+For a batch of events (prompt + shared prefix, scored at the last position):
+  1. PT and IT run one clean forward each (no cache). These give the diagonal cells and capture the
+     residual entering every requested boundary block, at every position.
+  2. For each boundary b, IT's late stack (blocks b..L-1) runs on PT's captured residual, and PT's late
+     stack on IT's: the off-diagonal cells.
+That is all the forward work the 2x2 needs: two full passes plus two late-stack passes per boundary.
+A boundary sweep reuses step 1 for every b.
+
+Y = logit(t_it) - logit(t_pt), read through the chosen readout: common-IT (IT's final norm and
+unembedding for every cell, the method's default), common-PT, or each late stack's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import pyarrow as pa
+import torch
+
+from engine.adapters import ArchAdapter, positions_from_mask
+from engine.divergence import DivergenceEvent, left_pad
+from engine.pairs import READOUTS, ModelPair
+from engine.results import CELL_COLUMNS, CELLS_SCHEMA
+
+# (upstream, late) -> column
+CELLS: dict[tuple[str, str], str] = {
+    ("pt", "pt"): "y_ptup_ptlate",
+    ("pt", "it"): "y_ptup_itlate",
+    ("it", "pt"): "y_itup_ptlate",
+    ("it", "it"): "y_itup_itlate",
+}
+
+
+def _margin(adapter: ArchAdapter, final_resid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`[batch, d_model]` final residual -> `[batch]` Y = logit(t_it) - logit(t_pt) under `adapter`'s readout."""
+    logits = adapter.readout(final_resid.to(adapter.device), tokens.to(adapter.device)).float()  # [batch, 2]
+    return logits[:, 0] - logits[:, 1]
+
+
+@torch.no_grad()
+def crosspatch_batch(
+    pair: ModelPair,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    t_pt: torch.Tensor,
+    t_it: torch.Tensor,
+    boundaries: Sequence[int],
+    readouts: Sequence[str] = ("it",),
+) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """The four cells for a left-padded batch, per (boundary, readout): `{column: [batch] fp32}`."""
+    pt, it = pair.pt_adapter, pair.it_adapter
+    position_ids = positions_from_mask(attention_mask)  # [batch, seq]
+    tokens = torch.stack([t_it, t_pt], dim=-1)  # [batch, 2]
+
+    # 1. Clean passes: final residual of both models + residual entering each boundary block.
+    final: dict[str, torch.Tensor] = {}
+    captured: dict[str, dict[int, torch.Tensor]] = {}
+    contexts = {}
+    for role, adapter in (("pt", pt), ("it", it)):
+        resid = adapter.embed(input_ids, position_ids)  # [batch, seq, d_model]
+        contexts[role] = adapter.context(resid, attention_mask, position_ids)
+        out, captured[role] = adapter.run_layers(resid, contexts[role], capture_inputs=boundaries)
+        final[role] = out[:, -1]  # [batch, d_model]
+
+    results: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for b in boundaries:
+        # 2. Late stacks on the other model's upstream state.
+        hybrid = {
+            ("pt", "it"): it.run_layers(captured["pt"][b], contexts["it"], start=b)[0][:, -1],
+            ("it", "pt"): pt.run_layers(captured["it"][b], contexts["pt"], start=b)[0][:, -1],
+        }
+        finals = {("pt", "pt"): final["pt"], ("it", "it"): final["it"], **hybrid}
+        for readout in readouts:
+            results[(b, readout)] = {
+                CELLS[(up, late)]: _margin(pair.adapter(late if readout == "own" else readout), h, tokens)
+                for (up, late), h in finals.items()
+            }
+    return results
+
+
+def _batches(events: Sequence[DivergenceEvent], batch_size: int) -> Iterator[list[DivergenceEvent]]:
+    """Length-sorted batches (less padding); results are re-ordered by the caller's keys."""
+    order = sorted(events, key=lambda e: len(e.input_ids))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def iter_crosspatch(
+    pair: ModelPair,
+    events: Sequence[DivergenceEvent],
+    boundary: int | float | str | Sequence[int] | None = None,
+    readouts: Sequence[str] = ("it",),
+    batch_size: int = 16,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Iterator[pa.Table]:
+    """Stream the cells table batch by batch (see `engine.results.CELLS_SCHEMA`).
+
+    Only diverged events are scored; activations live for one batch at a time.
+    """
+    for r in readouts:
+        if r not in READOUTS:
+            raise ValueError(f"unknown readout {r!r}; choose from {', '.join(READOUTS)}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    boundaries = pair.resolve_boundaries(boundary)
+    scored = [e for e in events if e.diverged]
+    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
+    device = pair.pt_adapter.device
+    done = 0
+    for batch in _batches(scored, batch_size):
+        ids, mask = left_pad([e.input_ids for e in batch], pad, device)
+        t_pt = torch.tensor([e.t_pt for e in batch], device=device)
+        t_it = torch.tensor([e.t_it for e in batch], device=device)
+        cells = crosspatch_batch(pair, ids, mask, t_pt, t_it, boundaries, readouts)
+        yield _cells_table(pair, batch, cells)
+        done += len(batch)
+        if on_batch:
+            on_batch(done, len(scored))
+
+
+def _cells_table(
+    pair: ModelPair, batch: list[DivergenceEvent], cells: dict[tuple[int, str], dict[str, torch.Tensor]]
+) -> pa.Table:
+    cols: dict[str, list] = {name: [] for name in CELLS_SCHEMA.names}
+    for (b, readout), values in cells.items():
+        y = {c: values[c].double().cpu().tolist() for c in CELL_COLUMNS}
+        for i, e in enumerate(batch):
+            pt_late = y["y_ptup_itlate"][i] - y["y_ptup_ptlate"][i]
+            it_late = y["y_itup_itlate"][i] - y["y_itup_ptlate"][i]
+            row = dict(
+                family=pair.family,
+                pair_id=pair.pair_id,
+                prompt_id=e.prompt_id,
+                category=e.category,
+                position=e.position,
+                t_pt=e.t_pt,
+                t_it=e.t_it,
+                boundary=b,
+                readout=readout,
+                **{c: y[c][i] for c in CELL_COLUMNS},
+                pt_late_effect=pt_late,
+                it_late_effect=it_late,
+                interaction=it_late - pt_late,
+            )
+            for k, v in row.items():
+                cols[k].append(v)
+    return pa.table(cols, schema=CELLS_SCHEMA)
+
+
+def crosspatch(
+    pair: ModelPair,
+    events: Sequence[DivergenceEvent],
+    boundary: int | float | str | Sequence[int] | None = None,
+    readouts: Sequence[str] = ("it",),
+    batch_size: int = 16,
+) -> pa.Table:
+    """The whole cells table for `events`, sorted by prompt id, boundary and readout."""
+    parts = list(iter_crosspatch(pair, events, boundary, readouts, batch_size))
+    table = pa.concat_tables(parts) if parts else CELLS_SCHEMA.empty_table()
+    return table.sort_by([("prompt_id", "ascending"), ("boundary", "ascending"), ("readout", "ascending")])
