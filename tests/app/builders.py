@@ -1,0 +1,56 @@
+"""Builders for the service tests: users, pairs and jobs straight in the job store."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from app.store.models import Job, Pair, User, utcnow
+from app.store.session import Store
+
+
+def make_user(store: Store, name: str, role: str = "researcher") -> int:
+    with store.session() as s:
+        user = User(name=name, role=role)
+        s.add(user)
+        s.flush()
+        return user.id
+
+
+def make_pair(store: Store, pair_id: str = "tiny-llama", n_layers: int = 5, memory: int = 0) -> str:
+    with store.session() as s:
+        s.add(
+            Pair(
+                pair_id=pair_id,
+                family="llama",
+                pt="/models/pt",
+                it="/models/it",
+                n_layers=n_layers,
+                default_boundary=3,
+                estimated_memory_bytes=memory,
+            )
+        )
+    return pair_id
+
+
+def make_job(store: Store, owner_id: int, pair_id: str | None = None, **overrides: Any) -> uuid.UUID:
+    """A queued crosspatch job; each call is a little younger than the last."""
+    fields: dict[str, Any] = dict(
+        owner_id=owner_id,
+        kind="crosspatch",
+        spec={"kind": "crosspatch"},
+        status="queued",
+        pair_id=pair_id,
+        created_at=utcnow() + timedelta(microseconds=len(_made)),
+    )
+    fields.update(overrides)
+    with store.session() as s:
+        job = Job(**fields)
+        s.add(job)
+        s.flush()
+        _made.append(job.id)
+        return job.id
+
+
+_made: list[uuid.UUID] = []

@@ -1,0 +1,101 @@
+"""The durable queue on SQLite and PostgreSQL: atomic claims, policy, leases, requeue, cancel."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from app.queue import ops
+from app.store.models import Job
+from app.store.session import Store
+from tests.app.builders import make_job, make_pair, make_user
+
+
+def _claim(store: Store, worker: str = "w1", **kw) -> object:
+    return ops.claim(store, worker, lease_seconds=30, **kw)
+
+
+def test_claim_priority_then_age(store: Store) -> None:
+    alice = make_user(store, "alice")
+    old = make_job(store, alice)
+    urgent = make_job(store, alice, priority=5)
+    assert _claim(store) == urgent
+    assert _claim(store) == old
+    assert _claim(store) is None
+
+
+def test_fair_share_round_robin_by_owner(store: Store) -> None:
+    alice, bob = make_user(store, "alice"), make_user(store, "bob")
+    a = [make_job(store, alice) for _ in range(3)]
+    b = make_job(store, bob)
+    order = [_claim(store) for _ in range(4)]
+    assert order == [a[0], b, a[1], a[2]]
+
+
+def test_prefers_loaded_pair_and_respects_memory(store: Store) -> None:
+    alice = make_user(store, "alice")
+    make_pair(store, "p1")
+    make_pair(store, "p2")
+    big = make_job(store, alice, "p1", estimated_memory_bytes=10 << 30)
+    on_p1 = make_job(store, alice, "p1")
+    on_p2 = make_job(store, alice, "p2")
+    assert _claim(store, memory_bytes=1 << 30, loaded_pair="p2") == on_p2
+    assert _claim(store, memory_bytes=1 << 30, loaded_pair="p2") == on_p1
+    assert _claim(store, memory_bytes=1 << 30) is None
+    assert _claim(store, memory_bytes=16 << 30) == big
+
+
+def test_claims_are_exclusive_under_concurrency(store: Store) -> None:
+    alice = make_user(store, "alice")
+    ids = {make_job(store, alice) for _ in range(12)}
+
+    def drain(worker: str) -> list:
+        got = []
+        while (job := _claim(store, worker)) is not None:
+            got.append(job)
+        return got
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(drain, [f"w{i}" for i in range(4)]))
+    claimed = [j for r in results for j in r]
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_expired_lease_requeues_then_fails_after_max_attempts(store: Store) -> None:
+    alice = make_user(store, "alice")
+    job = make_job(store, alice)
+    assert ops.claim(store, "w1", lease_seconds=0.05) == job
+    assert ops.requeue_expired(store, max_attempts=2) == []  # lease still valid
+    time.sleep(0.1)
+    assert ops.requeue_expired(store, max_attempts=2) == [job]
+    assert not ops.heartbeat(store, job, "w1", lease_seconds=30)  # the dead worker lost it
+    assert ops.claim(store, "w2", lease_seconds=0.05) == job
+    time.sleep(0.1)
+    assert ops.requeue_expired(store, max_attempts=2) == []
+    with store.session() as s:
+        row = s.get(Job, job)
+        assert row is not None
+        assert (row.status, row.attempts) == ("failed", 2)
+        assert "lease expired" in (row.error or "")
+
+
+def test_heartbeat_and_finish_only_while_held(store: Store) -> None:
+    alice = make_user(store, "alice")
+    job = make_job(store, alice)
+    assert _claim(store, "w1") == job
+    assert ops.heartbeat(store, job, "w1", lease_seconds=30, progress={"fraction": 0.5})
+    assert not ops.heartbeat(store, job, "intruder", lease_seconds=30)
+    assert ops.cancel(store, job)
+    assert not ops.heartbeat(store, job, "w1", lease_seconds=30)
+    assert not ops.finish_running(store, job, "w1", status="ingesting")
+    assert ops.status_of(store, job) == "cancelled"
+
+
+def test_release_returns_job_without_spending_an_attempt(store: Store) -> None:
+    alice = make_user(store, "alice")
+    job = make_job(store, alice)
+    assert _claim(store, "w1") == job
+    assert ops.finish_running(store, job, "w1", status="queued")
+    assert _claim(store, "w2") == job
+    with store.session() as s:
+        assert s.get(Job, job).attempts == 1  # type: ignore[union-attr]
