@@ -1,0 +1,285 @@
+"""Constructed PT/IT pairs: hand-set weights whose cross-patching 2x2 answer follows from the construction.
+
+Residual-stream layout (d_model = 64), shared by every constructed organism:
+
+- coordinate 0 (`CONST`): a constant every token embedding carries, so "always-on" neurons exist;
+- coordinate 1 (`U`): the upstream signal `u` that IT's early blocks write in `upstream_dependent`/`mediated`;
+- coordinates 4..7 (`K[j]`): read only by the unembedding row of answer word j (t_IT for class j);
+- coordinates 8..11 (`C[j]`): class indicator, 1 on the embedding of the words of class j, else 0;
+- coordinates 12..15 (`M[j]`): extra axes that give the mediated neurons distinct decoder directions;
+- coordinates 16..63: token identity, a random unit vector per word, scaled so every embedding has norm 8.
+
+PT reads only token identity: its unembedding row for word t is the identity vector of the word before t in
+a fixed random cycle `succ`, so PT's greedy continuation walks the cycle (t_PT = succ(current word)). Random
+"noise" weights (attention everywhere, the unplanted MLP neurons) only read and write coordinates 16..63, so
+they vary per-prompt values a little but never touch the planted coordinates. Planted neurons are Llama/Qwen3
+gated MLP neurons, `down * silu(gate . x) * (up . x)` with no biases, so a neuron whose gate reads only `U`
+is exactly 0 when `u` is absent (silu(0) = 0). A neuron fires only when the current word is in its class,
+so IT departs from PT at the first generated step whose current word is classed: positions vary by prompt.
+
+`nominal_cells` replays the planted parts alone (noise weights set to zero) in float64 and gives the 2x2
+values the construction implies; `expected()` turns them into the bounds the tests assert.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from engine.organisms.tiny import tiny_config
+from engine.organisms.tokenizer import ANSWER_WORDS, SPECIAL_TOKENS, vocabulary
+
+CONSTRUCTED_KINDS: tuple[str, ...] = ("upstream_dependent", "self_contained", "upstream_only", "mediated")
+CONSTRUCTED_FAMILIES: tuple[str, ...] = ("llama", "qwen3")
+
+D_MODEL = 64
+N_LAYERS = 5
+BOUNDARY = round(0.6 * N_LAYERS)  # 3: upstream = blocks 0..2, late stack = blocks 3..4 + norm + unembed
+N_CLASSES = len(ANSWER_WORDS)
+CONST, U = 0, 1
+K = tuple(4 + j for j in range(N_CLASSES))
+C = tuple(8 + j for j in range(N_CLASSES))
+M = tuple(12 + j for j in range(N_CLASSES))
+N_RESERVED = 16
+N_PLANT_SLOTS = 8  # MLP neurons 0..7 of every block are reserved for planting; the rest are noise
+
+EMBED_NORM = math.sqrt(D_MODEL)  # post-RMSNorm the embedding is itself (RMS 1)
+CONST_VALUE = 2.0
+CLASS_VALUE = 2.0
+BETA_PT = 1.0  # scale of PT's cycle readout
+BETA_IT = 2.0  # scale of the answer-word readout on K[j]
+NOISE_STD = 0.05
+RMS_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """One planted gated-MLP neuron: `down * silu(gate . x) * (up . x)` on the post-norm residual `x`."""
+
+    layer: int
+    index: int
+    gate: dict[int, float]
+    up: dict[int, float]
+    down: dict[int, float]
+
+
+@dataclass
+class Construction:
+    """Everything a constructed organism's weights and expected values follow from."""
+
+    kind: str
+    family: str
+    seed: int
+    word_class: dict[int, int]  # token id -> class j, for classed cycle words
+    succ: dict[int, int]  # token id -> PT's next word (a single cycle over the cycle words)
+    it_neurons: list[Neuron] = field(default_factory=list)
+    mediators: list[Neuron] = field(default_factory=list)  # the known final-MLP mediators (`mediated`)
+
+    @property
+    def answer_ids(self) -> list[int]:
+        vocab = vocabulary()
+        return [vocab.index(w) for w in ANSWER_WORDS]
+
+
+def _silu(z: float) -> float:
+    return z / (1.0 + math.exp(-z))
+
+
+def _unit(coords: dict[int, float]) -> dict[int, float]:
+    norm = math.sqrt(sum(v * v for v in coords.values()))
+    return {i: v / norm for i, v in coords.items()}
+
+
+def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Construction:
+    """The word classes, PT's cycle and IT's planted neurons for `kind`; deterministic in `seed`."""
+    if kind not in CONSTRUCTED_KINDS:
+        raise ValueError(f"unknown constructed kind {kind!r}; choose one of {', '.join(CONSTRUCTED_KINDS)}")
+    if family not in CONSTRUCTED_FAMILIES:
+        raise ValueError(f"constructed organisms exist for {', '.join(CONSTRUCTED_FAMILIES)}, not {family!r}")
+    vocab = vocabulary()
+    rng = random.Random(seed)
+    cycle_words = [i for i, w in enumerate(vocab) if w not in SPECIAL_TOKENS and w not in ANSWER_WORDS]
+    order = cycle_words[:]
+    rng.shuffle(order)
+    succ = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+    # Half the cycle words get a class; the walk from any word meets a classed word within a few steps.
+    classed = order[:]
+    rng.shuffle(classed)
+    word_class = {t: i % N_CLASSES for i, t in enumerate(classed[: len(classed) // 2])}
+
+    always_on = {CONST: 2.0}  # post-norm CONST is CONST_VALUE / rms: gate ~ 4, silu ~ 3.9
+    neurons: list[Neuron] = []
+    mediators: list[Neuron] = []
+    last = N_LAYERS - 1
+    if kind in ("upstream_dependent", "mediated"):
+        # Early block 0 writes u at every position: u ~ 0.5 * silu(4) * 2 ~ 3.9.
+        neurons.append(Neuron(0, 0, gate=always_on, up={CONST: 1.0}, down={U: 0.5}))
+    if kind == "upstream_dependent":
+        # Both late MLPs read u (gate) and the current word's class (up) and write toward the answer word.
+        for layer in range(BOUNDARY, N_LAYERS):
+            for j in range(N_CLASSES):
+                neurons.append(Neuron(layer, j, gate={U: 1.5}, up={C[j]: 1.0}, down={K[j]: 0.6}))
+    elif kind == "mediated":
+        # Only the final MLP, through one neuron per class with a distinct unit decoder direction.
+        for j in range(N_CLASSES):
+            direction = _unit({K[j]: 1.0, M[j]: 0.5})
+            n = Neuron(
+                last, j, gate={U: 1.5}, up={C[j]: 1.0}, down={i: 1.2 * v for i, v in direction.items()}
+            )
+            neurons.append(n)
+            mediators.append(n)
+    elif kind == "self_contained":
+        for j in range(N_CLASSES):
+            neurons.append(Neuron(last, j, gate=always_on, up={C[j]: 1.0}, down={K[j]: 1.2}))
+    elif kind == "upstream_only":
+        for j in range(N_CLASSES):
+            neurons.append(Neuron(1, j, gate=always_on, up={C[j]: 1.0}, down={K[j]: 1.2}))
+    return Construction(kind, family, seed, word_class, succ, neurons, mediators)
+
+
+# ---- weights -----------------------------------------------------------------------------------------
+
+
+def _token_directions(gen: torch.Generator, vocab_size: int) -> torch.Tensor:
+    """A random unit vector per token in the identity subspace: `[vocab, d_model]`, zero on reserved coords."""
+    dirs = torch.zeros(vocab_size, D_MODEL, dtype=torch.float64)
+    raw = torch.randn(vocab_size, D_MODEL - N_RESERVED, generator=gen, dtype=torch.float64)
+    dirs[:, N_RESERVED:] = raw / raw.norm(dim=-1, keepdim=True)
+    return dirs
+
+
+def embedding_matrix(con: Construction, token_dirs: torch.Tensor) -> torch.Tensor:
+    """`[vocab, d_model]`: CONST + class indicator + identity, every row of norm `EMBED_NORM`."""
+    emb = torch.zeros_like(token_dirs)
+    emb[:, CONST] = CONST_VALUE
+    for t, j in con.word_class.items():
+        emb[t, C[j]] = CLASS_VALUE
+    used = (emb**2).sum(-1, keepdim=True)
+    return emb + token_dirs * (EMBED_NORM**2 - used).sqrt()
+
+
+def unembedding_matrix(con: Construction, token_dirs: torch.Tensor) -> torch.Tensor:
+    """`[vocab, d_model]`: cycle word t reads the identity of its predecessor; answer j reads K[j]."""
+    unemb = torch.zeros_like(token_dirs)
+    for prev, nxt in con.succ.items():
+        unemb[nxt] = BETA_PT * token_dirs[prev]
+    for j, t in enumerate(con.answer_ids):
+        unemb[t, K[j]] = BETA_IT
+    return unemb
+
+
+def _noise(
+    gen: torch.Generator, rows: int, cols: int, read_identity: bool, write_identity: bool
+) -> torch.Tensor:
+    """Small random `[rows, cols]` weights confined to the identity subspace on the residual side."""
+    w = torch.randn(rows, cols, generator=gen, dtype=torch.float64) * NOISE_STD
+    if read_identity:
+        w[:, :N_RESERVED] = 0.0  # never read the planted coordinates
+    if write_identity:
+        w[:N_RESERVED, :] = 0.0  # never write them
+    return w
+
+
+def _set(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    assert param.shape == value.shape, (param.shape, value.shape)
+    param.data.copy_(value.to(param.dtype))
+
+
+def build_models(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """The PT and IT models of `con` (fp32, eval mode). IT = PT plus `con.it_neurons`."""
+    vocab_size = len(vocabulary())
+    config = tiny_config(con.family, vocab_size=vocab_size, n_layers=N_LAYERS)
+    assert config.hidden_size == D_MODEL
+    gen = torch.Generator().manual_seed(10_000 + con.seed)
+    token_dirs = _token_directions(gen, vocab_size)
+    state: dict[str, torch.Tensor] = {}
+    pt = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for name, param in pt.named_parameters():
+        if name.endswith("norm.weight"):  # every RMSNorm (incl. Qwen3 q/k norms) is the identity
+            value = torch.ones_like(param, dtype=torch.float64)
+        elif name.endswith("embed_tokens.weight"):
+            value = embedding_matrix(con, token_dirs)
+        elif name == "lm_head.weight":
+            value = unembedding_matrix(con, token_dirs)
+        elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            value = _noise(gen, *param.shape, read_identity=True, write_identity=False)
+        elif name.endswith("o_proj.weight"):
+            value = _noise(gen, *param.shape, read_identity=False, write_identity=True)
+        elif name.endswith(("gate_proj.weight", "up_proj.weight")):
+            value = _noise(gen, *param.shape, read_identity=True, write_identity=False)
+            value[:N_PLANT_SLOTS] = 0.0
+        elif name.endswith("down_proj.weight"):
+            value = _noise(gen, *param.shape, read_identity=False, write_identity=True)
+            value[:, :N_PLANT_SLOTS] = 0.0
+        else:
+            raise AssertionError(f"constructed organisms do not know parameter {name!r}")
+        state[name] = value
+        _set(param, value)
+    it = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for name, param in it.named_parameters():
+        _set(param, state[name])
+    for n in con.it_neurons:
+        mlp = it.model.layers[n.layer].mlp
+        for coord, w in n.gate.items():
+            mlp.gate_proj.weight.data[n.index, coord] = w
+        for coord, w in n.up.items():
+            mlp.up_proj.weight.data[n.index, coord] = w
+        for coord, w in n.down.items():
+            mlp.down_proj.weight.data[coord, n.index] = w
+    return pt, it
+
+
+# ---- what the construction implies -------------------------------------------------------------------
+
+
+def _rms_norm(h: list[float]) -> list[float]:
+    scale = 1.0 / math.sqrt(sum(v * v for v in h) / len(h) + RMS_EPS)
+    return [v * scale for v in h]
+
+
+def _run_planted(h: list[float], neurons: list[Neuron], layers: range) -> list[float]:
+    """Blocks `layers` with noise weights at zero: attention writes nothing, only planted neurons act."""
+    h = h[:]
+    for layer in layers:
+        x = _rms_norm(h)
+        acts = [
+            (n, _silu(sum(w * x[i] for i, w in n.gate.items())) * sum(w * x[i] for i, w in n.up.items()))
+            for n in neurons
+            if n.layer == layer
+        ]
+        for n, a in acts:
+            for i, w in n.down.items():
+                h[i] += a * w
+    return h
+
+
+def nominal_cells(con: Construction, word_class: int = 0, ablate_mediators: bool = False) -> dict[str, float]:
+    """Noise-free 2x2 at a step whose current word has class `word_class` (float64, from the construction).
+
+    The residual is tracked on the planted coordinates plus the identity part, whose direction only enters
+    PT's logit of t_PT; the common-IT readout equals PT's (the constructions never change the readout).
+    """
+    r_id = math.sqrt(EMBED_NORM**2 - CONST_VALUE**2 - CLASS_VALUE**2)  # identity scale of a classed word
+    h0 = [0.0] * D_MODEL
+    h0[CONST], h0[C[word_class]], h0[N_RESERVED] = CONST_VALUE, CLASS_VALUE, r_id
+    it_late_neurons = [n for n in con.it_neurons if not (ablate_mediators and n in con.mediators)]
+    upstream = {
+        "pt": _run_planted(h0, [], range(BOUNDARY)),
+        "it": _run_planted(h0, con.it_neurons, range(BOUNDARY)),
+    }
+    late = {"pt": [], "it": it_late_neurons}
+    cells: dict[str, float] = {}
+    for up_name, h_up in upstream.items():
+        for late_name, neurons in late.items():
+            x = _rms_norm(_run_planted(h_up, neurons, range(BOUNDARY, N_LAYERS)))
+            logit_it = BETA_IT * x[K[word_class]]
+            logit_pt = BETA_PT * x[N_RESERVED]  # t_PT's row is the identity direction of the current word
+            cells[f"y_{up_name}up_{late_name}late"] = logit_it - logit_pt
+    cells["pt_late_effect"] = cells["y_ptup_itlate"] - cells["y_ptup_ptlate"]
+    cells["it_late_effect"] = cells["y_itup_itlate"] - cells["y_itup_ptlate"]
+    cells["interaction"] = cells["it_late_effect"] - cells["pt_late_effect"]
+    return cells
