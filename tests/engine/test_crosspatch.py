@@ -18,7 +18,7 @@ from engine.errors import (
     UnsupportedArchitectureError,
 )
 from engine.pairs import ModelPair, load_pair
-from engine.prompts import load_prompts
+from engine.prompts import PromptRecord, load_prompts
 from engine.results import CELLS_SCHEMA
 
 
@@ -108,7 +108,7 @@ def test_bad_readout():
 
 
 def test_missing_model_path(tmp_path):
-    with pytest.raises(CrosspatchError, match="config.json"):
+    with pytest.raises(CrosspatchError, match=r"config\.json"):
         load_pair(tmp_path / "nope", tmp_path / "nope2")
 
 
@@ -132,7 +132,7 @@ def test_unknown_architecture():
 def test_mismatched_tokenizers_name_the_prompt():
 
     pair = tiny_pair("llama")
-    prompts = random_prompts(3) + [type(random_prompts(1)[0])(id="bad-one", text="w1 w7w w2")]
+    prompts = [*random_prompts(3), PromptRecord(id="bad-one", text="w1 w7w w2")]
     pair.it_tokenizer = _ShiftTokenizer(pair.tokenizer)
     with pytest.raises(TokenizerMismatchError, match="bad-one"):
         pair.check_same_ids((p.id, p.text) for p in prompts)
