@@ -9,8 +9,15 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click as typer._click; older releases use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    from typer.exceptions import Abort, Exit
+except ImportError:  # pragma: no cover
+    from click.exceptions import Abort, ClickException, Exit, UsageError
+
+    NoArgsIsHelpError = UsageError
 
 from engine.errors import CrosspatchError
 
@@ -23,6 +30,11 @@ cli = typer.Typer(
 )
 
 
+@cli.callback()
+def _root() -> None:
+    """First-divergence cross-patching of PT/IT pairs and sparse-feature mediation."""
+
+
 def _register_commands() -> None:
     """Import the command modules; each adds its commands to `cli`."""
     from app.cli import run_cmd  # noqa: F401
@@ -30,6 +42,8 @@ def _register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script: run the CLI and turn user errors into one-line messages."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _register_commands()
     debug = os.environ.get("CROSSPATCH_DEBUG") == "1"
     args = list(sys.argv[1:] if argv is None else argv)
@@ -38,17 +52,19 @@ def main(argv: list[str] | None = None) -> None:
         debug = True
     try:
         cli(args=args, prog_name="crosspatch", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except NoArgsIsHelpError:
+        sys.exit(0)
+    except Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except Abort:
         print("crosspatch: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.UsageError as e:
+    except UsageError as e:
         if debug:
             raise
         print(f"crosspatch: error: {e.format_message()}  (see 'crosspatch --help')", file=sys.stderr)
         sys.exit(2)
-    except click.ClickException as e:
+    except ClickException as e:
         if debug:
             raise
         print(f"crosspatch: error: {e.format_message()}", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""`crosspatch run`: divergence + 2x2 cross-patch on one PT/IT pair, in process (no server needed)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import typer
+
+from app.cli import cli
+from engine.errors import CrosspatchError
+
+log = logging.getLogger("crosspatch.run")
+
+
+def _resolve_pair_args(pt: str | None, it: str | None, organism: str | None, prompts: Path | None):
+    """`--organism NAME` fills --pt/--it/--prompts from a bundled organism; otherwise all are required."""
+    if organism:
+        from engine.organisms import organism_path
+
+        try:
+            root = organism_path(organism)
+        except ValueError as e:
+            raise CrosspatchError(str(e)) from None
+        return str(root / "pt"), str(root / "it"), prompts or root / "prompts.jsonl", organism
+    missing = [flag for flag, v in (("--pt", pt), ("--it", it), ("--prompts", prompts)) if not v]
+    if missing:
+        raise CrosspatchError(f"missing {', '.join(missing)} (or use --organism NAME)")
+    return pt, it, prompts, None
+
+
+@cli.command("run")
+def run(
+    out: Annotated[Path, typer.Option("--out", help="Parquet file for the cells table.")],
+    pt: Annotated[str | None, typer.Option(help="PT (base) model: HF id or local path.")] = None,
+    it: Annotated[str | None, typer.Option(help="IT model: HF id or local path.")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="JSONL prompt file (id, prompt|formats, category...).")
+    ] = None,
+    organism: Annotated[
+        str | None, typer.Option(help="A bundled model organism instead of --pt/--it.")
+    ] = None,
+    family: Annotated[
+        str | None, typer.Option(help="Family label for results (default: architecture).")
+    ] = None,
+    boundary: Annotated[
+        str, typer.Option(help="Late-stack start: fraction (0.6), layer index, or 'sweep'.")
+    ] = "0.6",
+    readout: Annotated[list[str], typer.Option(help="Readout(s): it (common-IT), pt, own. Repeatable.")] = [
+        "it"
+    ],  # noqa: B006
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 16,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Greedy budget to find the first divergence.")
+    ] = 128,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (accelerate device map).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    events_out: Annotated[Path | None, typer.Option(help="Also write the events table (Parquet).")] = None,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 23,
+) -> None:
+    """Find first divergences, run the 2x2 cross-patch, print the per-family table with 95% CIs."""
+    from engine.crosspatch import iter_crosspatch
+    from engine.divergence import find_divergences
+    from engine.pairs import load_pair
+    from engine.prompts import load_prompts
+    from engine.report import format_summary, format_sweep
+    from engine.results import CELLS_SCHEMA, events_table
+    from engine.stats import summarize
+
+    pt, it, prompts, organism = _resolve_pair_args(pt, it, organism, prompts)
+    records = load_prompts(prompts, limit=limit)
+    t0 = time.perf_counter()
+    pair = load_pair(pt, it, device=device, dtype=dtype, family=family, pair_id=organism)
+    bounds = pair.resolve_boundaries(boundary)  # validate before any model work
+    typer.echo(
+        f"pair {pair.pair_id} ({pair.family}, {pair.n_layers} layers), {len(records)} prompts, boundary {boundary}"
+    )
+    events = find_divergences(pair, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    n_div = sum(e.diverged for e in events)
+    reasons: dict[str, int] = {}
+    for e in events:
+        reasons[e.reason] = reasons.get(e.reason, 0) + 1
+    typer.echo(
+        f"first divergence: {n_div}/{len(events)} prompts diverged ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})"
+    )
+    parts = list(iter_crosspatch(pair, events, bounds, readout, batch_size))
+    cells = pa.concat_tables(parts) if parts else CELLS_SCHEMA.empty_table()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    pq.write_table(cells, tmp)
+    tmp.replace(out)  # never a half-written results file
+    if events_out:
+        pq.write_table(events_table(events, pair.family, pair.pair_id), events_out)
+    summary = summarize(cells, seed=seed, position_min=(3, 5))
+    typer.echo("")
+    if len(bounds) > 1:
+        typer.echo(format_sweep(summary))
+        typer.echo("")
+        summary = summary.filter(pc.equal(summary["boundary"], pair.default_boundary))
+    typer.echo(format_summary(summary))
+    typer.echo(f"\nwrote {cells.num_rows} cell rows to {out} in {time.perf_counter() - t0:.1f}s")
