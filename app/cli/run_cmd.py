@@ -51,9 +51,9 @@ def run(
     boundary: Annotated[
         str, typer.Option(help="Late-stack start: fraction (0.6), layer index, or 'sweep'.")
     ] = "0.6",
-    readout: Annotated[list[str], typer.Option(help="Readout(s): it (common-IT), pt, own. Repeatable.")] = [
-        "it"
-    ],  # noqa: B006
+    readout: Annotated[
+        list[str] | None, typer.Option(help="Readout(s): it (common-IT), pt, own. Repeatable.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 16,
     max_new_tokens: Annotated[
         int, typer.Option(min=1, help="Greedy budget to find the first divergence.")
@@ -73,6 +73,7 @@ def run(
     from engine.results import CELLS_SCHEMA, events_table
     from engine.stats import summarize
 
+    readout = readout or ["it"]
     pt, it, prompts, organism = _resolve_pair_args(pt, it, organism, prompts)
     records = load_prompts(prompts, limit=limit)
     t0 = time.perf_counter()
