@@ -28,13 +28,12 @@ def format_summary(summary: pa.Table, subset: str = "all") -> str:
         return "(no diverged events: nothing to summarise)"
     groups: dict[tuple, dict[str, dict[str, dict]]] = {}
     for r in rows:
-        key = (r["readout"], r["boundary"] if r["family"] != "__mean__" else None)
         groups.setdefault((r["readout"],), {}).setdefault(r["family"], {})[r["statistic"]] = r
-        del key
     lines: list[str] = []
+    w = max(10, *(len(r["family"]) for r in rows))
     for (readout,), families in groups.items():
         lines.append(f"readout: common-{readout.upper()}" if readout != "own" else "readout: own")
-        header = f"{'family':<10} {'b':>3} {'n':>4} " + " ".join(f"{_SHORT[c]:>9}" for c in CELL_COLUMNS)
+        header = f"{'family':<{w}} {'b':>3} {'n':>4} " + " ".join(f"{_SHORT[c]:>9}" for c in CELL_COLUMNS)
         header += "  " + "  ".join(f"{_SHORT[c]:<26}" for c in EFFECT_COLUMNS) + "  p(sign-flip)"
         lines.append(header)
         for family, stats in sorted(families.items(), key=lambda kv: (kv[0] == "__mean__", kv[0])):
@@ -48,7 +47,7 @@ def format_summary(summary: pa.Table, subset: str = "all") -> str:
             p = first["p_value"]
             name = "mean" if family == "__mean__" else family
             lines.append(
-                f"{name:<10} {b:>3} {first['n']:>4} {cells}  {effects}  {'' if p is None else f'{p:.2g}'}"
+                f"{name:<{w}} {b:>3} {first['n']:>4} {cells}  {effects}  {'' if p is None else f'{p:.2g}'}"
             )
         lines.append("")
     return "\n".join(lines).rstrip()
