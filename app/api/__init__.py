@@ -1,0 +1,1 @@
+"""Thin routers: a schema in, one service call, a schema out."""

@@ -1,0 +1,54 @@
+"""Users and keys (admin), and the caller's own identity."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.deps import AdminUser, CurrentUser, ReadSessionDep, SessionDep
+from app.schemas.users import (
+    KeyCreate,
+    KeyCreated,
+    KeyPublic,
+    KeysPublic,
+    UserCreate,
+    UserPublic,
+    UsersPublic,
+)
+from app.services import users as service
+
+router = APIRouter(tags=["users"])
+
+
+@router.get("/me", response_model=UserPublic)
+def me(user: CurrentUser) -> UserPublic:
+    """Who this API key belongs to."""
+    return UserPublic.model_validate(user)
+
+
+@router.get("/admin/users", response_model=UsersPublic)
+def list_users(session: ReadSessionDep, _admin: AdminUser) -> UsersPublic:
+    rows = service.list_users(session)
+    return UsersPublic(data=[UserPublic.model_validate(u) for u in rows], count=len(rows))
+
+
+@router.post("/admin/users", status_code=201, response_model=UserPublic)
+def create_user(body: UserCreate, session: SessionDep, _admin: AdminUser) -> UserPublic:
+    return UserPublic.model_validate(service.create_user(session, body.name, body.role))
+
+
+@router.get("/admin/users/{name}/keys", response_model=KeysPublic)
+def list_keys(name: str, session: ReadSessionDep, _admin: AdminUser) -> KeysPublic:
+    rows = service.list_keys(session, name)
+    return KeysPublic(data=[KeyPublic.model_validate(k) for k in rows], count=len(rows))
+
+
+@router.post("/admin/users/{name}/keys", status_code=201, response_model=KeyCreated)
+def create_key(name: str, body: KeyCreate, session: SessionDep, _admin: AdminUser) -> KeyCreated:
+    """A new API key for `name`, shown this once."""
+    row, key = service.create_key(session, name, body.label)
+    return KeyCreated(**KeyPublic.model_validate(row).model_dump(), key=key)
+
+
+@router.post("/admin/keys/{key_id}/revoke", response_model=KeyPublic)
+def revoke_key(key_id: int, session: SessionDep, _admin: AdminUser) -> KeyPublic:
+    return KeyPublic.model_validate(service.revoke_key(session, key_id))

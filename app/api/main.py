@@ -1,0 +1,17 @@
+"""The API router: includes every resource's router, nothing else."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api import admin, dictionaries, features, health, jobs, pairs, results
+from app.schemas.common import ERROR_RESPONSES
+
+api_router = APIRouter(responses=ERROR_RESPONSES)
+api_router.include_router(health.router)
+api_router.include_router(admin.router)
+api_router.include_router(jobs.router)
+api_router.include_router(results.router)
+api_router.include_router(features.router)
+api_router.include_router(dictionaries.router)
+api_router.include_router(pairs.router)

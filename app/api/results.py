@@ -1,0 +1,40 @@
+"""Results of a job: rows as JSON or a Parquet download, and provenance."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+
+from app.deps import ReadableJob, ResultsDep
+from app.schemas.results import ProvenancePublic, Rows
+from app.services import results as service
+
+router = APIRouter(prefix="/jobs/{job_id}", tags=["results"])
+
+Table = Literal["cells", "summaries", "events", "feature_acts", "feature_effects"]
+
+
+@router.get(
+    "/{table}", response_model=Rows, responses={200: {"content": {"application/vnd.apache.parquet": {}}}}
+)
+def job_results(
+    job: ReadableJob,
+    table: Table,
+    results: ResultsDep,
+    format: Literal["json", "parquet"] = "json",
+    limit: Annotated[int, Query(ge=1, le=1_000_000)] = 10_000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Rows | Response:
+    """A finished job's rows of `table`; `format=parquet` downloads them as a Parquet file."""
+    if format == "parquet":
+        data = service.table_parquet(results, job, table, limit=limit, offset=offset)
+        headers = {"Content-Disposition": f'attachment; filename="{job.id}-{table}.parquet"'}
+        return Response(data, media_type="application/vnd.apache.parquet", headers=headers)
+    return service.table_rows(results, job, table, limit=limit, offset=offset)
+
+
+@router.get("/provenance", response_model=ProvenancePublic)
+def job_provenance(job: ReadableJob, results: ResultsDep) -> ProvenancePublic:
+    """The provenance stored beside the job's results."""
+    return service.provenance(results, job)

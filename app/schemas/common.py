@@ -1,0 +1,49 @@
+"""Schemas shared by every resource: errors, health, version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class FieldError(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorPublic(BaseModel):
+    """Every error the API returns."""
+
+    message: str
+    code: str
+    errors: list[FieldError] | None = None
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    results: str
+    queued: int
+    running: int
+
+
+class Version(BaseModel):
+    crosspatch: str
+    api: str
+    job_kinds: list[str]
+    extra: dict[str, Any] = {}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorPublic, "description": desc}
+    for code, desc in {
+        401: "missing or invalid API key",
+        403: "not allowed for this user",
+        404: "no such resource",
+        409: "conflicting state",
+        413: "request body too large",
+        422: "invalid input (field and reason)",
+        429: "quota exceeded",
+    }.items()
+}

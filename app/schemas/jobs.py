@@ -1,0 +1,183 @@
+"""Job specs (a discriminated union on `kind`) and the job resource's schema family."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+Readout = Literal["it", "pt", "own"]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._~:+-]*$")]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptIn(_Spec):
+    """One prompt sent inline."""
+
+    id: str = Field(min_length=1, max_length=128)
+    text: str = Field(min_length=1, max_length=20_000)
+    category: str = Field(default="uncategorized", max_length=64)
+
+
+class _PromptsSpec(_Spec):
+    """Prompts inline, or a JSONL file under the server's model roots (exactly one)."""
+
+    prompts: list[PromptIn] | None = Field(default=None, min_length=1, max_length=100_000)
+    prompt_file: str | None = Field(default=None, min_length=1, max_length=1024)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _PromptsSpec:
+        if (self.prompts is None) == (self.prompt_file is None):
+            raise ValueError("give exactly one of 'prompts' (inline) or 'prompt_file' (a path)")
+        if self.prompts is not None and len({p.id for p in self.prompts}) != len(self.prompts):
+            raise ValueError("prompt ids must be unique")
+        return self
+
+
+class DivergenceSpec(_PromptsSpec):
+    """First divergence of PT and IT greedy decoding, per prompt."""
+
+    kind: Literal["divergence"] = "divergence"
+    pair_id: Name
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)
+    batch_size: int = Field(default=16, ge=1, le=512)
+    chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")
+
+
+class CrosspatchSpec(DivergenceSpec):
+    """Divergence, then the 2x2 cross-patch at one boundary, a list, or a sweep; then summaries."""
+
+    kind: Literal["crosspatch"] = "crosspatch"  # type: ignore[assignment]
+    boundary: int | list[int] | Literal["sweep"] | None = Field(
+        default=None, description="First late block; default: the pair's default boundary."
+    )
+    readouts: list[Readout] = Field(default_factory=lambda: ["it"], min_length=1, max_length=3)
+    n_resamples: int = Field(default=2000, ge=10, le=100_000)
+    seed: int = Field(default=23, ge=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> CrosspatchSpec:
+        if len(set(self.readouts)) != len(self.readouts):
+            raise ValueError("readouts must be unique")
+        if isinstance(self.boundary, list) and not 1 <= len(self.boundary) <= 256:
+            raise ValueError("a boundary list needs 1..256 entries")
+        return self
+
+
+class TrainDictionarySpec(_Spec):
+    """Train a sparse dictionary on one model's activations."""
+
+    kind: Literal["train_dictionary"] = "train_dictionary"
+    pair_id: Name
+    model_role: Literal["PT", "IT", "paired"] = "IT"
+    layer: int = Field(ge=0, le=1024)
+    architecture: Literal["topk", "batchtopk", "jumprelu", "standard", "transcoder", "crosscoder"] = "topk"
+    width: int = Field(default=4096, ge=1, le=1 << 20)
+    k: int | None = Field(default=32, ge=1, le=4096)
+    training_tokens: int = Field(default=1_000_000, ge=1, le=10**11)
+
+
+class LoadDictionarySpec(_Spec):
+    """Load and evaluate a dictionary from a path under the dictionary roots."""
+
+    kind: Literal["load_dictionary"] = "load_dictionary"
+    pair_id: Name
+    path: str = Field(min_length=1, max_length=1024)
+    model_role: Literal["PT", "IT", "paired"] = "IT"
+
+
+class MediationSpec(_PromptsSpec):
+    """Rank, ablate and rescue dictionary features on the divergence events."""
+
+    kind: Literal["mediation"] = "mediation"
+    pair_id: Name
+    dictionary_id: Name
+    k: int = Field(default=16, ge=1, le=4096)
+    boundary: int | None = Field(default=None, ge=0)
+
+
+class PipelineSpec(_PromptsSpec):
+    """Divergence -> cross-patch -> dictionary -> mediation, for one pair or several."""
+
+    kind: Literal["pipeline"] = "pipeline"
+    pair_ids: list[Name] = Field(min_length=1, max_length=32)
+    k: int = Field(default=16, ge=1, le=4096)
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)
+
+
+JobSpec = Annotated[
+    DivergenceSpec | CrosspatchSpec | TrainDictionarySpec | LoadDictionarySpec | MediationSpec | PipelineSpec,
+    Field(discriminator="kind"),
+]
+JOB_SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
+
+JobStatus = Literal["submitted", "queued", "running", "ingesting", "succeeded", "failed", "cancelled"]
+
+
+class JobCreate(BaseModel):
+    """What a researcher submits."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "spec": {
+                        "kind": "crosspatch",
+                        "pair_id": "tiny-llama",
+                        "prompts": [{"id": "p1", "text": "The capital of France is"}],
+                        "boundary": "sweep",
+                    },
+                    "priority": 0,
+                }
+            ]
+        },
+    )
+
+    spec: JobSpec
+    priority: int = Field(default=0, ge=-100, le=100)
+
+
+class JobPublic(BaseModel):
+    """A job as the API shows it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    owner: str
+    kind: str
+    status: JobStatus
+    priority: int
+    pair_id: str | None
+    spec: dict[str, Any]
+    progress: dict[str, Any]
+    attempts: int
+    worker_id: str | None
+    error: str | None
+    estimated_memory_bytes: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class JobLogPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    created_at: datetime
+    level: str
+    message: str
+
+
+class JobLogsPublic(BaseModel):
+    data: list[JobLogPublic]
+    count: int

@@ -1,0 +1,21 @@
+"""Results: rows of a job's tables, top features, one feature across events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class Rows(BaseModel):
+    """Rows of one results table (column name -> value per row)."""
+
+    table: str
+    data: list[dict[str, Any]]
+    count: int
+
+
+class ProvenancePublic(BaseModel):
+    kind: str
+    spec: dict[str, Any]
+    provenance: dict[str, Any] | None

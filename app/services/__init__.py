@@ -1,0 +1,1 @@
+"""The service's logic: routers call these; each takes a session and plain values."""

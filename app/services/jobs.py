@@ -1,0 +1,221 @@
+"""Submitting, listing, cancelling, retrying and deleting jobs."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import Conflict, Invalid, NotAvailable, QuotaExceeded
+from app.schemas.jobs import JobCreate, JobPublic
+from app.services.paths import resolve_under
+from app.store.duckdb import ResultsStore
+from app.store.models import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    Dictionary,
+    Job,
+    JobLog,
+    JobPart,
+    Pair,
+    User,
+    utcnow,
+)
+from app.worker.context import parts_dir
+from app.worker.handlers import available_kinds
+
+
+def _count_lines(path: Any, stop_after: int) -> int:
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            n += bool(line.strip())
+            if n > stop_after:
+                break
+    return n
+
+
+def _check_prompts(spec: Any, settings: Settings) -> None:
+    limit = settings.max_prompts_per_job
+    if getattr(spec, "prompts", None) is not None and len(spec.prompts) > limit:
+        raise Invalid(
+            "spec.prompts", f"{len(spec.prompts)} prompts; this server allows at most {limit} per job"
+        )
+    if getattr(spec, "prompt_file", None) is not None:
+        path = resolve_under(spec.prompt_file, settings.model_roots, "spec.prompt_file")
+        if not path.is_file():
+            raise Invalid("spec.prompt_file", "not a file")
+        if _count_lines(path, limit) > limit:
+            raise Invalid(
+                "spec.prompt_file", f"more than {limit} prompts; this server allows at most {limit}"
+            )
+        spec.prompt_file = str(path)
+
+
+def _check_pair(session: Session, pair_id: str, field: str) -> Pair:
+    pair = session.get(Pair, pair_id)
+    if pair is None:
+        known = ", ".join(session.scalars(select(Pair.pair_id).order_by(Pair.pair_id).limit(20))) or "none"
+        raise Invalid(field, f"unknown pair {pair_id!r}; allow-listed pairs: {known}")
+    return pair
+
+
+def _check_boundary(boundary: Any, pair: Pair) -> None:
+    values = [] if boundary in (None, "sweep") else [boundary] if isinstance(boundary, int) else boundary
+    for b in values:
+        if not 0 <= b <= pair.n_layers:
+            raise Invalid(
+                "spec.boundary",
+                f"boundary {b} out of range: pair {pair.pair_id!r} has {pair.n_layers} layers (0..{pair.n_layers})",
+            )
+
+
+def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tuple[str | None, int]:
+    """Check a spec against the allow-list and the server's limits; returns (pair_id, memory)."""
+    spec = body.spec
+    if spec.kind not in available_kinds():
+        raise NotAvailable(
+            f"job kind {spec.kind!r} is not available yet on this server (available: {', '.join(available_kinds())})"
+        )
+    _check_prompts(spec, settings)
+    pair_ids = list(spec.pair_ids) if spec.kind == "pipeline" else [spec.pair_id]
+    field = "spec.pair_ids" if spec.kind == "pipeline" else "spec.pair_id"
+    pairs = [_check_pair(session, p, field) for p in pair_ids]
+    if hasattr(spec, "boundary"):
+        _check_boundary(spec.boundary, pairs[0])
+    if spec.kind == "train_dictionary" and spec.layer >= pairs[0].n_layers:
+        raise Invalid(
+            "spec.layer", f"layer {spec.layer} out of range: the pair has {pairs[0].n_layers} layers"
+        )
+    if spec.kind == "mediation":
+        d = session.get(Dictionary, spec.dictionary_id)
+        if d is None:
+            raise Invalid("spec.dictionary_id", f"unknown dictionary {spec.dictionary_id!r}")
+        if spec.k > d.width:
+            raise Invalid("spec.k", f"k={spec.k} exceeds the dictionary's width {d.width}")
+    if spec.kind == "train_dictionary" and spec.k is not None and spec.k > spec.width:
+        raise Invalid("spec.k", f"k={spec.k} exceeds width {spec.width}")
+    if spec.kind == "load_dictionary":
+        spec.path = str(resolve_under(spec.path, settings.dictionary_roots, "spec.path"))
+    return pairs[0].pair_id, max(p.estimated_memory_bytes for p in pairs)
+
+
+def submit(session: Session, settings: Settings, user: User, body: JobCreate) -> Job:
+    """Validate and enqueue one job (429 past the researcher's quota of active jobs)."""
+    pair_id, memory = validate_spec(session, settings, body)
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner_id == user.id, Job.status.in_(ACTIVE_STATUSES))
+    )
+    if (active or 0) >= settings.max_active_jobs_per_user:
+        raise QuotaExceeded(
+            f"you have {active} queued or running jobs; the limit is {settings.max_active_jobs_per_user}. "
+            "Wait for some to finish or cancel them."
+        )
+    job = Job(
+        owner_id=user.id,
+        kind=body.spec.kind,
+        spec=body.spec.model_dump(mode="json"),
+        status="queued",
+        priority=body.priority,
+        pair_id=pair_id,
+        estimated_memory_bytes=memory,
+        progress={"fraction": 0.0, "message": "queued"},
+    )
+    session.add(job)
+    session.flush()
+    session.add(JobLog(job_id=job.id, message=f"submitted by {user.name}"))
+    return job
+
+
+def to_public(session: Session, job: Job) -> JobPublic:
+    owner = session.get(User, job.owner_id)
+    return JobPublic.model_validate({**_fields(job), "owner": owner.name if owner else "?"})
+
+
+def _fields(job: Job) -> dict[str, Any]:
+    return {c: getattr(job, c) for c in JobPublic.model_fields if c != "owner"}
+
+
+def list_jobs(
+    session: Session, user: User, *, mine: bool, status: str | None, limit: int, offset: int
+) -> tuple[list[JobPublic], int]:
+    """Jobs, newest first; everyone may list all jobs, `mine` narrows to the caller's."""
+    where = []
+    if mine:
+        where.append(Job.owner_id == user.id)
+    if status:
+        where.append(Job.status == status)
+    count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    rows = session.execute(
+        select(Job, User.name)
+        .join(User, User.id == Job.owner_id)
+        .where(*where)
+        .order_by(Job.created_at.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return [JobPublic.model_validate({**_fields(j), "owner": name}) for j, name in rows], count
+
+
+def cancel(session: Session, job_id: uuid.UUID, user: User) -> Job:
+    """Cancel an unfinished job (a running worker stops within a heartbeat); 409 if finished."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+        .values(status="cancelled", finished_at=utcnow(), lease_expires_at=None)
+        .returning(Job.id)
+    ).first()
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    if result is None:
+        raise Conflict(f"job {job_id} is already {job.status}")
+    session.add(JobLog(job_id=job_id, message=f"cancelled by {user.name}"))
+    return job
+
+
+def retry(session: Session, job_id: uuid.UUID, user: User) -> Job:
+    """Queue a failed or cancelled job again; it resumes from its finished parts."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(("failed", "cancelled")))
+        .values(
+            status="queued",
+            error=None,
+            finished_at=None,
+            attempts=0,
+            worker_id=None,
+            progress={"fraction": 0.0, "message": "queued (retry)"},
+        )
+        .returning(Job.id)
+    ).first()
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    if result is None:
+        raise Conflict(f"only failed or cancelled jobs can be retried; job {job_id} is {job.status}")
+    session.add(JobLog(job_id=job_id, message=f"retried by {user.name}"))
+    return job
+
+
+def delete(session: Session, settings: Settings, results: ResultsStore, job_id: uuid.UUID) -> None:
+    """Delete a finished job: its rows in the job store and DuckDB, and its parts on disk."""
+    job = session.get(Job, job_id)
+    assert job is not None
+    if job.status not in TERMINAL_STATUSES:
+        raise Conflict(f"job {job_id} is {job.status}; cancel it before deleting it")
+    results.delete_job(str(job_id))
+    session.execute(JobPart.__table__.delete().where(JobPart.job_id == job_id))
+    session.execute(JobLog.__table__.delete().where(JobLog.job_id == job_id))
+    session.delete(job)
+    shutil.rmtree(parts_dir(settings.data_dir, job_id), ignore_errors=True)
+
+
+def logs(session: Session, job_id: uuid.UUID, *, limit: int, offset: int) -> tuple[list[JobLog], int]:
+    count = session.scalar(select(func.count()).select_from(JobLog).where(JobLog.job_id == job_id)) or 0
+    rows = session.scalars(
+        select(JobLog).where(JobLog.job_id == job_id).order_by(JobLog.id).limit(limit).offset(offset)
+    )
+    return list(rows), count

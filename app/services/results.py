@@ -1,0 +1,57 @@
+"""Reading a job's results and features from the DuckDB store (fixed, parameterised queries)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow as pa
+
+from app.errors import Conflict, NotFound
+from app.schemas.results import ProvenancePublic, Rows
+from app.store.duckdb import ResultsStore, to_parquet_bytes
+from app.store.models import Job
+
+
+def _finished(job: Job) -> None:
+    if job.status != "succeeded":
+        raise Conflict(f"job {job.id} is {job.status}; results exist once it has succeeded")
+
+
+def _clean(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """NaN/inf are not JSON: send them as null."""
+    for row in rows:
+        for k, v in row.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                row[k] = None
+    return rows
+
+
+def to_rows(name: str, table: pa.Table) -> Rows:
+    return Rows(table=name, data=_clean(table.to_pylist()), count=table.num_rows)
+
+
+def table_rows(results: ResultsStore, job: Job, table: str, *, limit: int, offset: int) -> Rows:
+    _finished(job)
+    return to_rows(table, results.job_table(table, str(job.id), limit=limit, offset=offset))
+
+
+def table_parquet(results: ResultsStore, job: Job, table: str, *, limit: int, offset: int) -> bytes:
+    _finished(job)
+    return to_parquet_bytes(results.job_table(table, str(job.id), limit=limit, offset=offset))
+
+
+def provenance(results: ResultsStore, job: Job) -> ProvenancePublic:
+    _finished(job)
+    prov = results.provenance(str(job.id))
+    if prov is None:
+        raise NotFound(f"no provenance stored for job {job.id}")
+    return ProvenancePublic(**prov)
+
+
+def top_features(results: ResultsStore, family: str | None, dictionary_id: str | None, limit: int) -> Rows:
+    return to_rows("feature_effects", results.top_features(family, dictionary_id, limit))
+
+
+def feature(results: ResultsStore, dictionary_id: str, latent: int, limit: int) -> Rows:
+    return to_rows("feature_acts", results.feature_across_events(dictionary_id, latent, limit))

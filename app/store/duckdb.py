@@ -1,0 +1,186 @@
+"""The results store: the one owner of the DuckDB file in the service process.
+
+While a process holds a DuckDB file for writing no other process can open it (duckdb #17158), so the
+service opens it once; ingest and queries go through that one connection, a cursor per call, values
+bound with `?`, identifiers only from `result_tables.TABLES`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from app.store.result_tables import PART_SCHEMAS, TABLES, conform, ddl
+from engine.errors import CrosspatchError
+
+
+class ResultsError(CrosspatchError):
+    """The results store failed (locked file, bad part, DuckDB error)."""
+
+
+class ResultsStore:
+    """One DuckDB connection, a lock for writes, a cursor per read."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._con = duckdb.connect(self.path)
+        except duckdb.Error as e:
+            raise ResultsError(
+                f"cannot open results file {self.path!r}: {e}. Another process (a running "
+                "`crosspatch serve`?) holds it; query the results through that server instead."
+            ) from e
+        self._lock = threading.Lock()
+        with self._lock:
+            for table in TABLES:
+                self._con.execute(ddl(table))
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    @contextmanager
+    def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A fresh cursor (its own transaction context) on the one connection."""
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            yield cur
+        except duckdb.Error as e:
+            raise ResultsError(f"results query failed: {e}") from e
+        finally:
+            cur.close()
+
+    # ---- ingest ------------------------------------------------------------------------------
+    def ingest(
+        self, job_id: str, parts: Sequence[tuple[str, str]], provenance: dict[str, Any]
+    ) -> dict[str, int]:
+        """Replace job `job_id`'s rows with its parts `(table, parquet path)`, in one transaction.
+
+        `provenance` is {"kind", "spec", "provenance"}. Returns rows inserted per table.
+        """
+        loaded: dict[str, list[pa.Table]] = {}
+        for table, path in parts:
+            if table not in PART_SCHEMAS:
+                raise ResultsError(f"part {path!r} names unknown table {table!r}")
+            try:
+                loaded.setdefault(table, []).append(conform(table, pq.read_table(path)))
+            except (OSError, ValueError, pa.ArrowException) as e:
+                raise ResultsError(f"cannot read part {path!r}: {e}") from e
+        prov = pa.table(
+            {
+                "kind": [provenance.get("kind")],
+                "spec": [json.dumps(provenance.get("spec"), sort_keys=True, default=str)],
+                "provenance": [json.dumps(provenance.get("provenance"), sort_keys=True, default=str)],
+            },
+            schema=TABLES["provenance"],
+        )
+        counts: dict[str, int] = {}
+        with self._lock:
+            cur = self._con.cursor()
+            try:
+                cur.begin()
+                for table in TABLES:
+                    cur.execute(f"DELETE FROM {table} WHERE job_id = ?", [job_id])
+                for table, tables in [*loaded.items(), ("provenance", [prov])]:
+                    data = pa.concat_tables(tables)
+                    data = data.add_column(0, "job_id", pa.array([job_id] * len(data), pa.string()))
+                    cur.register("_part", data)
+                    cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _part")
+                    cur.unregister("_part")
+                    counts[table] = len(data)
+                cur.commit()
+            except duckdb.Error as e:
+                cur.rollback()
+                raise ResultsError(f"ingest of job {job_id} failed: {e}") from e
+            finally:
+                cur.close()
+        return counts
+
+    def delete_job(self, job_id: str) -> None:
+        """Remove every row of job `job_id`."""
+        with self._lock:
+            cur = self._con.cursor()
+            try:
+                cur.begin()
+                for table in TABLES:
+                    cur.execute(f"DELETE FROM {table} WHERE job_id = ?", [job_id])
+                cur.commit()
+            finally:
+                cur.close()
+
+    # ---- fixed queries -----------------------------------------------------------------------
+    def _query(self, sql: str, params: Sequence[Any]) -> pa.Table:
+        with self.cursor() as cur:
+            return cur.sql(sql, params=list(params)).to_arrow_table()
+
+    def counts(self, job_id: str) -> dict[str, int]:
+        """Rows per table for one job."""
+        with self.cursor() as cur:
+            return {
+                t: cur.execute(f"SELECT count(*) FROM {t} WHERE job_id = ?", [job_id]).fetchone()[0]  # type: ignore[index]
+                for t in TABLES
+            }
+
+    def job_table(self, table: str, job_id: str, *, limit: int, offset: int = 0) -> pa.Table:
+        """A job's rows of `table` (events, cells or summaries) in a stable order."""
+        order = {
+            "events": "prompt_id",
+            "cells": "prompt_id, boundary, readout",
+            "summaries": "family, boundary, readout, subset, statistic",
+            "feature_acts": "prompt_id, dictionary_id, latent",
+            "feature_effects": "family, dictionary_id, intervention, latent",
+        }
+        if table not in order:
+            raise ResultsError(f"unknown results table {table!r}; choose from {', '.join(order)}")
+        return self._query(
+            f"SELECT * EXCLUDE (job_id) FROM {table} WHERE job_id = ? ORDER BY {order[table]} LIMIT ? OFFSET ?",
+            [job_id, limit, offset],
+        )
+
+    def provenance(self, job_id: str) -> dict[str, Any] | None:
+        """The provenance row stored beside a job's results."""
+        t = self._query("SELECT kind, spec, provenance FROM provenance WHERE job_id = ?", [job_id])
+        if t.num_rows == 0:
+            return None
+        row = t.to_pylist()[0]
+        return {
+            "kind": row["kind"],
+            "spec": json.loads(row["spec"]),
+            "provenance": json.loads(row["provenance"]),
+        }
+
+    def top_features(self, family: str | None, dictionary_id: str | None, limit: int) -> pa.Table:
+        """Single latents with the largest |effect|, optionally for one family / dictionary."""
+        return self._query(
+            "SELECT job_id, family, pair_id, dictionary_id, latent, intervention, k, effect, ci_low, ci_high, n "
+            "FROM feature_effects WHERE latent IS NOT NULL AND (? IS NULL OR family = ?) "
+            "AND (? IS NULL OR dictionary_id = ?) ORDER BY abs(effect) DESC, latent LIMIT ?",
+            [family, family, dictionary_id, dictionary_id, limit],
+        )
+
+    def feature_across_events(self, dictionary_id: str, latent: int, limit: int) -> pa.Table:
+        """One latent's activations and attribution across events, largest |attribution| first."""
+        return self._query(
+            "SELECT job_id, family, pair_id, prompt_id, act_ptup, act_itup, attribution FROM feature_acts "
+            "WHERE dictionary_id = ? AND latent = ? ORDER BY abs(attribution) DESC, prompt_id LIMIT ?",
+            [dictionary_id, latent, limit],
+        )
+
+
+def to_parquet_bytes(table: pa.Table) -> bytes:
+    """`table` as a Parquet file in memory (for downloads)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()

@@ -1,0 +1,98 @@
+"""The results tables in DuckDB, in one place: Arrow schemas, DDL, and keys.
+
+Every table carries `job_id` (the ingest key: a rerun replaces a job's rows). The engine's own result
+schemas (`engine.results`) give cells, events and summaries; the mediation tables are defined here.
+
+    events           one row per prompt: divergence position, tokens, texts (engine.results.EVENTS_SCHEMA)
+    cells            one row per event x boundary x readout: the 2x2 and its effects (CELLS_SCHEMA)
+    summaries        one row per family x boundary x readout x subset x statistic: estimate, CI, n, p
+    feature_acts     one row per event x dictionary x latent: activation under PT-up / IT-up, attribution
+    feature_effects  one row per family x dictionary x latent-or-set x intervention x k: effect with CI
+    provenance       one row per job: kind, spec, models' revisions, tokenizer hash, versions, device
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from engine.results import CELLS_SCHEMA, EVENTS_SCHEMA, SUMMARY_SCHEMA
+
+FEATURE_ACTS_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("dictionary_id", pa.string()),
+        ("latent", pa.int64()),
+        ("act_ptup", pa.float64()),
+        ("act_itup", pa.float64()),
+        ("attribution", pa.float64()),
+    ]
+)
+
+FEATURE_EFFECTS_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("dictionary_id", pa.string()),
+        ("latent", pa.int64()),  # null for a feature set
+        ("feature_set", pa.string()),  # e.g. "top-8"; null for a single latent
+        ("intervention", pa.string()),  # ablation | rescue | ...
+        ("k", pa.int64()),
+        ("effect", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n", pa.int64()),
+    ]
+)
+
+PROVENANCE_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("spec", pa.string()),  # JSON
+        ("provenance", pa.string()),  # JSON
+    ]
+)
+
+# Table name -> schema of the rows a worker writes (job_id is added at ingest).
+PART_SCHEMAS: dict[str, pa.Schema] = {
+    "events": EVENTS_SCHEMA,
+    "cells": CELLS_SCHEMA,
+    "summaries": SUMMARY_SCHEMA,
+    "feature_acts": FEATURE_ACTS_SCHEMA,
+    "feature_effects": FEATURE_EFFECTS_SCHEMA,
+}
+TABLES: dict[str, pa.Schema] = {**PART_SCHEMAS, "provenance": PROVENANCE_SCHEMA}
+
+_DUCK_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+}
+
+
+def duck_type(t: pa.DataType) -> str:
+    """DuckDB type of an Arrow type used in these schemas."""
+    if pa.types.is_list(t):
+        return f"{duck_type(t.value_type)}[]"
+    if t not in _DUCK_TYPES:
+        raise TypeError(f"no DuckDB type for Arrow {t}")
+    return _DUCK_TYPES[t]
+
+
+def ddl(table: str) -> str:
+    """CREATE TABLE IF NOT EXISTS for `table` (job_id first)."""
+    cols = ", ".join(f"{f.name} {duck_type(f.type)}" for f in TABLES[table])
+    return f"CREATE TABLE IF NOT EXISTS {table} (job_id VARCHAR NOT NULL, {cols})"
+
+
+def conform(table: str, data: pa.Table) -> pa.Table:
+    """`data` cast to `table`'s part schema; a missing or extra column is a ValueError."""
+    schema = PART_SCHEMAS[table]
+    missing = set(schema.names) - set(data.column_names)
+    extra = set(data.column_names) - set(schema.names)
+    if missing or extra:
+        raise ValueError(f"{table} part: missing columns {sorted(missing)}, unexpected {sorted(extra)}")
+    return data.select(schema.names).cast(schema)

@@ -1,0 +1,162 @@
+"""What a job handler gets: progress, logs, checkpoint parts, cancellation, and the loaded pair."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import func, insert, select
+
+from app.queue import ops
+from app.store.models import Job, JobLog, JobPart
+from app.store.result_tables import PART_SCHEMAS, conform
+from app.store.session import Store
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """Raised inside a handler when the job was cancelled, its lease lost, or the worker is stopping."""
+
+
+def parts_dir(data_dir: Path, job_id: uuid.UUID | str) -> Path:
+    """Where a job's Parquet parts live (shared by workers and the service)."""
+    return Path(data_dir) / "jobs" / str(job_id)
+
+
+class JobContext:
+    """The handler's window onto its job. Thread-safe progress; parts are atomic (tmp + rename)."""
+
+    def __init__(
+        self,
+        store: Store,
+        job_id: uuid.UUID,
+        worker_id: str,
+        data_dir: Path,
+        *,
+        lease_seconds: float,
+        device: str,
+        dtype: str,
+        load_pair: Callable[[str], Any],
+        stopping: threading.Event,
+    ) -> None:
+        self.store, self.job_id, self.worker_id = store, job_id, worker_id
+        self.lease_seconds = lease_seconds
+        self.device, self.dtype = device, dtype
+        self.checkpoint_dir = parts_dir(data_dir, job_id)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.provenance: dict[str, Any] = {}
+        self._load_pair = load_pair
+        self._stopping = stopping
+        self._lost = threading.Event()
+        self._progress: dict[str, Any] = {"fraction": 0.0, "message": "started"}
+        self._lock = threading.Lock()
+        self._last_flush = 0.0
+
+    # ---- reporting ---------------------------------------------------------------------------
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Report progress in [0, 1]; stored with the next heartbeat (at most ~2/s)."""
+        with self._lock:
+            self._progress = {"fraction": max(0.0, min(1.0, float(fraction))), "message": message}
+        if time.monotonic() - self._last_flush > 0.5:
+            self.heartbeat()
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        """Append a line to the job's log."""
+        log.info("job %s: %s", self.job_id, message)
+        with self.store.session() as s:
+            s.execute(insert(JobLog).values(job_id=self.job_id, level=level, message=message[:4000]))
+
+    def heartbeat(self) -> bool:
+        """Renew the lease and store progress; on failure the job is no longer ours."""
+        with self._lock:
+            progress = dict(self._progress)
+        self._last_flush = time.monotonic()
+        try:
+            held = ops.heartbeat(
+                self.store, self.job_id, self.worker_id, lease_seconds=self.lease_seconds, progress=progress
+            )
+        except Exception as e:  # a transient database error must not kill the job
+            log.warning("heartbeat of job %s failed: %s", self.job_id, e)
+            return True
+        if not held:
+            self._lost.set()
+        return held
+
+    def current_progress(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._progress)
+
+    # ---- cancellation ------------------------------------------------------------------------
+    def should_cancel(self) -> bool:
+        """True once the job was cancelled, its lease was lost, or the worker is stopping."""
+        return self._lost.is_set() or self._stopping.is_set()
+
+    def check_cancel(self) -> None:
+        """Raise `JobCancelled` if the handler should stop now."""
+        if self.should_cancel():
+            raise JobCancelled(str(self.job_id))
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    # ---- checkpoint parts --------------------------------------------------------------------
+    def completed_parts(self) -> dict[str, Path]:
+        """Parts already written by this or an earlier attempt: name -> path."""
+        with self.store.session(write=False) as s:
+            rows = s.execute(select(JobPart.name, JobPart.path).where(JobPart.job_id == self.job_id)).all()
+        return {name: Path(path) for name, path in rows if Path(path).exists()}
+
+    def write_part(self, name: str, table: pa.Table) -> Path:
+        """Write a finished part `<table>.<suffix>` (e.g. `cells.00003`) and record it (idempotent)."""
+        table_name = name.split(".", 1)[0]
+        if table_name not in PART_SCHEMAS or "/" in name or ".." in name:
+            raise ValueError(
+                f"part name {name!r} must be '<table>.<suffix>' with table in {list(PART_SCHEMAS)}"
+            )
+        self.check_cancel()
+        data = conform(table_name, table)
+        path = self.checkpoint_dir / f"{name}.parquet"
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        pq.write_table(data, tmp)
+        os.replace(tmp, path)
+        with self.store.session() as s:
+            job = s.get(Job, self.job_id)
+            if job is None or job.status != "running" or job.worker_id != self.worker_id:
+                self._lost.set()
+                raise JobCancelled(str(self.job_id))
+            exists = s.scalar(select(JobPart.id).where(JobPart.job_id == self.job_id, JobPart.name == name))
+            if exists is None:
+                n = s.scalar(select(func.count()).select_from(JobPart).where(JobPart.job_id == self.job_id))
+                s.add(
+                    JobPart(
+                        job_id=self.job_id,
+                        part_index=n or 0,
+                        name=name,
+                        table_name=table_name,
+                        path=str(path),
+                        rows=data.num_rows,
+                    )
+                )
+        return path
+
+    def read_parts(self, table_name: str) -> pa.Table | None:
+        """All finished parts of one table, concatenated in name order (None if there are none)."""
+        paths = [p for n, p in sorted(self.completed_parts().items()) if n.split(".", 1)[0] == table_name]
+        if not paths:
+            return None
+        return pa.concat_tables([pq.read_table(p) for p in paths])
+
+    # ---- models ------------------------------------------------------------------------------
+    def load_pair(self, pair_id: str) -> Any:
+        """The worker's warm `ModelPair` for `pair_id` (loaded on first use)."""
+        return self._load_pair(pair_id)

@@ -1,0 +1,197 @@
+"""The worker loop: requeue expired leases, claim by policy, run the handler with a heartbeat thread.
+
+A job ends `ingesting` (the service then loads its parts into DuckDB), `failed` (with a one-line
+error), or, on SIGTERM, back in `queued` so another worker resumes it from its parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from typing import Any
+
+from app.config import Settings
+from app.queue import ops
+from app.store.models import Job, Pair
+from app.store.session import Store
+from app.worker.context import JobCancelled, JobContext
+from engine.errors import CrosspatchError
+
+log = logging.getLogger(__name__)
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of `device` (a CUDA GPU's, or the host's RAM for cpu)."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Worker:
+    """One worker on one device; keeps the last pair it loaded warm."""
+
+    def __init__(self, settings: Settings, device: str = "cpu", worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.device = device
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}:{uuid.uuid4().hex[:6]}"
+        self.store = Store.from_settings(settings)
+        self.memory_bytes = settings.worker_memory_bytes or device_memory_bytes(device)
+        self.stopping = threading.Event()
+        self._pair: Any = None
+        self._pair_id: str | None = None
+
+    # ---- models ------------------------------------------------------------------------------
+    def load_pair(self, pair_id: str) -> Any:
+        """The `ModelPair` for `pair_id`, from the allow-list; reuses the one already loaded."""
+        if self._pair_id == pair_id:
+            return self._pair
+        from engine.pairs import load_pair
+
+        with self.store.session(write=False) as s:
+            row = s.get(Pair, pair_id)
+            if row is None:
+                raise CrosspatchError(f"pair {pair_id!r} is not on the allow-list")
+            pt, it, family = row.pt, row.it, row.family
+        self._pair = self._pair_id = None
+        log.info("loading pair %s on %s", pair_id, self.device)
+        self._pair = load_pair(
+            pt, it, device=self.device, dtype=self.settings.dtype, family=family, pair_id=pair_id
+        )
+        self._pair_id = pair_id
+        return self._pair
+
+    # ---- loop --------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop after handing the current job back to the queue."""
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("worker %s: signal %d, stopping", self.worker_id, signum)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def run(self, *, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
+        """Claim and run jobs until stopped (or `max_jobs` ran, or idle with `exit_when_idle`)."""
+        ran = 0
+        log.info("worker %s on %s (%.1f GiB) started", self.worker_id, self.device, self.memory_bytes / 2**30)
+        while not self.stopping.is_set() and (max_jobs is None or ran < max_jobs):
+            ops.requeue_expired(self.store, max_attempts=self.settings.max_attempts)
+            job_id = ops.claim(
+                self.store,
+                self.worker_id,
+                lease_seconds=self.settings.lease_seconds,
+                memory_bytes=self.memory_bytes,
+                loaded_pair=self._pair_id,
+            )
+            if job_id is None:
+                if exit_when_idle:
+                    break
+                self.stopping.wait(self.settings.poll_seconds)
+                continue
+            self.run_one(job_id)
+            ran += 1
+        self.store.dispose()
+        return ran
+
+    def run_one(self, job_id: uuid.UUID) -> str:
+        """Run one claimed job to its next status; returns that status."""
+        from app.worker.handlers import run_job
+
+        with self.store.session(write=False) as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            spec, kind = dict(job.spec), job.kind
+        ctx = JobContext(
+            self.store,
+            job_id,
+            self.worker_id,
+            self.settings.data_dir,
+            lease_seconds=self.settings.lease_seconds,
+            device=self.device,
+            dtype=self.settings.dtype,
+            load_pair=self.load_pair,
+            stopping=self.stopping,
+        )
+        beat_stop = threading.Event()
+        beat = threading.Thread(
+            target=self._beat, args=(ctx, beat_stop), daemon=True, name=f"heartbeat-{job_id}"
+        )
+        beat.start()
+        t0 = time.monotonic()
+        try:
+            ctx.log(f"{kind} started on {self.worker_id} ({self.device})")
+            run_job(spec, ctx)
+            ctx.check_cancel()
+        except JobCancelled:
+            return self._after_stop(ctx)
+        except Exception as e:
+            if ctx.should_cancel():
+                return self._after_stop(ctx)
+            message = (
+                str(e)
+                if isinstance(e, CrosspatchError | ValueError | NotImplementedError)
+                else (f"internal error in the worker ({type(e).__name__}: {e})")
+            )
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            ctx.log(f"failed: {message}", level="ERROR")
+            ops.finish_running(self.store, job_id, self.worker_id, status="failed", error=message[:4000])
+            return "failed"
+        finally:
+            beat_stop.set()
+            beat.join()
+        ctx.provenance.update(self._provenance(kind, spec))
+        ctx.log(f"{kind} finished in {time.monotonic() - t0:.1f}s; waiting for ingest")
+        progress = {"fraction": 1.0, "message": "ingesting"}
+        ok = ops.finish_running(
+            self.store,
+            job_id,
+            self.worker_id,
+            status="ingesting",
+            provenance=ctx.provenance,
+            progress=progress,
+        )
+        return "ingesting" if ok else (ops.status_of(self.store, job_id) or "lost")
+
+    def _after_stop(self, ctx: JobContext) -> str:
+        if not ctx.lost and self.stopping.is_set():
+            ops.finish_running(self.store, ctx.job_id, self.worker_id, status="queued")
+            ctx.log("worker stopping: job handed back to the queue", level="WARNING")
+            return "queued"
+        status = ops.status_of(self.store, ctx.job_id) or "lost"
+        log.info("job %s stopped (now %s)", ctx.job_id, status)
+        return status
+
+    def _beat(self, ctx: JobContext, stop: threading.Event) -> None:
+        period = min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3)
+        while not stop.wait(period):
+            if not ctx.heartbeat():
+                log.info("job %s: no longer held (cancelled or lease lost)", ctx.job_id)
+                return
+
+    def _provenance(self, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+        import platform
+        from importlib.metadata import PackageNotFoundError, version
+
+        versions: dict[str, str] = {"python": platform.python_version()}
+        for pkg in ("crosspatch", "torch", "transformers", "pyarrow", "numpy"):
+            try:
+                versions[pkg] = version(pkg)
+            except PackageNotFoundError:
+                versions[pkg] = "absent"
+        return {
+            "kind": kind,
+            "spec": spec,
+            "device": self.device,
+            "dtype": self.settings.dtype,
+            "versions": versions,
+        }
