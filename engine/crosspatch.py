@@ -15,11 +15,12 @@ unembedding for every cell, the method's default), common-PT, or each late stack
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
 
-from engine.adapters import ArchAdapter, positions_from_mask
+from engine.adapters import ArchAdapter, LayerContext, positions_from_mask
 from engine.divergence import DivergenceEvent, left_pad
 from engine.pairs import READOUTS, ModelPair
 from engine.results import CELL_COLUMNS, CELLS_SCHEMA
@@ -33,8 +34,49 @@ CELLS: dict[tuple[str, str], str] = {
 }
 
 
-def _margin(adapter: ArchAdapter, final_resid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """`[batch, d_model]` final residual -> `[batch]` Y = logit(t_it) - logit(t_pt) under `adapter`'s readout."""
+@dataclass
+class CleanPasses:
+    """What the two clean forwards leave behind for one batch: contexts, boundary inputs, final residuals."""
+
+    contexts: dict[str, LayerContext]  # role -> masks/rotary of that model
+    captured: dict[str, dict[int, torch.Tensor]]  # role -> boundary -> [batch, seq, d_model]
+    final: dict[str, torch.Tensor]  # role -> [batch, d_model] at the scored (last) position
+
+
+@torch.no_grad()
+def clean_passes(
+    pair: ModelPair, input_ids: torch.Tensor, attention_mask: torch.Tensor, boundaries: Sequence[int]
+) -> CleanPasses:
+    """One plain forward of PT and of IT (no cache), capturing the residual entering each boundary block."""
+    position_ids = positions_from_mask(attention_mask)  # [batch, seq]
+    passes = CleanPasses(contexts={}, captured={}, final={})
+    for role in ("pt", "it"):
+        adapter = pair.adapter(role)
+        resid = adapter.embed(input_ids, position_ids)  # [batch, seq, d_model]
+        passes.contexts[role] = adapter.context(resid, attention_mask, position_ids)
+        out, passes.captured[role] = adapter.run_layers(
+            resid, passes.contexts[role], capture_inputs=boundaries
+        )
+        passes.final[role] = out[:, -1]  # [batch, d_model]
+    return passes
+
+
+def late_stack_final(
+    pair: ModelPair, upstream: str, late: str, passes: CleanPasses, boundary: int
+) -> torch.Tensor:
+    """`[batch, d_model]` final residual at the scored position of cell (upstream, late) at `boundary`.
+
+    Diagonal cells come straight from the clean passes; off-diagonal cells run `late`'s blocks
+    boundary..L-1 on `upstream`'s captured residual (any hooks on those blocks fire here).
+    """
+    if upstream == late:
+        return passes.final[late]
+    resid = passes.captured[upstream][boundary]  # [batch, seq, d_model]
+    return pair.adapter(late).run_layers(resid, passes.contexts[late], start=boundary)[0][:, -1]
+
+
+def margin(adapter: ArchAdapter, final_resid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`[batch, d_model]` final residual -> `[batch]` Y = logit(t_it) - logit(t_pt); `tokens` is `[batch, 2]` (t_it, t_pt)."""
     logits = adapter.readout(final_resid.to(adapter.device), tokens.to(adapter.device)).float()  # [batch, 2]
     return logits[:, 0] - logits[:, 1]
 
@@ -50,34 +92,29 @@ def crosspatch_batch(
     readouts: Sequence[str] = ("it",),
 ) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
     """The four cells for a left-padded batch, per (boundary, readout): `{column: [batch] fp32}`."""
-    pt, it = pair.pt_adapter, pair.it_adapter
-    position_ids = positions_from_mask(attention_mask)  # [batch, seq]
     tokens = torch.stack([t_it, t_pt], dim=-1)  # [batch, 2]
-
-    # 1. Clean passes: final residual of both models + residual entering each boundary block.
-    final: dict[str, torch.Tensor] = {}
-    captured: dict[str, dict[int, torch.Tensor]] = {}
-    contexts = {}
-    for role, adapter in (("pt", pt), ("it", it)):
-        resid = adapter.embed(input_ids, position_ids)  # [batch, seq, d_model]
-        contexts[role] = adapter.context(resid, attention_mask, position_ids)
-        out, captured[role] = adapter.run_layers(resid, contexts[role], capture_inputs=boundaries)
-        final[role] = out[:, -1]  # [batch, d_model]
-
+    passes = clean_passes(pair, input_ids, attention_mask, boundaries)  # 2 full forwards
     results: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for b in boundaries:
-        # 2. Late stacks on the other model's upstream state.
-        hybrid = {
-            ("pt", "it"): it.run_layers(captured["pt"][b], contexts["it"], start=b)[0][:, -1],
-            ("it", "pt"): pt.run_layers(captured["it"][b], contexts["pt"], start=b)[0][:, -1],
-        }
-        finals = {("pt", "pt"): final["pt"], ("it", "it"): final["it"], **hybrid}
+        finals = {cell: late_stack_final(pair, *cell, passes, b) for cell in CELLS}  # 2 late stacks
         for readout in readouts:
             results[(b, readout)] = {
-                CELLS[(up, late)]: _margin(pair.adapter(late if readout == "own" else readout), h, tokens)
+                CELLS[(up, late)]: margin(pair.adapter(late if readout == "own" else readout), h, tokens)
                 for (up, late), h in finals.items()
             }
     return results
+
+
+def event_batches(
+    pair: ModelPair, events: Sequence[DivergenceEvent], batch_size: int
+) -> Iterator[tuple[list[DivergenceEvent], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Length-sorted batches of diverged events as (events, ids, mask, tokens[t_it, t_pt])."""
+    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
+    device = pair.pt_adapter.device
+    for batch in _batches([e for e in events if e.diverged], batch_size):
+        ids, mask = left_pad([e.input_ids for e in batch], pad, device)
+        tokens = torch.tensor([[e.t_it, e.t_pt] for e in batch], device=device)  # [batch, 2]
+        yield batch, ids, mask, tokens
 
 
 def _batches(events: Sequence[DivergenceEvent], batch_size: int) -> Iterator[list[DivergenceEvent]]:
@@ -105,19 +142,14 @@ def iter_crosspatch(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     boundaries = pair.resolve_boundaries(boundary)
-    scored = [e for e in events if e.diverged]
-    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
-    device = pair.pt_adapter.device
+    n_scored = sum(e.diverged for e in events)
     done = 0
-    for batch in _batches(scored, batch_size):
-        ids, mask = left_pad([e.input_ids for e in batch], pad, device)
-        t_pt = torch.tensor([e.t_pt for e in batch], device=device)
-        t_it = torch.tensor([e.t_it for e in batch], device=device)
-        cells = crosspatch_batch(pair, ids, mask, t_pt, t_it, boundaries, readouts)
+    for batch, ids, mask, tokens in event_batches(pair, events, batch_size):
+        cells = crosspatch_batch(pair, ids, mask, tokens[:, 1], tokens[:, 0], boundaries, readouts)
         yield _cells_table(pair, batch, cells)
         done += len(batch)
         if on_batch:
-            on_batch(done, len(scored))
+            on_batch(done, n_scored)
 
 
 def _cells_table(
