@@ -16,7 +16,9 @@ Table = Literal["cells", "summaries", "events", "feature_acts", "feature_effects
 
 
 @router.get(
-    "/{table}", response_model=Rows, responses={200: {"content": {"application/vnd.apache.parquet": {}}}}
+    "/results/{table}",
+    response_model=Rows,
+    responses={200: {"content": {"application/vnd.apache.parquet": {}}}},
 )
 def job_results(
     job: ReadableJob,

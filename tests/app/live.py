@@ -1,0 +1,89 @@
+"""A real uvicorn server on 127.0.0.1 (random free port) in a thread, and worker subprocesses."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from app.config import Settings
+from app.main import create_app, start_worker_process
+from app.services import users
+from app.store.migrate import upgrade
+from app.store.session import Store
+from tests.app.pg import free_port
+
+
+class LiveServer:
+    """`crosspatch serve` without the embedded worker, for tests: start(), url, stop()."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            create_app(settings, embedded_worker=False), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not come up")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+def bootstrap_users(settings: Settings, names: dict[str, str]) -> dict[str, str]:
+    """Create users {name: role} with one key each in the (migrated) job store; returns name -> key."""
+    assert settings.database_url is not None
+    upgrade(settings.database_url)
+    store = Store.from_settings(settings)
+    keys = {}
+    try:
+        with store.session() as s:
+            for name, role in names.items():
+                users.create_user(s, name, role)
+                _, keys[name] = users.create_key(s, name)
+    finally:
+        store.dispose()
+    return keys
+
+
+def client(server: LiveServer, key: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=f"{server.url}/api/v1", headers=headers, timeout=30)
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    """A real worker process (`python -m app.worker --device cpu`) logging to `log_path`."""
+    import os
+    import sys
+
+    from app.main import settings_env
+
+    env = {**os.environ, **settings_env(settings)}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.worker", "--device", "cpu"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+__all__ = ["LiveServer", "bootstrap_users", "client", "start_worker", "start_worker_process"]

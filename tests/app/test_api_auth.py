@@ -1,0 +1,196 @@
+"""Authorization matrix: every route x {no key, bad key, researcher, other researcher, admin}."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.config import Settings
+from tests.app.live import LiveServer, bootstrap_users, client
+
+WHO = ("none", "bad", "owner", "other", "admin")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("auth")
+    models = root / "models"
+    (models / "pt").mkdir(parents=True)
+    (models / "it").mkdir()
+    for d in ("pt", "it"):
+        (models / d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 5}')
+    settings = Settings(
+        data_dir=root / "data",
+        model_roots=[models],
+        dictionary_roots=[models],
+        max_active_jobs_per_user=60,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher", "bob": "researcher"})
+    server = LiveServer(settings).start()
+    keys = {
+        "admin": keys["root"],
+        "owner": keys["ada"],
+        "other": keys["bob"],
+        "bad": "cpk_000000000000_nope",
+        "none": None,
+    }
+    with client(server, keys["admin"]) as admin:
+        r = admin.post(
+            "/pairs",
+            json={"pair_id": "tiny", "family": "llama", "pt": str(models / "pt"), "it": str(models / "it")},
+        )
+        assert r.status_code == 201, r.text
+    yield {"server": server, "keys": keys, "models": models}
+    server.stop()
+
+
+def _job(env: dict) -> str:
+    with client(env["server"], env["keys"]["owner"]) as c:
+        r = c.post(
+            "/jobs",
+            json={
+                "spec": {"kind": "crosspatch", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1 w2"}]}
+            },
+        )
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+
+def _call(env: dict, who: str, method: str, path: str, **kw) -> httpx.Response:
+    with client(env["server"], env["keys"][who]) as c:
+        return c.request(method, path, **kw)
+
+
+# (method, path template, json body, expected status per WHO). {job} is a fresh job of "owner".
+ANY = {"none": 401, "bad": 401}
+ROUTES = [
+    ("GET", "/health", None, dict(none=200, bad=200, owner=200, other=200, admin=200)),
+    ("GET", "/version", None, dict(none=200, bad=200, owner=200, other=200, admin=200)),
+    ("GET", "/me", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/jobs", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/jobs/{job}", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/jobs/{job}/logs", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/jobs/{job}/results/cells", None, {**ANY, "owner": 409, "other": 409, "admin": 409}),
+    ("GET", "/jobs/{job}/provenance", None, {**ANY, "owner": 409, "other": 409, "admin": 409}),
+    ("POST", "/jobs/{job}/cancel", None, {**ANY, "owner": 200, "other": 403, "admin": 200}),
+    ("POST", "/jobs/{job}/retry", None, {**ANY, "owner": 409, "other": 403, "admin": 409}),
+    ("DELETE", "/jobs/{job}", None, {**ANY, "owner": 409, "other": 403, "admin": 409}),
+    (
+        "POST",
+        "/jobs",
+        {"spec": {"kind": "divergence", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1"}]}},
+        {**ANY, "owner": 201, "other": 201, "admin": 201},
+    ),
+    ("GET", "/features/top", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/features/d1/3", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/dictionaries", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/dictionaries/nope", None, {**ANY, "owner": 404, "other": 404, "admin": 404}),
+    (
+        "POST",
+        "/dictionaries",
+        {"id": "d", "path": "../etc", "family": "llama", "layer": 1, "hook_point": "h", "width": 8},
+        {**ANY, "owner": 422, "other": 422, "admin": 422},
+    ),
+    ("GET", "/pairs", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    (
+        "POST",
+        "/pairs",
+        {"pair_id": "p-{n}", "family": "llama", "pt": "org/pt", "it": "org/it", "n_layers": 4},
+        {**ANY, "owner": 403, "other": 403, "admin": 201},
+    ),
+    ("GET", "/admin/users", None, {**ANY, "owner": 403, "other": 403, "admin": 200}),
+    ("POST", "/admin/users", {"name": "u-{n}"}, {**ANY, "owner": 403, "other": 403, "admin": 201}),
+    ("GET", "/admin/users/ada/keys", None, {**ANY, "owner": 403, "other": 403, "admin": 200}),
+    ("POST", "/admin/users/ada/keys", {"label": "x"}, {**ANY, "owner": 403, "other": 403, "admin": 201}),
+    ("POST", "/admin/keys/999/revoke", None, {**ANY, "owner": 403, "other": 403, "admin": 404}),
+]
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=[f"{m} {p}" for m, p, _, _ in ROUTES])
+def test_authorization_matrix(env: dict, route: tuple) -> None:
+    method, template, body, expected = route
+    for who in WHO:
+        path = template.replace("{job}", _job(env)) if "{job}" in template else template
+        json_body = None
+        if body is not None:
+            n = uuid.uuid4().hex[:8]
+            json_body = {k: (v.replace("{n}", n) if isinstance(v, str) else v) for k, v in body.items()}
+        r = _call(env, who, method, path, json=json_body)
+        assert r.status_code == expected[who], f"{who} {method} {path}: {r.status_code} {r.text}"
+        if r.status_code >= 400:
+            assert "message" in r.json() and "Traceback" not in r.text
+
+
+def test_progress_stream_requires_key(env: dict) -> None:
+    job = _job(env)
+    assert _call(env, "none", "GET", f"/jobs/{job}/progress").status_code == 401
+    assert _call(env, "bad", "GET", f"/jobs/{job}/progress").status_code == 401
+    _call(env, "owner", "POST", f"/jobs/{job}/cancel")
+    r = _call(env, "other", "GET", f"/jobs/{job}/progress")
+    assert r.status_code == 200 and "event: end" in r.text and '"cancelled"' in r.text
+
+
+def test_revoked_key_is_refused(env: dict) -> None:
+    with client(env["server"], env["keys"]["admin"]) as admin:
+        created = admin.post("/admin/users/bob/keys", json={}).json()
+        assert _call({**env, "keys": {"k": created["key"]}}, "k", "GET", "/me").status_code == 200
+        assert admin.post(f"/admin/keys/{created['id']}/revoke").status_code == 200
+    assert _call({**env, "keys": {"k": created["key"]}}, "k", "GET", "/me").status_code == 401
+
+
+def test_bad_inputs_are_422_or_413_never_5xx(env: dict, tmp_path: Path) -> None:
+    def submit(spec: dict, **kw) -> httpx.Response:
+        return _call(env, "owner", "POST", "/jobs", json={"spec": spec}, **kw)
+
+    base = {"kind": "crosspatch", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1"}]}
+    cases = {
+        "unknown pair": ({**base, "pair_id": "nope"}, "spec.pair_id"),
+        "boundary out of range": ({**base, "boundary": 9}, "spec.boundary"),
+        "negative boundary": ({**base, "boundary": [-1]}, "spec.boundary"),
+        "negative batch": ({**base, "batch_size": -3}, "spec.crosspatch.batch_size"),
+        "wrong type": ({**base, "prompts": "many"}, "spec.crosspatch.prompts"),
+        "path traversal": (
+            {**{k: v for k, v in base.items() if k != "prompts"}, "prompt_file": "../../etc/passwd"},
+            "spec.prompt_file",
+        ),
+        "outside roots": (
+            {**{k: v for k, v in base.items() if k != "prompts"}, "prompt_file": "/etc/passwd"},
+            "spec.prompt_file",
+        ),
+        "unknown kind": ({**base, "kind": "rm -rf"}, "spec"),
+        "extra field": ({**base, "trust_remote_code": True}, "spec.crosspatch.trust_remote_code"),
+    }
+    for name, (spec, field) in cases.items():
+        r = submit(spec)
+        assert r.status_code == 422, f"{name}: {r.status_code} {r.text}"
+        fields = [e["field"] for e in r.json()["errors"]]
+        assert any(f.startswith(field) for f in fields), f"{name}: {fields}"
+    r = submit(
+        {"kind": "mediation", "pair_id": "tiny", "dictionary_id": "d", "prompts": [{"id": "a", "text": "w"}]}
+    )
+    assert r.status_code == 501 and "not available" in r.json()["message"]
+    huge = {"spec": {**base, "prompts": [{"id": str(i), "text": "w1 " * 500} for i in range(1000)]}}
+    assert _call(env, "owner", "POST", "/jobs", json=huge).status_code == 413
+    assert _call(env, "owner", "GET", "/jobs/not-a-uuid").status_code == 422
+    assert _call(env, "owner", "GET", "/jobs?limit=-1").status_code == 422
+    assert (
+        _call(
+            env, "owner", "POST", "/jobs", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+
+
+def test_quota_answers_429(env: dict) -> None:
+    spec = {"spec": {"kind": "divergence", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1"}]}}
+    with client(env["server"], env["keys"]["admin"]) as admin:
+        admin.post("/admin/users", json={"name": "quota-user"})
+        key = admin.post("/admin/users/quota-user/keys", json={}).json()["key"]
+    with client(env["server"], key) as c:
+        codes = [c.post("/jobs", json=spec).status_code for _ in range(61)]
+    assert codes[:60] == [201] * 60 and codes[60] == 429
