@@ -1,0 +1,240 @@
+"""Load dictionaries (sae_lens-format dirs, sae_lens's pretrained registry) behind one `Dictionary` interface.
+
+The mediation code needs the same few things from an SAE, a transcoder or a crosscoder: encode activations,
+decode latents, the decoder rows per model branch, where the dictionary sits (layer, hook point) and whether
+it passed the quality gate. `Dictionary` gives exactly that and hides which sae_lens class is underneath.
+crosspatch's own metadata lives in `crosspatch_meta.json` next to sae_lens's `cfg.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+
+import saes.arch  # noqa: F401  (registers crosspatch's classes with sae_lens)
+from saes.arch import Crosscoder
+from saes.errors import DictionaryLoadError
+
+META_FILENAME = "crosspatch_meta.json"
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+TRANSCODER_ARCHS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+KINDS = ("sae", "transcoder", "crosscoder")
+
+
+def write_meta(path: str | Path, meta: dict[str, Any]) -> Path:
+    """Write `crosspatch_meta.json` atomically; returns its path."""
+    p = Path(path) / META_FILENAME
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, p)
+    return p
+
+
+def read_meta(path: str | Path) -> dict[str, Any] | None:
+    p = Path(path) / META_FILENAME
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DictionaryLoadError(f"corrupt {p}: {e.msg} (line {e.lineno})") from None
+
+
+def _kind_of(architecture: str) -> str:
+    if architecture == "crosscoder":
+        return "crosscoder"
+    return "transcoder" if architecture in TRANSCODER_ARCHS else "sae"
+
+
+class Dictionary:
+    """A loaded dictionary with a uniform interface.
+
+    - `encode(x, branch=None)`: `[..., d]` -> `[..., n_latents]` (crosscoders: `x` `[..., n_branches, d]`
+      for the joint encoder, or `[..., d]` with `branch=` for one model's encoder).
+    - `decode(acts, branch=None)`: `[..., n_latents]` -> `[..., d]` (crosscoders without `branch`:
+      `[..., n_branches, d]`). Transcoders decode to the MLP output without the skip term.
+    - `reconstruct(x, branch=None)`: what replaces the hooked activation when spliced (transcoders map the
+      MLP input to the MLP output, skip term included).
+    - `W_dec`: `{branch: [n_latents, d]}`, the output direction of each latent per model branch.
+    """
+
+    def __init__(self, sae: Any, meta: dict[str, Any] | None = None, path: Path | None = None) -> None:
+        self.sae = sae.eval()
+        self.path = path
+        arch = sae.cfg.architecture()
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.meta.setdefault("architecture", arch)
+        self.meta.setdefault("saved_architecture", arch)
+        self.meta.setdefault("kind", _kind_of(arch))
+        self.meta.setdefault("width", int(sae.cfg.d_sae))
+        self.meta.setdefault("gate", {"status": "not_evaluated"})
+        if self.meta.get("layer") is None or self.meta.get("hook_point") is None:
+            self.meta.update(
+                {k: v for k, v in _site_from_hook_name(sae.cfg.metadata.hook_name).items() if v is not None}
+            )
+
+    # ---- identity -------------------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return str(self.meta["kind"])
+
+    @property
+    def id(self) -> str | None:
+        return self.meta.get("id")
+
+    @property
+    def layer(self) -> int | None:
+        return self.meta.get("layer")
+
+    @property
+    def hook_point(self) -> str | None:
+        return self.meta.get("hook_point")
+
+    @property
+    def input_hook(self) -> str | None:
+        """Where the encoder reads: the hook point, or `mlp_in` for transcoders."""
+        return self.meta.get("input_hook", "mlp_in" if self.kind == "transcoder" else self.hook_point)
+
+    @property
+    def branches(self) -> list[str]:
+        if isinstance(self.sae, Crosscoder):
+            return list(self.sae.cfg.branches)
+        return [str(self.meta.get("model_role") or "model")]
+
+    @property
+    def n_latents(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.sae.cfg.d_in)
+
+    @property
+    def gate_status(self) -> str:
+        return str(self.meta.get("gate", {}).get("status", "not_evaluated"))
+
+    @property
+    def W_dec(self) -> dict[str, torch.Tensor]:
+        w = self.sae.W_dec.detach()
+        if isinstance(self.sae, Crosscoder):
+            return {b: w[:, i] for i, b in enumerate(self.branches)}  # each [n_latents, d]
+        return {self.branches[0]: w}  # [n_latents, d]
+
+    def _branch(self, branch: str | None) -> str:
+        if branch is None:
+            return self.branches[0]
+        if branch not in self.branches:
+            raise ValueError(f"unknown branch {branch!r}; this dictionary has {', '.join(self.branches)}")
+        return branch
+
+    # ---- maps -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
+        if isinstance(self.sae, Crosscoder):
+            return self.sae.encode(x) if branch is None else self.sae.encode_branch(x, self._branch(branch))
+        self._branch(branch)
+        return self.sae.encode(x)
+
+    @torch.no_grad()
+    def decode(self, acts: torch.Tensor, branch: str | None = None) -> torch.Tensor:
+        if isinstance(self.sae, Crosscoder):
+            return (
+                self.sae.decode(acts)
+                if branch is None
+                else self.sae.decode_branch(acts, self._branch(branch))
+            )
+        self._branch(branch)
+        return self.sae.decode(acts)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
+        if isinstance(self.sae, Crosscoder) and branch is not None:
+            return self.sae.decode_branch(self.sae.encode_branch(x, self._branch(branch)), branch)
+        if self.kind == "transcoder":
+            return self.sae.forward(x)  # includes the skip term where there is one
+        return self.decode(self.encode(x, branch), branch)
+
+    # ---- persistence ----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> tuple[Path, Path, Path]:
+        """Save in sae_lens format plus crosspatch_meta.json; returns (weights, cfg, meta) paths."""
+        path = Path(path)
+        weights, cfg = self.sae.save_model(path)
+        self.meta["path"] = str(path.resolve())
+        self.path = path
+        return weights, cfg, write_meta(path, self.meta)
+
+    def save_meta(self) -> None:
+        """Persist `meta` next to the weights (after an eval or a gate override)."""
+        if self.path is not None:
+            write_meta(self.path, self.meta)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dictionary(id={self.id!r}, kind={self.kind}, arch={self.meta.get('architecture')}, "
+            f"layer={self.layer}, hook={self.hook_point}, width={self.n_latents}, gate={self.gate_status})"
+        )
+
+
+def _site_from_hook_name(hook_name: str | None) -> dict[str, Any]:
+    """Layer and hook point from a TransformerLens-style name like `blocks.4.hook_mlp_out`."""
+    if not hook_name:
+        return {"layer": None, "hook_point": None}
+    m = re.match(r"blocks\.(\d+)\.hook_(mlp_out|mlp_in|resid_post|resid_pre|resid_mid|attn_out)", hook_name)
+    if not m:
+        return {"layer": None, "hook_point": hook_name}
+    return {"layer": int(m.group(1)), "hook_point": m.group(2)}
+
+
+def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
+    """Load a sae_lens-format directory (cfg.json + sae_weights.safetensors [+ crosspatch_meta.json])."""
+    from sae_lens import SAE
+
+    p = Path(path)
+    if not p.is_dir():
+        raise DictionaryLoadError(f"no dictionary at {str(p)!r} (not a directory)")
+    cfg_path = p / CFG_FILENAME
+    if not cfg_path.exists():
+        raise DictionaryLoadError(f"no dictionary at {str(p)!r} ({CFG_FILENAME} missing)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DictionaryLoadError(f"corrupt {cfg_path}: {e.msg} (line {e.lineno})") from None
+    if not isinstance(cfg, dict) or "architecture" not in cfg or "d_in" not in cfg or "d_sae" not in cfg:
+        raise DictionaryLoadError(f"corrupt {cfg_path}: needs 'architecture', 'd_in' and 'd_sae'")
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    if cfg["architecture"] not in SAE_CLASS_REGISTRY:
+        raise DictionaryLoadError(
+            f"{cfg_path}: unknown architecture {cfg['architecture']!r}; known: {', '.join(sorted(SAE_CLASS_REGISTRY))}"
+        )
+    if not (p / WEIGHTS_FILENAME).exists():
+        raise DictionaryLoadError(f"no dictionary at {str(p)!r} ({WEIGHTS_FILENAME} missing)")
+    meta = read_meta(p)
+    try:
+        sae = SAE.load_from_disk(p, device=device)
+    except (SafetensorError, RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise DictionaryLoadError(f"could not load dictionary at {p}: {str(e).splitlines()[0]}") from None
+    return Dictionary(sae, meta, p)
+
+
+def load_pretrained(release: str, sae_id: str, device: str = "cpu") -> Dictionary:
+    """Load from sae_lens's pretrained registry (needs the Hugging Face hub; clear error when offline)."""
+    from sae_lens import SAE
+
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device=device)
+    except Exception as e:  # hub errors come in many types (OSError, LocalEntryNotFoundError, HTTPError, ...)
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: the hub is unreachable)" if offline else ""
+        raise DictionaryLoadError(
+            f"could not load pretrained dictionary {release}/{sae_id}{hint}: {str(e).splitlines()[0][:200]}"
+        ) from None
+    meta = {"source": {"kind": "sae_lens_pretrained", "release": release, "sae_id": sae_id}}
+    return Dictionary(sae, meta, None)

@@ -1,0 +1,728 @@
+"""One entry point, `train_dictionary(cfg, cache, out_dir)`, for SAEs, transcoders and crosscoders.
+
+Every kind is trained by sae_lens's own `SAETrainer` (Adam, lr schedule, grad clipping, dead-latent
+tracking, trainer-state checkpoints); crosspatch only drives its public seams (`step`,
+`maybe_reset_sparsity`, `save_checkpoint`, `load_trainer_state`) so that it can report progress, checkpoint
+on its own cadence, resume after a kill and checkpoint on SIGTERM. SAEs use sae_lens's architectures
+(batchtopk, topk, jumprelu, standard, ...); transcoders and crosscoders use the sae_lens-style classes in
+`saes.arch`. Data comes from an `ActivationCache` (or any object with its `batches`/`load`/`check_key`).
+
+Configs: one dataclass per architecture, registered in `CONFIGS` (duplicates raise); `config_from_dict`
+dispatches on "architecture" and rejects unknown keys in configs crosspatch wrote (warns on foreign ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from sae_lens import SAETrainer
+from sae_lens.config import SAETrainerConfig
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+
+from saes import arch
+from saes.cache import HOOK_POINTS, ActivationCache, TensorSource
+from saes.errors import CacheError, DictionaryConfigError
+from saes.load import Dictionary, load_dictionary, write_meta
+
+WRITTEN_BY = "crosspatch"
+ROLES = ("pt", "it", "model")
+LR_SCHEDULERS = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
+
+
+# ---- configs ---------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Fields every dictionary kind shares. `training_tokens` counts activation rows seen."""
+
+    KIND: ClassVar[str] = ""
+
+    layer: int
+    hook_point: str = "mlp_out"
+    model_role: str = "it"
+    width: int = 1024
+    training_tokens: int = 1_000_000
+    batch_size: int = 512
+    lr: float = 3e-4
+    lr_scheduler: str = "constant"
+    lr_warm_up_steps: int = 0
+    lr_decay_steps: int = 0
+    seed: int = 0
+    heldout_fraction: float = 0.1
+    dead_feature_window: int = 1000
+    feature_sampling_window: int = 2000
+    normalize_activations: str = "none"
+    decoder_init_norm: float | None = 0.1
+    device: str = "cpu"
+
+    @classmethod
+    def architecture(cls) -> str:
+        raise NotImplementedError
+
+    @property
+    def kind(self) -> str:
+        return self.KIND
+
+    @property
+    def total_steps(self) -> int:
+        return self.training_tokens // self.batch_size
+
+    @property
+    def k_value(self) -> float | None:
+        return getattr(self, "k", None)
+
+    def validate(self) -> None:
+        """Raise `DictionaryConfigError` naming the bad field and the valid options."""
+        if self.hook_point not in HOOK_POINTS:
+            raise DictionaryConfigError(
+                f"unknown hook point {self.hook_point!r}; valid: {', '.join(HOOK_POINTS)}"
+            )
+        roles = ("paired",) if self.KIND == "crosscoder" else ROLES
+        if self.model_role not in roles:
+            raise DictionaryConfigError(
+                f"model_role {self.model_role!r} invalid for a {self.KIND}; valid: {', '.join(roles)}"
+            )
+        if self.width < 1:
+            raise DictionaryConfigError(f"width must be >= 1, got {self.width}")
+        k = self.k_value
+        if k is not None and not 0 < k <= self.width:
+            raise DictionaryConfigError(f"k={k} must be in (0, width={self.width}]")
+        if self.batch_size < 1 or self.training_tokens < self.batch_size:
+            raise DictionaryConfigError(
+                f"training_tokens ({self.training_tokens}) must be >= batch_size ({self.batch_size}) >= 1"
+            )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise DictionaryConfigError(
+                f"unknown lr_scheduler {self.lr_scheduler!r}; valid: {', '.join(LR_SCHEDULERS)}"
+            )
+        if not 0 < self.heldout_fraction < 1:
+            raise DictionaryConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+    def data_keys(self, source: Any) -> list[str]:
+        """Cache tensor names this dictionary trains on, in batch order (validated against the cache)."""
+        return [source.check_key(self.model_role, self.layer, self.hook_point)]
+
+    def sae_lens_config(self, d_model: int) -> TrainingSAEConfig:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(architecture=self.architecture(), kind=self.KIND, written_by=WRITTEN_BY)
+        return d
+
+    def _common(self, d_model: int) -> dict[str, Any]:
+        return dict(
+            d_in=d_model,
+            d_sae=self.width,
+            device=self.device,
+            decoder_init_norm=self.decoder_init_norm,
+            normalize_activations=self.normalize_activations,
+        )
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {}
+
+
+def register_config(cls: type[TrainConfig]) -> type[TrainConfig]:
+    """Add a config class under its architecture name; a second registration of a name raises."""
+    name = cls.architecture()
+    if name in CONFIGS:
+        raise ValueError(f"architecture {name!r} is already registered ({CONFIGS[name].__name__})")
+    CONFIGS[name] = cls
+    return cls
+
+
+def make_config(architecture: str, **kwargs: Any) -> TrainConfig:
+    """A config of `architecture` with `kwargs` over the defaults (validated)."""
+    if architecture not in CONFIGS:
+        raise DictionaryConfigError(
+            f"unknown architecture {architecture!r}; valid: {', '.join(sorted(CONFIGS))}"
+        )
+    cls = CONFIGS[architecture]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise DictionaryConfigError(
+            f"unknown option(s) {unknown} for {architecture}; valid: {', '.join(sorted(names))}"
+        )
+    try:
+        cfg = cls(**kwargs)
+    except TypeError as e:
+        raise DictionaryConfigError(f"bad {architecture} config: {e}") from None
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config from `to_dict` output; unknown keys raise if crosspatch wrote it, else warn."""
+    d = dict(d)
+    arch_name = d.pop("architecture", None)
+    if arch_name not in CONFIGS:
+        raise DictionaryConfigError(
+            f"unknown architecture {arch_name!r}; valid: {', '.join(sorted(CONFIGS))}"
+        )
+    ours = d.pop("written_by", None) == WRITTEN_BY
+    d.pop("kind", None)
+    names = {f.name for f in dataclasses.fields(CONFIGS[arch_name])}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        if ours:
+            raise DictionaryConfigError(f"config for {arch_name} has unknown key(s) {unknown}")
+        warnings.warn(f"ignoring unknown config key(s) {unknown} for {arch_name}", stacklevel=2)
+        d = {k: v for k, v in d.items() if k in names}
+    return make_config(arch_name, **d)
+
+
+# -- SAEs: sae_lens's own training classes ---------------------------------------------------------------
+@dataclass(kw_only=True)
+class BatchTopKSAETrain(TrainConfig):
+    """sae_lens BatchTopK SAE (saved as JumpReLU)."""
+
+    KIND: ClassVar[str] = "sae"
+    k: float = 32
+    aux_loss_coefficient: float = 1.0
+    topk_threshold_lr: float = 0.01
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "batchtopk"
+
+    def sae_lens_config(self, d_model: int) -> TrainingSAEConfig:
+        return get_sae_training_class("batchtopk")[1](
+            **self._common(d_model),
+            k=self.k,
+            aux_loss_coefficient=self.aux_loss_coefficient,
+            topk_threshold_lr=self.topk_threshold_lr,
+        )
+
+
+@dataclass(kw_only=True)
+class TopKSAETrain(TrainConfig):
+    """sae_lens TopK SAE."""
+
+    KIND: ClassVar[str] = "sae"
+    k: int = 32
+    aux_loss_coefficient: float = 1.0
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "topk"
+
+    def sae_lens_config(self, d_model: int) -> TrainingSAEConfig:
+        return get_sae_training_class("topk")[1](
+            **self._common(d_model), k=int(self.k), aux_loss_coefficient=self.aux_loss_coefficient
+        )
+
+
+@dataclass(kw_only=True)
+class JumpReLUSAETrain(TrainConfig):
+    """sae_lens JumpReLU SAE (L0 penalty with a straight-through threshold)."""
+
+    KIND: ClassVar[str] = "sae"
+    l0_coefficient: float = 1.0
+    l0_warm_up_steps: int = 0
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_sparsity_loss_mode: str = "step"
+    pre_act_loss_coefficient: float | None = None
+    target_l0: float | None = None
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "jumprelu"
+
+    def sae_lens_config(self, d_model: int) -> TrainingSAEConfig:
+        return get_sae_training_class("jumprelu")[1](
+            **self._common(d_model),
+            l0_coefficient=self.l0_coefficient,
+            l0_warm_up_steps=self.l0_warm_up_steps,
+            jumprelu_init_threshold=self.jumprelu_init_threshold,
+            jumprelu_bandwidth=self.jumprelu_bandwidth,
+            jumprelu_sparsity_loss_mode=self.jumprelu_sparsity_loss_mode,
+            pre_act_loss_coefficient=self.pre_act_loss_coefficient,
+            target_l0=self.target_l0,
+        )
+
+
+@dataclass(kw_only=True)
+class StandardSAETrain(TrainConfig):
+    """sae_lens standard (ReLU + L1) SAE."""
+
+    KIND: ClassVar[str] = "sae"
+    l1_coefficient: float = 1.0
+    l1_warm_up_steps: int = 0
+    lp_norm: float = 1.0
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "standard"
+
+    def sae_lens_config(self, d_model: int) -> TrainingSAEConfig:
+        return get_sae_training_class("standard")[1](
+            **self._common(d_model),
+            l1_coefficient=self.l1_coefficient,
+            l1_warm_up_steps=self.l1_warm_up_steps,
+            lp_norm=self.lp_norm,
+        )
+
+
+# -- transcoders and crosscoders: saes.arch ---------------------------------------------------------------
+@dataclass(kw_only=True)
+class TranscoderTrain(TrainConfig):
+    """BatchTopK transcoder, MLP input -> MLP output (saved as sae_lens `jumprelu_transcoder`)."""
+
+    KIND: ClassVar[str] = "transcoder"
+    k: float = 32
+    aux_loss_coefficient: float = 1 / 32
+    threshold_beta: float = 0.99
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "batchtopk_transcoder"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hook_point != "mlp_out":
+            raise DictionaryConfigError(
+                "a transcoder reads mlp_in and writes mlp_out; hook_point must be mlp_out"
+            )
+
+    def data_keys(self, source: Any) -> list[str]:
+        return [
+            source.check_key(self.model_role, self.layer, "mlp_in"),
+            source.check_key(self.model_role, self.layer, "mlp_out"),
+        ]
+
+    def sae_lens_config(self, d_model: int) -> TrainingSAEConfig:
+        cls = get_sae_training_class(self.architecture())[1]
+        return cls(
+            **self._common(d_model),
+            d_out=d_model,
+            k=self.k,
+            aux_loss_coefficient=self.aux_loss_coefficient,
+            threshold_beta=self.threshold_beta,
+        )
+
+
+@dataclass(kw_only=True)
+class SkipTranscoderTrain(TranscoderTrain):
+    """BatchTopK skip transcoder (saved as sae_lens `jumprelu_skip_transcoder`)."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "batchtopk_skip_transcoder"
+
+
+@dataclass(kw_only=True)
+class CrosscoderTrain(TrainConfig):
+    """Paired PT/IT BatchTopK crosscoder (method §5.1), on the same hook point of both models."""
+
+    KIND: ClassVar[str] = "crosscoder"
+    model_role: str = "paired"
+    branches: list[str] = field(default_factory=lambda: ["pt", "it"])
+    k: float = 64
+    k_start: float | None = None
+    k_anneal_steps: int = 0
+    auxk: int = 1024
+    aux_loss_coefficient: float = 1 / 32
+    threshold_beta: float = 0.999
+    threshold_start_step: int = 0
+    mean_estimate_batches: int = 16
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "batchtopk_crosscoder"
+
+    def validate(self) -> None:
+        super().validate()
+        bad = [b for b in self.branches if b not in ("pt", "it")]
+        if bad or len(self.branches) < 2:
+            raise DictionaryConfigError(f"crosscoder branches {self.branches} invalid; use two of pt, it")
+        if self.k_start is not None and not 0 < self.k_start <= self.width:
+            raise DictionaryConfigError(f"k_start={self.k_start} must be in (0, width={self.width}]")
+
+    def data_keys(self, source: Any) -> list[str]:
+        return [source.check_key(b, self.layer, self.hook_point) for b in self.branches]
+
+    def sae_lens_config(self, d_model: int) -> TrainingSAEConfig:
+        return arch.BatchTopKCrosscoderTrainingSAEConfig(
+            **self._common(d_model),
+            n_branches=len(self.branches),
+            branches=list(self.branches),
+            k=self.k,
+            k_start=self.k_start,
+            k_anneal_steps=self.k_anneal_steps,
+            auxk=self.auxk,
+            aux_loss_coefficient=self.aux_loss_coefficient,
+            threshold_beta=self.threshold_beta,
+            threshold_start_step=self.threshold_start_step,
+        )
+
+
+for _cls in (
+    BatchTopKSAETrain,
+    TopKSAETrain,
+    JumpReLUSAETrain,
+    StandardSAETrain,
+    TranscoderTrain,
+    SkipTranscoderTrain,
+    CrosscoderTrain,
+):
+    register_config(_cls)
+
+
+# ---- the runner ---------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """What the progress callback receives every `log_every` steps (and at the end)."""
+
+    step: int
+    total_steps: int
+    tokens: int
+    tokens_per_s: float
+    loss: float
+    mse: float
+    l0: float
+    dead_fraction: float
+    resumed_from: int
+
+
+def _open_source(cache: Any) -> Any:
+    if isinstance(cache, (str, Path)):
+        return ActivationCache(cache)
+    if not hasattr(cache, "batches"):
+        raise CacheError(
+            f"expected an ActivationCache, a cache directory or a TensorSource, not {type(cache).__name__}"
+        )
+    return cache
+
+
+def dictionary_id(cfg: TrainConfig, source: Any) -> str:
+    """Readable and unique enough: site, architecture, width, k, seed and a hash of config + data."""
+    digest = hashlib.sha256(
+        json.dumps(
+            [cfg.to_dict(), source.manifest.get("models"), source.manifest.get("source")],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()[:8]
+    k = f"-k{cfg.k_value:g}" if cfg.k_value is not None else ""
+    return f"{cfg.model_role}-L{cfg.layer}-{cfg.hook_point}-{cfg.architecture()}-w{cfg.width}{k}-s{cfg.seed}-{digest}"
+
+
+class _Checkpointer:
+    """Checkpoints under `<out>/checkpoints/step_N` plus an atomically written `latest.json` pointer."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig) -> None:
+        self.root = out_dir / "checkpoints"
+        self.cfg = cfg
+
+    def latest(self) -> Path | None:
+        p = self.root / "latest.json"
+        if not p.exists():
+            return None
+        try:
+            info = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None
+        path = self.root / info["dir"]
+        return path if path.exists() else None
+
+    def save(self, trainer: SAETrainer, extra: dict[str, Any]) -> Path:
+        name = f"step_{trainer.n_training_steps:08d}"
+        trainer.save_checkpoint(name, base_path=self.root)  # weights (unwrapped state_dict) + trainer state
+        info = {
+            "dir": name,
+            "step": trainer.n_training_steps,
+            "samples": trainer.n_training_samples,
+            "config": self.cfg.to_dict(),
+            **extra,
+        }
+        (self.root / name / "crosspatch_checkpoint.json").write_text(json.dumps(info, indent=1))
+        tmp = self.root / "latest.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.root / "latest.json")
+        for old in self.root.glob("step_*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        return self.root / name
+
+    def load(self, path: Path, sae: TrainingSAE[Any], trainer: SAETrainer) -> dict[str, Any]:
+        info = json.loads((path / "crosspatch_checkpoint.json").read_text())
+        if info["config"] != self.cfg.to_dict():
+            raise DictionaryConfigError(
+                f"checkpoint at {path} was made with a different config; use a new output directory"
+            )
+        sae.load_weights_from_checkpoint(path)
+        trainer.load_trainer_state(path)
+        return info
+
+
+def build_training_sae(cfg: TrainConfig, d_model: int) -> TrainingSAE[Any]:
+    """The sae_lens training module for `cfg`, initialised from `cfg.seed`."""
+    sae_cfg = cfg.sae_lens_config(d_model)
+    torch.manual_seed(cfg.seed)
+    cls = get_sae_training_class(sae_cfg.architecture())[0]
+    return cls(sae_cfg)
+
+
+def trainer_config(cfg: TrainConfig) -> SAETrainerConfig:
+    return SAETrainerConfig(
+        total_training_samples=cfg.training_tokens,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr,
+        lr_scheduler_name=cfg.lr_scheduler,
+        lr_warm_up_steps=cfg.lr_warm_up_steps,
+        lr_decay_steps=cfg.lr_decay_steps,
+        lr_end=cfg.lr / 10,
+        device=cfg.device,
+        dead_feature_window=cfg.dead_feature_window,
+        feature_sampling_window=cfg.feature_sampling_window,
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+    )
+
+
+def train_dictionary(
+    cfg: TrainConfig,
+    cache: Any,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    log_every: int = 100,
+    checkpoint_every: int = 0,
+    resume: bool = True,
+    keep_checkpoints: bool = False,
+    evaluate: bool = True,
+    models: dict[str, Any] | None = None,
+    gate: Any | None = None,
+    data: Callable[[int], Iterator[torch.Tensor]] | None = None,
+    stop_after_steps: int | None = None,
+) -> Dictionary:
+    """Train the dictionary `cfg` describes on `cache` and save it (sae_lens format + meta) in `out_dir`.
+
+    `checkpoint_every` steps (0: never) a checkpoint is written; with `resume`, a run finding one in
+    `out_dir/checkpoints` continues from it (same seed and data order: the result equals an uninterrupted
+    run). SIGTERM checkpoints, then re-raises. `data(start_sample)` overrides the batch stream (an injected
+    iterator). After training the dictionary is evaluated on the held-out split (`evaluate`; with `models`
+    {role: model} also spliced into the model) and marked passed/failed against `gate`.
+    `stop_after_steps` ends the run early without saving a final dictionary (returns None; for tests).
+    """
+    cfg.validate()
+    source = _open_source(cache)
+    keys = cfg.data_keys(source)
+    d_model = int(source.d_model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def stream(start: int) -> Iterator[torch.Tensor]:
+        if data is not None:
+            return data(start)
+        return source.batches(
+            keys,
+            cfg.batch_size,
+            seed=cfg.seed,
+            split="train",
+            heldout_fraction=cfg.heldout_fraction,
+            start_sample=start,
+        )
+
+    sae = build_training_sae(cfg, d_model)
+    if isinstance(sae, arch.BatchTopKCrosscoderTrainingSAE):
+        sae.input_mean.copy_(_estimate_mean(stream(0), cfg))
+    ckpt = _Checkpointer(out, cfg)
+    latest = ckpt.latest() if resume else None
+    if not resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    batches: Iterator[torch.Tensor] | None = None
+    trainer = SAETrainer(cfg=trainer_config(cfg), sae=sae, data_provider=iter(()))
+    resumed_from = 0
+    if latest is not None:
+        ckpt.load(latest, sae, trainer)
+        resumed_from = trainer.n_training_steps
+    batches = stream(trainer.n_training_samples)
+    trainer.data_provider = batches
+    _estimate_scaling(trainer, sae)
+
+    terminate = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: terminate.set())
+    sae.to(cfg.device)
+    t0, samples0 = time.perf_counter(), trainer.n_training_samples
+    out_step = None
+    try:
+        while trainer.n_training_samples < cfg.training_tokens:
+            trainer.maybe_reset_sparsity()
+            out_step = trainer.step(next(batches))
+            trainer.n_training_steps += 1
+            step = trainer.n_training_steps
+            if progress is not None and (
+                step % log_every == 0 or trainer.n_training_samples >= cfg.training_tokens
+            ):
+                progress(_progress(trainer, out_step, cfg, t0, samples0, resumed_from))
+            if checkpoint_every and step % checkpoint_every == 0:
+                ckpt.save(trainer, {})
+            if terminate.is_set():
+                ckpt.save(trainer, {"reason": "SIGTERM"})
+                raise KeyboardInterrupt("SIGTERM")
+            if stop_after_steps is not None and step >= stop_after_steps:
+                return None  # type: ignore[return-value]
+    except KeyboardInterrupt:
+        if terminate.is_set() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signal.SIGTERM)
+        raise
+    finally:
+        if previous is not None and not terminate.is_set():
+            signal.signal(signal.SIGTERM, previous)
+    seconds = time.perf_counter() - t0
+    _fold_scaling(trainer, sae)
+    trainer.set_final_sae_metadata()
+    sae.save_inference_model(out)
+    dictionary = load_dictionary(out)
+    dictionary.meta.update(
+        _meta(cfg, source, out, dictionary, trainer, seconds, samples0, resumed_from, out_step)
+    )
+    write_meta(out, dictionary.meta)
+    if evaluate:
+        from saes.quality import GateConfig, evaluate_dictionary
+
+        evaluate_dictionary(
+            dictionary,
+            source,
+            models=models,
+            gate=gate or GateConfig(),
+            heldout_fraction=cfg.heldout_fraction,
+        )
+    if not keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return dictionary
+
+
+@torch.no_grad()
+def _estimate_mean(batches: Iterator[torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """Input mean per branch over the first `mean_estimate_batches` train batches: `[n_branches, d]`."""
+    n = getattr(cfg, "mean_estimate_batches", 16)
+    xs = [next(batches) for _ in range(n)]
+    x = torch.cat(xs).float()  # [n * B, n_branches * d]
+    return x.mean(0).reshape(len(getattr(cfg, "branches", [0])), -1)
+
+
+def _estimate_scaling(trainer: SAETrainer, sae: TrainingSAE[Any]) -> None:
+    """As `SAETrainer.fit` does: estimate the activation norm scaler before the first step."""
+    if (
+        sae.cfg.normalize_activations == "expected_average_only_in"
+        and trainer.activation_scaler.scaling_factor is None
+    ):
+        trainer.activation_scaler.estimate_scaling_factor(
+            d_in=sae.cfg.d_in,
+            data_provider=trainer.data_provider,
+            n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
+        )
+
+
+def _fold_scaling(trainer: SAETrainer, sae: TrainingSAE[Any]) -> None:
+    """As `SAETrainer.fit` does at the end: fold the activation scaler into the weights."""
+    if trainer.activation_scaler.scaling_factor is not None:
+        sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
+        trainer.activation_scaler.scaling_factor = None
+
+
+@torch.no_grad()
+def _progress(
+    trainer: SAETrainer, out: Any, cfg: TrainConfig, t0: float, samples0: int, resumed: int
+) -> Progress:
+    dt = max(time.perf_counter() - t0, 1e-9)
+    return Progress(
+        step=trainer.n_training_steps,
+        total_steps=cfg.total_steps,
+        tokens=trainer.n_training_samples,
+        tokens_per_s=(trainer.n_training_samples - samples0) / dt,
+        loss=float(out.loss.detach()),
+        mse=float(out.losses["mse_loss"].detach()),
+        l0=float((out.feature_acts > 0).float().sum(-1).mean()),
+        dead_fraction=float(trainer.dead_neurons.float().mean()),
+        resumed_from=resumed,
+    )
+
+
+def _meta(
+    cfg: TrainConfig,
+    source: Any,
+    out: Path,
+    d: Dictionary,
+    trainer: SAETrainer,
+    seconds: float,
+    samples0: int,
+    resumed_from: int,
+    out_step: Any,
+) -> dict[str, Any]:
+    m = source.manifest
+    return {
+        "id": dictionary_id(cfg, source),
+        "kind": cfg.KIND,
+        "architecture": cfg.architecture(),
+        "saved_architecture": d.sae.cfg.architecture(),
+        "model_role": cfg.model_role,
+        "branches": list(getattr(cfg, "branches", [cfg.model_role])),
+        "layer": cfg.layer,
+        "hook_point": cfg.hook_point,
+        "input_hook": "mlp_in" if cfg.KIND == "transcoder" else cfg.hook_point,
+        "width": cfg.width,
+        "k": cfg.k_value,
+        "training_tokens": trainer.n_training_samples,
+        "train_config": cfg.to_dict(),
+        "cache": {
+            "path": str(source.path.resolve()) if getattr(source, "path", None) else None,
+            "models": m.get("models"),
+            "source": m.get("source"),
+        },
+        "train_stats": {
+            "steps": trainer.n_training_steps,
+            "resumed_from_step": resumed_from,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": (trainer.n_training_samples - samples0) / max(seconds, 1e-9),
+            "final_loss": float(out_step.loss.detach()) if out_step is not None else None,
+            "train_l0": getattr(d.sae.cfg.metadata, "l0", None),
+        },
+        "metrics": {},
+        "gate": {"status": "not_evaluated"},
+        "path": str(out.resolve()),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created_by": os.environ.get("CROSSPATCH_USER") or os.environ.get("USER") or "unknown",
+    }
+
+
+__all__ = [
+    "CONFIGS",
+    "BatchTopKSAETrain",
+    "CrosscoderTrain",
+    "JumpReLUSAETrain",
+    "Progress",
+    "SkipTranscoderTrain",
+    "StandardSAETrain",
+    "TensorSource",
+    "TopKSAETrain",
+    "TrainConfig",
+    "TranscoderTrain",
+    "config_from_dict",
+    "make_config",
+    "register_config",
+    "train_dictionary",
+]
