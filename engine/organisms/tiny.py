@@ -6,8 +6,18 @@ post-norms, Qwen3's q/k norms, GPT-2's learned positions) at a size that runs in
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from engine.organisms.tokenizer import build_tokenizer
 
 FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma3", "gpt2")
 
@@ -70,3 +80,19 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 512, n_layers: int 
             if p.ndim == 2:
                 p.normal_(0.0, 0.15)
     return model.eval()
+
+
+def tiny_pair(
+    family: str, seed: int = 0, perturbation: float = 0.05, n_layers: int = 5
+) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerFast]:
+    """A random PT, an IT = PT + Gaussian noise of std `perturbation` on every matrix, and the organisms'
+    shared tokenizer (vocab sized to match), so the pair diverges on prompts like a real PT/IT pair."""
+    tokenizer = build_tokenizer()
+    pt = tiny_model(family, seed, vocab_size=len(tokenizer), n_layers=n_layers)
+    it = copy.deepcopy(pt)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in it.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * perturbation)
+    return pt, it.eval(), tokenizer

@@ -1,0 +1,119 @@
+"""Constructed organisms: the engine's measurements land where the construction says they must."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from organism_reference import reference_cells
+
+from engine.crosspatch import crosspatch
+from engine.divergence import find_divergences
+from engine.organisms import CONSTRUCTED
+from engine.organisms import constructed as cons
+from engine.pairs import ModelPair, load_pair
+from engine.prompts import load_prompts
+from engine.stats import bootstrap_ci
+
+QUANTITIES = (
+    "y_ptup_ptlate",
+    "y_ptup_itlate",
+    "y_itup_ptlate",
+    "y_itup_itlate",
+    "pt_late_effect",
+    "it_late_effect",
+    "interaction",
+)
+
+
+@functools.cache
+def _run(root: Path) -> tuple[ModelPair, list, dict, dict]:
+    """Pair, (prompt, event) rows, common-IT cells table and expected.json; cached per organism."""
+    pair = load_pair(root / "pt", root / "it")
+    prompts = load_prompts(root / "prompts.jsonl")
+    events = find_divergences(pair, prompts, max_new_tokens=16)
+    table = crosspatch(pair, [e for e in events if e.diverged]).to_pydict()
+    expected = json.loads((root / "expected.json").read_text())
+    return pair, list(zip(prompts, events, strict=True)), table, expected
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTED))
+def test_every_prompt_diverges_where_the_construction_says(built, name: str) -> None:
+    pair, rows, _, _ = _run(built(name))
+    tok = pair.tokenizer
+    for prompt, event in rows:
+        assert event.diverged, (prompt.id, event.reason)
+        assert event.position == prompt.meta["expected_position"], prompt.id
+        assert tok.convert_ids_to_tokens(event.t_it) == prompt.meta["expected_t_it"], prompt.id
+        assert tok.convert_ids_to_tokens(event.t_pt) == prompt.meta["expected_t_pt"], prompt.id
+    assert len({event.position for _, event in rows}) > 1  # varied divergence positions
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTED))
+def test_two_by_two_within_expected_bounds(built, name: str) -> None:
+    pair, _, table, expected = _run(built(name))
+    assert pair.default_boundary == expected["boundary"]
+    assert set(table["boundary"]) == {expected["boundary"]} and set(table["readout"]) == {"it"}
+    for q in QUANTITIES:
+        band = expected["cells"][q]
+        mean, _, _ = bootstrap_ci(table[q])
+        assert band["lo"] <= mean <= band["hi"], (q, mean, band)
+    _, lo, hi = bootstrap_ci(table["interaction"])
+    if expected["interaction_ci"] == "excludes_zero":
+        assert lo > 0, (lo, hi)
+    else:
+        assert lo <= 0 <= hi, (lo, hi)
+    pt_up, it_up = (bootstrap_ci(table[q])[0] for q in ("pt_late_effect", "it_late_effect"))
+    if expected["construction"] == "self_contained":  # fully portable late effect
+        assert pt_up == pytest.approx(it_up, abs=1e-4) and pt_up > 1.0
+    if expected["construction"] in ("upstream_dependent", "mediated"):
+        assert abs(pt_up) < 1e-4 and it_up > 1.0
+
+
+@pytest.mark.parametrize("family", cons.CONSTRUCTED_FAMILIES)
+def test_engine_matches_hook_reference(built, family: str) -> None:
+    pair, rows, table, expected = _run(built(f"{family}_upstream_dependent"))
+    by_id = {pid: i for i, pid in enumerate(table["prompt_id"])}
+    for _, event in rows[:4]:
+        ref = reference_cells(pair.pt, pair.it, event.input_ids, event.t_pt, event.t_it, expected["boundary"])
+        i = by_id[event.prompt_id]
+        for q in QUANTITIES:
+            assert table[q][i] == pytest.approx(ref[q], abs=1e-4), q
+
+
+@pytest.mark.parametrize("kind", cons.CONSTRUCTED_KINDS)
+def test_noise_free_model_reproduces_nominal_exactly(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """With the noise weights at zero the model computes exactly what `nominal_cells` derives."""
+    monkeypatch.setattr(cons, "NOISE_STD", 0.0)
+    con = cons.make_construction(kind, "llama", seed=0)
+    pt, it = cons.build_models(con)
+    word = next(iter(con.word_class))
+    j = con.word_class[word]
+    ids = [1, *list(con.succ)[:3], word]
+    ref = reference_cells(pt, it, ids, con.succ[word], con.answer_ids[j], cons.BOUNDARY)
+    nominal = cons.nominal_cells(con, word_class=j)
+    for q in QUANTITIES:
+        assert ref[q] == pytest.approx(nominal[q], abs=1e-4), q
+
+
+@pytest.mark.parametrize("family", cons.CONSTRUCTED_FAMILIES)
+def test_mediators_carry_the_interaction(built, family: str) -> None:
+    """Recorded decoder directions are the IT final MLP's columns; ablating them removes the interaction."""
+    root = built(f"{family}_mediated")
+    pair, rows, _, expected = _run(root)
+    med = expected["mediators"]
+    down = pair.it.model.layers[med["layer"]].mlp.down_proj.weight  # [d_model, d_mlp]
+    for neuron, direction in zip(med["neurons"], med["directions"], strict=True):
+        col = down[:, neuron] / down[:, neuron].norm()
+        assert torch.allclose(col, torch.tensor(direction, dtype=col.dtype), atol=1e-6)
+    full, ablated = [], []
+    for _, event in rows[:12]:
+        args = (pair.pt, pair.it, event.input_ids, event.t_pt, event.t_it, expected["boundary"])
+        full.append(reference_cells(*args)["interaction"])
+        ablated.append(reference_cells(*args, it_late_ablation=(med["layer"], med["neurons"]))["interaction"])
+    i_full, i_ablate = sum(full) / len(full), sum(ablated) / len(ablated)
+    assert i_ablate == pytest.approx(med["interaction_after_ablation"], abs=1e-3)
+    assert (i_full - i_ablate) / i_full >= med["min_interaction_share_removed"]
