@@ -15,6 +15,9 @@ events (one row per prompt, diverged or not): the `DivergenceEvent` fields.
 
 summaries (one row per family x boundary x readout x subset x statistic): estimate with percentile
 bootstrap CI over prompts, n, and for the interaction the sign-flip permutation p-value.
+
+feature_acts (event x dictionary x latent, active latents only) and feature_effects (set-level effects of
+ablation / rescue with CIs, and per-feature attribution scores): see the schemas' column comments.
 """
 
 from __future__ import annotations
@@ -73,6 +76,41 @@ SUMMARY_SCHEMA = pa.schema(
         ("ci_high", pa.float64()),
         ("n", pa.int64()),
         ("p_value", pa.float64()),
+    ]
+)
+
+
+FEATURE_ACTS_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("dictionary_id", pa.string()),
+        ("layer", pa.int32()),
+        ("latent", pa.int64()),
+        ("act_ptup", pa.float64()),  # activation at the scored position in (PT up, IT late)
+        ("act_itup", pa.float64()),  # ... in (IT up, IT late)
+        ("attribution", pa.float64()),  # attr(II) - attr(PI) for this event (fit split; null on test)
+        ("split", pa.string()),  # 'fit' or 'test'
+    ]
+)
+
+FEATURE_EFFECTS_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("dictionary_id", pa.string()),  # one id, or comma-joined ids for a multi-layer feature set
+        ("layer", pa.int32()),  # the latent's layer for per-feature rows; null for set-level rows
+        ("intervention", pa.string()),  # ablate_topk, ablate_matched_random, ablate_same_delta_random,
+        #                                 rescue_*, attribution (per-feature score), baseline
+        ("k", pa.int32()),  # set size; for attribution rows the feature's rank
+        ("latent", pa.int64()),  # per-feature rows only
+        ("statistic", pa.string()),  # interaction_drop, share, it_late_drop, gate, rescue_gain,
+        #                              rescue_fraction, attribution_score, interaction, missing_margin
+        ("effect", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n", pa.int64()),
     ]
 )
 

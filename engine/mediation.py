@@ -1,0 +1,630 @@
+"""Feature mediation: which final-layer dictionary features carry the upstream-dependent IT late effect.
+
+Method (../shared/method.md section 5), on dictionaries at IT final-MLP outputs (hook `mlp_out`):
+
+- **Splice**: replace an MLP output x by decode(encode(x)) + (x - decode(encode(x))); with no
+  intervention that reproduces the clean logits (the no-op every intervention is tested against).
+- **Ranking** (fit split): for the two IT-late cells c in {(IT up, IT late), (PT up, IT late)},
+  attr_f(c) = a_f * (W_dec[f] . dY/d mlp_out) at the scored (last) position; score_f = attr_f(II) - attr_f(PI),
+  averaged over events; keep positive scores, descending.
+- **Ablation** (test split): in the two IT-late cells only, at the last position,
+  mlp_out -= sum_{f in S} a_f W_dec[f] ("zero"), or set a_f to its PT-upstream value ("pt_value").
+  drop = I_full - I_ablate per event; share = mean drop / mean I_full (ratio of means).
+- **Rescue**: in (PT up, IT late), mlp_out += alpha (a_f(II) - a_f(current)) W_dec[S]; gain = Y' - Y(PI);
+  fraction = mean gain / mean (Y(II) - Y(PI)).
+- **Controls** in the same run: matched-random sets (each selected feature swapped for a random same-dictionary
+  feature among its 50 nearest by activation rate x |score|, several seeds) and same-delta random vectors
+  (a random direction with the norm of the decoded edit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
+from engine.divergence import DivergenceEvent
+from engine.errors import CrosspatchError
+from engine.pairs import ModelPair
+from engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA
+from engine.stats import bootstrap_means
+
+Edit = Callable[
+    [torch.Tensor, int], torch.Tensor
+]  # (mlp_out at last position [batch, d], layer) -> new value
+
+
+class FeatureDictionary(Protocol):
+    """What mediation needs of a dictionary on an IT MLP output (crosscoders: their IT branch)."""
+
+    id: str
+    layer: int
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """`[..., d_model]` -> `[..., n_latents]` activations."""
+        ...
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """`[..., n_latents]` -> `[..., d_model]` reconstruction (IT branch)."""
+        ...
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        """`[n_latents, d_model]` decoder rows (IT branch)."""
+        ...
+
+
+@dataclass
+class DirectionDictionary:
+    """A dictionary given by unit decoder rows; encode = ReLU(x . W_dec^T). Exact for orthonormal features."""
+
+    id: str
+    layer: int
+    directions: torch.Tensor  # [n_latents, d_model]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.directions.to(x).T)  # [..., n_latents]
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts @ self.directions.to(acts)  # [..., d_model]
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        return self.directions
+
+
+@dataclass
+class MediationConfig:
+    """Knobs of one mediation run (defaults follow the method)."""
+
+    top_k: int = 200
+    ks: tuple[int, ...] = (25, 50, 100, 200)
+    fit_fraction: float = 0.27  # the method ranks on 160 of 600 prompts
+    split_seed: int = 0
+    boundary: int | None = None
+    ablation: Literal["zero", "pt_value"] = "zero"
+    alpha: float = 1.0
+    n_random_seeds: int = 3
+    neighbours: int = 50
+    n_resamples: int = 2000
+    seed: int = 23
+    batch_size: int = 16
+    features: tuple[tuple[str, int], ...] | None = (
+        None  # explicit (dictionary id, latent) set to test instead of top-k
+    )
+
+    def validate(self, dictionaries: Sequence[FeatureDictionary], pair: ModelPair) -> None:
+        if not dictionaries:
+            raise CrosspatchError("mediation needs at least one dictionary")
+        if self.top_k < 1 or any(k < 1 for k in self.ks):
+            raise CrosspatchError("top_k and every k must be >= 1")
+        if not 0.0 < self.fit_fraction < 1.0:
+            raise CrosspatchError(f"fit_fraction {self.fit_fraction} must lie in (0, 1)")
+        if self.ablation not in ("zero", "pt_value"):
+            raise CrosspatchError(f"unknown ablation {self.ablation!r}; choose 'zero' or 'pt_value'")
+        b = pair.resolve_boundaries(self.boundary)[0]
+        for d in dictionaries:
+            if not b <= d.layer < pair.n_layers:
+                raise CrosspatchError(
+                    f"dictionary {d.id!r} sits at layer {d.layer}, outside the late stack {b}..{pair.n_layers - 1}"
+                )
+        width = {d.id: d.W_dec.shape[0] for d in dictionaries}
+        if self.top_k > sum(width.values()):
+            raise CrosspatchError(
+                f"top_k {self.top_k} exceeds the dictionaries' {sum(width.values())} latents"
+            )
+
+
+@contextlib.contextmanager
+def mlp_edits(pair: ModelPair, edits: dict[int, Edit]) -> Iterator[None]:
+    """Install forward hooks that edit IT's MLP output at the last position of given layers; always removed."""
+    handles = []
+
+    def make(layer: int, edit: Edit):
+        def hook(module, args, output):
+            out = output.clone()
+            out[:, -1] = edit(output[:, -1], layer)  # [batch, d_model]
+            return out
+
+        return hook
+
+    try:
+        for layer, edit in edits.items():
+            handles.append(pair.it_adapter.mlp(layer).register_forward_hook(make(layer, edit)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def splice(model_adapter, dictionaries: Sequence[FeatureDictionary]) -> Iterator[None]:
+    """Run with each dictionary spliced at its layer's MLP output, keeping the error term (a no-op by design).
+
+    x -> decode(encode(x)) + (x - decode(encode(x))) at every position; interventions edit the first term.
+    """
+    handles = []
+
+    def make(d: FeatureDictionary):
+        def hook(module, args, output):
+            recon = d.decode(d.encode(output.to(d.W_dec))).to(output)  # [batch, seq, d_model]
+            return recon + (output - recon)
+
+        return hook
+
+    try:
+        for d in dictionaries:
+            handles.append(model_adapter.mlp(d.layer).register_forward_hook(make(d)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def it_late_margin(
+    pair: ModelPair,
+    upstream: str,
+    passes: CleanPasses,
+    boundary: int,
+    tokens: torch.Tensor,
+    edits: dict[int, Edit],
+) -> torch.Tensor:
+    """`[batch]` Y of cell (upstream, IT late) with `edits` applied to IT's MLP outputs (common-IT readout)."""
+    resid = passes.captured[upstream][boundary]
+    with mlp_edits(pair, edits):
+        final = pair.it_adapter.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1]
+    return margin(pair.it_adapter, final, tokens)
+
+
+def _capture_mlp(
+    pair: ModelPair,
+    upstream: str,
+    passes: CleanPasses,
+    boundary: int,
+    tokens: torch.Tensor,
+    layers: Sequence[int],
+    with_grad: bool,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """MLP outputs at the last position of `layers` in cell (upstream, IT late), and dY/d them if `with_grad`."""
+    outs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make(layer: int):
+        def hook(module, args, output):
+            if with_grad:
+                output.retain_grad()
+            outs[layer] = output
+            return output
+
+        return hook
+
+    resid = passes.captured[upstream][boundary].detach()
+    try:
+        for layer in layers:
+            handles.append(pair.it_adapter.mlp(layer).register_forward_hook(make(layer)))
+        with torch.set_grad_enabled(with_grad):
+            if with_grad:
+                resid = resid.clone().requires_grad_(
+                    True
+                )  # makes the graph differentiable (weights are frozen)
+            final = pair.it_adapter.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1]
+            y = margin(pair.it_adapter, final, tokens)
+            if with_grad:
+                y.sum().backward()  # rows are independent, so each row gets its own gradient
+    finally:
+        for h in handles:
+            h.remove()
+    acts = {layer: o[:, -1].detach() for layer, o in outs.items()}  # [batch, d_model]
+    grads = {layer: o.grad[:, -1].detach() for layer, o in outs.items()} if with_grad else {}
+    return acts, grads
+
+
+def split_events(events: Sequence[DivergenceEvent], fit_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded fit/test split over diverged events (by prompt); returns (fit, test)."""
+    scored = sorted((e for e in events if e.diverged), key=lambda e: e.prompt_id)
+    order = list(range(len(scored)))
+    random.Random(seed).shuffle(order)
+    n_fit = max(1, round(fit_fraction * len(scored)))
+    fit = {scored[i].prompt_id for i in order[:n_fit]}
+    if len(scored) < 4:
+        raise CrosspatchError(f"mediation needs at least 4 diverged events, got {len(scored)}")
+    return [e for e in scored if e.prompt_id in fit], [e for e in scored if e.prompt_id not in fit]
+
+
+@dataclass
+class FeatureRanking:
+    """Per (dictionary, latent) scores from the fit split, plus what matched controls need."""
+
+    keys: list[tuple[str, int]]  # (dictionary id, latent), all latents of all dictionaries
+    score: np.ndarray  # [n_features] mean attr(II) - attr(PI)
+    active_rate: np.ndarray  # [n_features] fraction of fit events where the latent fires in either cell
+    n_events: int
+    acts_rows: list[dict] = field(default_factory=list)
+
+    def top(self, k: int) -> list[int]:
+        order = np.argsort(-self.score, kind="stable")
+        return [int(i) for i in order[:k] if self.score[i] > 0]
+
+
+def _feature_index(dictionaries: Sequence[FeatureDictionary]) -> list[tuple[str, int]]:
+    return [(d.id, i) for d in dictionaries for i in range(d.W_dec.shape[0])]
+
+
+@torch.no_grad()
+def _acts(d: FeatureDictionary, x: torch.Tensor) -> torch.Tensor:
+    return d.encode(x.to(d.W_dec.device, d.W_dec.dtype)).float()  # [batch, n_latents]
+
+
+def rank_features(
+    pair: ModelPair,
+    events: Sequence[DivergenceEvent],
+    dictionaries: Sequence[FeatureDictionary],
+    cfg: MediationConfig,
+    record_acts: bool = True,
+) -> FeatureRanking:
+    """Gradient x activation attribution of every latent to the II - PI margin in the IT late stack."""
+    b = pair.resolve_boundaries(cfg.boundary)[0]
+    layers = sorted({d.layer for d in dictionaries})
+    keys = _feature_index(dictionaries)
+    total = np.zeros(len(keys))
+    active = np.zeros(len(keys))
+    rows: list[dict] = []
+    n = 0
+    for batch, ids, mask, tokens in event_batches(pair, events, cfg.batch_size):
+        passes = clean_passes(pair, ids, mask, [b])
+        per_cell = {}
+        for up in ("it", "pt"):
+            outs, grads = _capture_mlp(pair, up, passes, b, tokens, layers, with_grad=True)
+            per_cell[up] = {}
+            for d in dictionaries:
+                a = _acts(d, outs[d.layer])  # [batch, n_latents]
+                g = grads[d.layer].to(d.W_dec) @ d.W_dec.T  # [batch, n_latents]: W_dec[f] . dY/dx
+                per_cell[up][d.id] = (a, a * g.float())
+        offset = 0
+        for d in dictionaries:
+            a_ii, attr_ii = per_cell["it"][d.id]
+            a_pi, attr_pi = per_cell["pt"][d.id]
+            score = (attr_ii - attr_pi).cpu().numpy()  # [batch, n_latents]
+            width = score.shape[1]
+            total[offset : offset + width] += score.sum(0)
+            fired = ((a_ii > 0) | (a_pi > 0)).cpu().numpy()
+            active[offset : offset + width] += fired.sum(0)
+            if record_acts:
+                for row, e in enumerate(batch):
+                    for latent in np.nonzero(fired[row])[0].tolist():
+                        rows.append(
+                            dict(
+                                family=pair.family,
+                                pair_id=pair.pair_id,
+                                prompt_id=e.prompt_id,
+                                dictionary_id=d.id,
+                                layer=d.layer,
+                                latent=latent,
+                                act_ptup=float(a_pi[row, latent]),
+                                act_itup=float(a_ii[row, latent]),
+                                attribution=float(score[row, latent]),
+                                split="fit",
+                            )
+                        )
+            offset += width
+        n += len(batch)
+    if n == 0:
+        raise CrosspatchError("no diverged events in the fit split")
+    return FeatureRanking(keys=keys, score=total / n, active_rate=active / n, n_events=n, acts_rows=rows)
+
+
+def matched_random(ranking: FeatureRanking, selected: Sequence[int], seed: int, neighbours: int) -> list[int]:
+    """For each selected feature, a random unselected same-dictionary feature among its nearest by rate x |score|."""
+    rng = random.Random(seed)
+    key = ranking.active_rate * np.abs(ranking.score)
+    taken = set(selected)
+    out = []
+    for f in selected:
+        dict_id = ranking.keys[f][0]
+        pool = [i for i, (d, _) in enumerate(ranking.keys) if d == dict_id and i not in taken]
+        if not pool:
+            raise CrosspatchError(
+                f"dictionary {dict_id!r} has no unselected latents left for a matched control"
+            )
+        pool.sort(key=lambda i: abs(key[i] - key[f]))
+        choice = rng.choice(pool[:neighbours])
+        taken.add(choice)
+        out.append(choice)
+    return out
+
+
+def _by_layer(
+    features: Sequence[int], ranking: FeatureRanking, dictionaries: Sequence[FeatureDictionary]
+) -> dict[int, list[tuple[FeatureDictionary, torch.Tensor]]]:
+    """Group global feature indices into (dictionary, latent index tensor) per layer."""
+    by_dict: dict[str, list[int]] = {}
+    for f in features:
+        dict_id, latent = ranking.keys[f]
+        by_dict.setdefault(dict_id, []).append(latent)
+    out: dict[int, list] = {}
+    for d in dictionaries:
+        if d.id in by_dict:
+            out.setdefault(d.layer, []).append((d, torch.tensor(by_dict[d.id], device=d.W_dec.device)))
+    return out
+
+
+def _ablate_edit(
+    groups, target: dict[int, dict[str, torch.Tensor]] | None, same_delta_seed: int | None
+) -> Edit:
+    """mlp_out -= sum_S (a_f - target_f) W_dec[f] (target 0 = "zero"); or a random vector of that norm."""
+
+    def edit(x: torch.Tensor, layer: int) -> torch.Tensor:
+        delta = torch.zeros_like(x)
+        for d, idx in groups.get(layer, []):
+            a = d.encode(x.to(d.W_dec))[:, idx]  # [batch, |S|]
+            if target is not None:
+                a = a - target[layer][d.id][:, idx].to(a)
+            delta = delta + (a @ d.W_dec[idx]).to(x)  # [batch, d_model]
+        if same_delta_seed is not None:
+            delta = _same_norm_random(delta, same_delta_seed + layer)
+        return x - delta
+
+    return edit
+
+
+def _rescue_edit(
+    groups, target: dict[int, dict[str, torch.Tensor]], alpha: float, same_delta_seed: int | None
+) -> Edit:
+    """mlp_out += alpha (a_f(II) - a_f(current)) W_dec[S]; or a random vector of that norm."""
+
+    def edit(x: torch.Tensor, layer: int) -> torch.Tensor:
+        delta = torch.zeros_like(x)
+        for d, idx in groups.get(layer, []):
+            a = d.encode(x.to(d.W_dec))[:, idx]
+            delta = delta + ((target[layer][d.id][:, idx].to(a) - a) @ d.W_dec[idx]).to(x)
+        if same_delta_seed is not None:
+            delta = _same_norm_random(delta, same_delta_seed + layer)
+        return x + alpha * delta
+
+    return edit
+
+
+def _same_norm_random(delta: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random directions with the same per-row norm as `delta` (`[batch, d_model]`)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(delta.shape, generator=g).to(delta)
+    return r / r.norm(dim=-1, keepdim=True) * delta.norm(dim=-1, keepdim=True)
+
+
+def _dict_acts(passes_outs: dict[int, torch.Tensor], dictionaries) -> dict[int, dict[str, torch.Tensor]]:
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for d in dictionaries:
+        out.setdefault(d.layer, {})[d.id] = _acts(d, passes_outs[d.layer])
+    return out
+
+
+@dataclass
+class MediationResult:
+    """Everything one mediation run produces: tables for DuckDB and the config/split it used."""
+
+    effects: pa.Table  # FEATURE_EFFECTS_SCHEMA
+    feature_acts: pa.Table  # FEATURE_ACTS_SCHEMA
+    ranking: FeatureRanking
+    config: dict
+    fit_ids: list[str]
+    test_ids: list[str]
+
+
+def mediate(
+    pair: ModelPair,
+    events: Sequence[DivergenceEvent],
+    dictionaries: Sequence[FeatureDictionary],
+    cfg: MediationConfig | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> MediationResult:
+    """Rank features on the fit split; ablate / rescue top-k and controls on the test split."""
+    cfg = cfg or MediationConfig()
+    cfg.validate(dictionaries, pair)
+    b = pair.resolve_boundaries(cfg.boundary)[0]
+    fit, test = split_events(events, cfg.fit_fraction, cfg.split_seed)
+    ranking = rank_features(pair, fit, dictionaries, cfg)
+    if on_progress:
+        on_progress(f"ranked {len(ranking.keys)} latents on {len(fit)} fit events")
+    ks = sorted({k for k in (*cfg.ks, cfg.top_k) if k <= cfg.top_k})
+    sets: dict[tuple[str, int, int], list[int]] = {}  # (set kind, k, seed) -> features
+    if cfg.features is not None:
+        index = {key: i for i, key in enumerate(ranking.keys)}
+        unknown = [f for f in cfg.features if tuple(f) not in index]
+        if unknown:
+            raise CrosspatchError(
+                f"features {unknown[:3]} are not (dictionary id, latent) pairs of these dictionaries"
+            )
+        chosen = {len(cfg.features): [index[tuple(f)] for f in cfg.features]}
+    else:
+        chosen = {k: ranking.top(k) for k in ks}
+    for k, top in chosen.items():
+        if not top:
+            continue
+        sets[("topk", k, 0)] = top
+        for s in range(cfg.n_random_seeds):
+            sets[("matched_random", k, s)] = matched_random(
+                ranking, top, seed=1000 * k + s, neighbours=cfg.neighbours
+            )
+    per_event: dict[str, list[float]] = {}
+    base: dict[str, list[float]] = {"interaction": [], "it_late_effect": [], "missing_margin": []}
+    test_rows: list[dict] = []
+    for batch, ids, mask, tokens in event_batches(pair, test, cfg.batch_size):
+        passes = clean_passes(pair, ids, mask, [b])
+        y = {
+            cell: margin(pair.it_adapter, late_stack_final(pair, *cell, passes, b), tokens)
+            for cell in (("pt", "pt"), ("pt", "it"), ("it", "pt"), ("it", "it"))
+        }
+        interaction = (y["it", "it"] - y["it", "pt"]) - (y["pt", "it"] - y["pt", "pt"])
+        base["interaction"] += interaction.tolist()
+        base["it_late_effect"] += (y["it", "it"] - y["it", "pt"]).tolist()
+        base["missing_margin"] += (y["it", "it"] - y["pt", "it"]).tolist()
+        layers = sorted({d.layer for d in dictionaries})
+        outs_ii, _ = _capture_mlp(pair, "it", passes, b, tokens, layers, with_grad=False)
+        outs_pi, _ = _capture_mlp(pair, "pt", passes, b, tokens, layers, with_grad=False)
+        acts_ii, acts_pi = _dict_acts(outs_ii, dictionaries), _dict_acts(outs_pi, dictionaries)
+        test_rows += _acts_rows(pair, batch, dictionaries, acts_ii, acts_pi)
+        for (kind, k, s), features in sets.items():
+            groups = _by_layer(features, ranking, dictionaries)
+            variants = [(kind, None)] + ([("same_delta_random", 7919 * k + s)] if kind == "topk" else [])
+            for name, sd in variants:
+                target = acts_pi if cfg.ablation == "pt_value" else None
+                ii = it_late_margin(
+                    pair, "it", passes, b, tokens, {L: _ablate_edit(groups, target, sd) for L in groups}
+                )
+                pi = (
+                    y["pt", "it"]
+                    if cfg.ablation == "pt_value"
+                    else it_late_margin(
+                        pair, "pt", passes, b, tokens, {L: _ablate_edit(groups, None, sd) for L in groups}
+                    )
+                )
+                i_abl = (ii - y["it", "pt"]) - (pi - y["pt", "pt"])
+                _add(per_event, ("ablate", name, k, s, "interaction_drop"), (interaction - i_abl).tolist())
+                _add(per_event, ("ablate", name, k, s, "it_late_drop"), (y["it", "it"] - ii).tolist())
+                _add(
+                    per_event,
+                    ("ablate", name, k, s, "gate"),
+                    ((y["it", "it"] - ii) - (y["pt", "it"] - pi)).tolist(),
+                )
+                rescued = it_late_margin(
+                    pair,
+                    "pt",
+                    passes,
+                    b,
+                    tokens,
+                    {L: _rescue_edit(groups, acts_ii, cfg.alpha, sd) for L in groups},
+                )
+                _add(per_event, ("rescue", name, k, s, "rescue_gain"), (rescued - y["pt", "it"]).tolist())
+        if on_progress:
+            on_progress(f"intervened on {len(base['interaction'])}/{len(test)} test events")
+    effects = _effects_table(pair, dictionaries, per_event, base, ranking, cfg)
+    acts = pa.Table.from_pylist(ranking.acts_rows + test_rows, schema=FEATURE_ACTS_SCHEMA)
+    return MediationResult(
+        effects=effects,
+        feature_acts=acts,
+        ranking=ranking,
+        config=asdict(cfg),
+        fit_ids=[e.prompt_id for e in fit],
+        test_ids=[e.prompt_id for e in test],
+    )
+
+
+def _add(store: dict, key: tuple, values: list[float]) -> None:
+    store.setdefault(key, []).extend(values)
+
+
+def _acts_rows(pair, batch, dictionaries, acts_ii, acts_pi) -> list[dict]:
+    rows = []
+    for d in dictionaries:
+        a_ii, a_pi = acts_ii[d.layer][d.id].cpu().numpy(), acts_pi[d.layer][d.id].cpu().numpy()
+        for row, e in enumerate(batch):
+            for latent in np.nonzero((a_ii[row] > 0) | (a_pi[row] > 0))[0].tolist():
+                rows.append(
+                    dict(
+                        family=pair.family,
+                        pair_id=pair.pair_id,
+                        prompt_id=e.prompt_id,
+                        dictionary_id=d.id,
+                        layer=d.layer,
+                        latent=latent,
+                        act_ptup=float(a_pi[row, latent]),
+                        act_itup=float(a_ii[row, latent]),
+                        attribution=None,
+                        split="test",
+                    )
+                )
+    return rows
+
+
+def _effects_table(pair, dictionaries, per_event, base, ranking, cfg) -> pa.Table:
+    """Set-level effects with bootstrap CIs (controls averaged over seeds per event), plus per-feature scores."""
+    dict_ids = ",".join(d.id for d in dictionaries)
+    common = dict(family=pair.family, pair_id=pair.pair_id, dictionary_id=dict_ids, layer=None)
+    rows: list[dict] = []
+    i_full = np.array(base["interaction"])
+    missing = np.array(base["missing_margin"])
+    grouped: dict[tuple, list[np.ndarray]] = {}
+    for (mode, name, k, _seed, stat), vals in per_event.items():
+        grouped.setdefault((mode, name, k, stat), []).append(np.array(vals))
+    for (mode, name, k, stat), runs in sorted(grouped.items()):
+        x = np.mean(runs, axis=0)  # [n_test] average over control seeds
+        denom = i_full if stat == "interaction_drop" else missing if stat == "rescue_gain" else None
+        cols = np.column_stack([x, denom]) if denom is not None else x[:, None]
+        means = bootstrap_means(cols, cfg.n_resamples, cfg.seed)  # [R, 1 or 2]
+        lo, hi = np.quantile(means[:, 0], [0.025, 0.975])
+        intervention = f"{mode}_{name}"
+        rows.append(
+            dict(
+                **common,
+                intervention=intervention,
+                k=k,
+                latent=None,
+                statistic=stat,
+                effect=float(x.mean()),
+                ci_low=float(lo),
+                ci_high=float(hi),
+                n=len(x),
+            )
+        )
+        if denom is not None and abs(denom.mean()) > 1e-9:  # ratio of means; undefined with nothing to explain
+            ratio = means[:, 0] / means[:, 1]
+            rlo, rhi = np.quantile(ratio, [0.025, 0.975])
+            share = "share" if stat == "interaction_drop" else "rescue_fraction"
+            rows.append(
+                dict(
+                    **common,
+                    intervention=intervention,
+                    k=k,
+                    latent=None,
+                    statistic=share,
+                    effect=float(x.mean() / denom.mean()),
+                    ci_low=float(rlo),
+                    ci_high=float(rhi),
+                    n=len(x),
+                )
+            )
+    for rank, f in enumerate(ranking.top(len(ranking.keys)), start=1):
+        dict_id, latent = ranking.keys[f]
+        layer = next(d.layer for d in dictionaries if d.id == dict_id)
+        rows.append(
+            dict(
+                family=pair.family,
+                pair_id=pair.pair_id,
+                dictionary_id=dict_id,
+                layer=layer,
+                intervention="attribution",
+                k=rank,
+                latent=latent,
+                statistic="attribution_score",
+                effect=float(ranking.score[f]),
+                ci_low=None,
+                ci_high=None,
+                n=ranking.n_events,
+            )
+        )
+    for name, values in (("interaction", i_full), ("missing_margin", missing)):
+        mean, lo, hi = (
+            float(values.mean()),
+            *np.quantile(bootstrap_means(values, cfg.n_resamples, cfg.seed), [0.025, 0.975]),
+        )
+        rows.append(
+            dict(
+                **common,
+                intervention="baseline",
+                k=0,
+                latent=None,
+                statistic=name,
+                effect=mean,
+                ci_low=float(lo),
+                ci_high=float(hi),
+                n=len(values),
+            )
+        )
+    return pa.Table.from_pylist(rows, schema=FEATURE_EFFECTS_SCHEMA)
