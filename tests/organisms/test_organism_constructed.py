@@ -117,3 +117,27 @@ def test_mediators_carry_the_interaction(built, family: str) -> None:
     i_full, i_ablate = sum(full) / len(full), sum(ablated) / len(ablated)
     assert i_ablate == pytest.approx(med["interaction_after_ablation"], abs=1e-3)
     assert (i_full - i_ablate) / i_full >= med["min_interaction_share_removed"]
+
+
+@pytest.mark.parametrize("family", cons.CONSTRUCTED_FAMILIES)
+def test_mediator_directions_dominate_the_final_mlp_output(built, family: str) -> None:
+    """What a dictionary on IT's final MLP output sees at divergent steps is mostly the recorded directions."""
+    pair, rows, _, expected = _run(built(f"{family}_mediated"))
+    med = expected["mediators"]
+    basis = torch.tensor(med["directions"])  # [n_mediators, d_model], orthonormal by construction
+    assert torch.allclose(basis @ basis.T, torch.eye(len(basis)), atol=1e-6)
+    outs = []
+    handle = pair.it.model.layers[med["layer"]].mlp.register_forward_hook(
+        lambda _m, _a, out: outs.append(out[0, -1].detach())  # [d_model] at the scored position
+    )
+    try:
+        with torch.no_grad():
+            for _, event in rows:
+                pair.it(torch.tensor([event.input_ids]))
+    finally:
+        handle.remove()
+    mlp_out = torch.stack(outs)  # [n_events, d_model]
+    explained = ((mlp_out @ basis.T) ** 2).sum() / (mlp_out**2).sum()
+    assert explained > 0.9, float(explained)
+    active = (mlp_out @ basis.T).argmax(dim=-1)  # one mediator per event: the class of its current word
+    assert len(set(active.tolist())) == len(basis)

@@ -1,0 +1,64 @@
+"""Shipped trained organisms and tiny random pairs: reload, size, real divergences on their prompts."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.crosspatch import crosspatch
+from engine.divergence import find_divergences
+from engine.organisms import TRAINED, organism_path
+from engine.organisms.tiny import FAMILIES, tiny_pair
+from engine.pairs import ModelPair, load_pair
+from engine.prompts import PromptRecord, load_prompts
+from engine.stats import bootstrap_ci
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_shipped_reload_with_plain_hf_and_are_small(name: str) -> None:
+    root = organism_path(name)
+    expected = json.loads((root / "expected.json").read_text())
+    assert expected["name"] == name and expected["kind"] == "trained"
+    tok = AutoTokenizer.from_pretrained(root / "pt")
+    for role in ("pt", "it"):
+        assert (root / role / "model.safetensors").stat().st_size < 5_000_000
+        model = AutoModelForCausalLM.from_pretrained(root / role)
+        assert model.config.model_type == expected["family"]
+        assert model.config.vocab_size == len(tok)
+    assert AutoTokenizer.from_pretrained(root / "it").get_vocab() == tok.get_vocab()
+    prompts = load_prompts(root / "prompts.jsonl")
+    heldout = load_prompts(root / "prompts_heldout.jsonl")
+    assert not {p.id for p in prompts} & {p.id for p in heldout}
+    assert len({p.category for p in prompts}) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAINED)
+def test_shipped_diverge_at_varied_positions_with_a_measurable_2x2(name: str) -> None:
+    root = organism_path(name)
+    pair = load_pair(root / "pt", root / "it")
+    events = find_divergences(pair, load_prompts(root / "prompts.jsonl"))
+    diverged = [e for e in events if e.diverged]
+    assert len(diverged) >= 0.75 * len(events)
+    positions = Counter(e.position for e in diverged)
+    assert len(positions) > 1, positions  # not every event at position 0
+    table = crosspatch(pair, diverged).to_pydict()
+    mean, lo, hi = bootstrap_ci(table["interaction"])
+    assert lo < mean < hi  # per-prompt values vary: a non-degenerate interval
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_pair_shares_the_tokenizer_and_diverges(family: str) -> None:
+    pt, it, tok = tiny_pair(family, seed=0)
+    assert pt.config.vocab_size == len(tok)
+    assert not torch.equal(pt.get_output_embeddings().weight, it.get_output_embeddings().weight)
+    pair = ModelPair.from_models(pt, it, tok)
+    prompts = [
+        PromptRecord(id=f"p{i}", text=t) for i, t in enumerate(("the cat sees", "Q : what is 3 + 4 ? A :"))
+    ]
+    events = find_divergences(pair, prompts, max_new_tokens=32)
+    assert any(e.diverged for e in events), [e.reason for e in events]
