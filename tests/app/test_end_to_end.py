@@ -20,7 +20,7 @@ from tests.app.live import LiveServer, bootstrap_users, client, start_worker
 
 pytestmark = pytest.mark.slow
 
-N_PROMPTS = 12
+N_PROMPTS = 8
 
 
 def _save_tiny_pair(root: Path) -> tuple[Path, Path]:
