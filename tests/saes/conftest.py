@@ -1,0 +1,93 @@
+"""Fixtures for saes/ tests: planted sparse signals, a tiny model's cache, the `mediated` organism's cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from saes.cache import ActivationCache, TensorSource, build_cache
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def planted(n: int = 12000, d: int = 32, n_dirs: int = 12, p: float = 0.08, seed: int = 0):
+    """`n` rows of sparse combinations of `n_dirs` random unit directions (+ small noise)."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(n_dirs, d, generator=g), dim=-1)  # [n_dirs, d]
+    on = torch.rand(n, n_dirs, generator=g) < p
+    mag = 1 + 2 * torch.rand(n, n_dirs, generator=g)
+    x = (on * mag) @ dirs + 0.01 * torch.randn(n, d, generator=g)  # [n, d]
+    return x, dirs
+
+
+@pytest.fixture(scope="session")
+def planted_source() -> tuple[TensorSource, torch.Tensor]:
+    x, dirs = planted()
+    return TensorSource({"it.L4.mlp_out": x}), dirs
+
+
+def random_sequences(n: int, vocab: int = 512, seed: int = 0, lo: int = 6, hi: int = 30) -> list[list[int]]:
+    """BOS (id 1) + random ids in [3, vocab), lengths in [lo, hi)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        T = int(torch.randint(lo, hi, (1,), generator=g))
+        out.append([1, *torch.randint(3, vocab, (T,), generator=g).tolist()])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    from engine.organisms.tiny import tiny_model
+
+    return tiny_model("llama", 0), tiny_model("llama", 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_pair) -> ActivationCache:
+    pt, it = tiny_pair
+    out = tmp_path_factory.mktemp("tiny-cache")
+    return build_cache(
+        out,
+        {"pt": pt, "it": it},
+        random_sequences(80),
+        layers="last:2",
+        hook_points=("mlp_in", "mlp_out"),
+        shard_tokens=400,
+        batch_size=8,
+    )
+
+
+@pytest.fixture(scope="session")
+def mediated(tmp_path_factory: pytest.TempPathFactory):
+    """(pt, it, expected, cache) for the constructed `llama_mediated` organism, final layer mlp_out."""
+    from engine.organisms import organism_path
+    from engine.organisms.tokenizer import ANSWER_WORDS, SPECIAL_TOKENS, vocabulary
+    from saes.cache import load_model
+
+    root = organism_path("llama_mediated", cache_dir=tmp_path_factory.mktemp("organisms"))
+    import json
+
+    expected = json.loads((root / "expected.json").read_text())
+    pt, tok = load_model(root / "pt")
+    it, _ = load_model(root / "it")
+    vocab = vocabulary()
+    words = [i for i, w in enumerate(vocab) if w not in SPECIAL_TOKENS and w not in ANSWER_WORDS]
+    g = torch.Generator().manual_seed(0)
+    seqs = [
+        [tok.bos_token_id] + [words[j] for j in torch.randint(len(words), (24,), generator=g)]
+        for _ in range(400)
+    ]
+    cache = build_cache(
+        Path(tmp_path_factory.mktemp("mediated-cache")),
+        {"pt": pt, "it": it},
+        seqs,
+        layers="last:1",
+        hook_points="mlp_out",
+        shard_tokens=4096,
+        batch_size=32,
+    )
+    return pt, it, expected, cache

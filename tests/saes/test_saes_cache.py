@@ -1,0 +1,165 @@
+"""Activation cache: contents equal a direct forward, pad/BOS dropped, kill -9 + resume == uninterrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_sequences
+from safetensors.torch import load_file
+
+from engine.errors import PromptFileError
+from saes.cache import ActivationCache, build_cache, parse_layers, token_source
+from saes.errors import CacheError, DictionaryConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_manifest_and_keys(tiny_cache: ActivationCache) -> None:
+    m = tiny_cache.manifest
+    assert m["complete"] and m["paired"] and m["layers"] == [3, 4]
+    assert (
+        set(m["models"]) == {"pt", "it"}
+        and m["models"]["pt"]["weight_hash"] != m["models"]["it"]["weight_hash"]
+    )
+    assert m["source"]["hash"] and m["dtype"] == "float32"
+    seqs = random_sequences(80)
+    assert m["n_tokens"] == sum(len(s) - 1 for s in seqs)  # BOS dropped, nothing else
+    assert m["n_sequences"] == 80 and sum(s["n_tokens"] for s in m["shards"]) == m["n_tokens"]
+    assert len(m["shards"]) > 3  # several shards of ~400 tokens
+
+
+def test_activations_equal_direct_forward(tiny_cache: ActivationCache, tiny_pair) -> None:
+    """Row i of the cache is the MLP output of the HF model's own forward at that token."""
+    _, it = tiny_pair
+    seq = random_sequences(80)[0]
+    got: dict[str, torch.Tensor] = {}
+    h = it.model.layers[4].mlp.register_forward_hook(lambda m, a, o: got.__setitem__("out", o))
+    h2 = it.model.layers[4].mlp.register_forward_pre_hook(lambda m, a: got.__setitem__("in", a[0]))
+    try:
+        with torch.no_grad():
+            it(torch.tensor([seq]))
+    finally:
+        h.remove()
+        h2.remove()
+    shard = load_file(str(tiny_cache.path / tiny_cache.manifest["shards"][0]["file"]))
+    rows = shard["seq_index"] == 0
+    assert torch.equal(shard["token_ids"][rows], torch.tensor(seq[1:]))
+    torch.testing.assert_close(shard["it.L4.mlp_out"][rows], got["out"][0, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shard["it.L4.mlp_in"][rows], got["in"][0, 1:], atol=1e-5, rtol=1e-5)
+    assert tiny_cache.sequences("all")[0] == seq
+
+
+def test_splits_and_batches_are_deterministic(tiny_cache: ActivationCache) -> None:
+    held, train = tiny_cache.sequences("heldout"), tiny_cache.sequences("train")
+    assert len(held) + len(train) == 80 and held and not set(map(tuple, held)) & set(map(tuple, train))
+    keys = ["pt.L4.mlp_out", "it.L4.mlp_out"]
+    a = tiny_cache.batches(keys, 32, seed=3)
+    first = [next(a) for _ in range(60)]  # > one epoch
+    assert first[0].shape == (32, 128)
+    b = tiny_cache.batches(keys, 32, seed=3, start_sample=32 * 45)
+    for i in range(45, 60):
+        assert torch.equal(next(b), first[i])
+    n_train = len(tiny_cache.load(keys, "train"))
+    n_held = len(tiny_cache.load(keys, "heldout"))
+    assert n_train + n_held == tiny_cache.n_tokens and n_held > 0
+
+
+def _script(out: Path, sleep: float) -> str:
+    return f"""
+import sys, time, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+torch.set_num_threads(1)
+from conftest import random_sequences
+from engine.organisms.tiny import tiny_model
+from saes.cache import build_cache
+build_cache({str(out)!r}, {{"pt": tiny_model("llama", 0), "it": tiny_model("llama", 1)}}, random_sequences(60, seed=5),
+            layers="3,4", shard_tokens=150, batch_size=4, on_shard=lambda rec: time.sleep({sleep}))
+"""
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, tiny_pair) -> None:
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _script(killed, 0.5)], env=env, cwd=REPO)
+    deadline = time.time() + 60
+    try:
+        while time.time() < deadline:  # wait for two finished shards, then kill -9 mid-run
+            m = killed / "manifest.json"
+            if m.exists() and len(json.loads(m.read_text())["shards"]) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = json.loads((killed / "manifest.json").read_text())
+    assert not before["complete"] and len(before["shards"]) >= 2
+    with pytest.raises(CacheError, match="incomplete"):
+        ActivationCache(killed)
+    pt, it = tiny_pair
+    kwargs = dict(layers="3,4", shard_tokens=150, batch_size=4)
+    seqs = random_sequences(60, seed=5)
+    resumed_shards: list[dict] = []
+    build_cache(killed, {"pt": pt, "it": it}, seqs, on_shard=resumed_shards.append, **kwargs)
+    full = build_cache(tmp_path / "full", {"pt": pt, "it": it}, seqs, **kwargs)
+    after = json.loads((killed / "manifest.json").read_text())
+    assert after["complete"] and after["shards"] == full.manifest["shards"]  # same files, same sha256
+    assert after["n_tokens"] == full.n_tokens == sum(len(s) - 1 for s in seqs)
+    assert len(resumed_shards) == len(after["shards"]) - len(before["shards"])  # finished shards skipped
+    assert sorted(p.name for p in killed.glob("shard_*")) == sorted(
+        p.name for p in (tmp_path / "full").glob("shard_*")
+    )
+
+
+def test_resume_with_other_settings_refused(tmp_path: Path, tiny_pair) -> None:
+    pt, _ = tiny_pair
+    seqs = random_sequences(6)
+    build_cache(tmp_path, pt, seqs, layers="last:1", shard_tokens=50)
+    with pytest.raises(CacheError, match="different layers"):
+        build_cache(tmp_path, pt, seqs, layers="last:2", shard_tokens=50)
+
+
+def test_text_and_prompt_sources(tmp_path: Path) -> None:
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a"}\n{"formats": {"A": "x", "B": "y"}}\n')
+    src = token_source(p)
+    assert src.kind == "prompts" and list(src.texts()) == ["a", "y"]
+    t = tmp_path / "t.txt"
+    t.write_text("one\n\ntwo\n")
+    assert list(token_source(t).texts()) == ["one", "two"]
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"input_ids": [1, 5, 6]}\n')
+    assert list(token_source(ids).sequences(None, 2)) == [[1, 5]]
+    with pytest.raises(CacheError, match="tokenizer"):
+        list(src.sequences(None, 8))
+    with pytest.raises(PromptFileError):
+        token_source(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [("last:9", "last:N"), ("7", "out of range"), ("x", "bad layer spec"), ("-6", "out of range")],
+)
+def test_bad_layers(spec: str, match: str) -> None:
+    with pytest.raises(DictionaryConfigError, match=match):
+        parse_layers(spec, 5)
+
+
+def test_layer_parsing() -> None:
+    assert parse_layers("last:3", 5) == [2, 3, 4]
+    assert parse_layers("-1,0", 5) == [0, 4]
+
+
+def test_bad_hook_point_and_missing_cache(tmp_path: Path, tiny_pair) -> None:
+    with pytest.raises(DictionaryConfigError, match="mlp_in, mlp_out"):
+        build_cache(tmp_path / "c", tiny_pair[0], [[1, 5, 6]], hook_points="resid")
+    with pytest.raises(CacheError, match="no activation cache"):
+        ActivationCache(tmp_path / "nope")
