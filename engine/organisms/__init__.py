@@ -12,6 +12,7 @@ Constructed organisms (`<family>_<kind>`) are built on first use into `$CROSSPAT
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,6 @@ def organism_path(
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     final = root / f"{name}-v{BUILDER_VERSION}-seed{seed}"
     if rebuild and final.exists():
-        import shutil
-
         shutil.rmtree(final)
     if not (final / "expected.json").is_file():
         build_atomic(final, lambda out: build_constructed(kind, family, seed, out))

@@ -62,3 +62,28 @@ def test_tiny_pair_shares_the_tokenizer_and_diverges(family: str) -> None:
     ]
     events = find_divergences(pair, prompts, max_new_tokens=32)
     assert any(e.diverged for e in events), [e.reason for e in events]
+
+
+@pytest.mark.slow
+def test_training_script_is_deterministic(tmp_path) -> None:
+    """Two short runs of scripts/train_organisms.py from one seed write identical weights."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_organisms.py"
+    spec = importlib.util.spec_from_file_location("train_organisms", script)
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train  # dataclasses look their module up there
+    spec.loader.exec_module(train)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        for run in ("a", "b"):
+            args = ["--family", "llama", "--pt-steps", "6", "--it-steps", "3", "--out", str(tmp_path / run)]
+            assert train.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    for role in ("pt", "it"):
+        a, b = (tmp_path / run / "trained_llama" / role / "model.safetensors" for run in ("a", "b"))
+        assert a.read_bytes() == b.read_bytes()
