@@ -79,7 +79,7 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.training_tokens // self.batch_size
+        return -(-self.training_tokens // self.batch_size)  # the loop runs while samples < tokens
 
     @property
     def k_value(self) -> float | None:

@@ -13,6 +13,15 @@ from saes.cache import ActivationCache, TensorSource, build_cache
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small matmuls on a shared 2-core box run ~20x faster on one thread than on two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def planted(n: int = 12000, d: int = 32, n_dirs: int = 12, p: float = 0.08, seed: int = 0):
     """`n` rows of sparse combinations of `n_dirs` random unit directions (+ small noise)."""
     g = torch.Generator().manual_seed(seed)
