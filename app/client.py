@@ -141,8 +141,9 @@ class Client:
     def provenance(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/jobs/{job_id}/provenance").json()
 
-    def top_features(self, family: str | None = None, limit: int = 20) -> dict[str, Any]:
-        params: dict[str, Any] = {"limit": limit}
+    def top_features(self, family: str | None = None, limit: int = 20, **filters: Any) -> dict[str, Any]:
+        """Top mediating features; filters: dictionary_id, layer, min_events, intervention."""
+        params: dict[str, Any] = {"limit": limit, **{k: v for k, v in filters.items() if v is not None}}
         if family:
             params["family"] = family
         return self.request("GET", "/features/top", params=params).json()

@@ -1,8 +1,8 @@
-"""Features: top mediating features by family, one feature across events."""
+"""Features: top mediating features by family, one feature across events, ablation curves, family comparison."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 
@@ -12,18 +12,51 @@ from app.schemas.results import Rows
 from app.services import results as service
 
 router = APIRouter(prefix="/features", tags=["features"])
+Family = Annotated[str | None, Query(max_length=64, description="Only this family (e.g. llama).")]
 
 
 @router.get("/top", response_model=Rows)
 def top_features(
     results: ResultsDep,
     _user: CurrentUser,
-    family: Annotated[str | None, Query(max_length=32)] = None,
+    family: Family = None,
     dictionary_id: Annotated[Name | None, Query()] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    layer: Annotated[int | None, Query(ge=0, le=4096)] = None,
+    min_events: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    intervention: Annotated[str, Query(max_length=64, pattern=r"^[a-z_]+$")] = "attribution",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Rows:
-    """Single features with the largest |effect| across all jobs, optionally for one family."""
-    return service.top_features(results, family, dictionary_id, limit)
+    """Top mediating features (event-weighted mean attribution score across jobs), optionally filtered."""
+    return service.top_features(
+        results,
+        family=family,
+        dictionary_id=dictionary_id,
+        layer=layer,
+        min_events=min_events,
+        intervention=intervention,
+        limit=limit,
+    )
+
+
+@router.get("/curve", response_model=Rows)
+def ablation_curve(
+    results: ResultsDep,
+    _user: CurrentUser,
+    family: Family = None,
+    statistic: Literal[
+        "share", "interaction_drop", "it_late_drop", "gate", "rescue_gain", "rescue_fraction"
+    ] = "share",
+) -> Rows:
+    """Effect of ablating (or rescuing) the top-k features and their controls, as a curve over k."""
+    return service.ablation_curve(results, family, statistic)
+
+
+@router.get("/families", response_model=Rows)
+def compare_families(
+    results: ResultsDep, _user: CurrentUser, readout: Literal["it", "pt", "own"] = "it"
+) -> Rows:
+    """Per family: the 2x2 interaction with CI and the top-k ablation share at each k."""
+    return service.compare_families(results, readout)
 
 
 @router.get("/{dictionary_id}/{latent}", response_model=Rows)
@@ -32,7 +65,8 @@ def feature_across_events(
     latent: Annotated[int, Path(ge=0, le=1 << 24)],
     results: ResultsDep,
     _user: CurrentUser,
+    family: Family = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> Rows:
-    """One feature's activations and attributions across divergence events."""
-    return service.feature(results, dictionary_id, latent, limit)
+    """One feature's activations (PT-up, IT-up) and attributions across events, with the prompts' text."""
+    return service.feature(results, dictionary_id, latent, family, limit)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from app.cli import cli
-from app.client import Client
+from app.client import Client, ClientError
 
 Url = Annotated[str | None, typer.Option("--url", help="Server URL (default: CROSSPATCH_URL).")]
 Key = Annotated[str | None, typer.Option("--key", help="API key (default: CROSSPATCH_API_KEY).")]
@@ -157,15 +157,45 @@ def results(
 @cli.command("top-features")
 def top_features(
     family: Annotated[str | None, typer.Option(help="Only this family.")] = None,
-    limit: int = 20,
+    dictionary: Annotated[str | None, typer.Option(help="Only this dictionary id.")] = None,
+    layer: Annotated[int | None, typer.Option(help="Only latents of this layer.")] = None,
+    min_events: Annotated[int, typer.Option(help="Only features scored on at least this many events.")] = 0,
+    limit: int = 50,
+    local: Annotated[bool, typer.Option(help="Read the DuckDB file directly (no server).")] = False,
     url: Url = None,
     key: Key = None,
     as_json: Json = False,
 ) -> None:
-    """Features with the largest mediation effect."""
-    with Client(url, key) as c:
-        data = c.top_features(family, limit)
+    """Top mediating features by family (from the server, or the local DuckDB file when no server runs)."""
+    filters = dict(family=family, dictionary_id=dictionary, layer=layer, min_events=min_events, limit=limit)
+    data = None
+    if not local:
+        try:
+            with Client(url, key) as c:
+                data = c.top_features(**filters)
+        except ClientError as e:
+            if e.status is not None or url:
+                raise
+            typer.echo("(no server reachable: reading the local results file)", err=True)
+    if data is None:
+        data = _local_query("top_features", filters)
     _print(data, as_json, _table_text(data["data"]))
+
+
+def _local_query(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run a fixed query on the local DuckDB file (refused with a clear error if a server holds it)."""
+    from app.config import get_settings
+    from app.store.duckdb import ResultsStore
+
+    path = get_settings().duckdb_path
+    if path is None or not Path(path).is_file():
+        raise ClientError(f"no results file at {path}; run a job first (crosspatch demo) or start a server")
+    store = ResultsStore(path)
+    try:
+        rows = store.query(name, **params).to_pylist()
+    finally:
+        store.close()
+    return {"table": name, "data": rows, "count": len(rows)}
 
 
 @cli.command("cancel")

@@ -49,9 +49,22 @@ def provenance(results: ResultsStore, job: Job) -> ProvenancePublic:
     return ProvenancePublic(**prov)
 
 
-def top_features(results: ResultsStore, family: str | None, dictionary_id: str | None, limit: int) -> Rows:
-    return to_rows("feature_effects", results.top_features(family, dictionary_id, limit))
+def top_features(results: ResultsStore, **filters: Any) -> Rows:
+    return to_rows("top_features", results.query("top_features", **filters))
 
 
-def feature(results: ResultsStore, dictionary_id: str, latent: int, limit: int) -> Rows:
-    return to_rows("feature_acts", results.feature_across_events(dictionary_id, latent, limit))
+def feature(results: ResultsStore, dictionary_id: str, latent: int, family: str | None, limit: int) -> Rows:
+    return to_rows(
+        "feature_acts",
+        results.query(
+            "feature_across_events", dictionary_id=dictionary_id, latent=latent, family=family, limit=limit
+        ),
+    )
+
+
+def ablation_curve(results: ResultsStore, family: str | None, statistic: str) -> Rows:
+    return to_rows("ablation_curve", results.query("ablation_curve", family=family, statistic=statistic))
+
+
+def compare_families(results: ResultsStore, readout: str) -> Rows:
+    return to_rows("compare_families", results.query("compare_families", readout=readout))

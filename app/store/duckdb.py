@@ -19,6 +19,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from app.store import queries
 from app.store.result_tables import PART_SCHEMAS, TABLES, conform, ddl
 from engine.errors import CrosspatchError
 
@@ -161,22 +162,12 @@ class ResultsStore:
             "provenance": json.loads(row["provenance"]),
         }
 
-    def top_features(self, family: str | None, dictionary_id: str | None, limit: int) -> pa.Table:
-        """Single latents with the largest |effect|, optionally for one family / dictionary."""
-        return self._query(
-            "SELECT job_id, family, pair_id, dictionary_id, latent, intervention, k, effect, ci_low, ci_high, n "
-            "FROM feature_effects WHERE latent IS NOT NULL AND (? IS NULL OR family = ?) "
-            "AND (? IS NULL OR dictionary_id = ?) ORDER BY abs(effect) DESC, latent LIMIT ?",
-            [family, family, dictionary_id, dictionary_id, limit],
-        )
-
-    def feature_across_events(self, dictionary_id: str, latent: int, limit: int) -> pa.Table:
-        """One latent's activations and attribution across events, largest |attribution| first."""
-        return self._query(
-            "SELECT job_id, family, pair_id, prompt_id, act_ptup, act_itup, attribution FROM feature_acts "
-            "WHERE dictionary_id = ? AND latent = ? ORDER BY abs(attribution) DESC, prompt_id LIMIT ?",
-            [dictionary_id, latent, limit],
-        )
+    def query(self, name: str, **params: Any) -> pa.Table:
+        """Run one of the fixed queries in `app.store.queries` by name with keyword parameters."""
+        if name not in queries.QUERIES:
+            raise ResultsError(f"unknown query {name!r}; choose from {', '.join(queries.QUERIES)}")
+        with self.cursor() as cur:
+            return queries.QUERIES[name](cur, **params)
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:

@@ -1,7 +1,7 @@
 """The results tables in DuckDB, in one place: Arrow schemas, DDL, and keys.
 
 Every table carries `job_id` (the ingest key: a rerun replaces a job's rows). The engine's own result
-schemas (`engine.results`) give cells, events and summaries; the mediation tables are defined here.
+schemas (`engine.results`) define every part table; this module adds `job_id`, provenance and DDL.
 
     events           one row per prompt: divergence position, tokens, texts (engine.results.EVENTS_SCHEMA)
     cells            one row per event x boundary x readout: the 2x2 and its effects (CELLS_SCHEMA)
@@ -15,35 +15,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from engine.results import CELLS_SCHEMA, EVENTS_SCHEMA, SUMMARY_SCHEMA
-
-FEATURE_ACTS_SCHEMA = pa.schema(
-    [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("dictionary_id", pa.string()),
-        ("latent", pa.int64()),
-        ("act_ptup", pa.float64()),
-        ("act_itup", pa.float64()),
-        ("attribution", pa.float64()),
-    ]
-)
-
-FEATURE_EFFECTS_SCHEMA = pa.schema(
-    [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("dictionary_id", pa.string()),
-        ("latent", pa.int64()),  # null for a feature set
-        ("feature_set", pa.string()),  # e.g. "top-8"; null for a single latent
-        ("intervention", pa.string()),  # ablation | rescue | ...
-        ("k", pa.int64()),
-        ("effect", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n", pa.int64()),
-    ]
+from engine.results import (
+    CELLS_SCHEMA,
+    EVENTS_SCHEMA,
+    FEATURE_ACTS_SCHEMA,
+    FEATURE_EFFECTS_SCHEMA,
+    SUMMARY_SCHEMA,
 )
 
 PROVENANCE_SCHEMA = pa.schema(

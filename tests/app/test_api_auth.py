@@ -88,6 +88,8 @@ ROUTES = [
     ),
     ("GET", "/features/top", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/features/d1/3", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/features/curve", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/features/families", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/dictionaries", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/dictionaries/nope", None, {**ANY, "owner": 404, "other": 404, "admin": 404}),
     (
