@@ -195,7 +195,7 @@ def test_bad_cache_inputs(tmp_path: Path, planted_source) -> None:
     src, _ = planted_source
     with pytest.raises(CacheError, match="no activation cache"):
         train_dictionary(make_config("topk", layer=4, k=2, width=8), tmp_path / "missing", tmp_path / "o")
-    with pytest.raises(CacheError, match="no activations for 'it.L2.mlp_out'"):
+    with pytest.raises(CacheError, match=r"no activations for 'it\.L2\.mlp_out'"):
         train_dictionary(make_config("topk", layer=2, k=2, width=8), src, tmp_path / "o")
 
 
