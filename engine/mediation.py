@@ -23,7 +23,8 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +81,37 @@ class DirectionDictionary:
         return self.directions
 
 
+class BranchView:
+    """One model branch of a multi-branch dictionary (e.g. `saes.load.Dictionary`) as a `FeatureDictionary`.
+
+    Crosscoders use their IT branch (encoder and decoder of that branch only); single-branch SAEs and
+    transcoders use their one branch. Transcoders read the MLP input (`reads_input`).
+    """
+
+    def __init__(self, dictionary: Any, branch: str = "it") -> None:
+        self.inner = dictionary
+        branches = list(dictionary.branches)
+        self.branch = branch if branch in branches else branches[0] if len(branches) == 1 else None
+        if self.branch is None:
+            raise CrosspatchError(f"dictionary has branches {branches}, none named {branch!r}")
+        self.id = str(dictionary.id or Path(str(getattr(dictionary, "path", "dict"))).name)
+        if dictionary.layer is None:
+            raise CrosspatchError(f"dictionary {self.id!r} does not say which layer it reads")
+        self.layer = int(dictionary.layer)
+        self.reads_input = getattr(dictionary, "input_hook", "mlp_out") == "mlp_in"
+        self._w = dictionary.W_dec[self.branch]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode(x, branch=self.branch if len(self.inner.branches) > 1 else None)
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(acts, branch=self.branch if len(self.inner.branches) > 1 else None)
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        return self._w
+
+
 @dataclass
 class MediationConfig:
     """Knobs of one mediation run (defaults follow the method)."""
@@ -130,7 +162,7 @@ def mlp_edits(pair: ModelPair, edits: dict[int, Edit]) -> Iterator[None]:
     def make(layer: int, edit: Edit):
         def hook(module, args, output):
             out = output.clone()
-            out[:, -1] = edit(output[:, -1], layer)  # [batch, d_model]
+            out[:, -1] = edit(output[:, -1], args[0][:, -1], layer)  # [batch, d_model]
             return out
 
         return hook
@@ -144,6 +176,11 @@ def mlp_edits(pair: ModelPair, edits: dict[int, Edit]) -> Iterator[None]:
             h.remove()
 
 
+def _source(d: FeatureDictionary, mlp_out: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
+    """What `d` encodes: the MLP input for transcoders, else the MLP output."""
+    return mlp_in if getattr(d, "reads_input", False) else mlp_out
+
+
 @contextlib.contextmanager
 def splice(model_adapter, dictionaries: Sequence[FeatureDictionary]) -> Iterator[None]:
     """Run with each dictionary spliced at its layer's MLP output, keeping the error term (a no-op by design).
@@ -154,7 +191,8 @@ def splice(model_adapter, dictionaries: Sequence[FeatureDictionary]) -> Iterator
 
     def make(d: FeatureDictionary):
         def hook(module, args, output):
-            recon = d.decode(d.encode(output.to(d.W_dec))).to(output)  # [batch, seq, d_model]
+            src = _source(d, output, args[0])
+            recon = d.decode(d.encode(src.to(d.W_dec))).to(output)  # [batch, seq, d_model]
             return recon + (output - recon)
 
         return hook
@@ -191,9 +229,10 @@ def _capture_mlp(
     tokens: torch.Tensor,
     layers: Sequence[int],
     with_grad: bool,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """MLP outputs at the last position of `layers` in cell (upstream, IT late), and dY/d them if `with_grad`."""
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:
+    """(MLP output, MLP input) at the last position of `layers` in cell (upstream, IT late); dY/d output if `with_grad`."""
     outs: dict[int, torch.Tensor] = {}
+    ins: dict[int, torch.Tensor] = {}
     handles = []
 
     def make(layer: int):
@@ -201,6 +240,7 @@ def _capture_mlp(
             if with_grad:
                 output.retain_grad()
             outs[layer] = output
+            ins[layer] = args[0]
             return output
 
         return hook
@@ -221,7 +261,9 @@ def _capture_mlp(
     finally:
         for h in handles:
             h.remove()
-    acts = {layer: o[:, -1].detach() for layer, o in outs.items()}  # [batch, d_model]
+    acts = {
+        layer: (o[:, -1].detach(), ins[layer][:, -1].detach()) for layer, o in outs.items()
+    }  # 2x [batch, d]
     grads = {layer: o.grad[:, -1].detach() for layer, o in outs.items()} if with_grad else {}
     return acts, grads
 
@@ -258,8 +300,10 @@ def _feature_index(dictionaries: Sequence[FeatureDictionary]) -> list[tuple[str,
 
 
 @torch.no_grad()
-def _acts(d: FeatureDictionary, x: torch.Tensor) -> torch.Tensor:
-    return d.encode(x.to(d.W_dec.device, d.W_dec.dtype)).float()  # [batch, n_latents]
+def _acts(d: FeatureDictionary, site: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`d`'s activations at a captured (mlp_out, mlp_in) site: `[batch, n_latents]`."""
+    x = _source(d, *site)
+    return d.encode(x.to(d.W_dec.device, d.W_dec.dtype)).float()
 
 
 def rank_features(
@@ -360,10 +404,10 @@ def _ablate_edit(
 ) -> Edit:
     """mlp_out -= sum_S (a_f - target_f) W_dec[f] (target 0 = "zero"); or a random vector of that norm."""
 
-    def edit(x: torch.Tensor, layer: int) -> torch.Tensor:
+    def edit(x: torch.Tensor, x_in: torch.Tensor, layer: int) -> torch.Tensor:
         delta = torch.zeros_like(x)
         for d, idx in groups.get(layer, []):
-            a = d.encode(x.to(d.W_dec))[:, idx]  # [batch, |S|]
+            a = d.encode(_source(d, x, x_in).to(d.W_dec))[:, idx]  # [batch, |S|]
             if target is not None:
                 a = a - target[layer][d.id][:, idx].to(a)
             delta = delta + (a @ d.W_dec[idx]).to(x)  # [batch, d_model]
@@ -379,10 +423,10 @@ def _rescue_edit(
 ) -> Edit:
     """mlp_out += alpha (a_f(II) - a_f(current)) W_dec[S]; or a random vector of that norm."""
 
-    def edit(x: torch.Tensor, layer: int) -> torch.Tensor:
+    def edit(x: torch.Tensor, x_in: torch.Tensor, layer: int) -> torch.Tensor:
         delta = torch.zeros_like(x)
         for d, idx in groups.get(layer, []):
-            a = d.encode(x.to(d.W_dec))[:, idx]
+            a = d.encode(_source(d, x, x_in).to(d.W_dec))[:, idx]
             delta = delta + ((target[layer][d.id][:, idx].to(a) - a) @ d.W_dec[idx]).to(x)
         if same_delta_seed is not None:
             delta = _same_norm_random(delta, same_delta_seed + layer)
@@ -398,10 +442,12 @@ def _same_norm_random(delta: torch.Tensor, seed: int) -> torch.Tensor:
     return r / r.norm(dim=-1, keepdim=True) * delta.norm(dim=-1, keepdim=True)
 
 
-def _dict_acts(passes_outs: dict[int, torch.Tensor], dictionaries) -> dict[int, dict[str, torch.Tensor]]:
+def _dict_acts(
+    sites: dict[int, tuple[torch.Tensor, torch.Tensor]], dictionaries
+) -> dict[int, dict[str, torch.Tensor]]:
     out: dict[int, dict[str, torch.Tensor]] = {}
     for d in dictionaries:
-        out.setdefault(d.layer, {})[d.id] = _acts(d, passes_outs[d.layer])
+        out.setdefault(d.layer, {})[d.id] = _acts(d, sites[d.layer])
     return out
 
 
@@ -573,7 +619,9 @@ def _effects_table(pair, dictionaries, per_event, base, ranking, cfg) -> pa.Tabl
                 n=len(x),
             )
         )
-        if denom is not None and abs(denom.mean()) > 1e-9:  # ratio of means; undefined with nothing to explain
+        if (
+            denom is not None and abs(denom.mean()) > 1e-9
+        ):  # ratio of means; undefined with nothing to explain
             ratio = means[:, 0] / means[:, 1]
             rlo, rhi = np.quantile(ratio, [0.025, 0.975])
             share = "share" if stat == "interaction_drop" else "rescue_fraction"
