@@ -71,16 +71,16 @@ def test_pretrained_offline_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> No
 def test_bad_dirs(tmp_path: Path) -> None:
     with pytest.raises(DictionaryLoadError, match="not a directory"):
         load_dictionary(tmp_path / "missing")
-    with pytest.raises(DictionaryLoadError, match="cfg.json missing"):
+    with pytest.raises(DictionaryLoadError, match=r"cfg\.json missing"):
         load_dictionary(tmp_path)
     (tmp_path / "cfg.json").write_text('{"architecture": "topk", "d_in": ')
-    with pytest.raises(DictionaryLoadError, match="corrupt .*cfg.json"):
+    with pytest.raises(DictionaryLoadError, match=r"corrupt .*cfg\.json"):
         load_dictionary(tmp_path)
     (tmp_path / "cfg.json").write_text('{"architecture": "wat", "d_in": 4, "d_sae": 8}')
     with pytest.raises(DictionaryLoadError, match="unknown architecture 'wat'; known: abstopk"):
         load_dictionary(tmp_path)
     (tmp_path / "cfg.json").write_text('{"architecture": "topk", "d_in": 4, "d_sae": 8}')
-    with pytest.raises(DictionaryLoadError, match="sae_weights.safetensors missing"):
+    with pytest.raises(DictionaryLoadError, match=r"sae_weights\.safetensors missing"):
         load_dictionary(tmp_path)
     (tmp_path / "sae_weights.safetensors").write_bytes(b"garbage")
     with pytest.raises(DictionaryLoadError, match="could not load dictionary"):

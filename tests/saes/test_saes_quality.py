@@ -25,7 +25,7 @@ def test_mediated_sae_passes_gate_and_finds_planted_directions(tmp_path: Path, m
     k=0.5 is the organism's true L0 (at most one mediator fires, on about half the tokens); with k=1
     BatchTopK may split a mediator into two half-latents, a valid but less readable dictionary.
     """
-    pt, it, expected, cache = mediated
+    _pt, it, expected, cache = mediated
     med = expected["mediators"]
     layer, dirs = med["layer"], torch.tensor(med["directions"])  # [4, d_model]
     cfg = make_config(

@@ -1,0 +1,282 @@
+"""`crosspatch dict cache|train|eval|list|show`: thin wrappers over saes/ (sparse dictionaries on MLP layers).
+
+Errors a user can cause (bad layer, hook point, width, missing cache, corrupt cfg.json) are
+`CrosspatchError`s, printed by the CLI as one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from app.cli import cli
+from engine.errors import CrosspatchError
+
+dict_app = typer.Typer(
+    name="dict", help="Sparse dictionaries (SAE, transcoder, crosscoder) on MLP layers.", no_args_is_help=True
+)
+cli.add_typer(dict_app, name="dict")
+
+
+def _registry_root(registry: Path | None) -> Path:
+    if registry is not None:
+        return registry
+    from app.config import get_settings
+
+    return get_settings().data_dir / "dictionaries"
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` options; values parsed as JSON where they parse (numbers, null, lists)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise CrosspatchError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+@dict_app.command("cache")
+def cache_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Cache directory (resumed if it exists).")],
+    pt: Annotated[str | None, typer.Option(help="PT model path (paired with --it).")] = None,
+    it: Annotated[str | None, typer.Option(help="IT model path (alone: an IT-only cache).")] = None,
+    organism: Annotated[str | None, typer.Option(help="A bundled organism instead of --pt/--it.")] = None,
+    source: Annotated[
+        Path | None, typer.Option(help="Prompt JSONL, text file, ids JSONL or datasets dir.")
+    ] = None,
+    layers: Annotated[str, typer.Option(help="'last:N' or indices '3,4'.")] = "last:3",
+    hooks: Annotated[str, typer.Option(help="Hook points: mlp_in, mlp_out (comma list).")] = "mlp_in,mlp_out",
+    shard_tokens: Annotated[int, typer.Option(min=1)] = 65536,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    max_seq_len: Annotated[int, typer.Option(min=1)] = 512,
+    max_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+) -> None:
+    """Cache MLP inputs/outputs of PT and/or IT on a token source (sharded, resumable)."""
+    from saes.cache import build_cache, load_model
+
+    if organism:
+        from engine.organisms import organism_path
+
+        try:
+            root = organism_path(organism)
+        except ValueError as e:
+            raise CrosspatchError(str(e)) from None
+        pt, it = str(root / "pt"), str(root / "it")
+        source = source or root / "prompts.jsonl"
+    paths = {r: p for r, p in (("pt", pt), ("it", it)) if p}
+    if not paths:
+        raise CrosspatchError("give --pt and/or --it (or --organism NAME)")
+    if source is None:
+        raise CrosspatchError("missing --source (prompt JSONL, text file, ids JSONL or datasets dir)")
+    loaded = {r: load_model(p) for r, p in paths.items()}
+    tok = next(iter(loaded.values()))[1]
+    c = build_cache(
+        out,
+        {r: m for r, (m, _) in loaded.items()},
+        source,
+        layers,
+        hooks,
+        tok,
+        model_paths=paths,
+        shard_tokens=shard_tokens,
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        max_tokens=max_tokens,
+        on_shard=lambda rec: typer.echo(f"shard {rec['file']}: {rec['n_tokens']} tokens", err=True),
+    )
+    typer.echo(
+        json.dumps(
+            {
+                "cache": str(out),
+                "n_tokens": c.n_tokens,
+                "layers": c.layers,
+                "hook_points": c.hook_points,
+                "roles": c.roles,
+                "shards": len(c.manifest["shards"]),
+            }
+        )
+    )
+
+
+@dict_app.command("train")
+def train_cmd(
+    cache: Annotated[Path, typer.Option(help="Activation cache directory.")],
+    layer: Annotated[int, typer.Option(help="Layer (must be in the cache).")],
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="batchtopk, topk, jumprelu, standard, batchtopk_transcoder, "
+            "batchtopk_skip_transcoder, batchtopk_crosscoder."
+        ),
+    ] = "batchtopk",
+    role: Annotated[str | None, typer.Option(help="pt | it (crosscoders: paired).")] = None,
+    hook: Annotated[str, typer.Option(help="mlp_out or mlp_in.")] = "mlp_out",
+    width: Annotated[int, typer.Option(help="Number of latents.")] = 1024,
+    k: Annotated[float | None, typer.Option(help="Active latents per token (top-k kinds).")] = None,
+    tokens: Annotated[int, typer.Option(help="Training tokens (activation rows).")] = 1_000_000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 512,
+    lr: Annotated[float, typer.Option()] = 3e-4,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output dir (default: under the registry root).")] = None,
+    registry: Annotated[
+        Path | None, typer.Option(help="Registry root (default: <data_dir>/dictionaries).")
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Steps between checkpoints (0: none).")] = 1000,
+    splice: Annotated[
+        bool, typer.Option(help="Also measure CE/KL with the reconstruction spliced in.")
+    ] = False,
+    min_fve: Annotated[float, typer.Option(help="Quality gate: minimum held-out FVE per branch.")] = 0.75,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Extra config option key=value.")] = None,
+) -> None:
+    """Train one dictionary on a cache (resumes from its checkpoint), evaluate it, apply the gate."""
+    from saes.cache import ActivationCache
+    from saes.quality import GateConfig
+    from saes.train import CONFIGS, Progress, make_config, train_dictionary
+
+    kwargs: dict[str, Any] = dict(
+        layer=layer,
+        hook_point=hook,
+        width=width,
+        training_tokens=tokens,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        **_parse_sets(set_),
+    )
+    if role is not None:
+        kwargs["model_role"] = role
+    if k is not None:
+        kwargs["k"] = int(k) if arch == "topk" else k
+    cfg = make_config(arch, **kwargs)
+    if arch not in CONFIGS:  # make_config already raised; keeps type checkers calm
+        raise CrosspatchError(arch)
+    c = ActivationCache(cache)
+    if out is None:
+        out = _registry_root(registry) / f"{cfg.model_role}-L{layer}-{hook}-{arch}-w{width}-s{seed}"
+    models = _models_for(c, cfg.model_role) if splice else None
+
+    def report(p: Progress) -> None:
+        typer.echo(
+            f"step {p.step}/{p.total_steps} tok/s {p.tokens_per_s:,.0f} loss {p.loss:.4g} "
+            f"L0 {p.l0:.1f} dead {p.dead_fraction:.2%}",
+            err=True,
+        )
+
+    d = train_dictionary(
+        cfg,
+        c,
+        out,
+        progress=report,
+        checkpoint_every=checkpoint_every,
+        models=models,
+        gate=GateConfig(min_fve=min_fve),
+    )
+    typer.echo(json.dumps(_summary(d.meta)))
+
+
+def _models_for(c: Any, role: str) -> dict[str, Any]:
+    from saes.cache import load_model
+
+    roles = ["pt", "it"] if role == "paired" else [role]
+    out = {}
+    for r in roles:
+        path = c.manifest["models"].get(r, {}).get("path")
+        if not path:
+            raise CrosspatchError(f"the cache manifest has no model path for {r!r}; cannot splice")
+        out[r] = load_model(path)[0]
+    return out
+
+
+def _summary(meta: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "id",
+        "kind",
+        "architecture",
+        "model_role",
+        "layer",
+        "hook_point",
+        "width",
+        "k",
+        "training_tokens",
+        "path",
+    )
+    return {
+        **{k: meta.get(k) for k in keys},
+        "gate": meta.get("gate", {}).get("status"),
+        "metrics": {k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))},
+    }
+
+
+def _resolve(ref: str, registry: Path | None) -> Any:
+    from saes.load import load_dictionary
+    from saes.registry import DictionaryRegistry
+
+    if Path(ref).is_dir():
+        return load_dictionary(ref)
+    return DictionaryRegistry(_registry_root(registry)).load(ref)
+
+
+@dict_app.command("eval")
+def eval_cmd(
+    ref: Annotated[str, typer.Argument(help="Dictionary directory or registry id.")],
+    cache: Annotated[Path, typer.Option(help="Activation cache with held-out tokens.")],
+    registry: Annotated[Path | None, typer.Option()] = None,
+    splice: Annotated[
+        bool, typer.Option(help="Also measure CE/KL with the reconstruction spliced in.")
+    ] = False,
+    min_fve: Annotated[float, typer.Option()] = 0.75,
+) -> None:
+    """Re-evaluate a dictionary on held-out tokens and rewrite its gate status."""
+    from saes.cache import ActivationCache
+    from saes.quality import GateConfig, evaluate_dictionary
+
+    d = _resolve(ref, registry)
+    c = ActivationCache(cache)
+    models = _models_for(c, d.meta.get("model_role") or d.branches[0]) if splice else None
+    evaluate_dictionary(
+        d,
+        c,
+        models=models,
+        gate=GateConfig(min_fve=min_fve),
+        heldout_fraction=d.meta.get("train_config", {}).get("heldout_fraction", 0.1),
+    )
+    typer.echo(json.dumps(_summary(d.meta)))
+
+
+@dict_app.command("list")
+def list_cmd(
+    registry: Annotated[Path | None, typer.Option(help="Registry root.")] = None,
+    layer: Annotated[int | None, typer.Option()] = None,
+    kind: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """One line per registered dictionary: id, kind, layer, hook, width, k, gate, FVE."""
+    from saes.registry import DictionaryRegistry
+
+    filters = {k: v for k, v in (("layer", layer), ("kind", kind)) if v is not None}
+    for r in DictionaryRegistry(_registry_root(registry)).rows(**filters):
+        fves = [
+            v for k, v in r["metrics"].items() if k.startswith("fve_") and not k.endswith(("_solo", "_min"))
+        ]
+        fve = f"{min(fves):.3f}" if fves else "-"
+        typer.echo(
+            f"{r['id']}\t{r['kind']}\tL{r['layer']}\t{r['hook_point']}\tw{r['width']}\tk{r['k']}\t"
+            f"{r['gate_status']}\tFVE {fve}"
+        )
+
+
+@dict_app.command("show")
+def show_cmd(
+    ref: Annotated[str, typer.Argument(help="Dictionary directory or registry id.")],
+    registry: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """The full crosspatch metadata of one dictionary (JSON)."""
+    d = _resolve(ref, registry)
+    typer.echo(json.dumps(d.meta, indent=1, sort_keys=True, default=str))
