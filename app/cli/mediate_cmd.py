@@ -1,0 +1,104 @@
+"""`crosspatch mediate`: rank, ablate and rescue dictionary features on one pair, in process."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow.parquet as pq
+import typer
+
+from app.cli import cli
+from app.cli.run_cmd import _resolve_pair_args
+
+
+@cli.command("mediate")
+def mediate(
+    dictionary: Annotated[
+        list[Path], typer.Option("--dict", help="sae_lens-format dictionary dir (repeatable).")
+    ],
+    out: Annotated[Path, typer.Option(help="Directory for feature_effects / feature_acts Parquet.")],
+    pt: Annotated[str | None, typer.Option(help="PT model id or path.")] = None,
+    it: Annotated[str | None, typer.Option(help="IT model id or path.")] = None,
+    pair: Annotated[
+        str | None, typer.Option("--pair", help="A bundled organism name (instead of --pt/--it).")
+    ] = None,
+    prompts: Annotated[Path | None, typer.Option(help="JSONL prompt file.")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Features in the top set.")] = 200,
+    ks: Annotated[str, typer.Option(help="Comma list of set sizes for the curve.")] = "25,50,100,200",
+    ablation: Annotated[str, typer.Option(help="zero (method) or pt_value.")] = "zero",
+    boundary: Annotated[int | None, typer.Option(help="Late-stack start (default round(0.6 L)).")] = None,
+    fit_fraction: Annotated[float, typer.Option(help="Share of events used for ranking.")] = 0.27,
+    allow_failed_gate: Annotated[bool, typer.Option(help="Use dictionaries below the quality gate.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    device: str = "cpu",
+    dtype: str = "float32",
+    limit: Annotated[int, typer.Option(help="Show this many top features.")] = 20,
+) -> None:
+    """Rank final-layer features by attribution, ablate / rescue the top-k with controls, print effects."""
+    from engine.divergence import find_divergences
+    from engine.mediation import BranchView, MediationConfig
+    from engine.mediation import mediate as run_mediation
+    from engine.pairs import load_pair
+    from engine.prompts import load_prompts
+    from saes.load import load_dictionary
+    from saes.quality import require_gate
+
+    pt, it, prompts, organism = _resolve_pair_args(pt, it, pair, prompts)
+    t0 = time.perf_counter()
+    dicts, gates = [], []
+    for path in dictionary:
+        d = load_dictionary(path, device=device)
+        gates.append(
+            require_gate(d, override=allow_failed_gate, reason="crosspatch mediate --allow-failed-gate")
+        )
+        dicts.append(BranchView(d, "it"))
+    model_pair = load_pair(pt, it, device=device, dtype=dtype, pair_id=organism)
+    events = find_divergences(
+        model_pair, load_prompts(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    cfg = MediationConfig(
+        top_k=top_k,
+        ks=tuple(int(k) for k in ks.split(",") if k.strip()),
+        ablation=ablation,  # type: ignore[arg-type]
+        boundary=boundary,
+        fit_fraction=fit_fraction,
+        batch_size=batch_size,
+    )
+    result = run_mediation(model_pair, events, dicts, cfg, on_progress=lambda m: typer.echo(f"  {m}"))
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(result.effects, out / "feature_effects.parquet")
+    pq.write_table(result.feature_acts, out / "feature_acts.parquet")
+    typer.echo(format_effects(result.effects, limit))
+    for g in gates:
+        if g["overridden"]:
+            typer.echo(
+                f"note: dictionary {g['dictionary']} is below the quality gate ({g['gate_status']}); used by override"
+            )
+    typer.echo(
+        f"\nwrote {out}/feature_effects.parquet and feature_acts.parquet in {time.perf_counter() - t0:.1f}s"
+    )
+
+
+def format_effects(effects, limit: int = 20) -> str:
+    """Set-level effects (share, rescue fraction with CIs) and the top features by attribution."""
+    rows = effects.to_pylist()
+    lines = [f"{'intervention':<28} {'k':>4}  {'statistic':<18} effect [95% CI]"]
+    for r in rows:
+        if r["latent"] is None and r["statistic"] in (
+            "share",
+            "rescue_fraction",
+            "interaction_drop",
+            "interaction",
+        ):
+            ci = "" if r["ci_low"] is None else f" [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            lines.append(f"{r['intervention']:<28} {r['k']:>4}  {r['statistic']:<18} {r['effect']:+.3f}{ci}")
+    top = [r for r in rows if r["intervention"] == "attribution"][:limit]
+    lines.append(f"\ntop {len(top)} features by attribution (IT-up minus PT-up, fit split)")
+    lines += [
+        f"  #{r['k']:<4} {r['dictionary_id']}:{r['latent']:<6} layer {r['layer']}  score {r['effect']:+.4f}"
+        for r in top
+    ]
+    return "\n".join(lines)
