@@ -118,7 +118,8 @@ x, _ = planted()
 cfg = make_config("batchtopk", layer=4, width=24, k=1, training_tokens=25_600, batch_size=128, lr=3e-3,
                   dead_feature_window=50, feature_sampling_window=60)
 train_dictionary(cfg, TensorSource({{"it.L4.mlp_out": x}}), {str(out)!r}, checkpoint_every={ckpt_every},
-                 progress=lambda p: time.sleep({sleep}), log_every=1, evaluate=False)
+                 progress=lambda p: (open({str(out) + ".started"!r}, "w").close(), time.sleep({sleep})),
+                 log_every=1, evaluate=False)
 """
 
 
@@ -162,6 +163,24 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
         assert torch.equal(p, resumed.sae.state_dict()[name]), name
     assert resumed.meta["train_stats"]["resumed_from_step"] == step
     assert not (killed / "checkpoints").exists()  # cleaned up after the final save
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_exits(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _train_script(out, 0, 0.02)], env=env, cwd=REPO)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not Path(str(out) + ".started").exists():
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code == -signal.SIGTERM  # re-raised with the default handler after checkpointing
+    info = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert info["reason"] == "SIGTERM" and 1 <= info["step"] < 200 and not (out / "cfg.json").exists()
 
 
 def test_stop_and_resume_in_process(tmp_path: Path, planted_source) -> None:
