@@ -163,3 +163,26 @@ def test_bad_hook_point_and_missing_cache(tmp_path: Path, tiny_pair) -> None:
         build_cache(tmp_path / "c", tiny_pair[0], [[1, 5, 6]], hook_points="resid")
     with pytest.raises(CacheError, match="no activation cache"):
         ActivationCache(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "olmo2", "qwen3", "mistral"])
+def test_every_family_caches_its_mlp(tmp_path: Path, family: str) -> None:
+    """The cached MLP in/out equal the model's own forward for every supported family."""
+    from engine.adapters import adapter_for
+    from engine.organisms.tiny import tiny_model
+
+    model = tiny_model(family, 0)
+    seqs = random_sequences(3, seed=7)
+    c = build_cache(tmp_path, model, seqs, layers="last:1", shard_tokens=1000, batch_size=3)
+    mlp = adapter_for(model).mlp(4)
+    got: dict[str, torch.Tensor] = {}
+    h = mlp.register_forward_hook(lambda m, a, o: got.update(i=a[0], o=o))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([seqs[1]]))
+    finally:
+        h.remove()
+    shard = load_file(str(c.path / c.manifest["shards"][0]["file"]))
+    rows = shard["seq_index"] == 1
+    torch.testing.assert_close(shard["model.L4.mlp_out"][rows], got["o"][0, 1:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shard["model.L4.mlp_in"][rows], got["i"][0, 1:], atol=1e-4, rtol=1e-4)
