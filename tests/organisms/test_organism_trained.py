@@ -36,7 +36,6 @@ def test_shipped_reload_with_plain_hf_and_are_small(name: str) -> None:
     assert len({p.category for p in prompts}) > 1
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINED)
 def test_shipped_diverge_at_varied_positions_with_a_measurable_2x2(name: str) -> None:
     root = organism_path(name)
