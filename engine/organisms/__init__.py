@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.organisms.build import BUILDER_VERSION, build_atomic, build_constructed, cache_root
-from engine.organisms.constructed import CONSTRUCTED_FAMILIES, CONSTRUCTED_KINDS
+from engine.organisms.constructed import CONSTRUCTED_FAMILIES, FAMILY_KINDS
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 TRAINED_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gpt2")
 
 CONSTRUCTED: dict[str, tuple[str, str]] = {
-    f"{family}_{kind}": (kind, family) for family in CONSTRUCTED_FAMILIES for kind in CONSTRUCTED_KINDS
+    f"{family}_{kind}": (kind, family) for family in CONSTRUCTED_FAMILIES for kind in FAMILY_KINDS[family]
 }
 TRAINED: tuple[str, ...] = tuple(f"trained_{family}" for family in TRAINED_FAMILIES)
 

@@ -17,6 +17,9 @@ gated MLP neurons, `down * silu(gate . x) * (up . x)` with no biases, so a neuro
 is exactly 0 when `u` is absent (silu(0) = 0). A neuron fires only when the current word is in its class,
 so IT departs from PT at the first generated step whose current word is classed: positions vary by prompt.
 
+GPT-2 (ungated gelu MLP, LayerNorm) gets the same logical construction written in a mean-free orthogonal
+basis (see `_mean_free_basis`), with one answer word for every word, and no `mediated` kind.
+
 `nominal_cells` replays the planted parts alone (noise weights set to zero) in float64 and gives the 2x2
 values the construction implies; `expected()` turns them into the bounds the tests assert.
 """
@@ -34,7 +37,14 @@ from engine.organisms.tiny import tiny_config
 from engine.organisms.tokenizer import ANSWER_WORDS, SPECIAL_TOKENS, vocabulary
 
 CONSTRUCTED_KINDS: tuple[str, ...] = ("upstream_dependent", "self_contained", "upstream_only", "mediated")
-CONSTRUCTED_FAMILIES: tuple[str, ...] = ("llama", "qwen3")
+CONSTRUCTED_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gpt2")
+# GPT-2's MLP has no gate, so a neuron cannot be exactly "u AND class j": its organisms use one answer word
+# for every word (all divergences at position 0) and have no `mediated` kind (its neurons would co-fire).
+FAMILY_KINDS: dict[str, tuple[str, ...]] = {
+    "llama": CONSTRUCTED_KINDS,
+    "qwen3": CONSTRUCTED_KINDS,
+    "gpt2": ("upstream_dependent", "self_contained", "upstream_only"),
+}
 
 D_MODEL = 64
 N_LAYERS = 5
@@ -53,17 +63,18 @@ CLASS_VALUE = 2.0
 BETA_PT = 1.0  # scale of PT's cycle readout
 BETA_IT = 2.0  # scale of the answer-word readout on K[j]
 NOISE_STD = 0.05
-RMS_EPS = 1e-6
+NORM_EPS = {"llama": 1e-6, "qwen3": 1e-6, "gpt2": 1e-5}  # the configs' rms_norm_eps / layer_norm_epsilon
 
 
 @dataclass(frozen=True)
 class Neuron:
-    """One planted gated-MLP neuron: `down * silu(gate . x) * (up . x)` on the post-norm residual `x`."""
+    """One planted MLP neuron on the post-norm residual `x`: gated `down * silu(gate . x) * (up . x)`
+    (Llama, Qwen3) or, with `up=None`, `down * gelu_new(gate . x)` (GPT-2, zero bias)."""
 
     layer: int
     index: int
     gate: dict[int, float]
-    up: dict[int, float]
+    up: dict[int, float] | None
     down: dict[int, float]
 
 
@@ -89,6 +100,18 @@ def _silu(z: float) -> float:
     return z / (1.0 + math.exp(-z))
 
 
+def _gelu_new(z: float) -> float:
+    return 0.5 * z * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def _activation(n: Neuron, x: list[float]) -> float:
+    """The neuron's activation on the post-norm residual `x` (logical coordinates)."""
+    pre = sum(w * x[i] for i, w in n.gate.items())
+    if n.up is None:
+        return _gelu_new(pre)
+    return _silu(pre) * sum(w * x[i] for i, w in n.up.items())
+
+
 def _unit(coords: dict[int, float]) -> dict[int, float]:
     norm = math.sqrt(sum(v * v for v in coords.values()))
     return {i: v / norm for i, v in coords.items()}
@@ -96,10 +119,12 @@ def _unit(coords: dict[int, float]) -> dict[int, float]:
 
 def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Construction:
     """The word classes, PT's cycle and IT's planted neurons for `kind`; deterministic in `seed`."""
-    if kind not in CONSTRUCTED_KINDS:
-        raise ValueError(f"unknown constructed kind {kind!r}; choose one of {', '.join(CONSTRUCTED_KINDS)}")
     if family not in CONSTRUCTED_FAMILIES:
         raise ValueError(f"constructed organisms exist for {', '.join(CONSTRUCTED_FAMILIES)}, not {family!r}")
+    if kind not in FAMILY_KINDS[family]:
+        raise ValueError(
+            f"unknown constructed kind {kind!r} for {family}; choose one of {', '.join(FAMILY_KINDS[family])}"
+        )
     vocab = vocabulary()
     rng = random.Random(seed)
     cycle_words = [i for i, w in enumerate(vocab) if w not in SPECIAL_TOKENS and w not in ANSWER_WORDS]
@@ -110,6 +135,8 @@ def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Constr
     classed = order[:]
     rng.shuffle(classed)
     word_class = {t: i % N_CLASSES for i, t in enumerate(classed[: len(classed) // 2])}
+    if family == "gpt2":
+        return _gpt2_construction(kind, seed, succ, {t: 0 for t in order})
 
     always_on = {CONST: 2.0}  # post-norm CONST is CONST_VALUE / rms: gate ~ 4, silu ~ 3.9
     neurons: list[Neuron] = []
@@ -141,14 +168,35 @@ def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Constr
     return Construction(kind, family, seed, word_class, succ, neurons, mediators)
 
 
+def _gpt2_construction(
+    kind: str, seed: int, succ: dict[int, int], word_class: dict[int, int]
+) -> Construction:
+    """GPT-2 variant: ungated gelu neurons, one answer word (class 0) for every word."""
+    neurons: list[Neuron] = []
+    if kind == "upstream_dependent":
+        neurons.append(Neuron(0, 0, gate={CONST: 2.0}, up=None, down={U: 1.0}))  # u ~ gelu(4) ~ 4
+        for layer in range(BOUNDARY, N_LAYERS):  # gelu(0) = 0: silent without u
+            neurons.append(Neuron(layer, 0, gate={U: 1.5}, up=None, down={K[0]: 0.6}))
+    elif kind == "self_contained":
+        neurons.append(Neuron(N_LAYERS - 1, 0, gate={CONST: 2.0}, up=None, down={K[0]: 2.5}))
+    elif kind == "upstream_only":
+        neurons.append(Neuron(1, 0, gate={CONST: 2.0}, up=None, down={K[0]: 2.5}))
+    return Construction(kind, "gpt2", seed, word_class, succ, neurons, [])
+
+
 # ---- weights -----------------------------------------------------------------------------------------
 
 
-def _token_directions(gen: torch.Generator, vocab_size: int) -> torch.Tensor:
+def _identity_stop(family: str) -> int:
+    """End of the identity subspace: GPT-2 keeps the last logical coordinate for the residual's mean."""
+    return D_MODEL - 1 if family == "gpt2" else D_MODEL
+
+
+def _token_directions(gen: torch.Generator, vocab_size: int, stop: int) -> torch.Tensor:
     """A random unit vector per token in the identity subspace: `[vocab, d_model]`, zero on reserved coords."""
     dirs = torch.zeros(vocab_size, D_MODEL, dtype=torch.float64)
-    raw = torch.randn(vocab_size, D_MODEL - N_RESERVED, generator=gen, dtype=torch.float64)
-    dirs[:, N_RESERVED:] = raw / raw.norm(dim=-1, keepdim=True)
+    raw = torch.randn(vocab_size, stop - N_RESERVED, generator=gen, dtype=torch.float64)
+    dirs[:, N_RESERVED:stop] = raw / raw.norm(dim=-1, keepdim=True)
     return dirs
 
 
@@ -173,14 +221,16 @@ def unembedding_matrix(con: Construction, token_dirs: torch.Tensor) -> torch.Ten
 
 
 def _noise(
-    gen: torch.Generator, rows: int, cols: int, read_identity: bool, write_identity: bool
+    gen: torch.Generator, rows: int, cols: int, read_identity: bool, write_identity: bool, stop: int = D_MODEL
 ) -> torch.Tensor:
-    """Small random `[rows, cols]` weights confined to the identity subspace on the residual side."""
+    """Small random `[rows, cols]` weights confined to the identity subspace (coords 16..stop-1)."""
     w = torch.randn(rows, cols, generator=gen, dtype=torch.float64) * NOISE_STD
     if read_identity:
         w[:, :N_RESERVED] = 0.0  # never read the planted coordinates
+        w[:, stop:] = 0.0
     if write_identity:
         w[:N_RESERVED, :] = 0.0  # never write them
+        w[stop:, :] = 0.0
     return w
 
 
@@ -191,11 +241,13 @@ def _set(param: torch.nn.Parameter, value: torch.Tensor) -> None:
 
 def build_models(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
     """The PT and IT models of `con` (fp32, eval mode). IT = PT plus `con.it_neurons`."""
+    if con.family == "gpt2":
+        return _build_gpt2(con)
     vocab_size = len(vocabulary())
     config = tiny_config(con.family, vocab_size=vocab_size, n_layers=N_LAYERS)
     assert config.hidden_size == D_MODEL
     gen = torch.Generator().manual_seed(10_000 + con.seed)
-    token_dirs = _token_directions(gen, vocab_size)
+    token_dirs = _token_directions(gen, vocab_size, D_MODEL)
     state: dict[str, torch.Tensor] = {}
     pt = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for name, param in pt.named_parameters():
@@ -233,24 +285,85 @@ def build_models(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
     return pt, it
 
 
+def _mean_free_basis() -> torch.Tensor:
+    """`[d_model, d_model]` orthogonal Q whose last column is the all-ones direction.
+
+    GPT-2 weights live in physical coordinates `Q @ logical`: a logical vector with a zero last coordinate
+    has zero mean, so LayerNorm (zero bias, unit gain) acts on it exactly as RMSNorm on the logical vector.
+    """
+    basis = torch.eye(D_MODEL, dtype=torch.float64)
+    basis[:, -1] = 1.0
+    q, _ = torch.linalg.qr(basis.roll(1, dims=1))  # ones first so QR keeps it, then rotate it to the end
+    q = q.roll(-1, dims=1)
+    q[:, -1] = q[:, -1].sign() * q[:, -1]  # +1/8 everywhere
+    return q
+
+
+def _build_gpt2(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """GPT-2 PT and IT: the same logical construction, written in the mean-free basis."""
+    vocab_size = len(vocabulary())
+    config = tiny_config("gpt2", vocab_size=vocab_size, n_layers=N_LAYERS)
+    config.tie_word_embeddings = False
+    assert config.n_embd == D_MODEL
+    stop = _identity_stop("gpt2")
+    q = _mean_free_basis()
+    gen = torch.Generator().manual_seed(10_000 + con.seed)
+    token_dirs = _token_directions(gen, vocab_size, stop)
+    state: dict[str, torch.Tensor] = {}
+    pt = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for name, param in pt.named_parameters():
+        if name.endswith(".bias") or name.endswith("wpe.weight"):
+            value = torch.zeros_like(param, dtype=torch.float64)  # no biases, no position signal
+        elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            value = torch.ones_like(param, dtype=torch.float64)
+        elif name.endswith("wte.weight"):
+            value = embedding_matrix(con, token_dirs) @ q.T  # rows: physical = Q @ logical
+        elif name == "lm_head.weight":
+            value = unembedding_matrix(con, token_dirs) @ q.T
+        elif name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")):  # Conv1D [in, out]: reads
+            out_dim = param.shape[1]
+            value = (_noise(gen, out_dim, D_MODEL, True, False, stop) @ q.T).T
+            if "c_fc" in name:
+                value[:, :N_PLANT_SLOTS] = 0.0
+        elif name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):  # Conv1D [in, out]: writes
+            in_dim = param.shape[0]
+            value = (q @ _noise(gen, D_MODEL, in_dim, False, True, stop)).T
+            if "mlp" in name:
+                value[:N_PLANT_SLOTS, :] = 0.0
+        else:
+            raise AssertionError(f"constructed organisms do not know parameter {name!r}")
+        state[name] = value
+        _set(param, value)
+    it = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for name, param in it.named_parameters():
+        _set(param, state[name])
+    for n in con.it_neurons:
+        mlp = it.transformer.h[n.layer].mlp
+        gate = torch.zeros(D_MODEL, dtype=torch.float64)
+        down = torch.zeros(D_MODEL, dtype=torch.float64)
+        for coord, w in n.gate.items():
+            gate[coord] = w
+        for coord, w in n.down.items():
+            down[coord] = w
+        mlp.c_fc.weight.data[:, n.index] = (q @ gate).float()  # reads gate . (Q^T x)
+        mlp.c_proj.weight.data[n.index, :] = (q @ down).float()  # writes Q @ down
+    return pt, it
+
+
 # ---- what the construction implies -------------------------------------------------------------------
 
 
-def _rms_norm(h: list[float]) -> list[float]:
-    scale = 1.0 / math.sqrt(sum(v * v for v in h) / len(h) + RMS_EPS)
+def _rms_norm(h: list[float], eps: float) -> list[float]:
+    scale = 1.0 / math.sqrt(sum(v * v for v in h) / len(h) + eps)
     return [v * scale for v in h]
 
 
-def _run_planted(h: list[float], neurons: list[Neuron], layers: range) -> list[float]:
+def _run_planted(h: list[float], neurons: list[Neuron], layers: range, eps: float) -> list[float]:
     """Blocks `layers` with noise weights at zero: attention writes nothing, only planted neurons act."""
     h = h[:]
     for layer in layers:
-        x = _rms_norm(h)
-        acts = [
-            (n, _silu(sum(w * x[i] for i, w in n.gate.items())) * sum(w * x[i] for i, w in n.up.items()))
-            for n in neurons
-            if n.layer == layer
-        ]
+        x = _rms_norm(h, eps)
+        acts = [(n, _activation(n, x)) for n in neurons if n.layer == layer]
         for n, a in acts:
             for i, w in n.down.items():
                 h[i] += a * w
@@ -263,19 +376,20 @@ def nominal_cells(con: Construction, word_class: int = 0, ablate_mediators: bool
     The residual is tracked on the planted coordinates plus the identity part, whose direction only enters
     PT's logit of t_PT; the common-IT readout equals PT's (the constructions never change the readout).
     """
+    eps = NORM_EPS[con.family]
     r_id = math.sqrt(EMBED_NORM**2 - CONST_VALUE**2 - CLASS_VALUE**2)  # identity scale of a classed word
     h0 = [0.0] * D_MODEL
     h0[CONST], h0[C[word_class]], h0[N_RESERVED] = CONST_VALUE, CLASS_VALUE, r_id
     it_late_neurons = [n for n in con.it_neurons if not (ablate_mediators and n in con.mediators)]
     upstream = {
-        "pt": _run_planted(h0, [], range(BOUNDARY)),
-        "it": _run_planted(h0, con.it_neurons, range(BOUNDARY)),
+        "pt": _run_planted(h0, [], range(BOUNDARY), eps),
+        "it": _run_planted(h0, con.it_neurons, range(BOUNDARY), eps),
     }
     late = {"pt": [], "it": it_late_neurons}
     cells: dict[str, float] = {}
     for up_name, h_up in upstream.items():
         for late_name, neurons in late.items():
-            x = _rms_norm(_run_planted(h_up, neurons, range(BOUNDARY, N_LAYERS)))
+            x = _rms_norm(_run_planted(h_up, neurons, range(BOUNDARY, N_LAYERS), eps), eps)
             logit_it = BETA_IT * x[K[word_class]]
             logit_pt = BETA_PT * x[N_RESERVED]  # t_PT's row is the identity direction of the current word
             cells[f"y_{up_name}up_{late_name}late"] = logit_it - logit_pt

@@ -50,7 +50,8 @@ def test_every_prompt_diverges_where_the_construction_says(built, name: str) -> 
         assert event.position == prompt.meta["expected_position"], prompt.id
         assert tok.convert_ids_to_tokens(event.t_it) == prompt.meta["expected_t_it"], prompt.id
         assert tok.convert_ids_to_tokens(event.t_pt) == prompt.meta["expected_t_pt"], prompt.id
-    assert len({event.position for _, event in rows}) > 1  # varied divergence positions
+    if pair.family != "gpt2":  # gated organisms fire only on classed words: positions vary
+        assert len({event.position for _, event in rows}) > 1
 
 
 @pytest.mark.parametrize("name", list(CONSTRUCTED))
@@ -85,11 +86,11 @@ def test_engine_matches_hook_reference(built, family: str) -> None:
             assert table[q][i] == pytest.approx(ref[q], abs=1e-4), q
 
 
-@pytest.mark.parametrize("kind", cons.CONSTRUCTED_KINDS)
-def test_noise_free_model_reproduces_nominal_exactly(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+@pytest.mark.parametrize("name", list(CONSTRUCTED))
+def test_noise_free_model_reproduces_nominal_exactly(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """With the noise weights at zero the model computes exactly what `nominal_cells` derives."""
     monkeypatch.setattr(cons, "NOISE_STD", 0.0)
-    con = cons.make_construction(kind, "llama", seed=0)
+    con = cons.make_construction(*CONSTRUCTED[name], seed=0)
     pt, it = cons.build_models(con)
     word = next(iter(con.word_class))
     j = con.word_class[word]
@@ -100,7 +101,10 @@ def test_noise_free_model_reproduces_nominal_exactly(monkeypatch: pytest.MonkeyP
         assert ref[q] == pytest.approx(nominal[q], abs=1e-4), q
 
 
-@pytest.mark.parametrize("family", cons.CONSTRUCTED_FAMILIES)
+MEDIATED_FAMILIES = [f for f in cons.CONSTRUCTED_FAMILIES if "mediated" in cons.FAMILY_KINDS[f]]
+
+
+@pytest.mark.parametrize("family", MEDIATED_FAMILIES)
 def test_mediators_carry_the_interaction(built, family: str) -> None:
     """Recorded decoder directions are the IT final MLP's columns; ablating them removes the interaction."""
     root = built(f"{family}_mediated")
@@ -120,7 +124,7 @@ def test_mediators_carry_the_interaction(built, family: str) -> None:
     assert (i_full - i_ablate) / i_full >= med["min_interaction_share_removed"]
 
 
-@pytest.mark.parametrize("family", cons.CONSTRUCTED_FAMILIES)
+@pytest.mark.parametrize("family", MEDIATED_FAMILIES)
 def test_mediator_directions_dominate_the_final_mlp_output(built, family: str) -> None:
     """What a dictionary on IT's final MLP output sees at divergent steps is mostly the recorded directions."""
     pair, rows, _, expected = _run(built(f"{family}_mediated"))
