@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.api.params import KeyId, UserNameParam
 from app.deps import AdminUser, CurrentUser, ReadSessionDep, SessionDep
 from app.schemas.users import (
     KeyCreate,
@@ -37,18 +38,18 @@ def create_user(body: UserCreate, session: SessionDep, _admin: AdminUser) -> Use
 
 
 @router.get("/admin/users/{name}/keys", response_model=KeysPublic)
-def list_keys(name: str, session: ReadSessionDep, _admin: AdminUser) -> KeysPublic:
+def list_keys(name: UserNameParam, session: ReadSessionDep, _admin: AdminUser) -> KeysPublic:
     rows = service.list_keys(session, name)
     return KeysPublic(data=[KeyPublic.model_validate(k) for k in rows], count=len(rows))
 
 
 @router.post("/admin/users/{name}/keys", status_code=201, response_model=KeyCreated)
-def create_key(name: str, body: KeyCreate, session: SessionDep, _admin: AdminUser) -> KeyCreated:
+def create_key(name: UserNameParam, body: KeyCreate, session: SessionDep, _admin: AdminUser) -> KeyCreated:
     """A new API key for `name`, shown this once."""
     row, key = service.create_key(session, name, body.label)
     return KeyCreated(**KeyPublic.model_validate(row).model_dump(), key=key)
 
 
 @router.post("/admin/keys/{key_id}/revoke", response_model=KeyPublic)
-def revoke_key(key_id: int, session: SessionDep, _admin: AdminUser) -> KeyPublic:
+def revoke_key(key_id: KeyId, session: SessionDep, _admin: AdminUser) -> KeyPublic:
     return KeyPublic.model_validate(service.revoke_key(session, key_id))

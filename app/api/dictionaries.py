@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from app.api.params import FamilyFilter, Offset
 from app.deps import CurrentUser, ReadSessionDep, SessionDep, SettingsDep
 from app.schemas.dictionaries import DictionariesPublic, DictionaryCreate, DictionaryPublic
 from app.schemas.jobs import Name
@@ -18,9 +19,9 @@ router = APIRouter(prefix="/dictionaries", tags=["dictionaries"])
 def list_dictionaries(
     session: ReadSessionDep,
     _user: CurrentUser,
-    family: Annotated[str | None, Query(max_length=32)] = None,
+    family: FamilyFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> DictionariesPublic:
     """Dictionaries, newest first."""
     rows = catalog.list_dictionaries(session, family, limit, offset)

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.api.params import Offset
 from app.deps import (
     CurrentUser,
     OwnedJob,
@@ -40,7 +41,7 @@ def list_jobs(
     mine: bool = False,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> JobsPublic:
     """All jobs (or only mine), newest first."""
     data, count = service.list_jobs(session, user, mine=mine, status=status, limit=limit, offset=offset)
@@ -77,7 +78,7 @@ def job_logs(
     job: ReadableJob,
     session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> JobLogsPublic:
     """The job's log lines, oldest first."""
     rows, count = service.logs(session, job.id, limit=limit, offset=offset)

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
+from app.api.params import Offset
 from app.deps import ReadableJob, ResultsDep
 from app.schemas.results import ProvenancePublic, Rows
 from app.services import results as service
@@ -26,7 +27,7 @@ def job_results(
     results: ResultsDep,
     format: Literal["json", "parquet"] = "json",
     limit: Annotated[int, Query(ge=1, le=1_000_000)] = 10_000,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Rows | Response:
     """A finished job's rows of `table`; `format=parquet` downloads them as a Parquet file."""
     if format == "parquet":

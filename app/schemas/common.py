@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+# Free text stored in a string column (PostgreSQL text refuses NUL characters with an error).
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 
 class FieldError(BaseModel):

@@ -3,31 +3,32 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas.common import Text
 from app.schemas.jobs import Name
 
 
 class DictionaryCreate(BaseModel):
     """Register a dictionary saved (sae_lens format) under a configured dictionary root."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: Name
-    path: str = Field(min_length=1, max_length=1024)
+    path: Text = Field(min_length=1, max_length=1024)
     pair_id: Name | None = None
-    family: str = Field(min_length=1, max_length=32)
+    family: Text = Field(min_length=1, max_length=32)
     model_role: Literal["PT", "IT", "paired"] = "IT"
     layer: int = Field(ge=0, le=1024)
-    hook_point: str = Field(min_length=1, max_length=128)
-    kind: str = Field(default="sae", max_length=32)
-    architecture: str = Field(default="topk", max_length=32)
+    hook_point: Text = Field(min_length=1, max_length=128)
+    kind: Text = Field(default="sae", max_length=32)
+    architecture: Text = Field(default="topk", max_length=32)
     width: int = Field(ge=1, le=1 << 24)
     k: int | None = Field(default=None, ge=1, le=1 << 16)
-    training_tokens: int | None = Field(default=None, ge=0)
-    metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
+    training_tokens: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    metrics: dict[Annotated[Text, Field(max_length=128)], float] = Field(default_factory=dict, max_length=64)
 
 
 class DictionaryPublic(BaseModel):

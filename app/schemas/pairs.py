@@ -6,6 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas.common import Text
 from app.schemas.jobs import Name
 
 
@@ -26,15 +27,15 @@ class PairCreate(BaseModel):
     )
 
     pair_id: Name
-    family: str = Field(min_length=1, max_length=32)
-    pt: str = Field(
+    family: Text = Field(min_length=1, max_length=32)
+    pt: Text = Field(
         min_length=1, max_length=512, description="Hub id or a local directory under the model roots."
     )
-    it: str = Field(min_length=1, max_length=512)
+    it: Text = Field(min_length=1, max_length=512)
     n_layers: int | None = Field(default=None, ge=1, le=1024)
     default_boundary: int | None = Field(default=None, ge=0, le=1024)
-    pt_revision: str | None = Field(default=None, max_length=128)
-    it_revision: str | None = Field(default=None, max_length=128)
+    pt_revision: Text | None = Field(default=None, max_length=128)
+    it_revision: Text | None = Field(default=None, max_length=128)
 
 
 class PairPublic(BaseModel):

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas.common import Text
+
 UserName = str
 
 
@@ -37,7 +39,7 @@ class UsersPublic(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    label: str = Field(default="", max_length=64)
+    label: Text = Field(default="", max_length=64)
 
 
 class KeyPublic(BaseModel):

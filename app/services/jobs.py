@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import Conflict, Invalid, NotAvailable, QuotaExceeded
+from app.errors import Conflict, Invalid, QuotaExceeded
 from app.schemas.jobs import JobCreate, JobPublic
 from app.services.paths import resolve_under
 from app.store.duckdb import ResultsStore
@@ -49,7 +49,11 @@ def _check_prompts(spec: Any, settings: Settings) -> None:
         path = resolve_under(spec.prompt_file, settings.model_roots, "spec.prompt_file")
         if not path.is_file():
             raise Invalid("spec.prompt_file", "not a file")
-        if _count_lines(path, limit) > limit:
+        try:
+            n = _count_lines(path, limit)
+        except (OSError, UnicodeDecodeError) as e:
+            raise Invalid("spec.prompt_file", f"cannot read it as UTF-8 JSONL: {e}") from e
+        if n > limit:
             raise Invalid(
                 "spec.prompt_file", f"more than {limit} prompts; this server allows at most {limit}"
             )
@@ -78,8 +82,9 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
     """Check a spec against the allow-list and the server's limits; returns (pair_id, memory)."""
     spec = body.spec
     if spec.kind not in available_kinds():
-        raise NotAvailable(
-            f"job kind {spec.kind!r} is not available yet on this server (available: {', '.join(available_kinds())})"
+        raise Invalid(
+            "spec.kind",
+            f"job kind {spec.kind!r} is not available on this server (available: {', '.join(available_kinds())})",
         )
     _check_prompts(spec, settings)
     pair_ids = list(spec.pair_ids) if spec.kind == "pipeline" else [spec.pair_id]

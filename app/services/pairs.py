@@ -16,21 +16,33 @@ from app.store.models import Pair
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
-def _local_info(path: Path) -> tuple[int | None, int]:
+def _local_info(path: Path, field: str) -> tuple[int | None, int]:
     """(n_layers from config.json, bytes of weight files) of a local HF model directory."""
     n_layers = None
     cfg_file = path / "config.json"
     if cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text())
-        text = cfg.get("text_config") or cfg
-        n_layers = text.get("num_hidden_layers") or text.get("n_layer")
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            text = cfg.get("text_config") or cfg
+            n_layers = text.get("num_hidden_layers") or text.get("n_layer")
+        except (OSError, ValueError, AttributeError) as e:
+            raise Invalid(field, f"cannot read {cfg_file}: {e}") from e
+        if n_layers is not None and (not isinstance(n_layers, int) or n_layers < 1):
+            raise Invalid(field, f"{cfg_file}: num_hidden_layers must be a positive integer")
     size = sum(f.stat().st_size for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES)
     return n_layers, size
 
 
+def _exists(raw: str) -> bool:
+    try:
+        return Path(raw).exists()
+    except (OSError, ValueError):  # a name too long or with a NUL is no local directory
+        return False
+
+
 def _model_ref(raw: str, settings: Settings, field: str) -> tuple[str, int | None, int]:
     """A local path (checked under the model roots) or a hub id; with n_layers and size if local."""
-    looks_local = raw.startswith(("/", ".", "~")) or Path(raw).exists()
+    looks_local = raw.startswith(("/", ".", "~")) or _exists(raw)
     if not looks_local:
         if raw.count("/") != 1 or any(c in raw for c in " \\:"):
             raise Invalid(field, "a hub id looks like 'org/name'; local paths must be under the model roots")
@@ -38,7 +50,7 @@ def _model_ref(raw: str, settings: Settings, field: str) -> tuple[str, int | Non
     path = resolve_under(raw, settings.model_roots, field)
     if not (path / "config.json").is_file():
         raise Invalid(field, "a local model directory needs a config.json")
-    n_layers, size = _local_info(path)
+    n_layers, size = _local_info(path, field)
     return str(path), n_layers, size
 
 
