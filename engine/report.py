@@ -67,3 +67,75 @@ def format_sweep(summary: pa.Table, readout: str = "it") -> str:
     for r in sorted(rows, key=lambda r: (r["family"], r["boundary"])):
         lines.append(f"{r['family']:<10} {r['boundary']:>8}  {_ci(r)}")
     return "\n".join(lines)
+
+
+def _pick(rows: list[dict], intervention: str, statistic: str, k: int | None) -> dict | None:
+    for r in rows:
+        if r["intervention"] == intervention and r["statistic"] == statistic and (k is None or r["k"] == k):
+            return r
+    return None
+
+
+def _ci_or_dash(r: dict | None, pct: bool = False) -> str:
+    if r is None or r["effect"] is None:
+        return "-"
+    f = 100.0 if pct else 1.0
+    unit = "%" if pct else ""
+    if r["ci_low"] is None:
+        return f"{f * r['effect']:+.1f}{unit}" if pct else f"{r['effect']:+.3f}"
+    if pct:
+        return f"{f * r['effect']:+.1f}% [{f * r['ci_low']:+.1f}, {f * r['ci_high']:+.1f}]"
+    return f"{r['effect']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+
+
+def format_mediation(effects: pa.Table, n_top_features: int = 5) -> str:
+    """Per family: interaction on the test split, top-k ablation share vs matched-random, rescue, top features."""
+    rows = effects.to_pylist()
+    lines = [
+        f"{'family':<10} {'interaction (test)':<26} {'k':>4}  {'top-k ablation share':<26} {'matched-random':<15} "
+        f"{'rescue fraction':<26} top features (latent: score)"
+    ]
+    for family in sorted({r["family"] for r in rows}):
+        fr = [r for r in rows if r["family"] == family]
+        set_ks = sorted({r["k"] for r in fr if r["intervention"] == "ablate_topk"})
+        k = set_ks[-1] if set_ks else None
+        top = sorted((r for r in fr if r["intervention"] == "attribution"), key=lambda r: r["k"])[
+            :n_top_features
+        ]
+        feats = ", ".join(f"{r['latent']}: {r['effect']:+.3g}" for r in top) or "-"
+        base = _pick(fr, "baseline", "interaction", None)
+        if base is not None and base["ci_low"] is not None and base["ci_low"] <= 0 <= base["ci_high"]:
+            # a share of an interaction indistinguishable from 0 means nothing: say so instead
+            lines.append(
+                f"{family:<10} {_ci_or_dash(base):<26} {k if k else '-':>4}  "
+                f"{'n/a: no interaction to mediate (CI covers 0)':<68} {feats}"
+            )
+            continue
+        lines.append(
+            f"{family:<10} {_ci_or_dash(_pick(fr, 'baseline', 'interaction', None)):<26} {k if k else '-':>4}  "
+            f"{_ci_or_dash(_pick(fr, 'ablate_topk', 'share', k), pct=True):<26} "
+            f"{_ci_or_dash(_pick(fr, 'ablate_matched_random', 'share', k), pct=True):<15} "
+            f"{_ci_or_dash(_pick(fr, 'rescue_topk', 'rescue_fraction', k), pct=True):<26} {feats}"
+        )
+    return "\n".join(lines)
+
+
+def format_effects(effects: pa.Table, limit: int = 20) -> str:
+    """Every set-level effect (share, rescue fraction, drops with CIs) and the top features by attribution."""
+    rows = effects.to_pylist()
+    lines = [f"{'intervention':<28} {'k':>4}  {'statistic':<18} effect [95% CI]"]
+    for r in rows:
+        if r["latent"] is None and r["statistic"] in (
+            "share",
+            "rescue_fraction",
+            "interaction_drop",
+            "interaction",
+        ):
+            lines.append(f"{r['intervention']:<28} {r['k']:>4}  {r['statistic']:<18} {_ci_or_dash(r)}")
+    top = sorted((r for r in rows if r["intervention"] == "attribution"), key=lambda r: r["k"])[:limit]
+    lines.append(f"\ntop {len(top)} features by attribution (IT-up minus PT-up, fit split)")
+    lines += [
+        f"  #{r['k']:<4} {r['dictionary_id']}:{r['latent']:<6} layer {r['layer']}  score {r['effect']:+.4g}"
+        for r in top
+    ]
+    return "\n".join(lines)

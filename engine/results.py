@@ -55,6 +55,7 @@ EVENTS_SCHEMA = pa.schema(
         ("t_pt", pa.int64()),
         ("t_it", pa.int64()),
         ("n_prompt_tokens", pa.int32()),
+        ("prompt_ids", pa.list_(pa.int64())),
         ("prefix_ids", pa.list_(pa.int64())),
         ("prompt_text", pa.string()),
         ("prefix_text", pa.string()),
@@ -126,3 +127,11 @@ def events_table(events: list, family: str, pair_id: str) -> pa.Table:
             if name not in ("family", "pair_id", "n_prompt_tokens"):
                 rows[name].append(getattr(e, name))
     return pa.table(rows, schema=EVENTS_SCHEMA)
+
+
+def events_from_table(table: pa.Table) -> list:
+    """`DivergenceEvent`s back from an events table (e.g. a job's checkpoint parts)."""
+    from engine.divergence import DivergenceEvent
+
+    fields = {f for f in DivergenceEvent.__dataclass_fields__}
+    return [DivergenceEvent(**{k: v for k, v in row.items() if k in fields}) for row in table.to_pylist()]

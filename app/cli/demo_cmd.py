@@ -1,15 +1,18 @@
-"""`crosspatch demo`: the main job a newcomer runs first, on the bundled model organisms.
+"""`crosspatch demo`: the main job a newcomer runs first, through the real service.
 
-Runs first divergence + the 2x2 cross-patch on every bundled trained organism pair (one per family)
-and prints the per-family table with 95% CIs and the family-balanced mean. Until the HTTP service lands
-(issue 8), it runs in this process (library mode) and says so.
+It starts the embedded service (SQLite job store, DuckDB results, one local worker process) on a free
+127.0.0.1 port, creates a local admin key, allow-lists the bundled trained organism pairs (one per family),
+submits one `pipeline` job over HTTP (divergence -> 2x2 cross-patch -> dictionary on IT's final MLP ->
+feature mediation), follows its progress, and prints the per-family table with 95% CIs, the family-balanced
+mean, and the top mediating features. `--library` runs the 2x2 part in this process instead (no server).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,15 +36,188 @@ def _demo_organisms(names: list[str] | None) -> list[str]:
     return trained or [n for n in list_organisms("constructed") if n.startswith("llama_")]
 
 
+def _family(name: str) -> str:
+    return name.removeprefix("trained_")
+
+
+class _EmbeddedService:
+    """The service with its one local worker, in this process, on a free loopback port."""
+
+    def __init__(self, settings: Any) -> None:
+        import socket
+
+        import uvicorn
+
+        from app.main import create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            create_app(settings, embedded_worker=True), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> _EmbeddedService:
+        import httpx
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the embedded service did not start within 60 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def _bootstrap(settings: Any, organisms: list[str]) -> str:
+    """Migrate, create a demo admin key, and allow-list each organism pair (idempotent); returns the key."""
+    from app.services import pairs, users
+    from app.store.migrate import upgrade
+    from app.store.models import Pair, User
+    from app.store.session import Store
+    from engine.organisms import organism_path
+
+    upgrade(settings.database_url)
+    store = Store.from_settings(settings)
+    try:
+        with store.session() as s:
+            if s.query(User).filter_by(name="demo").one_or_none() is None:
+                users.create_user(s, "demo", "admin")
+            _, key = users.create_key(s, "demo", "crosspatch demo")
+            for name in organisms:
+                if s.get(Pair, name) is None:
+                    root = organism_path(name)
+                    pairs.add_pair(
+                        s,
+                        settings,
+                        pair_id=name,
+                        family=_family(name),
+                        pt=str(root / "pt"),
+                        it=str(root / "it"),
+                    )
+    finally:
+        store.dispose()
+    return key
+
+
+def _prompts(organisms: list[str], limit: int | None) -> list[dict[str, str]]:
+    """The organisms' shared prompt set (they share one tokenizer and corpus), ids without the pair prefix."""
+    from engine.organisms import organism_path
+    from engine.prompts import load_prompts
+
+    records = load_prompts(organism_path(organisms[0]) / "prompts.jsonl", limit=limit)
+    prefix = organisms[0] + "-"
+    return [{"id": r.id.removeprefix(prefix), "text": r.text, "category": r.category} for r in records]
+
+
+def _print_progress(job: dict[str, Any], last: list[str]) -> None:
+    msg = (job.get("progress") or {}).get("message") or job["status"]
+    frac = (job.get("progress") or {}).get("fraction") or 0.0
+    line = f"  [{frac * 100:5.1f}%] {msg}"
+    if line != last[0]:
+        typer.echo(line)
+        last[0] = line
+
+
+def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str]) -> None:
+    from engine.report import format_mediation, format_summary
+    from engine.results import FEATURE_EFFECTS_SCHEMA, SUMMARY_SCHEMA
+
+    summaries = pq.read_table(client.results_parquet(job_id, "summaries", out_dir / "summaries.parquet"))
+    typer.echo(
+        "\nFirst-divergence 2x2 cross-patch, Y = logit(t_IT) - logit(t_PT) (95% bootstrap CIs over prompts)"
+    )
+    typer.echo(format_summary(summaries.cast(SUMMARY_SCHEMA)))
+    effects = pq.read_table(
+        client.results_parquet(job_id, "feature_effects", out_dir / "feature_effects.parquet")
+    )
+    effects = effects.select(FEATURE_EFFECTS_SCHEMA.names).cast(FEATURE_EFFECTS_SCHEMA)
+    typer.echo(
+        "\nFeature mediation (SAE on IT's final MLP output; ranked on a fit split, tested on the rest)"
+    )
+    typer.echo(format_mediation(effects))
+    dicts = client.request("GET", "/dictionaries").json()["data"]
+    for d in (d for d in dicts if d["pair_id"] in pair_ids):
+        fve = (d.get("metrics") or {}).get("fve_min")
+        typer.echo(
+            f"  dictionary {d['id']}: {d['architecture']} width {d['width']}, FVE {fve:.3f}, gate {d['gate_status']}"
+            if fve is not None
+            else f"  dictionary {d['id']}: gate {d['gate_status']}"
+        )
+
+
 @cli.command("demo")
 def demo(
     organism: Annotated[
         list[str] | None, typer.Option(help="Organism(s) to run (default: every bundled trained pair).")
     ] = None,
-    out_dir: Annotated[Path, typer.Option(help="Where the cells Parquet goes.")] = Path(".crosspatch/demo"),
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    data_dir: Annotated[Path, typer.Option(help="Service data dir (job store, DuckDB, parts).")] = Path(
+        ".crosspatch/demo"
+    ),
+    prompts_limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Top feature set size for mediation.")] = 20,
+    library: Annotated[bool, typer.Option(help="Run the 2x2 in this process, without the service.")] = False,
 ) -> None:
-    """Run divergence + 2x2 cross-patching on the bundled organisms and print the per-family table."""
+    """Start the embedded service, run a pipeline job on the bundled organisms over HTTP, print the results."""
+    names = _demo_organisms(organism)
+    if library:
+        return _library_demo(names, data_dir)
+    from app.client import Client
+    from app.config import Settings
+    from engine.organisms import organism_path
+
+    t0 = time.perf_counter()
+    roots = sorted({str(organism_path(n).parent.resolve()) for n in names})
+    settings = Settings(data_dir=data_dir, model_roots=roots, embedded_worker=True, log_level="WARNING")
+    typer.echo(f"crosspatch demo: embedded service (SQLite + DuckDB + 1 local worker) in {data_dir}")
+    key = _bootstrap(settings, names)
+    spec = {
+        "kind": "pipeline",
+        "pair_ids": names,
+        "prompts": _prompts(names, prompts_limit),
+        "max_new_tokens": 32,
+        "mediation": {"top_k": top_k, "ks": sorted({max(1, top_k // 4), max(1, top_k // 2), top_k})},
+        "dictionary": {"architecture": "topk", "k": 8},
+    }
+    with _EmbeddedService(settings) as service, Client(service.url, key, timeout=120) as client:
+        typer.echo(f"service up at {service.url}; submitting a pipeline job over HTTP for {', '.join(names)}")
+        job = client.submit(spec)
+        typer.echo(f"job {job['id']} queued")
+        last = [""]
+        job = client.wait(job["id"], timeout=1800, on_progress=lambda j: _print_progress(j, last))
+        if job["status"] != "succeeded":
+            logs = client.logs(job["id"])["data"][-5:]
+            raise typer.Exit(_fail(job, logs))
+        out_dir = data_dir / "demo-results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _print_results(client, job["id"], out_dir, names)
+    figures = sorted((data_dir / "jobs" / job["id"] / "figures").glob("*.png"))
+    typer.echo(f"\njob {job['id']} succeeded in {time.perf_counter() - t0:.0f}s")
+    typer.echo(f"results DuckDB: {settings.duckdb_path}  (query: crosspatch top-features --local)")
+    typer.echo(f"Parquet copies: {out_dir}")
+    if figures:
+        typer.echo(f"figures: {figures[0].parent} ({', '.join(f.name for f in figures)})")
+
+
+def _fail(job: dict[str, Any], logs: list[dict[str, Any]]) -> int:
+    typer.echo(f"job {job['id']} {job['status']}: {job.get('error')}", err=True)
+    for line in logs:
+        typer.echo(f"  {line['level']} {line['message']}", err=True)
+    return 1
+
+
+def _library_demo(names: list[str], out_dir: Path) -> None:
+    """The 2x2 on each organism in this process (no server, no dictionaries)."""
     from engine.crosspatch import crosspatch
     from engine.divergence import find_divergences
     from engine.organisms import organism_path
@@ -50,30 +226,16 @@ def demo(
     from engine.report import format_summary
     from engine.stats import summarize
 
-    names = _demo_organisms(organism)
-    typer.echo(
-        "crosspatch demo (library mode: runs in this process; the HTTP-service demo arrives with the service)"
-    )
-    t0 = time.perf_counter()
+    typer.echo("crosspatch demo (library mode: in this process, no service)")
     tables = []
     for name in names:
         root = organism_path(name)
-        family = name.removeprefix("trained_") if name.startswith("trained_") else name
-        pair = load_pair(root / "pt", root / "it", family=family, pair_id=name)
-        prompts = load_prompts(root / "prompts.jsonl")
-        events = find_divergences(pair, prompts, batch_size=batch_size)
-        n_div = sum(e.diverged for e in events)
-        cells = crosspatch(pair, events, batch_size=batch_size)
-        typer.echo(
-            f"  {name:<28} {pair.n_layers} layers, boundary {pair.default_boundary}: "
-            f"{n_div}/{len(events)} prompts diverged"
-        )
-        tables.append(cells)
+        pair = load_pair(root / "pt", root / "it", family=_family(name), pair_id=name)
+        events = find_divergences(pair, load_prompts(root / "prompts.jsonl"), batch_size=32)
+        typer.echo(f"  {name}: {sum(e.diverged for e in events)}/{len(events)} prompts diverged")
+        tables.append(crosspatch(pair, events, batch_size=32))
     cells = pa.concat_tables(tables)
     out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(cells, out_dir / "cells.parquet")
-    typer.echo("")
     typer.echo(format_summary(summarize(cells, position_min=(3,))))
-    typer.echo(
-        f"\ncells: {out_dir / 'cells.parquet'} ({cells.num_rows} rows), {time.perf_counter() - t0:.1f}s"
-    )
+    typer.echo(f"\ncells: {out_dir / 'cells.parquet'}")

@@ -43,6 +43,7 @@ def mediate(
     from engine.mediation import mediate as run_mediation
     from engine.pairs import load_pair
     from engine.prompts import load_prompts
+    from engine.report import format_effects
     from saes.load import load_dictionary
     from saes.quality import require_gate
 
@@ -80,25 +81,3 @@ def mediate(
     typer.echo(
         f"\nwrote {out}/feature_effects.parquet and feature_acts.parquet in {time.perf_counter() - t0:.1f}s"
     )
-
-
-def format_effects(effects, limit: int = 20) -> str:
-    """Set-level effects (share, rescue fraction with CIs) and the top features by attribution."""
-    rows = effects.to_pylist()
-    lines = [f"{'intervention':<28} {'k':>4}  {'statistic':<18} effect [95% CI]"]
-    for r in rows:
-        if r["latent"] is None and r["statistic"] in (
-            "share",
-            "rescue_fraction",
-            "interaction_drop",
-            "interaction",
-        ):
-            ci = "" if r["ci_low"] is None else f" [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
-            lines.append(f"{r['intervention']:<28} {r['k']:>4}  {r['statistic']:<18} {r['effect']:+.3f}{ci}")
-    top = [r for r in rows if r["intervention"] == "attribution"][:limit]
-    lines.append(f"\ntop {len(top)} features by attribution (IT-up minus PT-up, fit split)")
-    lines += [
-        f"  #{r['k']:<4} {r['dictionary_id']}:{r['latent']:<6} layer {r['layer']}  score {r['effect']:+.4f}"
-        for r in top
-    ]
-    return "\n".join(lines)

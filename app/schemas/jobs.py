@@ -91,23 +91,71 @@ class LoadDictionarySpec(_Spec):
     model_role: Literal["PT", "IT", "paired"] = "IT"
 
 
+class MediationOptions(_Spec):
+    """How features are ranked and tested (defaults follow the method)."""
+
+    top_k: int = Field(default=200, ge=1, le=100_000, description="Size of the top feature set.")
+    ks: list[int] = Field(default_factory=lambda: [25, 50, 100, 200], min_length=1, max_length=16)
+    ablation: Literal["zero", "pt_value"] = "zero"
+    fit_fraction: float = Field(default=0.27, gt=0.0, lt=1.0, description="Share of events used for ranking.")
+    split_seed: int = Field(default=0, ge=0)
+    n_random_seeds: int = Field(default=3, ge=1, le=20, description="Matched-random control sets per k.")
+    allow_failed_gate: bool = Field(default=False, description="Use a dictionary below the quality gate.")
+
+    @model_validator(mode="after")
+    def _ks(self) -> MediationOptions:
+        if any(k < 1 for k in self.ks):
+            raise ValueError("every k must be >= 1")
+        return self
+
+
+class DictionaryOptions(_Spec):
+    """The dictionary a pipeline trains per pair on IT's final MLP output (or PT+IT for crosscoders)."""
+
+    architecture: Literal["topk", "batchtopk", "jumprelu", "standard", "transcoder", "crosscoder"] = "topk"
+    layer: int | None = Field(default=None, ge=0, le=1024, description="Default: the last layer.")
+    width: int | None = Field(default=None, ge=1, le=1 << 20, description="Default: 8 x d_model.")
+    k: int | None = Field(default=8, ge=1, le=4096)
+    training_tokens: int | None = Field(default=None, ge=1, le=10**11, description="Default: 30 epochs.")
+    continuation_tokens: int = Field(
+        default=64, ge=0, le=4096, description="PT-greedy tokens after each prompt."
+    )
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _k_width(self) -> DictionaryOptions:
+        if self.k is not None and self.width is not None and self.k > self.width:
+            raise ValueError(f"k={self.k} exceeds width {self.width}")
+        return self
+
+
 class MediationSpec(_PromptsSpec):
-    """Rank, ablate and rescue dictionary features on the divergence events."""
+    """Rank, ablate and rescue a registered dictionary's features on the pair's divergence events."""
 
     kind: Literal["mediation"] = "mediation"
     pair_id: Name
     dictionary_id: Name
-    k: int = Field(default=16, ge=1, le=4096)
     boundary: int | None = Field(default=None, ge=0)
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)
+    batch_size: int = Field(default=16, ge=1, le=512)
+    mediation: MediationOptions = Field(default_factory=MediationOptions)
 
 
 class PipelineSpec(_PromptsSpec):
-    """Divergence -> cross-patch -> dictionary -> mediation, for one pair or several."""
+    """Divergence -> 2x2 cross-patch -> dictionary -> mediation, for one pair or several (families)."""
 
     kind: Literal["pipeline"] = "pipeline"
     pair_ids: list[Name] = Field(min_length=1, max_length=32)
-    k: int = Field(default=16, ge=1, le=4096)
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
+    batch_size: int = Field(default=16, ge=1, le=512)
+    chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")
+    boundary: int | None = Field(default=None, ge=0, description="Default: each pair's own round(0.6 L).")
+    readouts: list[Readout] = Field(default_factory=lambda: ["it"], min_length=1, max_length=3)
+    n_resamples: int = Field(default=2000, ge=10, le=100_000)
+    seed: int = Field(default=23, ge=0)
+    dictionary: DictionaryOptions = Field(default_factory=DictionaryOptions)
+    mediation: MediationOptions = Field(default_factory=MediationOptions)
+    figures: bool = Field(default=True, description="Write PNG figures with the results.")
 
 
 JobSpec = Annotated[

@@ -91,7 +91,8 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
     field = "spec.pair_ids" if spec.kind == "pipeline" else "spec.pair_id"
     pairs = [_check_pair(session, p, field) for p in pair_ids]
     if hasattr(spec, "boundary"):
-        _check_boundary(spec.boundary, pairs[0])
+        for pair in pairs:
+            _check_boundary(spec.boundary, pair)
     if spec.kind == "train_dictionary" and spec.layer >= pairs[0].n_layers:
         raise Invalid(
             "spec.layer", f"layer {spec.layer} out of range: the pair has {pairs[0].n_layers} layers"
@@ -100,10 +101,26 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
         d = session.get(Dictionary, spec.dictionary_id)
         if d is None:
             raise Invalid("spec.dictionary_id", f"unknown dictionary {spec.dictionary_id!r}")
-        if spec.k > d.width:
-            raise Invalid("spec.k", f"k={spec.k} exceeds the dictionary's width {d.width}")
+        if spec.mediation.top_k > d.width:
+            raise Invalid(
+                "spec.mediation.top_k",
+                f"top_k={spec.mediation.top_k} exceeds the dictionary's width {d.width}",
+            )
     if spec.kind == "train_dictionary" and spec.k is not None and spec.k > spec.width:
         raise Invalid("spec.k", f"k={spec.k} exceeds width {spec.width}")
+    if spec.kind == "pipeline":
+        width = spec.dictionary.width
+        if width is not None and spec.mediation.top_k > width:
+            raise Invalid(
+                "spec.mediation.top_k", f"top_k={spec.mediation.top_k} exceeds the dictionary width {width}"
+            )
+        if spec.dictionary.layer is not None:
+            for p in pairs:
+                if spec.dictionary.layer >= p.n_layers:
+                    raise Invalid(
+                        "spec.dictionary.layer",
+                        f"layer {spec.dictionary.layer} out of range for {p.pair_id!r}",
+                    )
     if spec.kind == "load_dictionary":
         spec.path = str(resolve_under(spec.path, settings.dictionary_roots, "spec.path"))
     return pairs[0].pair_id, max(p.estimated_memory_bytes for p in pairs)

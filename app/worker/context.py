@@ -149,12 +149,47 @@ class JobContext:
                 )
         return path
 
-    def read_parts(self, table_name: str) -> pa.Table | None:
-        """All finished parts of one table, concatenated in name order (None if there are none)."""
-        paths = [p for n, p in sorted(self.completed_parts().items()) if n.split(".", 1)[0] == table_name]
+    def read_parts(self, table_name: str, prefix: str = "") -> pa.Table | None:
+        """Finished parts of one table (whose suffix starts with `prefix`), in name order; None if none."""
+        paths = [
+            p
+            for n, p in sorted(self.completed_parts().items())
+            if n.split(".", 1)[0] == table_name and n.split(".", 1)[1].startswith(prefix)
+        ]
         if not paths:
             return None
         return pa.concat_tables([pq.read_table(p) for p in paths])
+
+    def dictionary_path(self, dictionary_id: str) -> Path:
+        """Where a registered dictionary lives (from the job store's dictionaries table)."""
+        from app.store.models import Dictionary
+
+        with self.store.session(write=False) as s:
+            d = s.get(Dictionary, dictionary_id)
+            if d is None:
+                raise ValueError(f"unknown dictionary {dictionary_id!r}")
+            return Path(d.path)
+
+    def register_dictionary(self, dictionary: Any, pair: Any) -> str:
+        """Record a dictionary this job trained in the job store's registry (upsert by id); returns its id."""
+        from app.store.models import Dictionary, Job
+
+        meta = dictionary.meta
+        dict_id = str(dictionary.id)[:64]
+        role = {"it": "IT", "pt": "PT"}.get(str(meta.get("model_role", "")).lower(), "paired")
+        with self.store.session() as s:
+            job = s.get(Job, self.job_id)
+            row = s.get(Dictionary, dict_id) or Dictionary(id=dict_id)
+            row.pair_id, row.family, row.model_role = pair.pair_id, pair.family, role
+            row.layer, row.hook_point = int(dictionary.layer), str(dictionary.hook_point)
+            row.kind, row.architecture = dictionary.kind, str(meta.get("architecture"))
+            row.width, row.k = int(dictionary.n_latents), meta.get("k")
+            row.training_tokens = meta.get("training_tokens")
+            row.metrics, row.gate_status = dict(meta.get("metrics") or {}), dictionary.gate_status
+            row.path = str(dictionary.path)
+            row.created_by = getattr(job, "owner_id", None)
+            s.add(row)
+        return dict_id
 
     # ---- models ------------------------------------------------------------------------------
     def load_pair(self, pair_id: str) -> Any:

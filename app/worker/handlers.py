@@ -11,7 +11,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from app.schemas.jobs import JOB_SPEC_ADAPTER, CrosspatchSpec, DivergenceSpec
+from app.schemas.jobs import (
+    JOB_SPEC_ADAPTER,
+    CrosspatchSpec,
+    DivergenceSpec,
+    MediationOptions,
+    MediationSpec,
+    PipelineSpec,
+)
 from app.worker.context import JobContext
 
 Handler = Callable[[Any, JobContext], None]
@@ -94,25 +101,25 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
 
-@register("crosspatch")
-def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
-    """Divergence -> 2x2 cells per chunk (`events`/`cells` parts) -> `summaries` over all cells."""
+def _crosspatch_chunks(
+    pair: Any,
+    prompts: Sequence[Any],
+    spec: Any,
+    ctx: JobContext,
+    boundaries: list[int],
+    tag: str = "",
+    progress: tuple[float, float] = (0.0, 0.95),
+) -> None:
+    """Divergence + 2x2 per chunk of prompts as `events.<tag>NNNNN` / `cells.<tag>NNNNN` parts (resumable)."""
     from engine.crosspatch import crosspatch as run_crosspatch
     from engine.results import events_table
-    from engine.stats import summarize
 
-    pair = ctx.load_pair(spec.pair_id)
-    _provenance(ctx, pair, spec)
-    boundaries = pair.resolve_boundaries(spec.boundary)
-    ctx.provenance.update(
-        boundaries=boundaries, readouts=spec.readouts, seed=spec.seed, n_resamples=spec.n_resamples
-    )
-    prompts = load_prompt_records(spec)
     chunks = _chunks(prompts, spec.chunk_size)
     done = ctx.completed_parts()
     skipped = 0
+    lo, hi = progress
     for i, chunk in enumerate(chunks):
-        ev_name, cell_name = f"events.{i:05d}", f"cells.{i:05d}"
+        ev_name, cell_name = f"events.{tag}{i:05d}", f"cells.{tag}{i:05d}"
         if ev_name in done and cell_name in done:
             skipped += 1
         else:
@@ -125,11 +132,163 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
                 pair, events, boundary=boundaries, readouts=tuple(spec.readouts), batch_size=spec.batch_size
             )
             ctx.write_part(cell_name, cells)
-        ctx.progress(0.95 * (i + 1) / len(chunks), f"crosspatch: chunk {i + 1}/{len(chunks)}")
+        ctx.progress(
+            lo + (hi - lo) * (i + 1) / len(chunks), f"{pair.pair_id}: 2x2 chunk {i + 1}/{len(chunks)}"
+        )
     if skipped:
-        ctx.log(f"resumed: skipped {skipped} finished chunk(s)")
+        ctx.log(f"resumed: skipped {skipped} finished chunk(s) of {pair.pair_id}")
+
+
+def _summaries(ctx: JobContext, spec: Any) -> None:
+    from engine.stats import summarize
+
     cells_all = ctx.read_parts("cells")
     if cells_all is not None and cells_all.num_rows:
-        ctx.write_part("summaries.all", summarize(cells_all, n_resamples=spec.n_resamples, seed=spec.seed))
+        ctx.write_part(
+            "summaries.all",
+            summarize(cells_all, n_resamples=spec.n_resamples, seed=spec.seed, position_min=(3, 5)),
+        )
+
+
+@register("crosspatch")
+def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
+    """Divergence -> 2x2 cells per chunk (`events`/`cells` parts) -> `summaries` over all cells."""
+    pair = ctx.load_pair(spec.pair_id)
+    _provenance(ctx, pair, spec)
+    boundaries = pair.resolve_boundaries(spec.boundary)
+    ctx.provenance.update(
+        boundaries=boundaries, readouts=spec.readouts, seed=spec.seed, n_resamples=spec.n_resamples
+    )
+    prompts = load_prompt_records(spec)
+    _crosspatch_chunks(pair, prompts, spec, ctx, boundaries)
+    _summaries(ctx, spec)
     ctx.progress(1.0, "crosspatch: done")
     ctx.log(f"crosspatch done: {len(prompts)} prompts, boundaries {boundaries}, readouts {spec.readouts}")
+
+
+def _mediation_config(options: MediationOptions, boundary: int | None, batch_size: int) -> Any:
+    from engine.mediation import MediationConfig
+
+    return MediationConfig(
+        top_k=options.top_k,
+        ks=tuple(options.ks),
+        ablation=options.ablation,
+        fit_fraction=options.fit_fraction,
+        split_seed=options.split_seed,
+        n_random_seeds=options.n_random_seeds,
+        boundary=boundary,
+        batch_size=batch_size,
+    )
+
+
+def _mediate_pair(
+    pair: Any,
+    events: list[Any],
+    dictionary: Any,
+    options: MediationOptions,
+    boundary: int | None,
+    batch_size: int,
+    ctx: JobContext,
+    tag: str,
+) -> None:
+    """Gate check, then mediation -> `feature_effects.<tag>all` / `feature_acts.<tag>all` parts."""
+    from engine.mediation import BranchView
+    from engine.mediation import mediate as run_mediation
+    from saes.quality import require_gate
+
+    done = ctx.completed_parts()
+    if f"feature_effects.{tag}all" in done and f"feature_acts.{tag}all" in done:
+        ctx.log(f"resumed: mediation of {pair.pair_id} already done")
+        return
+    gate = require_gate(dictionary, override=options.allow_failed_gate, reason=f"job {ctx.job_id}")
+    ctx.provenance.setdefault("dictionaries", {})[pair.pair_id] = {
+        "id": dictionary.id,
+        "path": str(dictionary.path),
+        "gate": gate,
+        "metrics": dictionary.meta.get("metrics"),
+    }
+    if gate["overridden"]:
+        ctx.log(
+            f"dictionary {dictionary.id} is below the quality gate ({gate['gate_status']}); used by override",
+            "WARNING",
+        )
+    cfg = _mediation_config(options, boundary, batch_size)
+    result = run_mediation(pair, events, [BranchView(dictionary, "it")], cfg, on_progress=ctx.log)
+    ctx.provenance.setdefault("mediation_splits", {})[pair.pair_id] = {
+        "fit": result.fit_ids,
+        "test": result.test_ids,
+        "config": result.config,
+    }
+    ctx.write_part(f"feature_acts.{tag}all", result.feature_acts)
+    ctx.write_part(f"feature_effects.{tag}all", result.effects)
+
+
+@register("mediation")
+def mediation(spec: MediationSpec, ctx: JobContext) -> None:
+    """Divergence on the spec's prompts, then mediation with a registered dictionary."""
+    from engine.results import events_table
+    from saes.load import load_dictionary
+
+    pair = ctx.load_pair(spec.pair_id)
+    _provenance(ctx, pair, spec)
+    path = ctx.dictionary_path(spec.dictionary_id)
+    dictionary = load_dictionary(path, device=ctx.device)
+    prompts = load_prompt_records(spec)
+    events = _events_for(pair, prompts, spec)
+    ctx.write_part("events.all", events_table(events, pair.family, pair.pair_id))
+    ctx.progress(0.3, "divergence done")
+    _mediate_pair(pair, events, dictionary, spec.mediation, spec.boundary, spec.batch_size, ctx, "")
+    ctx.progress(1.0, "mediation: done")
+
+
+@register("pipeline")
+def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
+    """Per pair: divergence -> 2x2 -> dictionary on IT's final MLP -> mediation; then summaries over all."""
+    from engine.results import events_from_table
+    from saes.for_pair import train_for_pair
+
+    prompts = load_prompt_records(spec)
+    n = len(spec.pair_ids)
+    ctx.provenance.update(pairs={}, seed=spec.seed, n_resamples=spec.n_resamples, readouts=spec.readouts)
+    for i, pair_id in enumerate(spec.pair_ids):
+        lo, span = i / n, 1 / n
+        tag = f"{_part_tag(pair_id)}."
+        pair = ctx.load_pair(pair_id)
+        boundaries = pair.resolve_boundaries(spec.boundary)
+        ctx.provenance["pairs"][pair_id] = {
+            "family": pair.family,
+            "models": pair.provenance(),
+            "boundaries": boundaries,
+        }
+        _crosspatch_chunks(pair, prompts, spec, ctx, boundaries, tag, (lo, lo + 0.4 * span))
+        ctx.check_cancel()
+        opts = spec.dictionary
+        ctx.progress(lo + 0.45 * span, f"{pair_id}: training dictionary ({opts.architecture})")
+        dictionary = train_for_pair(
+            pair,
+            prompts,
+            ctx.checkpoint_dir / f"dictionary{tag}",
+            architecture=opts.architecture,
+            layer=opts.layer,
+            width=opts.width,
+            k=opts.k,
+            training_tokens=opts.training_tokens,
+            continuation_tokens=opts.continuation_tokens,
+            seed=opts.seed,
+        )
+        ctx.register_dictionary(dictionary, pair)
+        fve = (dictionary.meta.get("metrics") or {}).get("fve_min")
+        ctx.log(f"{pair_id}: dictionary {dictionary.id} (FVE {fve}) gate {dictionary.gate_status}")
+        ctx.check_cancel()
+        events_tbl = ctx.read_parts("events", prefix=tag)
+        events = events_from_table(events_tbl) if events_tbl is not None else []
+        ctx.progress(lo + 0.7 * span, f"{pair_id}: mediation")
+        _mediate_pair(pair, events, dictionary, spec.mediation, boundaries[0], spec.batch_size, ctx, tag)
+        ctx.progress(lo + span, f"{pair_id}: done")
+    _summaries(ctx, spec)
+    ctx.progress(1.0, "pipeline: done")
+
+
+def _part_tag(pair_id: str) -> str:
+    """A pair id as a part-name tag (letters, digits, '-', '_')."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in pair_id)
