@@ -62,10 +62,11 @@ def train_for_pair(
     role: str = "it",
     layer: int | None = None,
     width: int | None = None,
-    k: int | None = 8,
+    k: float | None = 8,
     training_tokens: int | None = None,
     continuation_tokens: int = 64,
     batch_size: int = 256,
+    lr: float = 3e-4,
     seed: int = 0,
     progress: Callable[[Any], None] | None = None,
 ) -> Dictionary:
@@ -80,7 +81,8 @@ def train_for_pair(
         return load_dictionary(final)
     layer = pair.n_layers - 1 if layer is None else layer
     width = width or 8 * pair.it_adapter.d_model
-    roles = ROLE_MODELS["paired" if architecture == "crosscoder" else role]
+    crosscoder = architecture.endswith("crosscoder")
+    roles = ROLE_MODELS["paired" if crosscoder else role]
     models = {r: pair.it if r == "it" else pair.pt for r in roles}
     hooks = ("mlp_in", "mlp_out") if "transcoder" in architecture else ("mlp_out",)
     sequences = greedy_continuations(pair, prompts, continuation_tokens)
@@ -88,13 +90,19 @@ def train_for_pair(
         out / "cache", models, sequences, layers=[layer], hook_points=hooks, tokenizer=pair.tokenizer
     )
     n_rows = int(cache.manifest["n_tokens"])
+    batch_size = min(batch_size, max(8, n_rows // 8))
     options: dict[str, Any] = dict(
-        layer=layer, width=width, seed=seed, batch_size=min(batch_size, max(8, n_rows // 8))
+        layer=layer,
+        width=width,
+        seed=seed,
+        lr=lr,
+        batch_size=batch_size,
+        dead_feature_window=min(1000, max(50, n_rows // batch_size)),
     )
     options["training_tokens"] = training_tokens or 30 * n_rows
-    if k is not None and architecture in ("topk", "batchtopk", "crosscoder", "transcoder", "skip_transcoder"):
+    if k is not None and (architecture in ("topk", "batchtopk") or architecture.startswith("batchtopk_")):
         options["k"] = k
-    if architecture != "crosscoder":
+    if not crosscoder:
         options["model_role"] = roles[0]
     cfg = make_config(architecture, **options)
     return train_dictionary(cfg, cache, final, models=models, progress=progress)

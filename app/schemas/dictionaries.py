@@ -26,7 +26,9 @@ class DictionaryCreate(BaseModel):
     kind: Text = Field(default="sae", max_length=32)
     architecture: Text = Field(default="topk", max_length=32)
     width: int = Field(ge=1, le=1 << 24)
-    k: int | None = Field(default=None, ge=1, le=1 << 16)
+    k: float | None = Field(
+        default=None, gt=0, le=1 << 16, description="Active latents per token (may be fractional)."
+    )
     training_tokens: int | None = Field(default=None, ge=0, le=2**63 - 1)
     metrics: dict[Annotated[Text, Field(max_length=128)], float] = Field(default_factory=dict, max_length=64)
 
@@ -43,7 +45,7 @@ class DictionaryPublic(BaseModel):
     kind: str
     architecture: str
     width: int
-    k: int | None
+    k: float | None
     training_tokens: int | None
     metrics: dict[str, Any]
     gate_status: str

@@ -112,14 +112,26 @@ class MediationOptions(_Spec):
 class DictionaryOptions(_Spec):
     """The dictionary a pipeline trains per pair on IT's final MLP output (or PT+IT for crosscoders)."""
 
-    architecture: Literal["topk", "batchtopk", "jumprelu", "standard", "transcoder", "crosscoder"] = "topk"
+    architecture: Literal[
+        "topk",
+        "batchtopk",
+        "jumprelu",
+        "standard",
+        "batchtopk_transcoder",
+        "batchtopk_skip_transcoder",
+        "batchtopk_crosscoder",
+    ] = "topk"
     layer: int | None = Field(default=None, ge=0, le=1024, description="Default: the last layer.")
     width: int | None = Field(default=None, ge=1, le=1 << 20, description="Default: 8 x d_model.")
-    k: int | None = Field(default=8, ge=1, le=4096)
+    k: float | None = Field(
+        default=8, gt=0, le=4096, description="Active latents per token (batchtopk may be fractional)."
+    )
     training_tokens: int | None = Field(default=None, ge=1, le=10**11, description="Default: 30 epochs.")
     continuation_tokens: int = Field(
         default=64, ge=0, le=4096, description="PT-greedy tokens after each prompt."
     )
+    batch_size: int = Field(default=256, ge=8, le=65_536)
+    lr: float = Field(default=3e-4, gt=0, le=1.0)
     seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")

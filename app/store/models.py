@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -178,7 +179,7 @@ class Dictionary(Base):
     kind: Mapped[str] = mapped_column(String(32))
     architecture: Mapped[str] = mapped_column(String(32))
     width: Mapped[int] = mapped_column(Integer)
-    k: Mapped[int | None] = mapped_column(Integer)
+    k: Mapped[float | None] = mapped_column(Float)  # active latents per token; batch-top-k may be fractional
     training_tokens: Mapped[int | None] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     gate_status: Mapped[str] = mapped_column(String(16), default="unknown")

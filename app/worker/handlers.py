@@ -274,6 +274,8 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
             k=opts.k,
             training_tokens=opts.training_tokens,
             continuation_tokens=opts.continuation_tokens,
+            batch_size=opts.batch_size,
+            lr=opts.lr,
             seed=opts.seed,
         )
         ctx.register_dictionary(dictionary, pair)

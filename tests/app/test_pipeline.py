@@ -1,0 +1,120 @@
+"""The pipeline job end to end on a planted organism: real server, real worker, real DuckDB.
+
+`llama_mediated` plants the upstream-dependent effect in four known final-MLP directions, so a pipeline
+(divergence -> 2x2 -> SAE on IT's final MLP -> mediation) must find a large interaction, a dictionary that
+passes the gate, and top-k features whose ablation removes far more of it than matched-random sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from app.config import Settings
+from engine.organisms import load_expected, organism_path
+from engine.prompts import load_prompts
+from tests.app.live import LiveServer, bootstrap_users, client, start_worker
+
+pytestmark = pytest.mark.slow
+ORGANISM = "llama_mediated"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("pipeline")
+    org = organism_path(ORGANISM)
+    settings = Settings(
+        data_dir=root / "data",
+        model_roots=[org.parent],
+        lease_seconds=10.0,
+        heartbeat_seconds=0.5,
+        poll_seconds=0.2,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher"})
+    server = LiveServer(settings).start()
+    worker = start_worker(settings, root / "worker.log")
+    with client(server, keys["root"]) as admin:
+        r = admin.post(
+            "/pairs",
+            json={"pair_id": ORGANISM, "family": "llama", "pt": str(org / "pt"), "it": str(org / "it")},
+        )
+        assert r.status_code == 201, r.text
+    yield {"server": server, "keys": keys, "settings": settings, "org": org}
+    worker.terminate()
+    worker.wait(timeout=30)
+    server.stop()
+
+
+def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
+    prompts = [
+        {"id": p.id, "text": p.text, "category": p.category}
+        for p in load_prompts(env["org"] / "prompts.jsonl")
+    ]
+    spec = {
+        "kind": "pipeline",
+        "pair_ids": [ORGANISM],
+        "prompts": prompts,
+        "max_new_tokens": 16,
+        "n_resamples": 200,
+        # the final MLP writes through 4 planted neurons, at most one per token (about half the tokens):
+        # a width-16 batch-top-k SAE at the organism's true L0 (k = 0.5), as in tests/saes
+        "dictionary": {
+            "architecture": "batchtopk",
+            "width": 16,
+            "k": 0.5,
+            "training_tokens": 60_000,
+            "continuation_tokens": 48,
+            "batch_size": 128,
+            "lr": 3e-3,
+        },
+        "mediation": {"top_k": 4, "ks": [4], "n_random_seeds": 2, "allow_failed_gate": False},
+    }
+    with client(env["server"], env["keys"]["ada"]) as c:
+        r = c.post("/jobs", json={"spec": spec})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        import time
+
+        deadline = time.monotonic() + 600
+        while (job := c.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", (job, c.get(f"/jobs/{job_id}/logs").json())
+        summaries = c.get(f"/jobs/{job_id}/results/summaries", params={"limit": 1000}).json()["data"]
+        effects = c.get(f"/jobs/{job_id}/results/feature_effects", params={"limit": 10_000}).json()["data"]
+        top = c.get("/features/top", params={"family": "llama", "limit": 4}).json()["data"]
+        dicts = c.get("/dictionaries").json()["data"]
+        curve = c.get("/features/curve", params={"family": "llama"}).json()["data"]
+        families = c.get("/features/families").json()["data"]
+
+    expected = load_expected(ORGANISM)
+    inter = next(
+        r
+        for r in summaries
+        if r["statistic"] == "interaction" and r["subset"] == "all" and r["family"] == "llama"
+    )
+    lo, hi = expected["cells"]["interaction"]["lo"], expected["cells"]["interaction"]["hi"]
+    assert lo <= inter["estimate"] <= hi and inter["ci_low"] > 0
+
+    got = {(r["intervention"], r["statistic"]): r for r in effects if r["k"] == 4 and r["latent"] is None}
+    assert got[("ablate_topk", "share")]["effect"] >= 0.8
+    assert abs(got[("ablate_matched_random", "share")]["effect"]) < 0.1
+    assert got[("rescue_topk", "rescue_fraction")]["effect"] >= 0.5
+
+    # the dictionary was registered with its gate, and its top latents point along the planted directions
+    (d,) = [d for d in dicts if d["pair_id"] == ORGANISM]
+    assert d["gate_status"] == "passed" and d["metrics"]["fve_min"] >= 0.75
+    from saes.load import load_dictionary
+
+    w = load_dictionary(d["path"]).W_dec["it"]
+    w = w / w.norm(dim=-1, keepdim=True)
+    planted = torch.tensor(expected["mediators"]["directions"], dtype=w.dtype)
+    top_latents = [r["latent"] for r in top]
+    assert len(top_latents) == 4
+    cos = (planted @ w[top_latents].T).abs().max(dim=1).values
+    assert (cos >= 0.9).all(), cos
+    assert {r["intervention"] for r in curve} >= {"ablate_topk", "ablate_matched_random"}
+    assert any(r["family"] == "llama" and r["k"] == 4 for r in families)
