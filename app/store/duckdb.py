@@ -20,7 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.store import queries
-from app.store.result_tables import PART_SCHEMAS, TABLES, conform, ddl
+from app.store.result_tables import (
+    FEATURE_SCORES_DDL,
+    PART_SCHEMAS,
+    REFRESH_FEATURE_SCORES,
+    TABLES,
+    TOUCHED_BY_JOB,
+    conform,
+    ddl,
+)
 from engine.errors import CrosspatchError
 
 
@@ -46,6 +54,7 @@ class ResultsStore:
         with self._lock:
             for table in TABLES:
                 self._con.execute(ddl(table))
+            self._con.execute(FEATURE_SCORES_DDL)
 
     def close(self) -> None:
         with self._lock:
@@ -92,6 +101,7 @@ class ResultsStore:
             cur = self._con.cursor()
             try:
                 cur.begin()
+                touched = cur.sql(TOUCHED_BY_JOB, params=[job_id]).to_arrow_table()
                 for table in TABLES:
                     cur.execute(f"DELETE FROM {table} WHERE job_id = ?", [job_id])
                 for table, tables in [*loaded.items(), ("provenance", [prov])]:
@@ -101,6 +111,10 @@ class ResultsStore:
                     cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _part")
                     cur.unregister("_part")
                     counts[table] = len(data)
+                touched = pa.concat_tables(
+                    [touched, cur.sql(TOUCHED_BY_JOB, params=[job_id]).to_arrow_table()]
+                )
+                self._refresh_scores(cur, touched)
                 cur.commit()
             except duckdb.Error as e:
                 cur.rollback()
@@ -115,11 +129,24 @@ class ResultsStore:
             cur = self._con.cursor()
             try:
                 cur.begin()
+                touched = cur.sql(TOUCHED_BY_JOB, params=[job_id]).to_arrow_table()
                 for table in TABLES:
                     cur.execute(f"DELETE FROM {table} WHERE job_id = ?", [job_id])
+                self._refresh_scores(cur, touched)
                 cur.commit()
             finally:
                 cur.close()
+
+    @staticmethod
+    def _refresh_scores(cur: duckdb.DuckDBPyConnection, touched: pa.Table) -> None:
+        """Recompute `feature_scores` for the (family, dictionary) groups a job added or removed."""
+        if touched.num_rows == 0:
+            return
+        cur.register("_touched", touched)
+        try:
+            cur.execute(REFRESH_FEATURE_SCORES)
+        finally:
+            cur.unregister("_touched")
 
     # ---- fixed queries -----------------------------------------------------------------------
     def _query(self, sql: str, params: Sequence[Any]) -> pa.Table:

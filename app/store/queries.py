@@ -17,7 +17,7 @@ import pyarrow as pa
 
 
 def _run(cur: duckdb.DuckDBPyConnection, sql: str, params: list) -> pa.Table:
-    return cur.execute(sql, params).to_arrow_table()
+    return cur.sql(sql, params=params).to_arrow_table()
 
 
 def top_features(
@@ -29,7 +29,21 @@ def top_features(
     intervention: str = "attribution",
     limit: int = 50,
 ) -> pa.Table:
-    """Features ranked by their event-weighted mean effect (attribution score by default)."""
+    """Features ranked by their event-weighted mean effect (attribution score by default).
+
+    Attribution scores come from `feature_scores`, which ingest keeps aggregated over jobs (a top-N scan);
+    other per-feature interventions are aggregated here.
+    """
+    if intervention == "attribution":
+        sql = """
+            SELECT family, dictionary_id, layer, latent, score, n_events, n_jobs
+            FROM feature_scores
+            WHERE (? IS NULL OR family = ?) AND (? IS NULL OR dictionary_id = ?) AND (? IS NULL OR layer = ?)
+              AND n_events >= ?
+            ORDER BY score DESC, family, dictionary_id, latent
+            LIMIT ?
+        """
+        return _run(cur, sql, [family, family, dictionary_id, dictionary_id, layer, layer, min_events, limit])
     sql = """
         SELECT family, dictionary_id, layer, latent,
                sum(effect * n) / sum(n) AS score,

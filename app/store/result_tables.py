@@ -73,3 +73,27 @@ def conform(table: str, data: pa.Table) -> pa.Table:
     if missing or extra:
         raise ValueError(f"{table} part: missing columns {sorted(missing)}, unexpected {sorted(extra)}")
     return data.select(schema.names).cast(schema)
+
+
+# Derived tables, maintained by the ingest transaction (never written by workers).
+# feature_scores: one row per family x dictionary x layer x latent with its event-weighted mean attribution
+# over every job that scored it, so "top mediating features for a family" is a top-N scan, not a GROUP BY.
+FEATURE_SCORES_DDL = (
+    "CREATE TABLE IF NOT EXISTS feature_scores (family VARCHAR NOT NULL, dictionary_id VARCHAR NOT NULL, "
+    "layer INTEGER, latent BIGINT NOT NULL, score DOUBLE, n_events BIGINT, n_jobs BIGINT)"
+)
+
+REFRESH_FEATURE_SCORES = """
+    DELETE FROM feature_scores WHERE (family, dictionary_id) IN (SELECT family, dictionary_id FROM _touched);
+    INSERT INTO feature_scores
+    SELECT family, dictionary_id, any_value(layer), latent, sum(effect * n) / sum(n), sum(n), count(DISTINCT job_id)
+    FROM feature_effects
+    WHERE intervention = 'attribution' AND latent IS NOT NULL
+      AND (family, dictionary_id) IN (SELECT family, dictionary_id FROM _touched)
+    GROUP BY family, dictionary_id, latent;
+"""
+
+TOUCHED_BY_JOB = (
+    "SELECT DISTINCT family, dictionary_id FROM feature_effects "
+    "WHERE job_id = ? AND intervention = 'attribution' AND latent IS NOT NULL"
+)

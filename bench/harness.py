@@ -1,0 +1,167 @@
+"""Shared benchmark harness: warm-up, repeats, median and spread, peak memory, and model/prompt builders.
+
+Every benchmark measures its contenders side by side in one run and prints ratios; none of this runs
+in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+@dataclass
+class Timing:
+    """Seconds per call over `repeats` calls after warm-up."""
+
+    name: str
+    median: float
+    low: float
+    high: float
+    repeats: int
+
+    def __str__(self) -> str:
+        return f"{self.name:<34} {self.median:8.3f}s  [{self.low:.3f}, {self.high:.3f}]  (n={self.repeats})"
+
+
+def measure(name: str, fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> Timing:
+    """Run `fn` `warmup` times untimed, then `repeats` times; report median and min/max."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return Timing(name, statistics.median(times), min(times), max(times), repeats)
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MiB."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    """What produced the numbers: CPU/GPU, cores, library versions."""
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def base_args(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def random_llama_pair(
+    n_layers: int = 12,
+    d_model: int = 256,
+    vocab: int = 8192,
+    it_scale: float = 0.02,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    config: dict | None = None,
+):
+    """A random-initialised Llama PT and a perturbed IT of the given shape (no weights needed for speed)."""
+    from helpers import perturbed_copy, word_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.pairs import ModelPair, resolve_dtype
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=d_model,
+        intermediate_size=int(2.6875 * d_model),
+        num_hidden_layers=n_layers,
+        num_attention_heads=max(1, d_model // 64),
+        num_key_value_heads=max(1, d_model // 256),
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **(config or {}),
+    )
+    with torch.device(device if device != "cpu" else "cpu"):
+        pt = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in pt.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.5 / d_model**0.5 * 4)
+    it = perturbed_copy(pt, it_scale, seed + 1) if it_scale else pt
+    pt, it = (m.to(device=device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False) for m in (pt, it))
+    return ModelPair.from_models(
+        pt, it, word_tokenizer(min(vocab, 4096)), family="llama", pair_id=f"bench-{n_layers}x{d_model}"
+    )
+
+
+def random_prompts(n: int, seed: int = 0, min_len: int = 16, max_len: int = 48, vocab: int = 4096):
+    from helpers import random_prompts as _rp
+
+    return _rp(n, seed=seed, min_len=min_len, max_len=max_len, vocab_size=vocab)
+
+
+def report(
+    title: str,
+    timings: list[Timing],
+    ratios: dict[str, float],
+    extra: dict | None = None,
+    out: Path | None = None,
+) -> None:
+    print(f"\n== {title}")
+    for t in timings:
+        print(t)
+    for k, v in ratios.items():
+        print(f"{k:<48} {v:8.2f}x")
+    if extra:
+        for k, v in extra.items():
+            print(f"{k:<48} {v}")
+    print(f"machine: {json.dumps(machine())}")
+    if out:
+        out.write_text(
+            json.dumps(
+                {
+                    "title": title,
+                    "timings": [t.__dict__ for t in timings],
+                    "ratios": ratios,
+                    "extra": extra or {},
+                    "machine": machine(),
+                },
+                indent=2,
+            )
+        )
