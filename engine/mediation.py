@@ -288,7 +288,7 @@ class FeatureRanking:
     score: np.ndarray  # [n_features] mean attr(II) - attr(PI)
     active_rate: np.ndarray  # [n_features] fraction of fit events where the latent fires in either cell
     n_events: int
-    acts_rows: list[dict] = field(default_factory=list)
+    acts: list[pa.Table] = field(default_factory=list)  # feature_acts rows of the fit split
 
     def top(self, k: int) -> list[int]:
         order = np.argsort(-self.score, kind="stable")
@@ -319,7 +319,7 @@ def rank_features(
     keys = _feature_index(dictionaries)
     total = np.zeros(len(keys))
     active = np.zeros(len(keys))
-    rows: list[dict] = []
+    tables: list[pa.Table] = []
     n = 0
     for batch, ids, mask, tokens in event_batches(pair, events, cfg.batch_size):
         passes = clean_passes(pair, ids, mask, [b])
@@ -341,27 +341,14 @@ def rank_features(
             fired = ((a_ii > 0) | (a_pi > 0)).cpu().numpy()
             active[offset : offset + width] += fired.sum(0)
             if record_acts:
-                for row, e in enumerate(batch):
-                    for latent in np.nonzero(fired[row])[0].tolist():
-                        rows.append(
-                            dict(
-                                family=pair.family,
-                                pair_id=pair.pair_id,
-                                prompt_id=e.prompt_id,
-                                dictionary_id=d.id,
-                                layer=d.layer,
-                                latent=latent,
-                                act_ptup=float(a_pi[row, latent]),
-                                act_itup=float(a_ii[row, latent]),
-                                attribution=float(score[row, latent]),
-                                split="fit",
-                            )
-                        )
+                tables.append(
+                    _acts_table(pair, batch, d, a_ii.cpu().numpy(), a_pi.cpu().numpy(), "fit", score)
+                )
             offset += width
         n += len(batch)
     if n == 0:
         raise CrosspatchError("no diverged events in the fit split")
-    return FeatureRanking(keys=keys, score=total / n, active_rate=active / n, n_events=n, acts_rows=rows)
+    return FeatureRanking(keys=keys, score=total / n, active_rate=active / n, n_events=n, acts=tables)
 
 
 def matched_random(ranking: FeatureRanking, selected: Sequence[int], seed: int, neighbours: int) -> list[int]:
@@ -500,7 +487,7 @@ def mediate(
             )
     per_event: dict[str, list[float]] = {}
     base: dict[str, list[float]] = {"interaction": [], "it_late_effect": [], "missing_margin": []}
-    test_rows: list[dict] = []
+    test_acts: list[pa.Table] = []
     for batch, ids, mask, tokens in event_batches(pair, test, cfg.batch_size):
         passes = clean_passes(pair, ids, mask, [b])
         y = {
@@ -515,7 +502,17 @@ def mediate(
         outs_ii, _ = _capture_mlp(pair, "it", passes, b, tokens, layers, with_grad=False)
         outs_pi, _ = _capture_mlp(pair, "pt", passes, b, tokens, layers, with_grad=False)
         acts_ii, acts_pi = _dict_acts(outs_ii, dictionaries), _dict_acts(outs_pi, dictionaries)
-        test_rows += _acts_rows(pair, batch, dictionaries, acts_ii, acts_pi)
+        test_acts += [
+            _acts_table(
+                pair,
+                batch,
+                d,
+                acts_ii[d.layer][d.id].cpu().numpy(),
+                acts_pi[d.layer][d.id].cpu().numpy(),
+                "test",
+            )
+            for d in dictionaries
+        ]
         for (kind, k, s), features in sets.items():
             groups = _by_layer(features, ranking, dictionaries)
             variants = [(kind, None)] + ([("same_delta_random", 7919 * k + s)] if kind == "topk" else [])
@@ -551,7 +548,7 @@ def mediate(
         if on_progress:
             on_progress(f"intervened on {len(base['interaction'])}/{len(test)} test events")
     effects = _effects_table(pair, dictionaries, per_event, base, ranking, cfg)
-    acts = pa.Table.from_pylist(ranking.acts_rows + test_rows, schema=FEATURE_ACTS_SCHEMA)
+    acts = pa.concat_tables([FEATURE_ACTS_SCHEMA.empty_table(), *ranking.acts, *test_acts])
     return MediationResult(
         effects=effects,
         feature_acts=acts,
@@ -566,27 +563,33 @@ def _add(store: dict, key: tuple, values: list[float]) -> None:
     store.setdefault(key, []).extend(values)
 
 
-def _acts_rows(pair, batch, dictionaries, acts_ii, acts_pi) -> list[dict]:
-    rows = []
-    for d in dictionaries:
-        a_ii, a_pi = acts_ii[d.layer][d.id].cpu().numpy(), acts_pi[d.layer][d.id].cpu().numpy()
-        for row, e in enumerate(batch):
-            for latent in np.nonzero((a_ii[row] > 0) | (a_pi[row] > 0))[0].tolist():
-                rows.append(
-                    dict(
-                        family=pair.family,
-                        pair_id=pair.pair_id,
-                        prompt_id=e.prompt_id,
-                        dictionary_id=d.id,
-                        layer=d.layer,
-                        latent=latent,
-                        act_ptup=float(a_pi[row, latent]),
-                        act_itup=float(a_ii[row, latent]),
-                        attribution=None,
-                        split="test",
-                    )
-                )
-    return rows
+def _acts_table(
+    pair: ModelPair,
+    batch: Sequence[DivergenceEvent],
+    d: FeatureDictionary,
+    a_ii: np.ndarray,
+    a_pi: np.ndarray,
+    split: str,
+    attribution: np.ndarray | None = None,
+) -> pa.Table:
+    """feature_acts rows for latents active in either IT-late cell (`a_*`, `attribution`: `[batch, n_latents]`)."""
+    rows, latents = np.nonzero((a_ii > 0) | (a_pi > 0))  # sparse: only active latents are stored
+    n = len(rows)
+    columns = {
+        "family": [pair.family] * n,
+        "pair_id": [pair.pair_id] * n,
+        "prompt_id": [batch[r].prompt_id for r in rows.tolist()],
+        "dictionary_id": [d.id] * n,
+        "layer": np.full(n, d.layer, dtype=np.int32),
+        "latent": latents.astype(np.int64),
+        "act_ptup": a_pi[rows, latents].astype(np.float64),
+        "act_itup": a_ii[rows, latents].astype(np.float64),
+        "attribution": pa.nulls(n, pa.float64())
+        if attribution is None
+        else attribution[rows, latents].astype(np.float64),
+        "split": [split] * n,
+    }
+    return pa.table(columns, schema=FEATURE_ACTS_SCHEMA)
 
 
 def _effects_table(pair, dictionaries, per_event, base, ranking, cfg) -> pa.Table:

@@ -46,12 +46,17 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(
-    name_or_path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "float32"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    name_or_path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    revision: str | None = None,
+    require_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer by hub id or local path (`trust_remote_code` is never on).
 
     `device` is `cpu`, `cuda`, `cuda:N`, or an accelerate device map (`auto`, `balanced`) for models
-    that need several GPUs.
+    that need several GPUs. Without `require_tokenizer`, a model saved without one loads with `None`.
     """
     name = str(name_or_path)
     local = Path(name).expanduser()
@@ -59,19 +64,20 @@ def load_model(
         raise ModelLoadError(f"model path {name!r} has no config.json (is it a saved HF model directory?)")
     torch_dtype = resolve_dtype(dtype)
     device_map = device if device in ("auto", "balanced", "balanced_low_0", "sequential") else None
+    source = str(local) if local.exists() else name
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.exists() else name,
-            dtype=torch_dtype,
-            trust_remote_code=False,
-            device_map=device_map,
+            source, dtype=torch_dtype, trust_remote_code=False, device_map=device_map, revision=revision
         )
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(local) if local.exists() else name, trust_remote_code=False
-        )
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # HF raises many types (OSError, ValueError, HFValidationError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load model {name!r}: {first}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, revision=revision)
+    except Exception as e:
+        if require_tokenizer:
+            raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(e).strip()[:200]}") from e
+        tokenizer = None
     if device_map is None:
         model = model.to(device)
     model.eval()

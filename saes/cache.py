@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from engine.adapters import ArchAdapter, adapter_for, positions_from_mask
-from engine.errors import ModelLoadError, PromptFileError
+from engine.divergence import left_pad
+from engine.errors import PromptFileError
 from saes.errors import CacheError, DictionaryConfigError
 
 MANIFEST = "manifest.json"
@@ -254,17 +255,9 @@ def weight_hash(model: torch.nn.Module, full_below: int = 50_000_000) -> str:
 
 def load_model(path: str | Path, revision: str | None = None) -> tuple[PreTrainedModel, Any | None]:
     """Load a causal LM (fp32, eval) and its tokenizer if it has one; `ModelLoadError` on failure."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from engine.pairs import load_model as load
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), revision=revision, dtype=torch.float32).eval()
-    except Exception as e:  # HF raises many types (OSError, ValueError, HFValidationError, ...)
-        raise ModelLoadError(f"could not load model {str(path)!r}: {str(e).splitlines()[0]}") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), revision=revision)
-    except Exception:
-        tok = None
-    return model, tok
+    return load(path, revision=revision, require_tokenizer=False)
 
 
 # ---- capture --------------------------------------------------------------------------------------------
@@ -314,16 +307,6 @@ def capture_mlp(
     with _Capture(adapter, layers, hooks) as cap:
         adapter.run_layers(resid, ctx, 0, max(layers) + 1)
         return dict(cap.store)
-
-
-def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s) :] = 1
-    return ids, mask  # [batch, seq] each
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
@@ -486,7 +469,7 @@ def build_cache(
         seq_index += len(batch)
         if seq_index <= done_seqs:
             continue  # finished in an earlier run
-        ids, mask = _left_pad(batch, pad_id)  # [batch, seq]
+        ids, mask = left_pad(batch, pad_id, "cpu")  # [batch, seq]
         keep = mask.bool() & ~torch.isin(ids, torch.tensor(sorted(drop), dtype=torch.long))  # [batch, seq]
         for role, ad in adapters.items():
             acts = capture_mlp(ad, ids.to(ad.device), mask.to(ad.device), layer_list, hooks)

@@ -9,7 +9,6 @@ mean, and the top mediating features. `--library` runs the 2x2 part in this proc
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,45 +37,6 @@ def _demo_organisms(names: list[str] | None) -> list[str]:
 
 def _family(name: str) -> str:
     return name.removeprefix("trained_")
-
-
-class _EmbeddedService:
-    """The service with its one local worker, in this process, on a free loopback port."""
-
-    def __init__(self, settings: Any) -> None:
-        import socket
-
-        import uvicorn
-
-        from app.main import create_app
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(settings, embedded_worker=True), host="127.0.0.1", port=self.port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> _EmbeddedService:
-        import httpx
-
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("the embedded service did not start within 60 s")
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
 
 
 def _bootstrap(settings: Any, organisms: list[str]) -> str:
@@ -174,6 +134,7 @@ def demo(
         return _library_demo(names, data_dir)
     from app.client import Client
     from app.config import Settings
+    from app.embedded import ServiceThread
     from engine.organisms import organism_path
 
     t0 = time.perf_counter()
@@ -189,7 +150,10 @@ def demo(
         "mediation": {"top_k": top_k, "ks": sorted({max(1, top_k // 4), max(1, top_k // 2), top_k})},
         "dictionary": {"architecture": "topk", "k": 8},
     }
-    with _EmbeddedService(settings) as service, Client(service.url, key, timeout=120) as client:
+    with (
+        ServiceThread(settings, embedded_worker=True) as service,
+        Client(service.url, key, timeout=120) as client,
+    ):
         typer.echo(f"service up at {service.url}; submitting a pipeline job over HTTP for {', '.join(names)}")
         job = client.submit(spec)
         typer.echo(f"job {job['id']} queued")

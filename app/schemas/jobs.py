@@ -69,28 +69,6 @@ class CrosspatchSpec(DivergenceSpec):
         return self
 
 
-class TrainDictionarySpec(_Spec):
-    """Train a sparse dictionary on one model's activations."""
-
-    kind: Literal["train_dictionary"] = "train_dictionary"
-    pair_id: Name
-    model_role: Literal["PT", "IT", "paired"] = "IT"
-    layer: int = Field(ge=0, le=1024)
-    architecture: Literal["topk", "batchtopk", "jumprelu", "standard", "transcoder", "crosscoder"] = "topk"
-    width: int = Field(default=4096, ge=1, le=1 << 20)
-    k: int | None = Field(default=32, ge=1, le=4096)
-    training_tokens: int = Field(default=1_000_000, ge=1, le=10**11)
-
-
-class LoadDictionarySpec(_Spec):
-    """Load and evaluate a dictionary from a path under the dictionary roots."""
-
-    kind: Literal["load_dictionary"] = "load_dictionary"
-    pair_id: Name
-    path: str = Field(min_length=1, max_length=1024)
-    model_role: Literal["PT", "IT", "paired"] = "IT"
-
-
 class MediationOptions(_Spec):
     """How features are ranked and tested (defaults follow the method)."""
 
@@ -139,6 +117,28 @@ class DictionaryOptions(_Spec):
         if self.k is not None and self.width is not None and self.k > self.width:
             raise ValueError(f"k={self.k} exceeds width {self.width}")
         return self
+
+
+class TrainDictionarySpec(_PromptsSpec):
+    """Train a sparse dictionary on one pair's MLP activations (prompts + PT-greedy continuations) and
+    register it with its quality gate."""
+
+    kind: Literal["train_dictionary"] = "train_dictionary"
+    pair_id: Name
+    model_role: Literal["PT", "IT", "paired"] = Field(
+        default="IT", description="Whose activations; crosscoders are always paired."
+    )
+    dictionary: DictionaryOptions = Field(default_factory=DictionaryOptions)
+
+
+class LoadDictionarySpec(_Spec):
+    """Register a sae_lens-format dictionary saved under the dictionary roots (its gate status comes from
+    its crosspatch metadata; dictionaries without one are 'not_evaluated')."""
+
+    kind: Literal["load_dictionary"] = "load_dictionary"
+    pair_id: Name
+    path: str = Field(min_length=1, max_length=1024)
+    model_role: Literal["PT", "IT", "paired"] = "IT"
 
 
 class MediationSpec(_PromptsSpec):

@@ -93,10 +93,6 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
     if hasattr(spec, "boundary"):
         for pair in pairs:
             _check_boundary(spec.boundary, pair)
-    if spec.kind == "train_dictionary" and spec.layer >= pairs[0].n_layers:
-        raise Invalid(
-            "spec.layer", f"layer {spec.layer} out of range: the pair has {pairs[0].n_layers} layers"
-        )
     if spec.kind == "mediation":
         d = session.get(Dictionary, spec.dictionary_id)
         if d is None:
@@ -106,11 +102,9 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
                 "spec.mediation.top_k",
                 f"top_k={spec.mediation.top_k} exceeds the dictionary's width {d.width}",
             )
-    if spec.kind == "train_dictionary" and spec.k is not None and spec.k > spec.width:
-        raise Invalid("spec.k", f"k={spec.k} exceeds width {spec.width}")
-    if spec.kind == "pipeline":
+    if spec.kind in ("pipeline", "train_dictionary"):
         width = spec.dictionary.width
-        if width is not None and spec.mediation.top_k > width:
+        if spec.kind == "pipeline" and width is not None and spec.mediation.top_k > width:
             raise Invalid(
                 "spec.mediation.top_k", f"top_k={spec.mediation.top_k} exceeds the dictionary width {width}"
             )

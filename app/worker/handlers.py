@@ -14,10 +14,13 @@ from typing import Any
 from app.schemas.jobs import (
     JOB_SPEC_ADAPTER,
     CrosspatchSpec,
+    DictionaryOptions,
     DivergenceSpec,
+    LoadDictionarySpec,
     MediationOptions,
     MediationSpec,
     PipelineSpec,
+    TrainDictionarySpec,
 )
 from app.worker.context import JobContext
 
@@ -78,7 +81,7 @@ def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
         models=pair.provenance(),
         max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size,
-        chunk_size=spec.chunk_size,
+        chunk_size=getattr(spec, "chunk_size", None),
     )
 
 
@@ -223,6 +226,70 @@ def _mediate_pair(
     ctx.write_part(f"feature_effects.{tag}all", result.effects)
 
 
+def _train(pair: Any, prompts: Sequence[Any], opts: DictionaryOptions, role: str, out: Path) -> Any:
+    from saes.for_pair import train_for_pair
+
+    return train_for_pair(
+        pair,
+        prompts,
+        out,
+        architecture=opts.architecture,
+        role=role,
+        layer=opts.layer,
+        width=opts.width,
+        k=opts.k,
+        training_tokens=opts.training_tokens,
+        continuation_tokens=opts.continuation_tokens,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        seed=opts.seed,
+    )
+
+
+def _record_dictionary(ctx: JobContext, dictionary: Any, pair: Any) -> None:
+    ctx.register_dictionary(dictionary, pair)
+    fve = (dictionary.meta.get("metrics") or {}).get("fve_min")
+    ctx.provenance.setdefault("dictionaries", {})[pair.pair_id] = {
+        "id": dictionary.id,
+        "path": str(dictionary.path),
+        "gate": dictionary.gate_status,
+        "metrics": dictionary.meta.get("metrics"),
+    }
+    ctx.log(f"{pair.pair_id}: dictionary {dictionary.id} (FVE {fve}) gate {dictionary.gate_status}")
+
+
+@register("train_dictionary")
+def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
+    """Cache the pair's MLP activations on the prompts + continuations, train, gate, register."""
+    pair = ctx.load_pair(spec.pair_id)
+    ctx.provenance.update(pair=pair.pair_id, family=pair.family, models=pair.provenance())
+    ctx.progress(0.05, f"{pair.pair_id}: training dictionary ({spec.dictionary.architecture})")
+    role = {"IT": "it", "PT": "pt", "paired": "paired"}[spec.model_role]
+    dictionary = _train(
+        pair, load_prompt_records(spec), spec.dictionary, role, ctx.checkpoint_dir / "dictionary"
+    )
+    _record_dictionary(ctx, dictionary, pair)
+    ctx.progress(1.0, "train_dictionary: done")
+
+
+@register("load_dictionary")
+def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
+    """Load a sae_lens-format dictionary from an allowed path, check it fits the pair, register it."""
+    from saes.load import load_dictionary
+
+    pair = ctx.load_pair(spec.pair_id)
+    dictionary = load_dictionary(spec.path, device=ctx.device)
+    if dictionary.d_in != pair.it_adapter.d_model:
+        raise ValueError(
+            f"dictionary d_in {dictionary.d_in} does not match the pair's d_model {pair.it_adapter.d_model}"
+        )
+    if dictionary.layer is None or not 0 <= dictionary.layer < pair.n_layers:
+        raise ValueError(f"dictionary layer {dictionary.layer} is not a layer of {pair.pair_id!r}")
+    dictionary.meta.setdefault("model_role", spec.model_role.lower())
+    _record_dictionary(ctx, dictionary, pair)
+    ctx.progress(1.0, "load_dictionary: done")
+
+
 @register("mediation")
 def mediation(spec: MediationSpec, ctx: JobContext) -> None:
     """Divergence on the spec's prompts, then mediation with a registered dictionary."""
@@ -245,7 +312,6 @@ def mediation(spec: MediationSpec, ctx: JobContext) -> None:
 def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
     """Per pair: divergence -> 2x2 -> dictionary on IT's final MLP -> mediation; then summaries over all."""
     from engine.results import events_from_table
-    from saes.for_pair import train_for_pair
 
     prompts = load_prompt_records(spec)
     n = len(spec.pair_ids)
@@ -264,23 +330,8 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
         ctx.check_cancel()
         opts = spec.dictionary
         ctx.progress(lo + 0.45 * span, f"{pair_id}: training dictionary ({opts.architecture})")
-        dictionary = train_for_pair(
-            pair,
-            prompts,
-            ctx.checkpoint_dir / f"dictionary{tag}",
-            architecture=opts.architecture,
-            layer=opts.layer,
-            width=opts.width,
-            k=opts.k,
-            training_tokens=opts.training_tokens,
-            continuation_tokens=opts.continuation_tokens,
-            batch_size=opts.batch_size,
-            lr=opts.lr,
-            seed=opts.seed,
-        )
-        ctx.register_dictionary(dictionary, pair)
-        fve = (dictionary.meta.get("metrics") or {}).get("fve_min")
-        ctx.log(f"{pair_id}: dictionary {dictionary.id} (FVE {fve}) gate {dictionary.gate_status}")
+        dictionary = _train(pair, prompts, opts, "it", ctx.checkpoint_dir / f"dictionary-{tag.rstrip('.')}")
+        _record_dictionary(ctx, dictionary, pair)
         ctx.check_cancel()
         events_tbl = ctx.read_parts("events", prefix=tag)
         events = events_from_table(events_tbl) if events_tbl is not None else []

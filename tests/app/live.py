@@ -3,49 +3,23 @@
 from __future__ import annotations
 
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from app.config import Settings
-from app.main import create_app, start_worker_process
+from app.embedded import ServiceThread
+from app.main import start_worker_process
 from app.services import users
 from app.store.migrate import upgrade
 from app.store.session import Store
-from tests.app.pg import free_port
 
 
-class LiveServer:
+class LiveServer(ServiceThread):
     """`crosspatch serve` without the embedded worker, for tests: start(), url, stop()."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(settings, embedded_worker=False), host="127.0.0.1", port=self.port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server did not come up")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
+        super().__init__(settings, embedded_worker=False, startup_timeout=20)
 
 
 def bootstrap_users(settings: Settings, names: dict[str, str]) -> dict[str, str]:

@@ -28,6 +28,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     settings = Settings(
         data_dir=root / "data",
         model_roots=[org.parent],
+        dictionary_roots=[root / "data"],
         lease_seconds=10.0,
         heartbeat_seconds=0.5,
         poll_seconds=0.2,
@@ -118,3 +119,61 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
     assert (cos >= 0.9).all(), cos
     assert {r["intervention"] for r in curve} >= {"ablate_topk", "ablate_matched_random"}
     assert any(r["family"] == "llama" and r["k"] == 4 for r in families)
+
+
+def _wait(c, job_id: str) -> dict:
+    import time
+
+    deadline = time.monotonic() + 600
+    while (job := c.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+    return job
+
+
+def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env: dict) -> None:
+    """After the pipeline: a mediation job on its registered dictionary, and registering a copy by path."""
+    prompts = [{"id": p.id, "text": p.text} for p in load_prompts(env["org"] / "prompts.jsonl")]
+    with client(env["server"], env["keys"]["ada"]) as c:
+        (d,) = [d for d in c.get("/dictionaries").json()["data"] if d["pair_id"] == ORGANISM]
+        bad = c.post(
+            "/jobs",
+            json={
+                "spec": {
+                    "kind": "mediation",
+                    "pair_id": ORGANISM,
+                    "dictionary_id": d["id"],
+                    "prompts": prompts,
+                    "mediation": {"top_k": 17},
+                }
+            },
+        )
+        assert bad.status_code == 422 and "exceeds" in bad.text  # width 16
+        r = c.post(
+            "/jobs",
+            json={
+                "spec": {
+                    "kind": "mediation",
+                    "pair_id": ORGANISM,
+                    "dictionary_id": d["id"],
+                    "prompts": prompts,
+                    "max_new_tokens": 16,
+                    "mediation": {"top_k": 4, "ks": [4], "n_random_seeds": 1},
+                }
+            },
+        )
+        assert r.status_code == 201, r.text
+        job = _wait(c, r.json()["id"])
+        assert job["status"] == "succeeded", c.get(f"/jobs/{job['id']}/logs").json()
+        effects = c.get(f"/jobs/{job['id']}/results/feature_effects", params={"limit": 5000}).json()["data"]
+        share = next(e for e in effects if e["intervention"] == "ablate_topk" and e["statistic"] == "share")
+        assert share["effect"] >= 0.8
+        r = c.post(
+            "/jobs", json={"spec": {"kind": "load_dictionary", "pair_id": ORGANISM, "path": d["path"]}}
+        )
+        assert r.status_code == 201, r.text
+        assert _wait(c, r.json()["id"])["status"] == "succeeded"
+        outside = c.post(
+            "/jobs", json={"spec": {"kind": "load_dictionary", "pair_id": ORGANISM, "path": "/etc"}}
+        )
+        assert outside.status_code == 422

@@ -1,0 +1,65 @@
+"""The service in a background thread on a free 127.0.0.1 port: the demo, tests and benchmarks use it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from app.config import Settings
+from app.main import create_app
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceThread:
+    """`create_app(settings)` under uvicorn in a thread: `start()` waits for /health, `stop()` shuts it down.
+
+    With `embedded_worker=True` the app's lifespan also starts (and stops) one local worker process.
+    """
+
+    def __init__(
+        self, settings: Settings, embedded_worker: bool = False, startup_timeout: float = 60.0
+    ) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.startup_timeout = startup_timeout
+        config = uvicorn.Config(
+            create_app(settings, embedded_worker=embedded_worker),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> ServiceThread:
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"the service did not start within {self.startup_timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+    def __enter__(self) -> ServiceThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
