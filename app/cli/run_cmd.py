@@ -63,6 +63,9 @@ def run(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     events_out: Annotated[Path | None, typer.Option(help="Also write the events table (Parquet).")] = None,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 23,
+    chat_template: Annotated[
+        bool, typer.Option(help="Wrap prompts in IT's chat template (IT-only studies; the method uses raw).")
+    ] = False,
 ) -> None:
     """Find first divergences, run the 2x2 cross-patch, print the per-family table with 95% CIs."""
     from engine.crosspatch import iter_crosspatch
@@ -82,7 +85,9 @@ def run(
     typer.echo(
         f"pair {pair.pair_id} ({pair.family}, {pair.n_layers} layers), {len(records)} prompts, boundary {boundary}"
     )
-    events = find_divergences(pair, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    events = find_divergences(
+        pair, records, max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template
+    )
     n_div = sum(e.diverged for e in events)
     reasons: dict[str, int] = {}
     for e in events:
