@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.adapters import positions_from_mask
+from engine.errors import CrosspatchError
 from engine.pairs import ModelPair
 from engine.prompts import PromptRecord
 
@@ -89,6 +90,8 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
 def encode_prompt(pair: ModelPair, text: str, chat_template: bool = False) -> list[int]:
     """Raw prompt ids (BOS added as the tokenizer does), or IT's chat template for IT-only studies."""
     if chat_template:
+        if not getattr(pair.it_tokenizer, "chat_template", None):
+            raise CrosspatchError("the IT tokenizer has no chat template; drop --chat-template (raw prompts)")
         ids = pair.it_tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
         )
