@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api import admin, dictionaries, features, health, jobs, pairs, results
+from app.api import admin, dictionaries, features, figures, health, jobs, pairs, results
 from app.schemas.common import ERROR_RESPONSES
 
 api_router = APIRouter(responses=ERROR_RESPONSES)
@@ -12,6 +12,7 @@ api_router.include_router(health.router)
 api_router.include_router(admin.router)
 api_router.include_router(jobs.router)
 api_router.include_router(results.router)
+api_router.include_router(figures.router)
 api_router.include_router(features.router)
 api_router.include_router(dictionaries.router)
 api_router.include_router(pairs.router)

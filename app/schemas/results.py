@@ -19,3 +19,16 @@ class ProvenancePublic(BaseModel):
     kind: str
     spec: dict[str, Any]
     provenance: dict[str, Any] | None
+
+
+class FigurePublic(BaseModel):
+    """One PNG figure of a job; fetch it at `url`."""
+
+    name: str
+    url: str
+    bytes: int
+
+
+class FiguresPublic(BaseModel):
+    data: list[FigurePublic]
+    count: int

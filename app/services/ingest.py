@@ -10,11 +10,13 @@ import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from sqlalchemy import select, update
 
 from app.config import Settings
 from app.queue import ops
+from app.services import plots
 from app.store.duckdb import ResultsError, ResultsStore
 from app.store.models import Job, JobLog, JobPart, utcnow
 from app.store.session import Store
@@ -22,8 +24,12 @@ from app.store.session import Store
 log = logging.getLogger(__name__)
 
 
-def ingest_job(store: Store, results: ResultsStore, job_id: uuid.UUID) -> str:
-    """Load one `ingesting` job's parts (one DuckDB transaction) and mark it succeeded or failed."""
+def ingest_job(store: Store, results: ResultsStore, job_id: uuid.UUID, data_dir: Path | None = None) -> str:
+    """Load one `ingesting` job's parts (one DuckDB transaction) and mark it succeeded or failed.
+
+    With `data_dir`, a succeeded job's figures are drawn into `data_dir/jobs/<id>/figures` first
+    (unless its spec says `figures: false`); a figure that fails is logged, never fails the job.
+    """
     with store.session(write=False) as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "ingesting":
@@ -40,6 +46,9 @@ def ingest_job(store: Store, results: ResultsStore, job_id: uuid.UUID) -> str:
     else:
         status, error = "succeeded", None
         message = "ingested " + ", ".join(f"{n} {t}" for t, n in counts.items() if n)
+        if data_dir is not None and (prov["spec"] or {}).get("figures", True):
+            figures = plots.write_job_figures(results, data_dir, job_id)
+            message += f"; {len(figures)} figure(s)" if figures else ""
     with store.session() as s:
         done = s.execute(
             update(Job)
@@ -59,12 +68,12 @@ def ingest_job(store: Store, results: ResultsStore, job_id: uuid.UUID) -> str:
     return status
 
 
-def ingest_ready(store: Store, results: ResultsStore) -> list[uuid.UUID]:
-    """Ingest every job waiting in `ingesting`; returns their ids."""
+def ingest_ready(store: Store, results: ResultsStore, data_dir: Path | None = None) -> list[uuid.UUID]:
+    """Ingest every job waiting in `ingesting` (drawing figures under `data_dir`); returns their ids."""
     with store.session(write=False) as s:
         ready = list(s.scalars(select(Job.id).where(Job.status == "ingesting").order_by(Job.created_at)))
     for job_id in ready:
-        ingest_job(store, results, job_id)
+        ingest_job(store, results, job_id, data_dir)
     return ready
 
 
@@ -88,7 +97,7 @@ class Housekeeper:
         last_requeue = 0.0
         while not self._stop.wait(period):
             try:
-                ingest_ready(self.store, self.results)
+                ingest_ready(self.store, self.results, self.settings.data_dir)
                 if time.monotonic() - last_requeue > self.settings.lease_seconds / 3:
                     last_requeue = time.monotonic()
                     for job_id in ops.requeue_expired(self.store, max_attempts=self.settings.max_attempts):

@@ -45,7 +45,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             json={"pair_id": "tiny", "family": "llama", "pt": str(models / "pt"), "it": str(models / "it")},
         )
         assert r.status_code == 201, r.text
-    yield {"server": server, "keys": keys, "models": models}
+    yield {"server": server, "keys": keys, "models": models, "settings": settings}
     server.stop()
 
 
@@ -77,6 +77,8 @@ ROUTES = [
     ("GET", "/jobs/{job}/logs", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/jobs/{job}/results/cells", None, {**ANY, "owner": 409, "other": 409, "admin": 409}),
     ("GET", "/jobs/{job}/provenance", None, {**ANY, "owner": 409, "other": 409, "admin": 409}),
+    ("GET", "/jobs/{job}/figures", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/jobs/{job}/figures/family_2x2.png", None, {**ANY, "owner": 404, "other": 404, "admin": 404}),
     ("POST", "/jobs/{job}/cancel", None, {**ANY, "owner": 200, "other": 403, "admin": 200}),
     ("POST", "/jobs/{job}/retry", None, {**ANY, "owner": 409, "other": 403, "admin": 409}),
     ("DELETE", "/jobs/{job}", None, {**ANY, "owner": 409, "other": 403, "admin": 409}),
@@ -198,3 +200,24 @@ def test_quota_answers_429(env: dict) -> None:
     with client(env["server"], key) as c:
         codes = [c.post("/jobs", json=spec).status_code for _ in range(61)]
     assert codes[:60] == [201] * 60 and codes[60] == 429
+
+
+def test_figures_are_served(env: dict) -> None:
+    """A job's PNGs under data_dir/jobs/<id>/figures are listed and served; bad names never escape."""
+    from app.services.plots import figures_dir
+
+    job = _job(env)
+    root = figures_dir(env["settings"].data_dir, job)
+    root.mkdir(parents=True)
+    (root / "family_2x2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+    listed = _call(env, "other", "GET", f"/jobs/{job}/figures").json()
+    assert listed["count"] == 1 and listed["data"][0]["name"] == "family_2x2"
+    r = _call(env, "other", "GET", f"/jobs/{job}/figures/family_2x2.png")
+    assert (
+        r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+    )
+    assert _call(env, "other", "GET", f"/jobs/{job}/figures/..%2F..%2Fjobs.sqlite.png").status_code in (
+        404,
+        422,
+    )
+    assert _call(env, "other", "GET", f"/jobs/{job}/figures/Family.png").status_code == 422

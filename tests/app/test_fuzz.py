@@ -49,7 +49,9 @@ def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         )
         assert r.status_code == 201, r.text
         protected = {
-            str(k["id"]) for name in ("root", "ada") for k in admin.get(f"/admin/users/{name}/keys").json()["data"]
+            str(k["id"])
+            for name in ("root", "ada")
+            for k in admin.get(f"/admin/users/{name}/keys").json()["data"]
         }
     yield {"server": server, "keys": keys, "protected_keys": protected, "models": models}
     server.stop()

@@ -1,0 +1,280 @@
+"""PNG figures of a job's results, drawn from the results tables (Arrow), headless.
+
+    family_2x2.png              per family: the four cells and the three effects, mean with 95% CI
+    interaction_by_boundary.png per family: the interaction across boundaries (sweeps and lists)
+    top_features.png            per family: the top features' attribution scores
+    ablation_curve.png          per family: ablating (or rescuing) the top-k set and its controls over k
+
+Each `plot_*` takes a results table (schemas in `engine.results`) and a path, draws with matplotlib's
+object API on an Agg canvas (no display, no pyplot global state, so safe on the service's background
+thread) and returns the path, or None when the table holds nothing that figure shows.
+`write_figures` draws every figure that applies; `write_job_figures` does it for an ingested job and
+never raises: a figure that fails is logged and skipped, and the job's status is not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from engine.results import CELL_COLUMNS, EFFECT_COLUMNS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from app.store.duckdb import ResultsStore
+
+log = logging.getLogger(__name__)
+
+FIGURE_NAMES = ("family_2x2", "interaction_by_boundary", "top_features", "ablation_curve")
+CELL_LABELS = {
+    "y_ptup_ptlate": "PT up\nPT late",
+    "y_ptup_itlate": "PT up\nIT late",
+    "y_itup_ptlate": "IT up\nPT late",
+    "y_itup_itlate": "IT up\nIT late",
+}
+EFFECT_LABELS = {
+    "pt_late_effect": "IT-late effect\n(PT up)",
+    "it_late_effect": "IT-late effect\n(IT up)",
+    "interaction": "interaction",
+}
+MEAN_FAMILY = "__mean__"
+MAX_ROWS = 200_000  # rows of one table read for figures
+
+
+def figures_dir(data_dir: Path, job_id: uuid.UUID | str) -> Path:
+    """Where a job's figures live: beside its parts, `data_dir/jobs/<id>/figures`."""
+    return Path(data_dir) / "jobs" / str(job_id) / "figures"
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _rows(table: pa.Table, **equal: Any) -> list[dict[str, Any]]:
+    return [r for r in table.to_pylist() if all(r.get(k) == v for k, v in equal.items())]
+
+
+def _errors(rows: Sequence[dict[str, Any]], value: str = "estimate") -> list[list[float]]:
+    """Asymmetric error bars [[below...], [above...]] from ci_low/ci_high (0 where missing)."""
+    below = [max(r[value] - r["ci_low"], 0.0) if r.get("ci_low") is not None else 0.0 for r in rows]
+    above = [max(r["ci_high"] - r[value], 0.0) if r.get("ci_high") is not None else 0.0 for r in rows]
+    return [below, above]
+
+
+def _families(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Families in order, the cross-family mean last."""
+    names = sorted({r["family"] for r in rows} - {MEAN_FAMILY})
+    return names + ([MEAN_FAMILY] if any(r["family"] == MEAN_FAMILY for r in rows) else [])
+
+
+def _default_boundary(boundaries: Sequence[int]) -> int:
+    """Of several boundaries, the one nearest 0.6 x the deepest (the pairs' default boundary)."""
+    deepest = max(boundaries)
+    return min(boundaries, key=lambda b: (abs(b - 0.6 * deepest), b))
+
+
+def plot_family_2x2(
+    summaries: pa.Table, path: Path, *, readout: str = "it", subset: str = "all", boundary: int | None = None
+) -> Path | None:
+    """Per family, bars of the four cells and the three effects (mean over events, 95% CI).
+
+    With several boundaries (a sweep) each family shows `boundary`, or the one nearest 0.6 x its deepest.
+    """
+    rows = _rows(summaries, readout=readout, subset=subset)
+    families = _families(rows)
+    if not families:
+        return None
+    fig = _new_figure(10, 2.6 * len(families) + 0.6)
+    axes = fig.subplots(len(families), 2, squeeze=False, width_ratios=[4, 3])
+    for (ax_cells, ax_effects), family in zip(axes, families, strict=True):
+        mine = [r for r in rows if r["family"] == family]
+        b = boundary if boundary is not None else _default_boundary(sorted({r["boundary"] for r in mine}))
+        by_stat = {r["statistic"]: r for r in mine if r["boundary"] == b or family == MEAN_FAMILY}
+        n = max((r["n"] or 0 for r in by_stat.values()), default=0)
+        label = "cross-family mean" if family == MEAN_FAMILY else f"{family} (boundary {b})"
+        for ax, names, labels, color in (
+            (ax_cells, CELL_COLUMNS, CELL_LABELS, ["#9aa5b1", "#5c7fa3", "#d9a05b", "#b5523b"]),
+            (ax_effects, EFFECT_COLUMNS, EFFECT_LABELS, ["#5c7fa3", "#b5523b", "#2f2f2f"]),
+        ):
+            present = [s for s in names if s in by_stat]
+            data = [by_stat[s] for s in present]
+            xs = range(len(data))
+            ax.bar(xs, [r["estimate"] for r in data], color=color[: len(data)], width=0.65)
+            ax.errorbar(
+                xs, [r["estimate"] for r in data], yerr=_errors(data), fmt="none", ecolor="k", capsize=4
+            )
+            ax.set_xticks(list(xs), [labels[s] for s in present], fontsize=8)
+            ax.axhline(0, color="k", linewidth=0.6)
+            ax.grid(axis="y", alpha=0.3)
+        ax_cells.set_ylabel("logit(t_it) - logit(t_pt)", fontsize=8)
+        ax_cells.set_title(f"{label}: cells (n={n})", fontsize=9, loc="left")
+        inter = by_stat.get("interaction")
+        p = f", p={inter['p_value']:.3g}" if inter and inter.get("p_value") is not None else ""
+        ax_effects.set_title(f"effects{p}", fontsize=9, loc="left")
+    fig.suptitle(
+        f"2x2 cross-patch, readout {readout}, subset {subset}; bars: mean, whiskers: 95% CI", fontsize=10
+    )
+    return _save(fig, path)
+
+
+def plot_interaction_by_boundary(
+    summaries: pa.Table,
+    path: Path,
+    *,
+    readout: str = "it",
+    subset: str = "all",
+    statistic: str = "interaction",
+) -> Path | None:
+    """Per family, `statistic` (the interaction by default) over boundaries with its 95% CI band.
+
+    Drawn only when some family has results at two or more boundaries.
+    """
+    rows = [r for r in _rows(summaries, readout=readout, subset=subset, statistic=statistic)]
+    rows = [r for r in rows if r["family"] != MEAN_FAMILY]
+    families = _families(rows)
+    if not any(len({r["boundary"] for r in rows if r["family"] == f}) >= 2 for f in families):
+        return None
+    fig = _new_figure(7, 4.2)
+    ax = fig.subplots()
+    for family in families:
+        mine = sorted((r for r in rows if r["family"] == family), key=lambda r: r["boundary"])
+        xs = [r["boundary"] for r in mine]
+        ys = [r["estimate"] for r in mine]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=family)
+        lo = [r["ci_low"] if r["ci_low"] is not None else r["estimate"] for r in mine]
+        hi = [r["ci_high"] if r["ci_high"] is not None else r["estimate"] for r in mine]
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.axhline(0, color="k", linewidth=0.6)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("boundary (first late block)")
+    ax.set_ylabel(statistic)
+    ax.set_title(f"{statistic} by boundary, readout {readout}, subset {subset} (band: 95% CI)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_top_features(feature_effects: pa.Table, path: Path, *, n: int = 15) -> Path | None:
+    """Per family, the `n` features with the highest attribution scores (with CIs where present)."""
+    rows = [
+        r
+        for r in feature_effects.to_pylist()
+        if r["intervention"] == "attribution" and r["latent"] is not None and r["effect"] is not None
+    ]
+    families = _families(rows)
+    if not families:
+        return None
+    shown = min(n, max(sum(r["family"] == f for r in rows) for f in families))
+    fig = _new_figure(7, (0.3 * shown + 0.9) * len(families))
+    axes = fig.subplots(len(families), 1, squeeze=False)[:, 0]
+    for ax, family in zip(axes, families, strict=True):
+        top = sorted((r for r in rows if r["family"] == family), key=lambda r: -r["effect"])[:n][::-1]
+        labels = [f"{r['dictionary_id']}:{r['latent']}" for r in top]
+        ys = range(len(top))
+        ax.barh(ys, [r["effect"] for r in top], color="#5c7fa3")
+        if any(r["ci_low"] is not None for r in top):
+            ax.errorbar(
+                [r["effect"] for r in top], ys, xerr=_errors(top, "effect"), fmt="none", ecolor="k", capsize=2
+            )
+        ax.set_yticks(list(ys), labels, fontsize=7)
+        ax.axvline(0, color="k", linewidth=0.6)
+        ax.set_title(f"{family}: top {len(top)} features by attribution score", fontsize=9, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_ablation_curve(feature_effects: pa.Table, path: Path, *, statistic: str = "share") -> Path | None:
+    """Per family, `statistic` of each set-level intervention (top-k ablation and its controls) over k."""
+    rows = [
+        r
+        for r in feature_effects.to_pylist()
+        if r["latent"] is None
+        and r["statistic"] == statistic
+        and r["k"] is not None
+        and r["effect"] is not None
+        and r["intervention"].startswith(("ablate_", "rescue_"))
+    ]
+    families = _families(rows)
+    if not families:
+        return None
+    fig = _new_figure(7, 3.2 * len(families) + 0.4)
+    axes = fig.subplots(len(families), 1, squeeze=False)[:, 0]
+    for ax, family in zip(axes, families, strict=True):
+        mine = [r for r in rows if r["family"] == family]
+        for intervention in sorted({r["intervention"] for r in mine}):
+            curve = sorted((r for r in mine if r["intervention"] == intervention), key=lambda r: r["k"])
+            xs = [r["k"] for r in curve]
+            (line,) = ax.plot(xs, [r["effect"] for r in curve], marker="o", markersize=3, label=intervention)
+            lo = [r["ci_low"] if r["ci_low"] is not None else r["effect"] for r in curve]
+            hi = [r["ci_high"] if r["ci_high"] is not None else r["effect"] for r in curve]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.set_xlabel("k (features in the set)")
+        ax.set_ylabel(statistic)
+        ax.set_title(f"{family}: {statistic} over k (band: 95% CI)", fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_figures(tables: dict[str, pa.Table], out_dir: Path) -> list[Path]:
+    """Every figure the tables support (`summaries`, `feature_effects`), written as `out_dir/<name>.png`.
+
+    A figure that fails to draw is logged and skipped; the others are still written.
+    """
+    plan: list[tuple[str, str, Callable[[pa.Table, Path], Path | None]]] = [
+        ("family_2x2", "summaries", plot_family_2x2),
+        ("interaction_by_boundary", "summaries", plot_interaction_by_boundary),
+        ("top_features", "feature_effects", plot_top_features),
+        ("ablation_curve", "feature_effects", plot_ablation_curve),
+    ]
+    written = []
+    for name, table, plot in plan:
+        data = tables.get(table)
+        if data is None or data.num_rows == 0:
+            continue
+        try:
+            path = plot(data, out_dir / f"{name}.png")
+        except Exception:
+            log.exception("figure %s failed; skipped", name)
+            continue
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def write_job_figures(results: ResultsStore, data_dir: Path, job_id: uuid.UUID | str) -> list[Path]:
+    """Figures of one ingested job from its rows in the results store. Never raises."""
+    try:
+        tables = {
+            t: results.job_table(t, str(job_id), limit=MAX_ROWS) for t in ("summaries", "feature_effects")
+        }
+        return write_figures(tables, figures_dir(data_dir, job_id))
+    except Exception:
+        log.exception("job %s: figures failed; the job's results are unaffected", job_id)
+        return []
+
+
+def list_figures(data_dir: Path, job_id: uuid.UUID | str) -> list[Path]:
+    """A job's figure files, by name."""
+    root = figures_dir(data_dir, job_id)
+    return sorted(p for p in root.glob("*.png") if p.is_file()) if root.is_dir() else []

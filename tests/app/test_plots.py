@@ -1,0 +1,193 @@
+"""Figures from small synthetic results tables: every PNG is written, non-empty, and a real PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from app.config import Settings
+from app.services import plots
+from engine.results import CELLS_SCHEMA, FEATURE_EFFECTS_SCHEMA
+from engine.stats import summarize
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def synthetic_cells(families=("llama", "qwen3"), boundaries=(2, 3, 4), n_events=12, seed=0) -> pa.Table:
+    """Cells with a planted interaction that grows with the boundary."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for f, family in enumerate(families):
+        for b in boundaries:
+            for i in range(n_events):
+                pp, pi, ip = rng.normal(0, 0.3, 3)
+                ii = 1.0 + 0.3 * b + f + rng.normal(0, 0.3)
+                rows.append(
+                    dict(
+                        family=family,
+                        pair_id=f"tiny-{family}",
+                        prompt_id=f"p{i}",
+                        category="c",
+                        position=i % 4,
+                        t_pt=1,
+                        t_it=2,
+                        boundary=b,
+                        readout="it",
+                        y_ptup_ptlate=pp,
+                        y_ptup_itlate=pi,
+                        y_itup_ptlate=ip,
+                        y_itup_itlate=ii,
+                        pt_late_effect=pi - pp,
+                        it_late_effect=ii - ip,
+                        interaction=(ii - ip) - (pi - pp),
+                    )
+                )
+    return pa.Table.from_pylist(rows, schema=CELLS_SCHEMA)
+
+
+def synthetic_feature_effects(families=("llama", "qwen3")) -> pa.Table:
+    rows = []
+    for family in families:
+        for rank, latent in enumerate((7, 3, 11, 5, 2)):
+            score = 1.0 / (rank + 1)
+            rows.append(
+                dict(
+                    family=family,
+                    pair_id=f"tiny-{family}",
+                    dictionary_id=f"{family}-d",
+                    layer=4,
+                    intervention="attribution",
+                    k=rank + 1,
+                    latent=latent,
+                    statistic="attribution_score",
+                    effect=score,
+                    ci_low=None,
+                    ci_high=None,
+                    n=10,
+                )
+            )
+        for intervention, scale in (("ablate_topk", 1.0), ("ablate_matched_random", 0.1)):
+            for k in (1, 2, 4, 8):
+                share = scale * (1 - 0.5**k)
+                rows.append(
+                    dict(
+                        family=family,
+                        pair_id=f"tiny-{family}",
+                        dictionary_id=f"{family}-d",
+                        layer=None,
+                        intervention=intervention,
+                        k=k,
+                        latent=None,
+                        statistic="share",
+                        effect=share,
+                        ci_low=share - 0.05,
+                        ci_high=share + 0.05,
+                        n=10,
+                    )
+                )
+    return pa.Table.from_pylist(rows, schema=FEATURE_EFFECTS_SCHEMA)
+
+
+def _assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 2000, path
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_every_figure_from_synthetic_tables(tmp_path: Path) -> None:
+    summaries = summarize(synthetic_cells(), n_resamples=50, seed=1, n_permutations=200)
+    written = plots.write_figures(
+        {"summaries": summaries, "feature_effects": synthetic_feature_effects()}, tmp_path / "figures"
+    )
+    assert sorted(p.stem for p in written) == sorted(plots.FIGURE_NAMES)
+    for path in written:
+        _assert_png(path)
+
+
+def test_single_boundary_has_no_boundary_figure(tmp_path: Path) -> None:
+    summaries = summarize(
+        synthetic_cells(families=("gpt2",), boundaries=(3,)), n_resamples=20, n_permutations=50
+    )
+    written = plots.write_figures({"summaries": summaries}, tmp_path)
+    assert [p.stem for p in written] == ["family_2x2"]
+    _assert_png(written[0])
+    assert plots.write_figures({"summaries": summaries.slice(0, 0)}, tmp_path / "empty") == []
+
+
+def test_a_failing_figure_is_skipped_not_raised(tmp_path: Path) -> None:
+    bad = pa.table({"family": ["llama"], "statistic": ["interaction"]})  # not a summaries table
+    assert (
+        plots.write_figures({"summaries": bad, "feature_effects": synthetic_feature_effects()}, tmp_path)
+        != []
+    )
+    assert not (tmp_path / "family_2x2.png").exists()
+
+
+def test_ingest_draws_a_succeeded_jobs_figures(tmp_path: Path) -> None:
+    """The ingest hook writes figures beside the parts; a job whose figures fail still succeeds."""
+    import pyarrow.parquet as pq
+
+    from app.services import figures
+    from app.services.ingest import ingest_job
+    from app.store.duckdb import ResultsStore
+    from app.store.migrate import upgrade
+    from app.store.models import Job, JobLog, JobPart
+    from app.store.session import Store
+    from tests.app.builders import make_job, make_user
+
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    upgrade(url)
+    store, results = Store(url), ResultsStore(tmp_path / "results.duckdb")
+    try:
+        owner = make_user(store, "ada")
+        summaries = summarize(synthetic_cells(), n_resamples=20, n_permutations=50)
+        part = tmp_path / "summaries.parquet"
+        pq.write_table(summaries, part)
+        jobs = {}
+        for name, spec in (
+            ("drawn", {"kind": "crosspatch"}),
+            ("off", {"kind": "pipeline", "figures": False}),
+        ):
+            jobs[name] = make_job(store, owner, status="ingesting", spec=spec)
+            with store.session() as s:
+                s.add(
+                    JobPart(
+                        job_id=jobs[name],
+                        part_index=0,
+                        name="summaries.all",
+                        table_name="summaries",
+                        path=str(part),
+                        rows=summaries.num_rows,
+                    )
+                )
+        assert ingest_job(store, results, jobs["drawn"], tmp_path / "data") == "succeeded"
+        assert ingest_job(store, results, jobs["off"], tmp_path / "data") == "succeeded"
+        drawn = plots.list_figures(tmp_path / "data", jobs["drawn"])
+        assert [p.stem for p in drawn] == ["family_2x2", "interaction_by_boundary"]
+        for p in drawn:
+            _assert_png(p)
+        assert plots.list_figures(tmp_path / "data", jobs["off"]) == []
+        with store.session(write=False) as s:
+            job = s.get(Job, jobs["drawn"])
+            assert job is not None
+            public = figures.list_public(Settings(data_dir=tmp_path / "data", _env_file=None), job)  # type: ignore[call-arg]
+            assert public.count == 2 and public.data[0].url.endswith(f"/jobs/{job.id}/figures/family_2x2.png")
+            messages = [m.message for m in s.query(JobLog).filter(JobLog.job_id == jobs["drawn"])]
+            assert any("2 figure(s)" in m for m in messages), messages
+    finally:
+        results.close()
+        store.dispose()
+
+
+def test_figure_failure_never_fails_ingest(tmp_path: Path, monkeypatch) -> None:
+    def boom(*_a, **_k):
+        raise RuntimeError("no fonts today")
+
+    monkeypatch.setattr(plots, "write_figures", boom)
+
+    class Results:
+        def job_table(self, *_a, **_k):
+            return synthetic_feature_effects()
+
+    assert plots.write_job_figures(Results(), tmp_path, "j1") == []  # type: ignore[arg-type]
