@@ -48,13 +48,15 @@ def authenticate(session: Session, key: str) -> User | None:
     prefix = parse_prefix(key)
     if prefix is None:
         return None
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-    if row is None or row.revoked_at is not None:
+    found = session.execute(
+        select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.prefix == prefix)
+    ).first()  # one query per request: the key and its user
+    if found is None:
         return None
-    if not hmac.compare_digest(row.key_hash, hash_key(key)):
+    row, user = found
+    if row.revoked_at is not None or not hmac.compare_digest(row.key_hash, hash_key(key)):
         return None
-    user = session.get(User, row.user_id)
-    if user is None or not user.active:
+    if not user.active:
         return None
     return user
 

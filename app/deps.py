@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Header, Path, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from app import auth
 from app.config import Settings
@@ -17,15 +19,15 @@ from app.store.models import Job, User
 from app.store.session import Store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_results(request: Request) -> ResultsStore:
+async def get_results(request: Request) -> ResultsStore:
     return request.app.state.results
 
 
@@ -34,16 +36,58 @@ StoreDep = Annotated[Store, Depends(get_store)]
 ResultsDep = Annotated[ResultsStore, Depends(get_results)]
 
 
-def get_session(store: StoreDep) -> Iterator[Session]:
+# Sessions are created in the event loop (a Session does no I/O until its first query) and finished
+# (commit or rollback, then close) on threads of their own limiter, never queued behind request threads.
+# Under load every request thread can be blocked on the database: a SQLite writer waiting for the write
+# lock, a reader waiting for a pooled connection. The transaction that holds the lock or the
+# connection must still be able to finish, or everyone waits out the busy timeout.
+FINISH_THREADS = 8
+
+
+def _finish_limiter(request: Request) -> anyio.CapacityLimiter:
+    limiter = getattr(request.app.state, "session_finish_limiter", None)
+    if limiter is None:  # created lazily: a limiter belongs to the running event loop
+        limiter = request.app.state.session_finish_limiter = anyio.CapacityLimiter(FINISH_THREADS)
+    return limiter
+
+
+def _commit(session: Session) -> None:
+    with session:
+        session.commit()
+
+
+def _rollback(session: Session) -> None:
+    with session:
+        session.rollback()
+
+
+async def _finish(request: Request, finish: Callable[[Session], None], session: Session) -> None:
+    with anyio.CancelScope(shield=True):  # a cancelled request still returns its connection
+        await anyio.to_thread.run_sync(finish, session, limiter=_finish_limiter(request))
+
+
+async def get_session(store: StoreDep, request: Request) -> AsyncIterator[Session]:
     """A write session: one transaction, committed when the route returns (before the response)."""
-    with store.session() as session:
+    session = store.sessions()
+    session.begin()
+    try:
         yield session
+    except BaseException:
+        await _finish(request, _rollback, session)
+        raise
+    await _finish(request, _commit, session)
 
 
-def get_read_session(store: StoreDep) -> Iterator[Session]:
+async def get_read_session(store: StoreDep, request: Request) -> AsyncIterator[Session]:
     """A read session (on SQLite: never waits for the writer)."""
-    with store.session(write=False) as session:
+    session = store.read_sessions()
+    session.begin()
+    try:
         yield session
+    except BaseException:
+        await _finish(request, _rollback, session)
+        raise
+    await _finish(request, _commit, session)  # (ends the read; unlike a rollback, expires nothing)
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
@@ -84,7 +128,8 @@ AdminUser = Annotated[User, Depends(get_admin)]
 
 def get_job(job_id: Annotated[uuid.UUID, Path()], session: ReadSessionDep, _user: CurrentUser) -> Job:
     """Any job, for any authenticated user (everyone in the lab reads all results)."""
-    job = session.get(Job, job_id)
+    # spec and provenance (large JSON: inline prompts) load only if the route reads them
+    job = session.get(Job, job_id, options=[defer(Job.spec), defer(Job.provenance)])
     if job is None:
         raise NotFound(f"no job {job_id}")
     return job

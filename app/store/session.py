@@ -13,6 +13,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Pooled connections per engine: enough for every thread that may hold one at once in the service (the
+# 40 request threads of the default threadpool + the 8 session-finishing threads), so no request thread
+# waits for a connection that a queued thread holds, and none is closed and reopened under load (an
+# overflow connection is closed on return). Opened lazily; a PostgreSQL server needs max_connections
+# above this per API process plus the workers'.
+POOL_SIZE, MAX_OVERFLOW = 48, 16
 
 
 def make_engine(url: str, *, write: bool = True) -> Engine:
@@ -26,7 +32,9 @@ def make_engine(url: str, *, write: bool = True) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        on_disk = bool(parsed.database) and parsed.database != ":memory:"
+        pool = {"pool_size": POOL_SIZE, "max_overflow": MAX_OVERFLOW} if on_disk else {}
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool)
         # Let SQLAlchemy emit BEGIN itself (pysqlite's implicit transactions defeat BEGIN IMMEDIATE).
         event.listen(engine, "connect", _sqlite_autocommit_driver)
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -34,7 +42,7 @@ def make_engine(url: str, *, write: bool = True) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
 
 
 def _sqlite_autocommit_driver(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
