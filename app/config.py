@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+log = logging.getLogger(__name__)
+
+# Passwords that mark an unconfigured deployment (refused in env=prod).
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "",
+        "changeme",
+        "change-me",
+        "change_me",
+        "changethis",
+        "password",
+        "secret",
+        "postgres",
+        "crosspatch",
+        "example",
+        "xxx",
+        "todo",
+        "<password>",
+        "${postgres_password}",
+    }
+)
 
 
 class Settings(BaseSettings):
@@ -60,6 +85,30 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{(self.data_dir / 'jobs.sqlite').resolve()}"
         if self.duckdb_path is None:
             self.duckdb_path = self.data_dir / "results.duckdb"
+        return self
+
+    @model_validator(mode="after")
+    def _prod_checks(self) -> Settings:
+        """In `env=prod`: refuse a placeholder or empty database password; warn about a SQLite job store."""
+        if self.env != "prod":
+            return self
+        assert self.database_url is not None
+        try:
+            url = make_url(self.database_url)
+        except ArgumentError as e:
+            raise ValueError(f"database_url is not a database URL: {e}") from e
+        if url.password is not None and str(url.password).strip().lower() in PLACEHOLDER_SECRETS:
+            shown = url.render_as_string(hide_password=True)
+            raise ValueError(
+                f"database_url ({shown}) has an empty or placeholder password; in env=prod set a real "
+                "one (e.g. POSTGRES_PASSWORD=$(openssl rand -hex 16))"
+            )
+        if url.get_backend_name() == "sqlite":
+            log.warning(
+                "env=prod with a SQLite job store (%s): fine for one host, but workers on other hosts "
+                "need PostgreSQL (CROSSPATCH_DATABASE_URL=postgresql+psycopg://...)",
+                url.database,
+            )
         return self
 
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.api.params import Offset
@@ -21,6 +21,7 @@ from app.deps import (
     SettingsDep,
     StoreDep,
 )
+from app.schemas.examples import JOB_CREATE_EXAMPLES
 from app.schemas.jobs import JobCreate, JobLogPublic, JobLogsPublic, JobPublic, JobsPublic, JobStatus
 from app.services import jobs as service
 from app.store.models import TERMINAL_STATUSES, Job
@@ -29,8 +30,14 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=201, response_model=JobPublic)
-def submit_job(body: JobCreate, session: SessionDep, settings: SettingsDep, user: CurrentUser) -> JobPublic:
-    """Submit a job spec; it is validated against the allow-list and queued."""
+def submit_job(
+    body: Annotated[JobCreate, Body(openapi_examples=JOB_CREATE_EXAMPLES)],
+    session: SessionDep,
+    settings: SettingsDep,
+    user: CurrentUser,
+) -> JobPublic:
+    """Submit a job spec (one of six kinds, chosen by `spec.kind`); it is checked against the allow-list
+    and the server's limits (422 names the field and the reason; 429 past your quota) and queued."""
     return service.to_public(session, service.submit(session, settings, user, body))
 
 

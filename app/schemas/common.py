@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from app.schemas.examples import ERROR_EXAMPLES
 
 
 def _no_nul(value: str) -> str:
@@ -23,7 +25,10 @@ class FieldError(BaseModel):
 
 
 class ErrorPublic(BaseModel):
-    """Every error the API returns."""
+    """Every error the API returns: a message for people, a code for programs, and for invalid input
+    the fields with their reasons. Never a traceback."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": ERROR_EXAMPLES})
 
     message: str
     code: str

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+from app.schemas.examples import ROWS_EXAMPLE
 
 
 class Rows(BaseModel):
     """Rows of one results table (column name -> value per row)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [ROWS_EXAMPLE]})
 
     table: str
     data: list[dict[str, Any]]
