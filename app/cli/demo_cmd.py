@@ -135,6 +135,7 @@ def demo(
     from app.client import Client
     from app.config import Settings
     from app.embedded import ServiceThread
+    from app.services.plots import figures_dir
     from engine.organisms import organism_path
 
     t0 = time.perf_counter()
@@ -165,7 +166,7 @@ def demo(
         out_dir = data_dir / "demo-results"
         out_dir.mkdir(parents=True, exist_ok=True)
         _print_results(client, job["id"], out_dir, names)
-    figures = sorted((data_dir / "jobs" / job["id"] / "figures").glob("*.png"))
+    figures = sorted(figures_dir(data_dir, job["id"]).glob("*.png"))
     typer.echo(f"\njob {job['id']} succeeded in {time.perf_counter() - t0:.0f}s")
     typer.echo(f"results DuckDB: {settings.duckdb_path}  (query: crosspatch top-features --local)")
     typer.echo(f"Parquet copies: {out_dir}")
