@@ -50,6 +50,36 @@ def _batch_cutoff(acts: torch.Tensor) -> torch.Tensor | None:
     return positive.min() if positive.numel() else None
 
 
+def _finish_step(
+    sae: Any,
+    step_input: Any,
+    sae_in: torch.Tensor,
+    out: torch.Tensor,
+    acts: torch.Tensor,
+    scores: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+) -> TrainStepOutput:
+    """Shared tail of a BatchTopK training step: update the EMA inference threshold, package the output."""
+    with torch.no_grad():
+        cutoff = _batch_cutoff(acts)
+        if cutoff is not None:
+            sae.topk_threshold = _ema_threshold(
+                sae.topk_threshold,
+                cutoff,
+                sae.cfg.threshold_beta,
+                step_input.n_training_steps,
+                sae.cfg.threshold_start_step,
+            )
+    return TrainStepOutput(
+        sae_in=sae_in,
+        sae_out=out,
+        feature_acts=acts,
+        hidden_pre=scores,
+        loss=sum(losses.values()),
+        losses=losses,  # type: ignore[arg-type]
+    )
+
+
 # ---- transcoders ---------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class BatchTopKTranscoderTrainingSAEConfig(TrainingSAEConfig):
@@ -165,24 +195,7 @@ class BatchTopKTranscoderTrainingSAE(TrainingSAE[BatchTopKTranscoderTrainingSAEC
             losses["auxiliary_reconstruction_loss"] = (
                 self.cfg.aux_loss_coefficient * scale * (recon - residual).pow(2).sum(-1).mean()
             )
-        with torch.no_grad():
-            cutoff = _batch_cutoff(acts)
-            if cutoff is not None:
-                self.topk_threshold = _ema_threshold(
-                    self.topk_threshold,
-                    cutoff,
-                    self.cfg.threshold_beta,
-                    step_input.n_training_steps,
-                    self.cfg.threshold_start_step,
-                )
-        return TrainStepOutput(
-            sae_in=target,
-            sae_out=out,
-            feature_acts=acts,
-            hidden_pre=scores,
-            loss=sum(losses.values()),
-            losses=losses,  # type: ignore[arg-type]
-        )
+        return _finish_step(self, step_input, target, out, acts, scores, losses)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         """Fold decoder norms into the encoder and turn the EMA cutoff into a JumpReLU threshold."""
@@ -364,24 +377,7 @@ class BatchTopKCrosscoderTrainingSAE(TrainingSAE[BatchTopKCrosscoderTrainingSAEC
             recon = torch.einsum("bf,fnd->bnd", aux_acts / self.dec_norm_sum(), self.W_dec).flatten(-2)
             residual = (x - out).detach()
             losses["auxk_loss"] = self.cfg.aux_loss_coefficient * (recon - residual).pow(2).sum(-1).mean()
-        with torch.no_grad():
-            cutoff = _batch_cutoff(acts)
-            if cutoff is not None:
-                self.topk_threshold = _ema_threshold(
-                    self.topk_threshold,
-                    cutoff,
-                    self.cfg.threshold_beta,
-                    step_input.n_training_steps,
-                    self.cfg.threshold_start_step,
-                )
-        return TrainStepOutput(
-            sae_in=x,
-            sae_out=out,
-            feature_acts=acts,
-            hidden_pre=scores,
-            loss=sum(losses.values()),
-            losses=losses,  # type: ignore[arg-type]
-        )
+        return _finish_step(self, step_input, x, out, acts, scores, losses)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         """Fold the summed decoder norms in (so acts are scores) and store the EMA cutoff as threshold."""
