@@ -97,43 +97,44 @@ class ResultsStore:
             schema=TABLES["provenance"],
         )
         counts: dict[str, int] = {}
-        with self._lock:
-            cur = self._con.cursor()
-            try:
-                cur.begin()
-                touched = cur.sql(TOUCHED_BY_JOB, params=[job_id]).to_arrow_table()
-                for table in TABLES:
-                    cur.execute(f"DELETE FROM {table} WHERE job_id = ?", [job_id])
-                for table, tables in [*loaded.items(), ("provenance", [prov])]:
-                    data = pa.concat_tables(tables)
-                    data = data.add_column(0, "job_id", pa.array([job_id] * len(data), pa.string()))
-                    cur.register("_part", data)
-                    cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _part")
-                    cur.unregister("_part")
-                    counts[table] = len(data)
-                touched = pa.concat_tables(
-                    [touched, cur.sql(TOUCHED_BY_JOB, params=[job_id]).to_arrow_table()]
-                )
-                self._refresh_scores(cur, touched)
-                cur.commit()
-            except duckdb.Error as e:
-                cur.rollback()
-                raise ResultsError(f"ingest of job {job_id} failed: {e}") from e
-            finally:
-                cur.close()
+        with self._replacing(job_id) as cur:
+            for table, tables in [*loaded.items(), ("provenance", [prov])]:
+                data = pa.concat_tables(tables)
+                data = data.add_column(0, "job_id", pa.array([job_id] * len(data), pa.string()))
+                cur.register("_part", data)
+                cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _part")
+                cur.unregister("_part")
+                counts[table] = len(data)
         return counts
 
     def delete_job(self, job_id: str) -> None:
         """Remove every row of job `job_id`."""
+        with self._replacing(job_id):
+            pass
+
+    @contextmanager
+    def _replacing(self, job_id: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One transaction: delete `job_id`'s rows, let the caller insert new ones, refresh derived scores.
+
+        Any error rolls everything back, so a job's rows appear (or disappear) all at once.
+        """
         with self._lock:
             cur = self._con.cursor()
             try:
                 cur.begin()
-                touched = cur.sql(TOUCHED_BY_JOB, params=[job_id]).to_arrow_table()
+                before = cur.sql(TOUCHED_BY_JOB, params=[job_id]).to_arrow_table()
                 for table in TABLES:
                     cur.execute(f"DELETE FROM {table} WHERE job_id = ?", [job_id])
-                self._refresh_scores(cur, touched)
+                yield cur
+                after = cur.sql(TOUCHED_BY_JOB, params=[job_id]).to_arrow_table()
+                self._refresh_scores(cur, pa.concat_tables([before, after]))
                 cur.commit()
+            except duckdb.Error as e:
+                cur.rollback()
+                raise ResultsError(f"results transaction for job {job_id} failed: {e}") from e
+            except BaseException:
+                cur.rollback()
+                raise
             finally:
                 cur.close()
 
