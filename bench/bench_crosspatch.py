@@ -12,7 +12,15 @@
 from __future__ import annotations
 
 import torch
-from harness import base_args, measure, random_llama_pair, random_prompts, report
+from harness import (
+    base_args,
+    measure_interleaved,
+    paired_ratio,
+    parse,
+    random_llama_pair,
+    random_prompts,
+    report,
+)
 
 from engine.crosspatch import crosspatch, event_batches
 from engine.divergence import DivergenceEvent
@@ -131,44 +139,48 @@ def main() -> None:
         "--baseline-prompts", type=int, default=64, help="per-prompt baselines run on this many"
     )
     parser.add_argument("--no-nnsight", action="store_true")
-    args = parser.parse_args()
+    args = parse(parser)
     pair = random_llama_pair(args.layers, args.d_model, args.vocab, device=args.device, dtype=args.dtype)
     b = pair.default_boundary
     timings, ratios = [], {}
+    # crosspatch and the floor are interleaved call by call (same batches), so background load on a
+    # shared machine falls on both alike; the ratio is the median of the back-to-back pairs.
     for n in args.prompts:
         events = forced_events(pair, n)
         for bs in args.batch_size:
-            t_cp = measure(
-                f"crosspatch 2x2 n={n} bs={bs}",
-                lambda events=events, bs=bs: crosspatch(pair, events, b, batch_size=bs),
+            t_cp, t_fl = measure_interleaved(
+                {
+                    f"crosspatch 2x2 n={n} bs={bs}": lambda events=events, bs=bs: crosspatch(
+                        pair, events, b, batch_size=bs
+                    ),
+                    f"floor n={n} bs={bs}": lambda events=events, bs=bs: floor(pair, events, b, bs),
+                },
                 args.repeats,
             )
-            t_fl = measure(f"floor n={n} bs={bs}", lambda events=events, bs=bs: floor(pair, events, b, bs), args.repeats)
             timings += [t_cp, t_fl]
-            ratios[f"crosspatch / floor (n={n}, bs={bs})"] = t_cp.median / t_fl.median
+            ratios[f"crosspatch / floor (n={n}, bs={bs})"] = paired_ratio(t_cp, t_fl)
             ratios[f"crosspatch events/s (n={n}, bs={bs})"] = n / t_cp.median
     nb = args.baseline_prompts
     events = forced_events(pair, nb)
     bs = args.batch_size[0]
-    t_cp = measure(
-        f"crosspatch 2x2 n={nb} bs={bs}", lambda events=events, bs=bs: crosspatch(pair, events, b, batch_size=bs), args.repeats
-    )
-    t_hf = measure(
-        f"HF pre-hooks per prompt n={nb}",
-        lambda: hf_hooks_per_prompt(pair, events, b),
-        max(1, args.repeats - 1),
-    )
-    timings += [t_cp, t_hf]
-    ratios[f"HF hooks per prompt / crosspatch (n={nb})"] = t_hf.median / t_cp.median
+    contenders = {
+        f"crosspatch 2x2 n={nb} bs={bs}": lambda: crosspatch(pair, events, b, batch_size=bs),
+        f"floor n={nb} bs={bs}": lambda: floor(pair, events, b, bs),
+        f"HF pre-hooks per prompt n={nb}": lambda: hf_hooks_per_prompt(pair, events, b),
+    }
     if not args.no_nnsight:
         lms = make_nnsight(pair)
-        t_nn = measure(
-            f"nnsight per prompt n={nb}", lambda: nnsight_per_prompt(lms, events, b), max(1, args.repeats - 1)
-        )
-        timings.append(t_nn)
-        ratios[f"nnsight per prompt / crosspatch (n={nb})"] = t_nn.median / t_cp.median
+        contenders[f"nnsight per prompt n={nb}"] = lambda: nnsight_per_prompt(lms, events, b)
+    base = measure_interleaved(contenders, max(1, args.repeats - 1))
+    timings += base
+    ratios[f"HF hooks per prompt / crosspatch (n={nb})"] = paired_ratio(base[2], base[0])
+    ratios[f"HF hooks per prompt / floor (n={nb})"] = paired_ratio(base[2], base[1])
+    if not args.no_nnsight:
+        ratios[f"nnsight per prompt / crosspatch (n={nb})"] = paired_ratio(base[3], base[0])
+        ratios[f"nnsight per prompt / floor (n={nb})"] = paired_ratio(base[3], base[1])
     report(
-        f"2x2 cross-patch, random Llama {args.layers}x{args.d_model}, vocab {args.vocab}, boundary {b}, {args.device} {args.dtype}",
+        f"2x2 cross-patch, random Llama {args.layers}x{args.d_model}, vocab {args.vocab}, boundary {b}, "
+        f"{args.device} {args.dtype}",
         timings,
         ratios,
         out=args.json,

@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ class Timing:
     low: float
     high: float
     repeats: int
+    times: list[float] = field(default_factory=list)
 
     def __str__(self) -> str:
         return f"{self.name:<34} {self.median:8.3f}s  [{self.low:.3f}, {self.high:.3f}]  (n={self.repeats})"
@@ -50,7 +51,33 @@ def measure(name: str, fn: Callable[[], object], repeats: int = 3, warmup: int =
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return Timing(name, statistics.median(times), min(times), max(times), repeats)
+    return Timing(name, statistics.median(times), min(times), max(times), repeats, times)
+
+
+def measure_interleaved(
+    contenders: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1
+) -> list[Timing]:
+    """Like `measure`, but round-robin over the contenders each repeat, so background load on a shared
+    machine falls on all of them alike; one `Timing` per contender, in the given order."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return [Timing(n, statistics.median(t), min(t), max(t), repeats, t) for n, t in times.items()]
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """Median over repeats of a_i / b_i, for timings taken interleaved (robust to load that drifts)."""
+    return statistics.median(x / y for x, y in zip(a.times, b.times, strict=True))
 
 
 def peak_memory_mb(device: str) -> float:
@@ -83,7 +110,16 @@ def base_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse and apply the common options (threads)."""
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def random_llama_pair(
