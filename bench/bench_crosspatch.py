@@ -15,9 +15,9 @@ import torch
 from harness import (
     base_args,
     measure_interleaved,
+    pair_from_args,
     paired_ratio,
     parse,
-    random_llama_pair,
     random_prompts,
     report,
 )
@@ -140,9 +140,9 @@ def main() -> None:
     )
     parser.add_argument("--no-nnsight", action="store_true")
     args = parse(parser)
-    pair = random_llama_pair(args.layers, args.d_model, args.vocab, device=args.device, dtype=args.dtype)
+    pair = pair_from_args(args)
     b = pair.default_boundary
-    timings, ratios = [], {}
+    timings, ratios, extra = [], {}, {}
     # crosspatch and the floor are interleaved call by call (same batches), so background load on a
     # shared machine falls on both alike; the ratio is the median of the back-to-back pairs.
     for n in args.prompts:
@@ -159,7 +159,7 @@ def main() -> None:
             )
             timings += [t_cp, t_fl]
             ratios[f"crosspatch / floor (n={n}, bs={bs})"] = paired_ratio(t_cp, t_fl)
-            ratios[f"crosspatch events/s (n={n}, bs={bs})"] = n / t_cp.median
+            extra[f"crosspatch events/s (n={n}, bs={bs})"] = f"{n / t_cp.median:.1f}"
     nb = args.baseline_prompts
     events = forced_events(pair, nb)
     bs = args.batch_size[0]
@@ -183,6 +183,7 @@ def main() -> None:
         f"{args.device} {args.dtype}",
         timings,
         ratios,
+        extra=extra,
         out=args.json,
     )
 

@@ -20,9 +20,9 @@ import torch
 from harness import (
     base_args,
     measure_interleaved,
+    pair_from_args,
     paired_ratio,
     parse,
-    random_llama_pair,
     random_prompts,
     report,
 )
@@ -142,9 +142,7 @@ def main() -> None:
     parser.add_argument("--it-scale", type=float, default=DEFAULT_IT_SCALE)
     parser.add_argument("--probe", action="store_true", help="only print the divergence positions")
     args = parse(parser)
-    pair = random_llama_pair(
-        args.layers, args.d_model, args.vocab, it_scale=args.it_scale, device=args.device, dtype=args.dtype
-    )
+    pair = pair_from_args(args, it_scale=args.it_scale)
     prompts = random_prompts(args.prompts)
     n, bs = args.max_new_tokens, args.batch_size
     ours = find_divergences(pair, prompts, max_new_tokens=n, batch_size=bs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 from bench_crosspatch import forced_events
-from harness import base_args, measure_interleaved, paired_ratio, parse, random_llama_pair, report
+from harness import base_args, measure_interleaved, pair_from_args, paired_ratio, parse, report
 
 from engine.crosspatch import crosspatch
 from engine.results import CELL_COLUMNS
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parse(parser)
-    pair = random_llama_pair(args.layers, args.d_model, args.vocab, device=args.device, dtype=args.dtype)
+    pair = pair_from_args(args)
     events = forced_events(pair, args.prompts)
     boundaries = pair.resolve_boundaries("sweep")
     bs = args.batch_size

@@ -111,15 +111,55 @@ def base_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a real model's shapes (random init): sets --layers, --d-model, --vocab, heads and MLP width",
+    )
     return parser
 
 
+# Real shapes for the GPU runs (random weights: only speed and memory are measured).
+PRESETS: dict[str, dict] = {
+    "llama-3.1-8b": dict(
+        layers=32,
+        d_model=4096,
+        vocab=128256,
+        config=dict(
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+        ),
+    ),
+}
+
+
 def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse and apply the common options (threads)."""
+    """Parse and apply the common options (threads, preset shapes: `args.config` holds the overrides)."""
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.config = None
+    if args.preset:
+        preset = PRESETS[args.preset]
+        args.layers, args.d_model, args.vocab = preset["layers"], preset["d_model"], preset["vocab"]
+        args.config = preset["config"]
     return args
+
+
+def pair_from_args(args, **kwargs):
+    """`random_llama_pair` with the script's shape, device, dtype and preset."""
+    return random_llama_pair(
+        args.layers,
+        args.d_model,
+        args.vocab,
+        device=args.device,
+        dtype=args.dtype,
+        config=getattr(args, "config", None),
+        **kwargs,
+    )
 
 
 def random_llama_pair(
@@ -139,8 +179,7 @@ def random_llama_pair(
     from engine.pairs import ModelPair, resolve_dtype
 
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(
-        "llama",
+    shape = dict(
         hidden_size=d_model,
         intermediate_size=int(2.6875 * d_model),
         num_hidden_layers=n_layers,
@@ -151,19 +190,42 @@ def random_llama_pair(
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        **(config or {}),
     )
-    with torch.device(device if device != "cpu" else "cpu"):
+    cfg = AutoConfig.for_model("llama", **{**shape, **(config or {})})
+    if device == "cpu":
         pt = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in pt.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.5 / d_model**0.5 * 4)
-    it = perturbed_copy(pt, it_scale, seed + 1) if it_scale else pt
-    pt, it = (m.to(device=device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False) for m in (pt, it))
+        _init(pt, d_model)
+        it = perturbed_copy(pt, it_scale, seed + 1) if it_scale else pt
+        pt, it = (m.to(dtype=resolve_dtype(dtype)).eval().requires_grad_(False) for m in (pt, it))
+    else:
+        # On an accelerator, build in the target dtype on the device (an 8B model in fp32 twice would not
+        # fit) and perturb there.
+        with torch.device(device):
+            pt = AutoModelForCausalLM.from_config(cfg, dtype=resolve_dtype(dtype))
+        _init(pt, d_model)
+        it = _perturbed_on_device(pt, it_scale, seed + 1) if it_scale else pt
+        pt, it = (m.eval().requires_grad_(False) for m in (pt, it))
     return ModelPair.from_models(
         pt, it, word_tokenizer(min(vocab, 4096)), family="llama", pair_id=f"bench-{n_layers}x{d_model}"
     )
+
+
+@torch.no_grad()
+def _init(model, d_model: int) -> None:
+    for p in model.parameters():
+        if p.ndim == 2:
+            p.normal_(0.0, 0.5 / d_model**0.5 * 4)
+
+
+@torch.no_grad()
+def _perturbed_on_device(model, scale: float, seed: int):
+    import copy
+
+    other = copy.deepcopy(model)
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for p in other.parameters():
+        p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype), alpha=scale)
+    return other
 
 
 def random_prompts(n: int, seed: int = 0, min_len: int = 16, max_len: int = 48, vocab: int = 4096):
