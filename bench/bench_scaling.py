@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -76,7 +77,8 @@ def run_point(args, n: int, layers: int, d_model: int) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.preset:
         cmd += ["--preset", args.preset]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, **dict(kv.split("=", 1) for kv in args.child_env)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     point = json.loads(out.strip().splitlines()[-1])
     print(
         f"  n={n:<5} {layers}x{d_model:<4} {point['seconds']:8.2f}s  {point['events_per_s']:8.1f} events/s  "
@@ -99,6 +101,13 @@ def main() -> None:
     parser.add_argument("--prompt-d-model", type=int, default=256)
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512], help="d_model values")
     parser.add_argument("--size-prompts", type=int, default=256)
+    parser.add_argument(
+        "--child-env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the measured processes, e.g. MALLOC_MMAP_THRESHOLD_=131072 (see RESULTS.md)",
+    )
     args = parse(parser)
     if args.child:
         child(args)
