@@ -22,6 +22,7 @@ import torch
 
 from engine.adapters import ArchAdapter, LayerContext, positions_from_mask
 from engine.divergence import DivergenceEvent, left_pad
+from engine.memory import release_host_memory
 from engine.pairs import READOUTS, ModelPair
 from engine.results import CELL_COLUMNS, CELLS_SCHEMA
 
@@ -147,6 +148,9 @@ def iter_crosspatch(
     for batch, ids, mask, tokens in event_batches(pair, events, batch_size):
         cells = crosspatch_batch(pair, ids, mask, tokens[:, 1], tokens[:, 0], boundaries, readouts)
         yield _cells_table(pair, batch, cells)
+        del cells
+        if ids.device.type == "cpu":
+            release_host_memory()  # keep peak RSS flat across batches of different widths
         done += len(batch)
         if on_batch:
             on_batch(done, n_scored)
