@@ -39,22 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from helpers import save_tiny_pair  # noqa: E402  (tests/helpers.py, on the path above)
+
 TARGET_P99_MS = 100.0
-
-
-def save_tiny_pair(root: Path) -> tuple[Path, Path]:
-    """A tiny random Llama PT and a perturbed IT with a word-level tokenizer, saved as HF directories."""
-    from helpers import perturbed_copy, word_tokenizer  # tests/helpers.py
-
-    from engine.organisms.tiny import tiny_model
-
-    pt = tiny_model("llama", seed=0)
-    it = perturbed_copy(pt, 0.03, 1000)
-    tok = word_tokenizer()
-    for name, model in (("pt", pt), ("it", it)):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root / "pt", root / "it"
 
 
 def prompts(n: int, seed: int) -> list[dict]:

@@ -71,7 +71,8 @@ class TrainConfig:
 
     @classmethod
     def architecture(cls) -> str:
-        raise NotImplementedError
+        """The sae_lens architecture name; every registered subclass defines it."""
+        raise TypeError(f"{cls.__name__} is the abstract base config; use make_config(architecture, ...)")
 
     @property
     def kind(self) -> str:
@@ -117,7 +118,10 @@ class TrainConfig:
         return [source.check_key(self.model_role, self.layer, self.hook_point)]
 
     def sae_lens_config(self, d_model: int) -> TrainingSAEConfig:
-        raise NotImplementedError
+        """The sae_lens training config for this architecture; every registered subclass defines it."""
+        raise TypeError(
+            f"{type(self).__name__} is the abstract base config; use make_config(architecture, ...)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -52,3 +54,14 @@ def random_prompts(
         words = torch.randint(0, vocab_size - 3, (length,), generator=g).tolist()
         out.append(PromptRecord(id=f"p{i:03d}", text=" ".join(f"w{w}" for w in words), category=f"c{i % 2}"))
     return out
+
+
+def save_tiny_pair(root: Path, family: str = "llama") -> tuple[Path, Path]:
+    """A tiny random PT and a perturbed IT with the word-level tokenizer, saved as HF directories."""
+    pt = tiny_model(family, seed=0)
+    it = perturbed_copy(pt, 0.03, 1000)
+    tok = word_tokenizer()
+    for name, model in (("pt", pt), ("it", it)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root / "pt", root / "it"

@@ -23,6 +23,7 @@ from app.schemas.jobs import (
     TrainDictionarySpec,
 )
 from app.worker.context import JobContext
+from engine.errors import CrosspatchError
 
 Handler = Callable[[Any, JobContext], None]
 HANDLERS: dict[str, Handler] = {}
@@ -50,7 +51,7 @@ def run_job(spec: dict[str, Any], ctx: JobContext) -> None:
     parsed = JOB_SPEC_ADAPTER.validate_python(spec)
     handler = HANDLERS.get(parsed.kind)
     if handler is None:
-        raise NotImplementedError(f"job kind {parsed.kind!r} is not available on this worker")
+        raise CrosspatchError(f"job kind {parsed.kind!r} is not available on this worker")
     handler(parsed, ctx)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import save_tiny_pair  # tests/helpers.py
 
 from app.config import Settings
 from tests.app.live import LiveServer, bootstrap_users, client, start_worker
@@ -21,20 +22,6 @@ from tests.app.live import LiveServer, bootstrap_users, client, start_worker
 pytestmark = pytest.mark.slow
 
 N_PROMPTS = 8
-
-
-def _save_tiny_pair(root: Path) -> tuple[Path, Path]:
-    from helpers import perturbed_copy, word_tokenizer  # tests/helpers.py
-
-    from engine.organisms.tiny import tiny_model
-
-    pt = tiny_model("llama", seed=0)
-    it = perturbed_copy(pt, 0.03, 1000)
-    tok = word_tokenizer()
-    for name, model in (("pt", pt), ("it", it)):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root / "pt", root / "it"
 
 
 def _prompts() -> list[dict]:
@@ -59,7 +46,7 @@ SPEC = {
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("e2e")
     models = root / "models"
-    pt, it = _save_tiny_pair(models)
+    pt, it = save_tiny_pair(models)
     settings = Settings(
         data_dir=root / "data",
         model_roots=[models],
