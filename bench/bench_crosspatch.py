@@ -43,6 +43,28 @@ def forced_events(pair, n: int, seed: int = 0) -> list[DivergenceEvent]:
     ]
 
 
+def organism_pair(name: str, device: str):
+    """A bundled organism's PT/IT pair (real divergences, real prompts)."""
+    from engine.organisms import organism_path
+    from engine.pairs import load_pair
+
+    root = organism_path(name)
+    return load_pair(root / "pt", root / "it", device=device, pair_id=name)
+
+
+def organism_events(pair, n: int) -> list[DivergenceEvent]:
+    """The organism's real first-divergence events, repeated (with fresh ids) up to `n`."""
+    from dataclasses import replace
+
+    from engine.divergence import find_divergences
+    from engine.organisms import organism_path
+    from engine.prompts import load_prompts
+
+    prompts = load_prompts(organism_path(pair.pair_id) / "prompts.jsonl")
+    found = [e for e in find_divergences(pair, prompts, batch_size=32) if e.diverged]
+    return [replace(found[i % len(found)], prompt_id=f"e{i:05d}") for i in range(n)]
+
+
 @torch.no_grad()
 def floor(pair, events, b: int, batch_size: int) -> None:
     """Two full passes + two late stacks per batch, nothing else."""
@@ -139,14 +161,18 @@ def main() -> None:
         "--baseline-prompts", type=int, default=64, help="per-prompt baselines run on this many"
     )
     parser.add_argument("--no-nnsight", action="store_true")
+    parser.add_argument(
+        "--organism", help="a bundled Llama/Qwen organism (e.g. trained_llama) instead of a random pair"
+    )
     args = parse(parser)
-    pair = pair_from_args(args)
+    pair = organism_pair(args.organism, args.device) if args.organism else pair_from_args(args)
+    make_events = organism_events if args.organism else forced_events
     b = pair.default_boundary
     timings, ratios, extra = [], {}, {}
     # crosspatch and the floor are interleaved call by call (same batches), so background load on a
     # shared machine falls on both alike; the ratio is the median of the back-to-back pairs.
     for n in args.prompts:
-        events = forced_events(pair, n)
+        events = make_events(pair, n)
         for bs in args.batch_size:
             t_cp, t_fl = measure_interleaved(
                 {
@@ -161,7 +187,7 @@ def main() -> None:
             ratios[f"crosspatch / floor (n={n}, bs={bs})"] = paired_ratio(t_cp, t_fl)
             extra[f"crosspatch events/s (n={n}, bs={bs})"] = f"{n / t_cp.median:.1f}"
     nb = args.baseline_prompts
-    events = forced_events(pair, nb)
+    events = make_events(pair, nb)
     bs = args.batch_size[0]
     contenders = {
         f"crosspatch 2x2 n={nb} bs={bs}": lambda: crosspatch(pair, events, b, batch_size=bs),
@@ -179,8 +205,12 @@ def main() -> None:
         ratios[f"nnsight per prompt / crosspatch (n={nb})"] = paired_ratio(base[3], base[0])
         ratios[f"nnsight per prompt / floor (n={nb})"] = paired_ratio(base[3], base[1])
     report(
-        f"2x2 cross-patch, random Llama {args.layers}x{args.d_model}, vocab {args.vocab}, boundary {b}, "
-        f"{args.device} {args.dtype}",
+        (
+            f"2x2 cross-patch, organism {args.organism}"
+            if args.organism
+            else f"2x2 cross-patch, random Llama {args.layers}x{args.d_model}, vocab {args.vocab}"
+        )
+        + f", boundary {b}, {args.device} {args.dtype}",
         timings,
         ratios,
         extra=extra,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -159,30 +160,33 @@ def iter_crosspatch(
 def _cells_table(
     pair: ModelPair, batch: list[DivergenceEvent], cells: dict[tuple[int, str], dict[str, torch.Tensor]]
 ) -> pa.Table:
-    cols: dict[str, list] = {name: [] for name in CELLS_SCHEMA.names}
+    """One row per event x (boundary, readout); effects computed in float64 from the four cells."""
+    n = len(batch)
+    event_cols = {
+        "prompt_id": [e.prompt_id for e in batch],
+        "category": [e.category for e in batch],
+        "position": np.array([e.position for e in batch], dtype=np.int32),
+        "t_pt": np.array([e.t_pt for e in batch], dtype=np.int64),
+        "t_it": np.array([e.t_it for e in batch], dtype=np.int64),
+    }
+    parts = []
     for (b, readout), values in cells.items():
-        y = {c: values[c].double().cpu().tolist() for c in CELL_COLUMNS}
-        for i, e in enumerate(batch):
-            pt_late = y["y_ptup_itlate"][i] - y["y_ptup_ptlate"][i]
-            it_late = y["y_itup_itlate"][i] - y["y_itup_ptlate"][i]
-            row = dict(
-                family=pair.family,
-                pair_id=pair.pair_id,
-                prompt_id=e.prompt_id,
-                category=e.category,
-                position=e.position,
-                t_pt=e.t_pt,
-                t_it=e.t_it,
-                boundary=b,
-                readout=readout,
-                **{c: y[c][i] for c in CELL_COLUMNS},
-                pt_late_effect=pt_late,
-                it_late_effect=it_late,
-                interaction=it_late - pt_late,
-            )
-            for k, v in row.items():
-                cols[k].append(v)
-    return pa.table(cols, schema=CELLS_SCHEMA)
+        y = {c: values[c].double().cpu().numpy() for c in CELL_COLUMNS}  # each [batch]
+        pt_late = y["y_ptup_itlate"] - y["y_ptup_ptlate"]
+        it_late = y["y_itup_itlate"] - y["y_itup_ptlate"]
+        cols = {
+            "family": [pair.family] * n,
+            "pair_id": [pair.pair_id] * n,
+            **event_cols,
+            "boundary": np.full(n, b, dtype=np.int32),
+            "readout": [readout] * n,
+            **y,
+            "pt_late_effect": pt_late,
+            "it_late_effect": it_late,
+            "interaction": it_late - pt_late,
+        }
+        parts.append(pa.table(cols, schema=CELLS_SCHEMA))
+    return pa.concat_tables(parts) if parts else CELLS_SCHEMA.empty_table()
 
 
 def crosspatch(
