@@ -85,11 +85,27 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
             time.sleep(0.5)
         assert job["status"] == "succeeded", (job, c.get(f"/jobs/{job_id}/logs").json())
         summaries = c.get(f"/jobs/{job_id}/results/summaries", params={"limit": 1000}).json()["data"]
+        cells = c.get(f"/jobs/{job_id}/results/cells", params={"limit": 10_000}).json()["data"]
         effects = c.get(f"/jobs/{job_id}/results/feature_effects", params={"limit": 10_000}).json()["data"]
         top = c.get("/features/top", params={"family": "llama", "limit": 4}).json()["data"]
         dicts = c.get("/dictionaries").json()["data"]
         curve = c.get("/features/curve", params={"family": "llama"}).json()["data"]
         families = c.get("/features/families").json()["data"]
+
+    # the service's cells equal the library's for the same inputs (one chunk, same batch size)
+    from engine.crosspatch import crosspatch
+    from engine.divergence import find_divergences
+    from engine.pairs import load_pair
+
+    pair = load_pair(env["org"] / "pt", env["org"] / "it", family="llama", pair_id=ORGANISM)
+    events = find_divergences(
+        pair, load_prompts(env["org"] / "prompts.jsonl"), max_new_tokens=16, batch_size=16
+    )
+    library = {r["prompt_id"]: r for r in crosspatch(pair, events, batch_size=16).to_pylist()}
+    assert {r["prompt_id"] for r in cells} == set(library)
+    for row in cells:
+        for col in ("y_ptup_ptlate", "y_ptup_itlate", "y_itup_ptlate", "y_itup_itlate", "interaction"):
+            assert row[col] == pytest.approx(library[row["prompt_id"]][col], abs=1e-9), (col, row)
 
     expected = load_expected(ORGANISM)
     inter = next(
