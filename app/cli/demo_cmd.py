@@ -168,7 +168,10 @@ def demo(
         _print_results(client, job["id"], out_dir, names)
     figures = sorted(figures_dir(data_dir, job["id"]).glob("*.png"))
     typer.echo(f"\njob {job['id']} succeeded in {time.perf_counter() - t0:.0f}s")
-    typer.echo(f"results DuckDB: {settings.duckdb_path}  (query: crosspatch top-features --local)")
+    typer.echo(
+        f"results DuckDB: {settings.duckdb_path}  "
+        f"(query: CROSSPATCH_DATA_DIR={data_dir} crosspatch top-features --local --family llama)"
+    )
     typer.echo(f"Parquet copies: {out_dir}")
     if figures:
         typer.echo(f"figures: {figures[0].parent} ({', '.join(f.name for f in figures)})")
