@@ -83,6 +83,10 @@ class Client:
     def job(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/jobs/{job_id}").json()
 
+    def status(self, job_id: str) -> dict[str, Any]:
+        """Status, progress, attempts and error only (cheap to poll)."""
+        return self.request("GET", f"/jobs/{job_id}/status").json()
+
     def jobs(self, mine: bool = False, status: str | None = None, limit: int = 100) -> dict[str, Any]:
         params: dict[str, Any] = {"mine": mine, "limit": limit}
         if status:
@@ -108,7 +112,7 @@ class Client:
         """Poll until the job finishes (or `timeout` s pass: ClientError); returns the job."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = self.job(job_id)
+            job = self.status(job_id)
             if on_progress:
                 on_progress(job)
             if job["status"] in TERMINAL:

@@ -22,7 +22,15 @@ from app.deps import (
     StoreDep,
 )
 from app.schemas.examples import JOB_CREATE_EXAMPLES
-from app.schemas.jobs import JobCreate, JobLogPublic, JobLogsPublic, JobPublic, JobsPublic, JobStatus
+from app.schemas.jobs import (
+    JobCreate,
+    JobLogPublic,
+    JobLogsPublic,
+    JobPublic,
+    JobsPublic,
+    JobStatus,
+    JobStatusPublic,
+)
 from app.services import jobs as service
 from app.store.models import TERMINAL_STATUSES, Job
 
@@ -59,6 +67,12 @@ def list_jobs(
 def get_job(job: ReadableJob, session: ReadSessionDep) -> JobPublic:
     """One job: status, progress, error."""
     return service.to_public(session, job)
+
+
+@router.get("/{job_id}/status", response_model=JobStatusPublic)
+def get_job_status(job: ReadableJob) -> JobStatusPublic:
+    """A job's status, progress and error without its spec (for polling: `crosspatch wait` uses it)."""
+    return JobStatusPublic.model_validate(job)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

@@ -225,6 +225,33 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
 
 
+class JobStatusPublic(BaseModel):
+    """A job's state without its spec: what pollers need, cheap to serve however large the spec is."""
+
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "3f2b8c1e-7d4a-4e0b-9a51-2c6f0e8d9b77",
+                    "status": "running",
+                    "progress": {"fraction": 0.4, "message": "trained_llama: 2x2 chunk 2/5"},
+                    "attempts": 1,
+                    "error": None,
+                    "finished_at": None,
+                }
+            ]
+        },
+    )
+
+    id: uuid.UUID
+    status: JobStatus
+    progress: dict[str, Any]
+    attempts: int
+    error: str | None
+    finished_at: datetime | None
+
+
 class JobsPublic(BaseModel):
     data: list[JobPublic]
     count: int

@@ -75,6 +75,7 @@ ROUTES = [
     ("GET", "/jobs", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/jobs/{job}", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/jobs/{job}/logs", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/jobs/{job}/status", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/jobs/{job}/results/cells", None, {**ANY, "owner": 409, "other": 409, "admin": 409}),
     ("GET", "/jobs/{job}/provenance", None, {**ANY, "owner": 409, "other": 409, "admin": 409}),
     ("GET", "/jobs/{job}/figures", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
