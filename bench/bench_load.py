@@ -120,7 +120,7 @@ async def client_loop(
                 # mostly the long-running job; now and then one of this client's own
                 target = mine[-1] if mine and n % 3 == 0 else job_id
                 kind, t0 = "status", time.perf_counter()
-                r = await c.get(f"/jobs/{target}")
+                r = await c.get(f"/jobs/{target}/status" if args.endpoint == "status" else f"/jobs/{target}")
             ms = (time.perf_counter() - t0) * 1000
             stats["sent"].append(1)
             if time.monotonic() >= start:  # measured (not warm-up)
@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=3.0, help="Seconds of load before measuring.")
     ap.add_argument("--interval", type=float, default=0.25, help="Seconds between a client's requests.")
     ap.add_argument("--submit-every", type=int, default=10, help="Every n-th request submits a job.")
+    ap.add_argument(
+        "--endpoint",
+        choices=["status", "job"],
+        default="status",
+        help="poll GET /jobs/{id}/status (what the client's wait uses) or the full GET /jobs/{id}",
+    )
     ap.add_argument("--long-prompts", type=int, default=1000, help="Prompts in the long-running job.")
     ap.add_argument(
         "--worker-threads", type=int, default=0, help="Torch threads of the CPU worker (0 = torch's default)."
