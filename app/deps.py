@@ -66,9 +66,9 @@ async def _finish(request: Request, finish: Callable[[Session], None], session: 
         await anyio.to_thread.run_sync(finish, session, limiter=_finish_limiter(request))
 
 
-async def get_session(store: StoreDep, request: Request) -> AsyncIterator[Session]:
-    """A write session: one transaction, committed when the route returns (before the response)."""
-    session = store.sessions()
+async def _transaction(session: Session, request: Request) -> AsyncIterator[Session]:
+    """One transaction for the route: rolled back if it raises, else committed before the response
+    (for a read session the commit just ends the read; unlike a rollback, it expires nothing)."""
     session.begin()
     try:
         yield session
@@ -78,16 +78,16 @@ async def get_session(store: StoreDep, request: Request) -> AsyncIterator[Sessio
     await _finish(request, _commit, session)
 
 
+async def get_session(store: StoreDep, request: Request) -> AsyncIterator[Session]:
+    """A write session: one transaction, committed when the route returns (before the response)."""
+    async for session in _transaction(store.sessions(), request):
+        yield session
+
+
 async def get_read_session(store: StoreDep, request: Request) -> AsyncIterator[Session]:
     """A read session (on SQLite: never waits for the writer)."""
-    session = store.read_sessions()
-    session.begin()
-    try:
+    async for session in _transaction(store.read_sessions(), request):
         yield session
-    except BaseException:
-        await _finish(request, _rollback, session)
-        raise
-    await _finish(request, _commit, session)  # (ends the read; unlike a rollback, expires nothing)
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

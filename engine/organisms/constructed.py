@@ -187,6 +187,14 @@ def _gpt2_construction(
 # ---- weights -----------------------------------------------------------------------------------------
 
 
+def _copy_of(config, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A fresh fp32 model of `config` holding the weights in `state` (IT starts as a copy of PT)."""
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for name, param in model.named_parameters():
+        _set(param, state[name])
+    return model
+
+
 def _identity_stop(family: str) -> int:
     """End of the identity subspace: GPT-2 keeps the last logical coordinate for the residual's mean."""
     return D_MODEL - 1 if family == "gpt2" else D_MODEL
@@ -271,9 +279,7 @@ def build_models(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
             raise AssertionError(f"constructed organisms do not know parameter {name!r}")
         state[name] = value
         _set(param, value)
-    it = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    for name, param in it.named_parameters():
-        _set(param, state[name])
+    it = _copy_of(config, state)
     for n in con.it_neurons:
         mlp = it.model.layers[n.layer].mlp
         for coord, w in n.gate.items():
@@ -334,9 +340,7 @@ def _build_gpt2(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
             raise AssertionError(f"constructed organisms do not know parameter {name!r}")
         state[name] = value
         _set(param, value)
-    it = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    for name, param in it.named_parameters():
-        _set(param, state[name])
+    it = _copy_of(config, state)
     for n in con.it_neurons:
         mlp = it.transformer.h[n.layer].mlp
         gate = torch.zeros(D_MODEL, dtype=torch.float64)
