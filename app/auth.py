@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.store.models import ApiKey, User, utcnow
+from crosspatch.app.store.models import ApiKey, User, utcnow
 
 KEY_PREFIX = "cpk"
 PREFIX_CHARS = 12

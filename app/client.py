@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from engine.errors import CrosspatchError
+from crosspatch.engine.errors import CrosspatchError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")

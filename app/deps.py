@@ -11,12 +11,12 @@ import anyio.to_thread
 from fastapi import Depends, Header, Path, Request
 from sqlalchemy.orm import Session, defer
 
-from app import auth
-from app.config import Settings
-from app.errors import Forbidden, NotFound, Unauthorized
-from app.store.duckdb import ResultsStore
-from app.store.models import Job, User
-from app.store.session import Store
+from crosspatch.app import auth
+from crosspatch.app.config import Settings
+from crosspatch.app.errors import Forbidden, NotFound, Unauthorized
+from crosspatch.app.store.duckdb import ResultsStore
+from crosspatch.app.store.models import Job, User
+from crosspatch.app.store.session import Store
 
 
 async def get_settings(request: Request) -> Settings:

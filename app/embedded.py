@@ -9,8 +9,8 @@ import time
 import httpx
 import uvicorn
 
-from app.config import Settings
-from app.main import create_app
+from crosspatch.app.config import Settings
+from crosspatch.app.main import create_app
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.errors import CrosspatchError
+from crosspatch.engine.errors import CrosspatchError
 
 
 class AppError(CrosspatchError):

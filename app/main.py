@@ -20,13 +20,13 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.main import api_router
-from app.config import Settings, get_settings
-from app.errors import AppError
-from app.services.ingest import Housekeeper
-from app.store.duckdb import ResultsError, ResultsStore
-from app.store.migrate import upgrade
-from app.store.session import Store
+from crosspatch.app.api.main import api_router
+from crosspatch.app.config import Settings, get_settings
+from crosspatch.app.errors import AppError
+from crosspatch.app.services.ingest import Housekeeper
+from crosspatch.app.store.duckdb import ResultsError, ResultsStore
+from crosspatch.app.store.migrate import upgrade
+from crosspatch.app.store.session import Store
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -47,9 +47,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def start_worker_process(settings: Settings, device: str | None = None) -> subprocess.Popen[bytes]:
-    """A local `python -m app.worker` subprocess sharing this process's settings."""
+    """A local `python -m crosspatch.app.worker` subprocess sharing this process's settings."""
     env = {**os.environ, **settings_env(settings)}
-    cmd = [sys.executable, "-m", "app.worker", "--device", device or settings.device]
+    cmd = [sys.executable, "-m", "crosspatch.app.worker", "--device", device or settings.device]
     return subprocess.Popen(cmd, env=env)
 
 

@@ -22,8 +22,8 @@ from harness import (
     report,
 )
 
-from engine.crosspatch import crosspatch, event_batches
-from engine.divergence import DivergenceEvent
+from crosspatch.engine.crosspatch import crosspatch, event_batches
+from crosspatch.engine.divergence import DivergenceEvent
 
 
 def forced_events(pair, n: int, seed: int = 0) -> list[DivergenceEvent]:
@@ -45,8 +45,8 @@ def forced_events(pair, n: int, seed: int = 0) -> list[DivergenceEvent]:
 
 def organism_pair(name: str, device: str):
     """A bundled organism's PT/IT pair (real divergences, real prompts)."""
-    from engine.organisms import organism_path
-    from engine.pairs import load_pair
+    from crosspatch.engine.organisms import organism_path
+    from crosspatch.engine.pairs import load_pair
 
     root = organism_path(name)
     return load_pair(root / "pt", root / "it", device=device, pair_id=name)
@@ -56,9 +56,9 @@ def organism_events(pair, n: int) -> list[DivergenceEvent]:
     """The organism's real first-divergence events, repeated (with fresh ids) up to `n`."""
     from dataclasses import replace
 
-    from engine.divergence import find_divergences
-    from engine.organisms import organism_path
-    from engine.prompts import load_prompts
+    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.organisms import organism_path
+    from crosspatch.engine.prompts import load_prompts
 
     prompts = load_prompts(organism_path(pair.pair_id) / "prompts.jsonl")
     found = [e for e in find_divergences(pair, prompts, batch_size=32) if e.diverged]
@@ -68,7 +68,7 @@ def organism_events(pair, n: int) -> list[DivergenceEvent]:
 @torch.no_grad()
 def floor(pair, events, b: int, batch_size: int) -> None:
     """Two full passes + two late stacks per batch, nothing else."""
-    from engine.adapters import positions_from_mask
+    from crosspatch.engine.adapters import positions_from_mask
 
     for _, ids, mask, _ in event_batches(pair, events, batch_size):
         pos = positions_from_mask(mask)

@@ -28,7 +28,7 @@ from harness import (
 )
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from engine.divergence import (
+from crosspatch.engine.divergence import (
     DIVERGED,
     EOS_BEFORE_DIVERGENCE,
     NO_DIVERGENCE_IN_BUDGET,

@@ -21,9 +21,9 @@ import torch
 from bench_divergence import DEFAULT_IT_SCALE, assert_same_events, generate_then_compare
 from harness import Timing, base_args, pair_from_args, parse, random_prompts, report
 
-from engine.crosspatch import crosspatch
-from engine.divergence import find_divergences
-from engine.results import CELL_COLUMNS
+from crosspatch.engine.crosspatch import crosspatch
+from crosspatch.engine.divergence import find_divergences
+from crosspatch.engine.results import CELL_COLUMNS
 
 
 def crosspatch_job(pair, prompts, batch_size: int):

@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (1 <= args.clients <= 500 and 0 < args.seconds <= 600):
         ap.error("--clients must be 1..500 and --seconds 0..600")
 
-    from app.config import Settings
-    from app.main import settings_env
+    from crosspatch.app.config import Settings
+    from crosspatch.app.main import settings_env
     from tests.app.live import bootstrap_users
     from tests.app.pg import free_port
 
@@ -197,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
-        serve_cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--no-worker"]
+        serve_cmd = [
+            sys.executable,
+            "-c",
+            "from crosspatch.app.cli import main; main()",
+            "serve",
+            "--no-worker",
+        ]
         server = subprocess.Popen([*serve_cmd, "--host", "127.0.0.1", "--port", str(port)], env=env)
         worker = None
         try:
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 threads = {"OMP_NUM_THREADS": str(args.worker_threads)} if args.worker_threads else {}
                 nice = ["nice", "-n", str(args.worker_nice)] if args.worker_nice else []
                 worker = subprocess.Popen(
-                    [*nice, sys.executable, "-m", "app.worker", "--device", "cpu"],
+                    [*nice, sys.executable, "-m", "crosspatch.app.worker", "--device", "cpu"],
                     env={**env, **threads},
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

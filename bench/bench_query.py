@@ -17,7 +17,7 @@ from pathlib import Path
 
 from harness import machine
 
-from app.store.duckdb import ResultsStore
+from crosspatch.app.store.duckdb import ResultsStore
 
 FAMILIES = ["llama", "qwen3", "mistral", "olmo2", "gemma3"]
 

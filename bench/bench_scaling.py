@@ -30,7 +30,7 @@ def child(args) -> None:
     from bench_crosspatch import forced_events
     from harness import pair_from_args
 
-    from engine.crosspatch import crosspatch
+    from crosspatch.engine.crosspatch import crosspatch
 
     pair = pair_from_args(args)
     events = forced_events(pair, args.n)

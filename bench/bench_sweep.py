@@ -15,8 +15,8 @@ import pyarrow as pa
 from bench_crosspatch import forced_events
 from harness import base_args, measure_interleaved, pair_from_args, paired_ratio, parse, report
 
-from engine.crosspatch import crosspatch
-from engine.results import CELL_COLUMNS
+from crosspatch.engine.crosspatch import crosspatch
+from crosspatch.engine.results import CELL_COLUMNS
 
 
 def separate_runs(pair, events, boundaries, batch_size: int) -> pa.Table:

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_lens import SAETrainer
 
-from engine.organisms.tiny import tiny_model
-from saes.cache import ActivationCache, build_cache
-from saes.load import Dictionary
-from saes.quality import activation_metrics
-from saes.train import build_training_sae, make_config, train_dictionary, trainer_config
+from crosspatch.engine.organisms.tiny import tiny_model
+from crosspatch.saes.cache import ActivationCache, build_cache
+from crosspatch.saes.load import Dictionary
+from crosspatch.saes.quality import activation_metrics
+from crosspatch.saes.train import build_training_sae, make_config, train_dictionary, trainer_config
 
 
 def make_cache(root: Path, n_seqs: int) -> ActivationCache:
@@ -56,7 +56,7 @@ def run_sae_lens(cfg, cache: ActivationCache, out: Path) -> tuple[float, Diction
     trainer.fit()
     dt = time.perf_counter() - t0
     sae.save_inference_model(out)
-    from saes.load import load_dictionary
+    from crosspatch.saes.load import load_dictionary
 
     d = load_dictionary(out)
     d.meta.update(layer=cfg.layer, hook_point=cfg.hook_point, model_role=cfg.model_role)

@@ -176,7 +176,7 @@ def random_llama_pair(
     from helpers import perturbed_copy, word_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from engine.pairs import ModelPair, resolve_dtype
+    from crosspatch.engine.pairs import ModelPair, resolve_dtype
 
     torch.manual_seed(seed)
     shape = dict(

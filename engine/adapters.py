@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from engine.errors import UnsupportedArchitectureError
+from crosspatch.engine.errors import UnsupportedArchitectureError
 
 # model_type (config.model_type) -> family name used in results and docs.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {

@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.adapters import ArchAdapter, LayerContext, positions_from_mask
-from engine.divergence import DivergenceEvent, left_pad
-from engine.memory import release_host_memory
-from engine.pairs import READOUTS, ModelPair
-from engine.results import CELL_COLUMNS, CELLS_SCHEMA
+from crosspatch.engine.adapters import ArchAdapter, LayerContext, positions_from_mask
+from crosspatch.engine.divergence import DivergenceEvent, left_pad
+from crosspatch.engine.memory import release_host_memory
+from crosspatch.engine.pairs import READOUTS, ModelPair
+from crosspatch.engine.results import CELL_COLUMNS, CELLS_SCHEMA
 
 # (upstream, late) -> column
 CELLS: dict[tuple[str, str], str] = {

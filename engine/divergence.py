@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.adapters import positions_from_mask
-from engine.errors import CrosspatchError
-from engine.pairs import ModelPair
-from engine.prompts import PromptRecord
+from crosspatch.engine.adapters import positions_from_mask
+from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.prompts import PromptRecord
 
 DIVERGED = "diverged"
 EOS_BEFORE_DIVERGENCE = "eos_before_divergence"

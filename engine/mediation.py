@@ -30,12 +30,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
-from engine.divergence import DivergenceEvent
-from engine.errors import CrosspatchError
-from engine.pairs import ModelPair
-from engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA
-from engine.stats import bootstrap_means
+from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
+from crosspatch.engine.divergence import DivergenceEvent
+from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA
+from crosspatch.engine.stats import bootstrap_means
 
 Edit = Callable[
     [torch.Tensor, int], torch.Tensor

@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.adapters import ArchAdapter, adapter_for
-from engine.errors import CrosspatchError, ModelLoadError, TokenizerMismatchError
+from crosspatch.engine.adapters import ArchAdapter, adapter_for
+from crosspatch.engine.errors import CrosspatchError, ModelLoadError, TokenizerMismatchError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import PromptFileError
+from crosspatch.engine.errors import PromptFileError
 
 
 @dataclass(frozen=True)

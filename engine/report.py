@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from engine.results import CELL_COLUMNS, EFFECT_COLUMNS
+from crosspatch.engine.results import CELL_COLUMNS, EFFECT_COLUMNS
 
 _SHORT = {
     "y_ptup_ptlate": "Y[PT,PT]",

@@ -131,7 +131,7 @@ def events_table(events: list, family: str, pair_id: str) -> pa.Table:
 
 def events_from_table(table: pa.Table) -> list:
     """`DivergenceEvent`s back from an events table (e.g. a job's checkpoint parts)."""
-    from engine.divergence import DivergenceEvent
+    from crosspatch.engine.divergence import DivergenceEvent
 
     fields = {f for f in DivergenceEvent.__dataclass_fields__}
     return [DivergenceEvent(**{k: v for k, v in row.items() if k in fields}) for row in table.to_pylist()]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from engine.results import CELL_COLUMNS, EFFECT_COLUMNS, SUMMARY_SCHEMA
+from crosspatch.engine.results import CELL_COLUMNS, EFFECT_COLUMNS, SUMMARY_SCHEMA
 
 STATISTICS = (*CELL_COLUMNS, *EFFECT_COLUMNS)
 Z95 = 1.959963984540054

@@ -7,9 +7,9 @@ import logging.config
 from alembic import context
 from sqlalchemy import Connection
 
-from app.config import get_settings
-from app.store.models import Base
-from app.store.session import make_engine
+from crosspatch.app.config import get_settings
+from crosspatch.app.store.models import Base
+from crosspatch.app.store.session import make_engine
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):

@@ -33,10 +33,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from engine.adapters import ArchAdapter, adapter_for, positions_from_mask
-from engine.divergence import left_pad
-from engine.errors import PromptFileError
-from saes.errors import CacheError, DictionaryConfigError
+from crosspatch.engine.adapters import ArchAdapter, adapter_for, positions_from_mask
+from crosspatch.engine.divergence import left_pad
+from crosspatch.engine.errors import PromptFileError
+from crosspatch.saes.errors import CacheError, DictionaryConfigError
 
 MANIFEST = "manifest.json"
 FORMAT = "crosspatch-activation-cache"
@@ -255,7 +255,7 @@ def weight_hash(model: torch.nn.Module, full_below: int = 50_000_000) -> str:
 
 def load_model(path: str | Path, revision: str | None = None) -> tuple[PreTrainedModel, Any | None]:
     """Load a causal LM (fp32, eval) and its tokenizer if it has one; `ModelLoadError` on failure."""
-    from engine.pairs import load_model as load
+    from crosspatch.engine.pairs import load_model as load
 
     return load(path, revision=revision, require_tokenizer=False)
 

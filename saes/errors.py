@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.errors import CrosspatchError
+from crosspatch.engine.errors import CrosspatchError
 
 
 class CacheError(CrosspatchError):

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from engine.divergence import eos_ids, left_pad, real_token_mask
-from engine.pairs import ModelPair
-from engine.prompts import PromptRecord
-from saes.cache import build_cache
-from saes.load import Dictionary, load_dictionary
-from saes.train import make_config, train_dictionary
+from crosspatch.engine.divergence import eos_ids, left_pad, real_token_mask
+from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.prompts import PromptRecord
+from crosspatch.saes.cache import build_cache
+from crosspatch.saes.load import Dictionary, load_dictionary
+from crosspatch.saes.train import make_config, train_dictionary
 
 ROLE_MODELS = {"it": ("it",), "pt": ("pt",), "paired": ("pt", "it")}
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-import saes.arch  # noqa: F401  (registers crosspatch's classes with sae_lens)
-from saes.arch import Crosscoder
-from saes.errors import DictionaryLoadError
+import crosspatch.saes.arch  # noqa: F401  (registers crosspatch's classes with sae_lens)
+from crosspatch.saes.arch import Crosscoder
+from crosspatch.saes.errors import DictionaryLoadError
 
 META_FILENAME = "crosspatch_meta.json"
 CFG_FILENAME = "cfg.json"

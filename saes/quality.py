@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.adapters import adapter_for
-from saes.cache import act_key
-from saes.errors import CacheError, GateFailedError
-from saes.load import Dictionary
+from crosspatch.engine.adapters import adapter_for
+from crosspatch.saes.cache import act_key
+from crosspatch.saes.errors import CacheError, GateFailedError
+from crosspatch.saes.load import Dictionary
 
 
 @dataclass

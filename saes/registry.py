@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from saes.errors import DictionaryLoadError
-from saes.load import META_FILENAME, Dictionary, load_dictionary
+from crosspatch.saes.errors import DictionaryLoadError
+from crosspatch.saes.load import META_FILENAME, Dictionary, load_dictionary
 
 ROW_FIELDS = (
     "id", "model_role", "layer", "hook_point", "kind", "architecture", "width", "k", "training_tokens",

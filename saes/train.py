@@ -34,10 +34,10 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 
-from saes import arch
-from saes.cache import HOOK_POINTS, ActivationCache, TensorSource
-from saes.errors import CacheError, DictionaryConfigError
-from saes.load import Dictionary, load_dictionary, write_meta
+from crosspatch.saes import arch
+from crosspatch.saes.cache import HOOK_POINTS, ActivationCache, TensorSource
+from crosspatch.saes.errors import CacheError, DictionaryConfigError
+from crosspatch.saes.load import Dictionary, load_dictionary, write_meta
 
 WRITTEN_BY = "crosspatch"
 ROLES = ("pt", "it", "model")
@@ -605,7 +605,7 @@ def train_dictionary(
     )
     write_meta(out, dictionary.meta)
     if evaluate:
-        from saes.quality import GateConfig, evaluate_dictionary
+        from crosspatch.saes.quality import GateConfig, evaluate_dictionary
 
         evaluate_dictionary(
             dictionary,

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.organisms import list_organisms, organism_path  # noqa: E402
+from crosspatch.engine.organisms import list_organisms, organism_path  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,11 +26,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.organisms import SHIPPED_DIR, TRAINED_FAMILIES  # noqa: E402
-from engine.organisms.build import write_jsonl, write_pair  # noqa: E402
-from engine.organisms.corpus import it_example, pt_document, trained_prompts  # noqa: E402
-from engine.organisms.tiny import tiny_config  # noqa: E402
-from engine.organisms.tokenizer import build_tokenizer  # noqa: E402
+from crosspatch.engine.organisms import SHIPPED_DIR, TRAINED_FAMILIES  # noqa: E402
+from crosspatch.engine.organisms.build import write_jsonl, write_pair  # noqa: E402
+from crosspatch.engine.organisms.corpus import it_example, pt_document, trained_prompts  # noqa: E402
+from crosspatch.engine.organisms.tiny import tiny_config  # noqa: E402
+from crosspatch.engine.organisms.tokenizer import build_tokenizer  # noqa: E402
 
 N_PROMPTS, N_HELDOUT = 64, 32
 

@@ -8,9 +8,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from engine.organisms.tiny import tiny_model
-from engine.pairs import ModelPair
-from engine.prompts import PromptRecord
+from crosspatch.engine.organisms.tiny import tiny_model
+from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.prompts import PromptRecord
 
 
 def word_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.params import KeyId, UserNameParam
-from app.deps import AdminUser, CurrentUser, ReadSessionDep, SessionDep
-from app.schemas.users import (
+from crosspatch.app.api.params import KeyId, UserNameParam
+from crosspatch.app.deps import AdminUser, CurrentUser, ReadSessionDep, SessionDep
+from crosspatch.app.schemas.users import (
     KeyCreate,
     KeyCreated,
     KeyPublic,
@@ -15,7 +15,7 @@ from app.schemas.users import (
     UserPublic,
     UsersPublic,
 )
-from app.services import users as service
+from crosspatch.app.services import users as service
 
 router = APIRouter(tags=["users"])
 

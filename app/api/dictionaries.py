@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.api.params import FamilyFilter, Offset
-from app.deps import CurrentUser, ReadSessionDep, SessionDep, SettingsDep
-from app.schemas.dictionaries import DictionariesPublic, DictionaryCreate, DictionaryPublic
-from app.schemas.jobs import Name
-from app.services import catalog
+from crosspatch.app.api.params import FamilyFilter, Offset
+from crosspatch.app.deps import CurrentUser, ReadSessionDep, SessionDep, SettingsDep
+from crosspatch.app.schemas.dictionaries import DictionariesPublic, DictionaryCreate, DictionaryPublic
+from crosspatch.app.schemas.jobs import Name
+from crosspatch.app.services import catalog
 
 router = APIRouter(prefix="/dictionaries", tags=["dictionaries"])
 

@@ -6,10 +6,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 
-from app.deps import CurrentUser, ResultsDep
-from app.schemas.jobs import Name
-from app.schemas.results import Rows
-from app.services import results as service
+from crosspatch.app.deps import CurrentUser, ResultsDep
+from crosspatch.app.schemas.jobs import Name
+from crosspatch.app.schemas.results import Rows
+from crosspatch.app.services import results as service
 
 router = APIRouter(prefix="/features", tags=["features"])
 Family = Annotated[str | None, Query(max_length=64, description="Only this family (e.g. llama).")]

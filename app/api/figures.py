@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from fastapi.responses import FileResponse
 
-from app.deps import ReadableJob, SettingsDep
-from app.schemas.results import FiguresPublic
-from app.services import figures as service
+from crosspatch.app.deps import ReadableJob, SettingsDep
+from crosspatch.app.schemas.results import FiguresPublic
+from crosspatch.app.services import figures as service
 
 router = APIRouter(prefix="/jobs/{job_id}/figures", tags=["figures"])
 FigureName = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]

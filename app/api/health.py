@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import func, select
 
-from app.deps import ReadSessionDep, ResultsDep
-from app.schemas.common import Health, Version
-from app.store.models import Job
-from app.worker.handlers import available_kinds
+from crosspatch.app.deps import ReadSessionDep, ResultsDep
+from crosspatch.app.schemas.common import Health, Version
+from crosspatch.app.store.models import Job
+from crosspatch.app.worker.handlers import available_kinds
 
 router = APIRouter(tags=["health"])
 API_VERSION = "1"

@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.api.params import Offset
-from app.deps import (
+from crosspatch.app.api.params import Offset
+from crosspatch.app.deps import (
     CurrentUser,
     OwnedJob,
     ReadableJob,
@@ -21,8 +21,8 @@ from app.deps import (
     SettingsDep,
     StoreDep,
 )
-from app.schemas.examples import JOB_CREATE_EXAMPLES
-from app.schemas.jobs import (
+from crosspatch.app.schemas.examples import JOB_CREATE_EXAMPLES
+from crosspatch.app.schemas.jobs import (
     JobCreate,
     JobLogPublic,
     JobLogsPublic,
@@ -31,8 +31,8 @@ from app.schemas.jobs import (
     JobStatus,
     JobStatusPublic,
 )
-from app.services import jobs as service
-from app.store.models import TERMINAL_STATUSES, Job
+from crosspatch.app.services import jobs as service
+from crosspatch.app.store.models import TERMINAL_STATUSES, Job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

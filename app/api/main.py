@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api import admin, dictionaries, features, figures, health, jobs, pairs, results
-from app.schemas.common import ERROR_RESPONSES
+from crosspatch.app.api import admin, dictionaries, features, figures, health, jobs, pairs, results
+from crosspatch.app.schemas.common import ERROR_RESPONSES
 
 api_router = APIRouter(responses=ERROR_RESPONSES)
 api_router.include_router(health.router)

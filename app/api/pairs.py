@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import AdminUser, CurrentUser, ReadSessionDep, SessionDep, SettingsDep
-from app.schemas.pairs import PairCreate, PairPublic, PairsPublic
-from app.services import pairs as service
+from crosspatch.app.deps import AdminUser, CurrentUser, ReadSessionDep, SessionDep, SettingsDep
+from crosspatch.app.schemas.pairs import PairCreate, PairPublic, PairsPublic
+from crosspatch.app.services import pairs as service
 
 router = APIRouter(prefix="/pairs", tags=["pairs"])
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Path, Query
 
-from app.schemas.common import Text
+from crosspatch.app.schemas.common import Text
 
 INT32_MAX = 2**31 - 1
 

@@ -6,10 +6,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.params import Offset
-from app.deps import ReadableJob, ResultsDep
-from app.schemas.results import ProvenancePublic, Rows
-from app.services import results as service
+from crosspatch.app.api.params import Offset
+from crosspatch.app.deps import ReadableJob, ResultsDep
+from crosspatch.app.schemas.results import ProvenancePublic, Rows
+from crosspatch.app.services import results as service
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["results"])
 

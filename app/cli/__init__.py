@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
 
     NoArgsIsHelpError = UsageError
 
-from engine.errors import CrosspatchError
+from crosspatch.engine.errors import CrosspatchError
 
 cli = typer.Typer(
     name="crosspatch",
@@ -37,7 +37,7 @@ def _root() -> None:
 
 def _register_commands() -> None:
     """Import the command modules; each adds its commands to `cli`."""
-    from app.cli import admin_cmd, client_cmd, demo_cmd, dict_cmd, mediate_cmd, run_cmd, serve_cmd  # noqa: F401
+    from crosspatch.app.cli import admin_cmd, client_cmd, demo_cmd, dict_cmd, mediate_cmd, run_cmd, serve_cmd  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

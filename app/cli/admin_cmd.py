@@ -10,11 +10,11 @@ from typing import Annotated
 
 import typer
 
-from app.cli import cli
-from app.config import get_settings
-from app.services import pairs, users
-from app.store.migrate import upgrade
-from app.store.session import Store
+from crosspatch.app.cli import cli
+from crosspatch.app.config import get_settings
+from crosspatch.app.services import pairs, users
+from crosspatch.app.store.migrate import upgrade
+from crosspatch.app.store.session import Store
 
 admin = typer.Typer(
     help="Users, API keys and allowed model pairs (run on the server host).", no_args_is_help=True

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli import cli
-from app.client import Client, ClientError
+from crosspatch.app.cli import cli
+from crosspatch.app.client import Client, ClientError
 
 Url = Annotated[str | None, typer.Option("--url", help="Server URL (default: CROSSPATCH_URL).")]
 Key = Annotated[str | None, typer.Option("--key", help="API key (default: CROSSPATCH_API_KEY).")]
@@ -25,7 +25,7 @@ def _print(obj: Any, as_json: bool, text: str) -> None:
 
 
 def _inline_prompts(path: Path) -> list[dict[str, str]]:
-    from engine.prompts import load_prompts
+    from crosspatch.engine.prompts import load_prompts
 
     return [{"id": p.id, "text": p.text, "category": p.category} for p in load_prompts(path)]
 
@@ -184,8 +184,8 @@ def top_features(
 
 def _local_query(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run a fixed query on the local DuckDB file (refused with a clear error if a server holds it)."""
-    from app.config import get_settings
-    from app.store.duckdb import ResultsStore
+    from crosspatch.app.config import get_settings
+    from crosspatch.app.store.duckdb import ResultsStore
 
     path = get_settings().duckdb_path
     if path is None or not Path(path).is_file():

@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
 
-from app.cli import cli
+from crosspatch.app.cli import cli
 
 
 def _demo_organisms(names: list[str] | None) -> list[str]:
-    from engine.organisms import list_organisms, organism_path
+    from crosspatch.engine.organisms import list_organisms, organism_path
 
     if names:
         return names
@@ -41,11 +41,11 @@ def _family(name: str) -> str:
 
 def _bootstrap(settings: Any, organisms: list[str]) -> str:
     """Migrate, create a demo admin key, and allow-list each organism pair (idempotent); returns the key."""
-    from app.services import pairs, users
-    from app.store.migrate import upgrade
-    from app.store.models import Pair, User
-    from app.store.session import Store
-    from engine.organisms import organism_path
+    from crosspatch.app.services import pairs, users
+    from crosspatch.app.store.migrate import upgrade
+    from crosspatch.app.store.models import Pair, User
+    from crosspatch.app.store.session import Store
+    from crosspatch.engine.organisms import organism_path
 
     upgrade(settings.database_url)
     store = Store.from_settings(settings)
@@ -72,8 +72,8 @@ def _bootstrap(settings: Any, organisms: list[str]) -> str:
 
 def _prompts(organisms: list[str], limit: int | None) -> list[dict[str, str]]:
     """The organisms' shared prompt set (they share one tokenizer and corpus), ids without the pair prefix."""
-    from engine.organisms import organism_path
-    from engine.prompts import load_prompts
+    from crosspatch.engine.organisms import organism_path
+    from crosspatch.engine.prompts import load_prompts
 
     records = load_prompts(organism_path(organisms[0]) / "prompts.jsonl", limit=limit)
     prefix = organisms[0] + "-"
@@ -90,8 +90,8 @@ def _print_progress(job: dict[str, Any], last: list[str]) -> None:
 
 
 def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str]) -> None:
-    from engine.report import format_mediation, format_summary
-    from engine.results import FEATURE_EFFECTS_SCHEMA, SUMMARY_SCHEMA
+    from crosspatch.engine.report import format_mediation, format_summary
+    from crosspatch.engine.results import FEATURE_EFFECTS_SCHEMA, SUMMARY_SCHEMA
 
     summaries = pq.read_table(client.results_parquet(job_id, "summaries", out_dir / "summaries.parquet"))
     typer.echo(
@@ -132,11 +132,11 @@ def demo(
     names = _demo_organisms(organism)
     if library:
         return _library_demo(names, data_dir)
-    from app.client import Client
-    from app.config import Settings
-    from app.embedded import ServiceThread
-    from app.services.plots import figures_dir
-    from engine.organisms import organism_path
+    from crosspatch.app.client import Client
+    from crosspatch.app.config import Settings
+    from crosspatch.app.embedded import ServiceThread
+    from crosspatch.app.services.plots import figures_dir
+    from crosspatch.engine.organisms import organism_path
 
     t0 = time.perf_counter()
     roots = sorted({str(organism_path(n).parent.resolve()) for n in names})
@@ -186,13 +186,13 @@ def _fail(job: dict[str, Any], logs: list[dict[str, Any]]) -> int:
 
 def _library_demo(names: list[str], out_dir: Path) -> None:
     """The 2x2 on each organism in this process (no server, no dictionaries)."""
-    from engine.crosspatch import crosspatch
-    from engine.divergence import find_divergences
-    from engine.organisms import organism_path
-    from engine.pairs import load_pair
-    from engine.prompts import load_prompts
-    from engine.report import format_summary
-    from engine.stats import summarize
+    from crosspatch.engine.crosspatch import crosspatch
+    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.organisms import organism_path
+    from crosspatch.engine.pairs import load_pair
+    from crosspatch.engine.prompts import load_prompts
+    from crosspatch.engine.report import format_summary
+    from crosspatch.engine.stats import summarize
 
     typer.echo("crosspatch demo (library mode: in this process, no service)")
     tables = []

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli import cli
-from engine.errors import CrosspatchError
+from crosspatch.app.cli import cli
+from crosspatch.engine.errors import CrosspatchError
 
 dict_app = typer.Typer(
     name="dict", help="Sparse dictionaries (SAE, transcoder, crosscoder) on MLP layers.", no_args_is_help=True
@@ -24,7 +24,7 @@ cli.add_typer(dict_app, name="dict")
 def _registry_root(registry: Path | None) -> Path:
     if registry is not None:
         return registry
-    from app.config import get_settings
+    from crosspatch.app.config import get_settings
 
     return get_settings().data_dir / "dictionaries"
 
@@ -60,10 +60,10 @@ def cache_cmd(
     max_tokens: Annotated[int | None, typer.Option(min=1)] = None,
 ) -> None:
     """Cache MLP inputs/outputs of PT and/or IT on a token source (sharded, resumable)."""
-    from saes.cache import build_cache, load_model
+    from crosspatch.saes.cache import build_cache, load_model
 
     if organism:
-        from engine.organisms import organism_path
+        from crosspatch.engine.organisms import organism_path
 
         try:
             root = organism_path(organism)
@@ -137,9 +137,9 @@ def train_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Extra config option key=value.")] = None,
 ) -> None:
     """Train one dictionary on a cache (resumes from its checkpoint), evaluate it, apply the gate."""
-    from saes.cache import ActivationCache
-    from saes.quality import GateConfig
-    from saes.train import CONFIGS, Progress, make_config, train_dictionary
+    from crosspatch.saes.cache import ActivationCache
+    from crosspatch.saes.quality import GateConfig
+    from crosspatch.saes.train import CONFIGS, Progress, make_config, train_dictionary
 
     kwargs: dict[str, Any] = dict(
         layer=layer,
@@ -183,7 +183,7 @@ def train_cmd(
 
 
 def _models_for(c: Any, role: str) -> dict[str, Any]:
-    from saes.cache import load_model
+    from crosspatch.saes.cache import load_model
 
     roles = ["pt", "it"] if role == "paired" else [role]
     out = {}
@@ -216,8 +216,8 @@ def _summary(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(ref: str, registry: Path | None) -> Any:
-    from saes.load import load_dictionary
-    from saes.registry import DictionaryRegistry
+    from crosspatch.saes.load import load_dictionary
+    from crosspatch.saes.registry import DictionaryRegistry
 
     if Path(ref).is_dir():
         return load_dictionary(ref)
@@ -235,8 +235,8 @@ def eval_cmd(
     min_fve: Annotated[float, typer.Option()] = 0.75,
 ) -> None:
     """Re-evaluate a dictionary on held-out tokens and rewrite its gate status."""
-    from saes.cache import ActivationCache
-    from saes.quality import GateConfig, evaluate_dictionary
+    from crosspatch.saes.cache import ActivationCache
+    from crosspatch.saes.quality import GateConfig, evaluate_dictionary
 
     d = _resolve(ref, registry)
     c = ActivationCache(cache)
@@ -258,7 +258,7 @@ def list_cmd(
     kind: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """One line per registered dictionary: id, kind, layer, hook, width, k, gate, FVE."""
-    from saes.registry import DictionaryRegistry
+    from crosspatch.saes.registry import DictionaryRegistry
 
     filters = {k: v for k, v in (("layer", layer), ("kind", kind)) if v is not None}
     for r in DictionaryRegistry(_registry_root(registry)).rows(**filters):

@@ -9,8 +9,8 @@ from typing import Annotated
 import pyarrow.parquet as pq
 import typer
 
-from app.cli import cli
-from app.cli.run_cmd import _resolve_pair_args
+from crosspatch.app.cli import cli
+from crosspatch.app.cli.run_cmd import _resolve_pair_args
 
 
 @cli.command("mediate")
@@ -38,14 +38,14 @@ def mediate(
     limit: Annotated[int, typer.Option(help="Show this many top features.")] = 20,
 ) -> None:
     """Rank final-layer features by attribution, ablate / rescue the top-k with controls, print effects."""
-    from engine.divergence import find_divergences
-    from engine.mediation import BranchView, MediationConfig
-    from engine.mediation import mediate as run_mediation
-    from engine.pairs import load_pair
-    from engine.prompts import load_prompts
-    from engine.report import format_effects
-    from saes.load import load_dictionary
-    from saes.quality import require_gate
+    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.mediation import BranchView, MediationConfig
+    from crosspatch.engine.mediation import mediate as run_mediation
+    from crosspatch.engine.pairs import load_pair
+    from crosspatch.engine.prompts import load_prompts
+    from crosspatch.engine.report import format_effects
+    from crosspatch.saes.load import load_dictionary
+    from crosspatch.saes.quality import require_gate
 
     pt, it, prompts, organism = _resolve_pair_args(pt, it, pair, prompts)
     t0 = time.perf_counter()

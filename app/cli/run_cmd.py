@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
-from app.cli import cli
-from engine.errors import CrosspatchError
+from crosspatch.app.cli import cli
+from crosspatch.engine.errors import CrosspatchError
 
 log = logging.getLogger("crosspatch.run")
 
@@ -21,7 +21,7 @@ log = logging.getLogger("crosspatch.run")
 def _resolve_pair_args(pt: str | None, it: str | None, organism: str | None, prompts: Path | None):
     """`--organism NAME` fills --pt/--it/--prompts from a bundled organism; otherwise all are required."""
     if organism:
-        from engine.organisms import organism_path
+        from crosspatch.engine.organisms import organism_path
 
         try:
             root = organism_path(organism)
@@ -68,13 +68,13 @@ def run(
     ] = False,
 ) -> None:
     """Find first divergences, run the 2x2 cross-patch, print the per-family table with 95% CIs."""
-    from engine.crosspatch import iter_crosspatch
-    from engine.divergence import find_divergences
-    from engine.pairs import load_pair
-    from engine.prompts import load_prompts
-    from engine.report import format_summary, format_sweep
-    from engine.results import CELLS_SCHEMA, events_table
-    from engine.stats import summarize
+    from crosspatch.engine.crosspatch import iter_crosspatch
+    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.pairs import load_pair
+    from crosspatch.engine.prompts import load_prompts
+    from crosspatch.engine.report import format_summary, format_sweep
+    from crosspatch.engine.results import CELLS_SCHEMA, events_table
+    from crosspatch.engine.stats import summarize
 
     readout = readout or ["it"]
     pt, it, prompts, organism = _resolve_pair_args(pt, it, organism, prompts)

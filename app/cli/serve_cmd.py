@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from app.cli import cli
-from app.config import get_settings
-from app.log import configure_logging
+from crosspatch.app.cli import cli
+from crosspatch.app.config import get_settings
+from crosspatch.app.log import configure_logging
 
 
 @cli.command("serve")
@@ -25,7 +25,7 @@ def serve(
     """Run the service: migrate the job store, own the DuckDB file, ingest results, answer the API."""
     import uvicorn
 
-    from app.main import create_app
+    from crosspatch.app.main import create_app
 
     settings = get_settings()
     configure_logging(settings.log_level)
@@ -44,7 +44,7 @@ def worker(
     exit_when_idle: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
 ) -> None:
     """Run one worker on one device: claim jobs from the job store and run them."""
-    from app.worker.main import Worker
+    from crosspatch.app.worker.main import Worker
 
     settings = get_settings()
     configure_logging(settings.log_level)

@@ -14,9 +14,9 @@ from typing import Any
 
 from sqlalchemy import CursorResult, and_, insert, select, update
 
-from app.queue.policy import candidate
-from app.store.models import ACTIVE_STATUSES, Job, JobLog, utcnow
-from app.store.session import Store
+from crosspatch.app.queue.policy import candidate
+from crosspatch.app.store.models import ACTIVE_STATUSES, Job, JobLog, utcnow
+from crosspatch.app.store.session import Store
 
 jobs = Job.__table__
 

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sqlalchemy import ColumnElement, Select, Table, case, func, or_, select
 
-from app.store.models import Job
+from crosspatch.app.store.models import Job
 
 NEVER = datetime(1970, 1, 1)
 

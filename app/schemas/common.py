@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
-from app.schemas.examples import ERROR_EXAMPLES
+from crosspatch.app.schemas.examples import ERROR_EXAMPLES
 
 
 def _no_nul(value: str) -> str:

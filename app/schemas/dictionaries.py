@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas.common import Text
-from app.schemas.jobs import Name
+from crosspatch.app.schemas.common import Text
+from crosspatch.app.schemas.jobs import Name
 
 
 class DictionaryCreate(BaseModel):

@@ -6,8 +6,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas.common import Text
-from app.schemas.jobs import Name
+from crosspatch.app.schemas.common import Text
+from crosspatch.app.schemas.jobs import Name
 
 
 class PairCreate(BaseModel):

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from app.schemas.examples import ROWS_EXAMPLE
+from crosspatch.app.schemas.examples import ROWS_EXAMPLE
 
 
 class Rows(BaseModel):

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas.common import Text
+from crosspatch.app.schemas.common import Text
 
 UserName = str
 

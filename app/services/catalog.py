@@ -5,11 +5,11 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.errors import Conflict, Invalid, NotFound
-from app.schemas.dictionaries import DictionaryCreate
-from app.services.paths import resolve_under
-from app.store.models import Dictionary, Pair, User
+from crosspatch.app.config import Settings
+from crosspatch.app.errors import Conflict, Invalid, NotFound
+from crosspatch.app.schemas.dictionaries import DictionaryCreate
+from crosspatch.app.services.paths import resolve_under
+from crosspatch.app.store.models import Dictionary, Pair, User
 
 
 def list_dictionaries(session: Session, family: str | None, limit: int, offset: int) -> list[Dictionary]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.config import Settings
-from app.errors import NotFound
-from app.schemas.results import FigurePublic, FiguresPublic
-from app.services.plots import figures_dir, list_figures
-from app.store.models import Job
+from crosspatch.app.config import Settings
+from crosspatch.app.errors import NotFound
+from crosspatch.app.schemas.results import FigurePublic, FiguresPublic
+from crosspatch.app.services.plots import figures_dir, list_figures
+from crosspatch.app.store.models import Job
 
 API_PREFIX = "/api/v1"
 

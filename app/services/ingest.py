@@ -14,12 +14,12 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from app.config import Settings
-from app.queue import ops
-from app.services import plots
-from app.store.duckdb import ResultsError, ResultsStore
-from app.store.models import Job, JobLog, JobPart, utcnow
-from app.store.session import Store
+from crosspatch.app.config import Settings
+from crosspatch.app.queue import ops
+from crosspatch.app.services import plots
+from crosspatch.app.store.duckdb import ResultsError, ResultsStore
+from crosspatch.app.store.models import Job, JobLog, JobPart, utcnow
+from crosspatch.app.store.session import Store
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.errors import Conflict, Invalid, QuotaExceeded
-from app.schemas.jobs import JobCreate, JobPublic
-from app.services.paths import resolve_under
-from app.store.duckdb import ResultsStore
-from app.store.models import (
+from crosspatch.app.config import Settings
+from crosspatch.app.errors import Conflict, Invalid, QuotaExceeded
+from crosspatch.app.schemas.jobs import JobCreate, JobPublic
+from crosspatch.app.services.paths import resolve_under
+from crosspatch.app.store.duckdb import ResultsStore
+from crosspatch.app.store.models import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
     Dictionary,
@@ -25,8 +25,8 @@ from app.store.models import (
     User,
     utcnow,
 )
-from app.worker.context import parts_dir
-from app.worker.handlers import available_kinds
+from crosspatch.app.worker.context import parts_dir
+from crosspatch.app.worker.handlers import available_kinds
 
 
 def _count_lines(path: Any, stop_after: int) -> int:

@@ -8,10 +8,10 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.errors import Conflict, Invalid, NotFound
-from app.services.paths import resolve_under
-from app.store.models import Pair
+from crosspatch.app.config import Settings
+from crosspatch.app.errors import Conflict, Invalid, NotFound
+from crosspatch.app.services.paths import resolve_under
+from crosspatch.app.store.models import Pair
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 

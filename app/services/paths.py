@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from app.errors import Invalid
+from crosspatch.app.errors import Invalid
 
 
 def resolve_under(raw: str, roots: Sequence[Path], field: str, *, must_exist: bool = True) -> Path:

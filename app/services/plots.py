@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from engine.results import CELL_COLUMNS, EFFECT_COLUMNS
+from crosspatch.engine.results import CELL_COLUMNS, EFFECT_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from app.store.duckdb import ResultsStore
+    from crosspatch.app.store.duckdb import ResultsStore
 
 log = logging.getLogger(__name__)
 

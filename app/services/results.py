@@ -7,10 +7,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from app.errors import Conflict, NotFound
-from app.schemas.results import ProvenancePublic, Rows
-from app.store.duckdb import ResultsStore, to_parquet_bytes
-from app.store.models import Job
+from crosspatch.app.errors import Conflict, NotFound
+from crosspatch.app.schemas.results import ProvenancePublic, Rows
+from crosspatch.app.store.duckdb import ResultsStore, to_parquet_bytes
+from crosspatch.app.store.models import Job
 
 
 def _finished(job: Job) -> None:

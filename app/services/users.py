@@ -5,9 +5,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import auth
-from app.errors import Conflict, NotFound
-from app.store.models import ApiKey, User
+from crosspatch.app import auth
+from crosspatch.app.errors import Conflict, NotFound
+from crosspatch.app.store.models import ApiKey, User
 
 
 def create_user(session: Session, name: str, role: str = "researcher") -> User:

@@ -19,8 +19,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.store import queries
-from app.store.result_tables import (
+from crosspatch.app.store import queries
+from crosspatch.app.store.result_tables import (
     FEATURE_SCORES_DDL,
     PART_SCHEMAS,
     REFRESH_FEATURE_SCORES,
@@ -29,7 +29,7 @@ from app.store.result_tables import (
     conform,
     ddl,
 )
-from engine.errors import CrosspatchError
+from crosspatch.engine.errors import CrosspatchError
 
 
 class ResultsError(CrosspatchError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from engine.results import (
+from crosspatch.engine.results import (
     CELLS_SCHEMA,
     EVENTS_SCHEMA,
     FEATURE_ACTS_SCHEMA,

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings
+from crosspatch.app.config import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Pooled connections per engine: enough for every thread that may hold one at once in the service (the

@@ -1,16 +1,16 @@
-"""`python -m app.worker --device cpu`: the same worker as `crosspatch worker`."""
+"""`python -m crosspatch.app.worker --device cpu`: the same worker as `crosspatch worker`."""
 
 from __future__ import annotations
 
 import argparse
 
-from app.config import get_settings
-from app.log import configure_logging
-from app.worker.main import Worker
+from crosspatch.app.config import get_settings
+from crosspatch.app.log import configure_logging
+from crosspatch.app.worker.main import Worker
 
 
 def _run_cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.worker")
+    parser = argparse.ArgumentParser(prog="python -m crosspatch.app.worker")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-jobs", type=int, default=None)
     parser.add_argument("--exit-when-idle", action="store_true")

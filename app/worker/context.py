@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import func, insert, select
 
-from app.queue import ops
-from app.store.models import Job, JobLog, JobPart
-from app.store.result_tables import PART_SCHEMAS, conform
-from app.store.session import Store
+from crosspatch.app.queue import ops
+from crosspatch.app.store.models import Job, JobLog, JobPart
+from crosspatch.app.store.result_tables import PART_SCHEMAS, conform
+from crosspatch.app.store.session import Store
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class JobContext:
 
     def dictionary_path(self, dictionary_id: str) -> Path:
         """Where a registered dictionary lives (from the job store's dictionaries table)."""
-        from app.store.models import Dictionary
+        from crosspatch.app.store.models import Dictionary
 
         with self.store.session(write=False) as s:
             d = s.get(Dictionary, dictionary_id)
@@ -172,7 +172,7 @@ class JobContext:
 
     def register_dictionary(self, dictionary: Any, pair: Any) -> str:
         """Record a dictionary this job trained in the job store's registry (upsert by id); returns its id."""
-        from app.store.models import Dictionary, Job
+        from crosspatch.app.store.models import Dictionary, Job
 
         meta = dictionary.meta
         dict_id = str(dictionary.id)[:64]

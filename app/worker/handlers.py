@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from app.schemas.jobs import (
+from crosspatch.app.schemas.jobs import (
     JOB_SPEC_ADAPTER,
     CrosspatchSpec,
     DictionaryOptions,
@@ -22,8 +22,8 @@ from app.schemas.jobs import (
     PipelineSpec,
     TrainDictionarySpec,
 )
-from app.worker.context import JobContext
-from engine.errors import CrosspatchError
+from crosspatch.app.worker.context import JobContext
+from crosspatch.engine.errors import CrosspatchError
 
 Handler = Callable[[Any, JobContext], None]
 HANDLERS: dict[str, Handler] = {}
@@ -57,7 +57,7 @@ def run_job(spec: dict[str, Any], ctx: JobContext) -> None:
 
 def load_prompt_records(spec: DivergenceSpec) -> list[Any]:
     """The spec's prompts as engine `PromptRecord`s (inline, or the checked file)."""
-    from engine.prompts import PromptRecord, load_prompts
+    from crosspatch.engine.prompts import PromptRecord, load_prompts
 
     if spec.prompts is not None:
         return [PromptRecord(id=p.id, text=p.text, category=p.category) for p in spec.prompts]
@@ -70,7 +70,7 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def _events_for(pair: Any, chunk: Sequence[Any], spec: DivergenceSpec) -> list[Any]:
-    from engine.divergence import find_divergences
+    from crosspatch.engine.divergence import find_divergences
 
     return find_divergences(pair, chunk, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
 
@@ -89,7 +89,7 @@ def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
 @register("divergence")
 def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     """First divergence per prompt -> `events` parts."""
-    from engine.results import events_table
+    from crosspatch.engine.results import events_table
 
     pair = ctx.load_pair(spec.pair_id)
     _provenance(ctx, pair, spec)
@@ -115,8 +115,8 @@ def _crosspatch_chunks(
     progress: tuple[float, float] = (0.0, 0.95),
 ) -> None:
     """Divergence + 2x2 per chunk of prompts as `events.<tag>NNNNN` / `cells.<tag>NNNNN` parts (resumable)."""
-    from engine.crosspatch import crosspatch as run_crosspatch
-    from engine.results import events_table
+    from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
+    from crosspatch.engine.results import events_table
 
     chunks = _chunks(prompts, spec.chunk_size)
     done = ctx.completed_parts()
@@ -144,7 +144,7 @@ def _crosspatch_chunks(
 
 
 def _summaries(ctx: JobContext, spec: Any) -> None:
-    from engine.stats import summarize
+    from crosspatch.engine.stats import summarize
 
     cells_all = ctx.read_parts("cells")
     if cells_all is not None and cells_all.num_rows:
@@ -171,7 +171,7 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
 
 
 def _mediation_config(options: MediationOptions, boundary: int | None, batch_size: int) -> Any:
-    from engine.mediation import MediationConfig
+    from crosspatch.engine.mediation import MediationConfig
 
     return MediationConfig(
         top_k=options.top_k,
@@ -196,9 +196,9 @@ def _mediate_pair(
     tag: str,
 ) -> None:
     """Gate check, then mediation -> `feature_effects.<tag>all` / `feature_acts.<tag>all` parts."""
-    from engine.mediation import BranchView
-    from engine.mediation import mediate as run_mediation
-    from saes.quality import require_gate
+    from crosspatch.engine.mediation import BranchView
+    from crosspatch.engine.mediation import mediate as run_mediation
+    from crosspatch.saes.quality import require_gate
 
     done = ctx.completed_parts()
     if f"feature_effects.{tag}all" in done and f"feature_acts.{tag}all" in done:
@@ -228,7 +228,7 @@ def _mediate_pair(
 
 
 def _train(pair: Any, prompts: Sequence[Any], opts: DictionaryOptions, role: str, out: Path) -> Any:
-    from saes.for_pair import train_for_pair
+    from crosspatch.saes.for_pair import train_for_pair
 
     return train_for_pair(
         pair,
@@ -276,7 +276,7 @@ def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
 @register("load_dictionary")
 def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
     """Load a sae_lens-format dictionary from an allowed path, check it fits the pair, register it."""
-    from saes.load import load_dictionary
+    from crosspatch.saes.load import load_dictionary
 
     pair = ctx.load_pair(spec.pair_id)
     dictionary = load_dictionary(spec.path, device=ctx.device)
@@ -294,8 +294,8 @@ def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
 @register("mediation")
 def mediation(spec: MediationSpec, ctx: JobContext) -> None:
     """Divergence on the spec's prompts, then mediation with a registered dictionary."""
-    from engine.results import events_table
-    from saes.load import load_dictionary
+    from crosspatch.engine.results import events_table
+    from crosspatch.saes.load import load_dictionary
 
     pair = ctx.load_pair(spec.pair_id)
     _provenance(ctx, pair, spec)
@@ -312,7 +312,7 @@ def mediation(spec: MediationSpec, ctx: JobContext) -> None:
 @register("pipeline")
 def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
     """Per pair: divergence -> 2x2 -> dictionary on IT's final MLP -> mediation; then summaries over all."""
-    from engine.results import events_from_table
+    from crosspatch.engine.results import events_from_table
 
     prompts = load_prompt_records(spec)
     n = len(spec.pair_ids)

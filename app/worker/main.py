@@ -16,12 +16,12 @@ import traceback
 import uuid
 from typing import Any
 
-from app.config import Settings
-from app.queue import ops
-from app.store.models import Job, Pair
-from app.store.session import Store
-from app.worker.context import JobCancelled, JobContext
-from engine.errors import CrosspatchError
+from crosspatch.app.config import Settings
+from crosspatch.app.queue import ops
+from crosspatch.app.store.models import Job, Pair
+from crosspatch.app.store.session import Store
+from crosspatch.app.worker.context import JobCancelled, JobContext
+from crosspatch.engine.errors import CrosspatchError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Worker:
         """The `ModelPair` for `pair_id`, from the allow-list; reuses the one already loaded."""
         if self._pair_id == pair_id:
             return self._pair
-        from engine.pairs import load_pair
+        from crosspatch.engine.pairs import load_pair
 
         with self.store.session(write=False) as s:
             row = s.get(Pair, pair_id)
@@ -105,7 +105,7 @@ class Worker:
 
     def run_one(self, job_id: uuid.UUID) -> str:
         """Run one claimed job to its next status; returns that status."""
-        from app.worker.handlers import run_job
+        from crosspatch.app.worker.handlers import run_job
 
         with self.store.session(write=False) as s:
             job = s.get(Job, job_id)

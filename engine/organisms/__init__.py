@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engine.organisms.build import BUILDER_VERSION, build_atomic, build_constructed, cache_root
-from engine.organisms.constructed import CONSTRUCTED_FAMILIES, FAMILY_KINDS
+from crosspatch.engine.organisms.build import BUILDER_VERSION, build_atomic, build_constructed, cache_root
+from crosspatch.engine.organisms.constructed import CONSTRUCTED_FAMILIES, FAMILY_KINDS
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 TRAINED_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gpt2")

@@ -22,8 +22,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.organisms import constructed as cons
-from engine.organisms.tokenizer import ANSWER_WORDS, build_tokenizer, vocabulary
+from crosspatch.engine.organisms import constructed as cons
+from crosspatch.engine.organisms.tokenizer import ANSWER_WORDS, build_tokenizer, vocabulary
 
 BUILDER_VERSION = 1
 N_PROMPTS = 48

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from engine.organisms.tiny import tiny_config
-from engine.organisms.tokenizer import ANSWER_WORDS, SPECIAL_TOKENS, vocabulary
+from crosspatch.engine.organisms.tiny import tiny_config
+from crosspatch.engine.organisms.tokenizer import ANSWER_WORDS, SPECIAL_TOKENS, vocabulary
 
 CONSTRUCTED_KINDS: tuple[str, ...] = ("upstream_dependent", "self_contained", "upstream_only", "mediated")
 CONSTRUCTED_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gpt2")

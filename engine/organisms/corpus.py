@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from engine.organisms.tokenizer import ADJECTIVES, COLOURS, DETERMINERS, NOUNS, VERBS
+from crosspatch.engine.organisms.tokenizer import ADJECTIVES, COLOURS, DETERMINERS, NOUNS, VERBS
 
 PREPOSITIONS = ("near", "under", "over", "with", "by")
 CATEGORIES: tuple[str, ...] = ("arithmetic", "recall", "writing", "continuation")

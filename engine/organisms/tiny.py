@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from engine.organisms.tokenizer import build_tokenizer
+from crosspatch.engine.organisms.tokenizer import build_tokenizer
 
 FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma3", "gpt2")
 

@@ -6,8 +6,8 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from app.store.models import Job, Pair, User, utcnow
-from app.store.session import Store
+from crosspatch.app.store.models import Job, Pair, User, utcnow
+from crosspatch.app.store.session import Store
 
 
 def make_user(store: Store, name: str, role: str = "researcher") -> int:

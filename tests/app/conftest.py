@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app.config import Settings
-from app.store.migrate import upgrade
-from app.store.session import Store
+from crosspatch.app.config import Settings
+from crosspatch.app.store.migrate import upgrade
+from crosspatch.app.store.session import Store
 from tests.app.pg import PgServer, start_pg
 
 

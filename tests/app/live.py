@@ -7,12 +7,12 @@ from pathlib import Path
 
 import httpx
 
-from app.config import Settings
-from app.embedded import ServiceThread
-from app.main import start_worker_process
-from app.services import users
-from app.store.migrate import upgrade
-from app.store.session import Store
+from crosspatch.app.config import Settings
+from crosspatch.app.embedded import ServiceThread
+from crosspatch.app.main import start_worker_process
+from crosspatch.app.services import users
+from crosspatch.app.store.migrate import upgrade
+from crosspatch.app.store.session import Store
 
 
 class LiveServer(ServiceThread):
@@ -44,16 +44,16 @@ def client(server: LiveServer, key: str | None) -> httpx.Client:
 
 
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    """A real worker process (`python -m app.worker --device cpu`) logging to `log_path`."""
+    """A real worker process (`python -m crosspatch.app.worker --device cpu`) logging to `log_path`."""
     import os
     import sys
 
-    from app.main import settings_env
+    from crosspatch.app.main import settings_env
 
     env = {**os.environ, **settings_env(settings)}
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "app.worker", "--device", "cpu"],
+            [sys.executable, "-m", "crosspatch.app.worker", "--device", "cpu"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.config import Settings
+from crosspatch.app.config import Settings
 from tests.app.live import LiveServer, bootstrap_users, client
 
 WHO = ("none", "bad", "owner", "other", "admin")
@@ -205,7 +205,7 @@ def test_quota_answers_429(env: dict) -> None:
 
 def test_figures_are_served(env: dict) -> None:
     """A job's PNGs under data_dir/jobs/<id>/figures are listed and served; bad names never escape."""
-    from app.services.plots import figures_dir
+    from crosspatch.app.services.plots import figures_dir
 
     job = _job(env)
     root = figures_dir(env["settings"].data_dir, job)

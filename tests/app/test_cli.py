@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from app.config import Settings, get_settings
+from crosspatch.app.cli import main
+from crosspatch.app.config import Settings, get_settings
 from tests.app.live import LiveServer
 
 

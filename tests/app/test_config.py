@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings
+from crosspatch.app.config import Settings
 
 
 def _settings(tmp_path: Path, **kw) -> Settings:
@@ -33,10 +33,10 @@ def test_prod_accepts_real_passwords_and_dev_accepts_anything(tmp_path: Path) ->
 
 
 def test_prod_sqlite_logs_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="app.config"):
+    with caplog.at_level(logging.WARNING, logger="crosspatch.app.config"):
         _settings(tmp_path, env="prod")
     assert any("SQLite job store" in r.message for r in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="app.config"):
+    with caplog.at_level(logging.WARNING, logger="crosspatch.app.config"):
         _settings(tmp_path)
     assert not caplog.records

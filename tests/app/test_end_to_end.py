@@ -16,7 +16,7 @@ import httpx
 import pytest
 from helpers import save_tiny_pair  # tests/helpers.py
 
-from app.config import Settings
+from crosspatch.app.config import Settings
 from tests.app.live import LiveServer, bootstrap_users, client, start_worker
 
 pytestmark = pytest.mark.slow
@@ -69,10 +69,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def library_cells(env: dict) -> list[dict]:
     """The same job run in-process through the library, chunk by chunk as the worker runs it."""
-    from engine.crosspatch import crosspatch
-    from engine.divergence import find_divergences
-    from engine.pairs import load_pair
-    from engine.prompts import PromptRecord
+    from crosspatch.engine.crosspatch import crosspatch
+    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.pairs import load_pair
+    from crosspatch.engine.prompts import PromptRecord
 
     pair = load_pair(env["pt"], env["it"], family="llama", pair_id="tiny-llama")
     prompts = [PromptRecord(**p) for p in _prompts()]

@@ -15,8 +15,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from app.config import Settings
-from app.main import create_app
+from crosspatch.app.config import Settings
+from crosspatch.app.main import create_app
 from tests.app.live import LiveServer, bootstrap_users, client
 
 pytestmark = pytest.mark.slow

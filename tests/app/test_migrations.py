@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from app.store.migrate import upgrade
-from app.store.models import Base
-from app.store.session import Store
+from crosspatch.app.store.migrate import upgrade
+from crosspatch.app.store.models import Base
+from crosspatch.app.store.session import Store
 
 
 def test_models_match_migrations(store: Store) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import Settings
-from app.main import create_app
-from app.schemas.common import ErrorPublic
-from app.schemas.examples import ERROR_EXAMPLES, JOB_CREATE_EXAMPLES, ROWS_EXAMPLE
-from app.schemas.jobs import JobCreate
-from app.schemas.results import Rows
+from crosspatch.app.config import Settings
+from crosspatch.app.main import create_app
+from crosspatch.app.schemas.common import ErrorPublic
+from crosspatch.app.schemas.examples import ERROR_EXAMPLES, JOB_CREATE_EXAMPLES, ROWS_EXAMPLE
+from crosspatch.app.schemas.jobs import JobCreate
+from crosspatch.app.schemas.results import Rows
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from app.config import Settings
-from engine.organisms import load_expected, organism_path
-from engine.prompts import load_prompts
+from crosspatch.app.config import Settings
+from crosspatch.engine.organisms import load_expected, organism_path
+from crosspatch.engine.prompts import load_prompts
 from tests.app.live import LiveServer, bootstrap_users, client, start_worker
 
 pytestmark = pytest.mark.slow
@@ -93,9 +93,9 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         families = c.get("/features/families").json()["data"]
 
     # the service's cells equal the library's for the same inputs (one chunk, same batch size)
-    from engine.crosspatch import crosspatch
-    from engine.divergence import find_divergences
-    from engine.pairs import load_pair
+    from crosspatch.engine.crosspatch import crosspatch
+    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.pairs import load_pair
 
     pair = load_pair(env["org"] / "pt", env["org"] / "it", family="llama", pair_id=ORGANISM)
     events = find_divergences(
@@ -124,7 +124,7 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
     # the dictionary was registered with its gate, and its top latents point along the planted directions
     (d,) = [d for d in dicts if d["pair_id"] == ORGANISM]
     assert d["gate_status"] == "passed" and d["metrics"]["fve_min"] >= 0.75
-    from saes.load import load_dictionary
+    from crosspatch.saes.load import load_dictionary
 
     w = load_dictionary(d["path"]).W_dec["it"]
     w = w / w.norm(dim=-1, keepdim=True)

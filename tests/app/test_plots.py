@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from app.config import Settings
-from app.services import plots
-from engine.results import CELLS_SCHEMA, FEATURE_EFFECTS_SCHEMA
-from engine.stats import summarize
+from crosspatch.app.config import Settings
+from crosspatch.app.services import plots
+from crosspatch.engine.results import CELLS_SCHEMA, FEATURE_EFFECTS_SCHEMA
+from crosspatch.engine.stats import summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -128,12 +128,12 @@ def test_ingest_draws_a_succeeded_jobs_figures(tmp_path: Path) -> None:
     """The ingest hook writes figures beside the parts; a job whose figures fail still succeeds."""
     import pyarrow.parquet as pq
 
-    from app.services import figures
-    from app.services.ingest import ingest_job
-    from app.store.duckdb import ResultsStore
-    from app.store.migrate import upgrade
-    from app.store.models import Job, JobLog, JobPart
-    from app.store.session import Store
+    from crosspatch.app.services import figures
+    from crosspatch.app.services.ingest import ingest_job
+    from crosspatch.app.store.duckdb import ResultsStore
+    from crosspatch.app.store.migrate import upgrade
+    from crosspatch.app.store.models import Job, JobLog, JobPart
+    from crosspatch.app.store.session import Store
     from tests.app.builders import make_job, make_user
 
     url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"

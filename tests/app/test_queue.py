@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from app.queue import ops
-from app.store.models import Job
-from app.store.session import Store
+from crosspatch.app.queue import ops
+from crosspatch.app.store.models import Job
+from crosspatch.app.store.session import Store
 from tests.app.builders import make_job, make_pair, make_user
 
 

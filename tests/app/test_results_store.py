@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.store.duckdb import ResultsError, ResultsStore
-from engine.results import FEATURE_EFFECTS_SCHEMA
+from crosspatch.app.store.duckdb import ResultsError, ResultsStore
+from crosspatch.engine.results import FEATURE_EFFECTS_SCHEMA
 
 PROV = {"kind": "mediation", "spec": {}, "provenance": {}}
 

@@ -9,17 +9,17 @@ import pyarrow.compute as pc
 import pytest
 from helpers import random_prompts, tiny_pair
 
-from engine.crosspatch import crosspatch, iter_crosspatch
-from engine.divergence import DivergenceEvent, find_divergences
-from engine.errors import (
+from crosspatch.engine.crosspatch import crosspatch, iter_crosspatch
+from crosspatch.engine.divergence import DivergenceEvent, find_divergences
+from crosspatch.engine.errors import (
     CrosspatchError,
     PromptFileError,
     TokenizerMismatchError,
     UnsupportedArchitectureError,
 )
-from engine.pairs import ModelPair, load_pair
-from engine.prompts import PromptRecord, load_prompts
-from engine.results import CELLS_SCHEMA
+from crosspatch.engine.pairs import ModelPair, load_pair
+from crosspatch.engine.prompts import PromptRecord, load_prompts
+from crosspatch.engine.results import CELLS_SCHEMA
 
 
 def _forced_events(pair, n=8, seed=0):

@@ -7,7 +7,7 @@ import torch
 from helpers import random_prompts, tiny_pair
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from engine.divergence import (
+from crosspatch.engine.divergence import (
     DIVERGED,
     EOS_BEFORE_DIVERGENCE,
     NO_DIVERGENCE_IN_BUDGET,

@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import random_prompts, tiny_pair
 
-from engine.adapters import positions_from_mask
-from engine.crosspatch import crosspatch_batch
-from engine.divergence import left_pad
-from engine.organisms.tiny import FAMILIES
+from crosspatch.engine.adapters import positions_from_mask
+from crosspatch.engine.crosspatch import crosspatch_batch
+from crosspatch.engine.divergence import left_pad
+from crosspatch.engine.organisms.tiny import FAMILIES
 
 TOL = 1e-5
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from helpers import random_prompts, tiny_pair
 
-from engine.divergence import find_divergences
-from engine.errors import CrosspatchError
-from engine.mediation import DirectionDictionary, MediationConfig, mediate, splice
-from engine.organisms import load_expected, organism_path
-from engine.organisms.tiny import FAMILIES
-from engine.pairs import load_pair
-from engine.prompts import load_prompts
+from crosspatch.engine.divergence import find_divergences
+from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.mediation import DirectionDictionary, MediationConfig, mediate, splice
+from crosspatch.engine.organisms import load_expected, organism_path
+from crosspatch.engine.organisms.tiny import FAMILIES
+from crosspatch.engine.pairs import load_pair
+from crosspatch.engine.prompts import load_prompts
 
 
 def _random_dictionary(

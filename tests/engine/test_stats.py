@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from engine.results import CELLS_SCHEMA
-from engine.stats import Z95, bootstrap_ci, family_balanced, sign_flip_pvalue, summarize
+from crosspatch.engine.results import CELLS_SCHEMA
+from crosspatch.engine.stats import Z95, bootstrap_ci, family_balanced, sign_flip_pvalue, summarize
 
 
 def test_bootstrap_ci_covers_the_mean_at_the_nominal_rate():

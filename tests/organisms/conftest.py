@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.organisms import organism_path
+from crosspatch.engine.organisms import organism_path
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,13 @@ import pytest
 import torch
 from organism_reference import reference_cells
 
-from engine.crosspatch import crosspatch
-from engine.divergence import find_divergences
-from engine.organisms import CONSTRUCTED
-from engine.organisms import constructed as cons
-from engine.pairs import ModelPair, load_pair
-from engine.prompts import load_prompts
-from engine.stats import bootstrap_ci
+from crosspatch.engine.crosspatch import crosspatch
+from crosspatch.engine.divergence import find_divergences
+from crosspatch.engine.organisms import CONSTRUCTED
+from crosspatch.engine.organisms import constructed as cons
+from crosspatch.engine.pairs import ModelPair, load_pair
+from crosspatch.engine.prompts import load_prompts
+from crosspatch.engine.stats import bootstrap_ci
 
 QUANTITIES = (
     "y_ptup_ptlate",

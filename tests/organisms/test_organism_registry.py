@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.organisms import CONSTRUCTED, TRAINED, list_organisms, load_expected, organism_path
-from engine.organisms.build import BUILDER_VERSION, cache_root
-from engine.organisms.tiny import tiny_config
-from engine.organisms.tokenizer import build_tokenizer
-from engine.prompts import load_prompts
+from crosspatch.engine.organisms import CONSTRUCTED, TRAINED, list_organisms, load_expected, organism_path
+from crosspatch.engine.organisms.build import BUILDER_VERSION, cache_root
+from crosspatch.engine.organisms.tiny import tiny_config
+from crosspatch.engine.organisms.tokenizer import build_tokenizer
+from crosspatch.engine.prompts import load_prompts
 
 
 def test_list_organisms_partitions_names() -> None:

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.crosspatch import crosspatch
-from engine.divergence import find_divergences
-from engine.organisms import TRAINED, organism_path
-from engine.organisms.tiny import FAMILIES, tiny_pair
-from engine.pairs import ModelPair, load_pair
-from engine.prompts import PromptRecord, load_prompts
-from engine.stats import bootstrap_ci
+from crosspatch.engine.crosspatch import crosspatch
+from crosspatch.engine.divergence import find_divergences
+from crosspatch.engine.organisms import TRAINED, organism_path
+from crosspatch.engine.organisms.tiny import FAMILIES, tiny_pair
+from crosspatch.engine.pairs import ModelPair, load_pair
+from crosspatch.engine.prompts import PromptRecord, load_prompts
+from crosspatch.engine.stats import bootstrap_ci
 
 
 @pytest.mark.parametrize("name", TRAINED)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saes.cache import ActivationCache, TensorSource, build_cache
+from crosspatch.saes.cache import ActivationCache, TensorSource, build_cache
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -50,7 +50,7 @@ def random_sequences(n: int, vocab: int = 512, seed: int = 0, lo: int = 6, hi: i
 
 @pytest.fixture(scope="session")
 def tiny_pair():
-    from engine.organisms.tiny import tiny_model
+    from crosspatch.engine.organisms.tiny import tiny_model
 
     return tiny_model("llama", 0), tiny_model("llama", 1)
 
@@ -73,9 +73,9 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_pair) -> Activatio
 @pytest.fixture(scope="session")
 def mediated(tmp_path_factory: pytest.TempPathFactory):
     """(pt, it, expected, cache) for the constructed `llama_mediated` organism, final layer mlp_out."""
-    from engine.organisms import organism_path
-    from engine.organisms.tokenizer import ANSWER_WORDS, SPECIAL_TOKENS, vocabulary
-    from saes.cache import load_model
+    from crosspatch.engine.organisms import organism_path
+    from crosspatch.engine.organisms.tokenizer import ANSWER_WORDS, SPECIAL_TOKENS, vocabulary
+    from crosspatch.saes.cache import load_model
 
     root = organism_path("llama_mediated", cache_dir=tmp_path_factory.mktemp("organisms"))
     import json

@@ -15,9 +15,9 @@ import torch
 from conftest import random_sequences
 from safetensors.torch import load_file
 
-from engine.errors import PromptFileError
-from saes.cache import ActivationCache, build_cache, parse_layers, token_source
-from saes.errors import CacheError, DictionaryConfigError
+from crosspatch.engine.errors import PromptFileError
+from crosspatch.saes.cache import ActivationCache, build_cache, parse_layers, token_source
+from crosspatch.saes.errors import CacheError, DictionaryConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,8 +78,8 @@ import sys, time, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 torch.set_num_threads(1)
 from conftest import random_sequences
-from engine.organisms.tiny import tiny_model
-from saes.cache import build_cache
+from crosspatch.engine.organisms.tiny import tiny_model
+from crosspatch.saes.cache import build_cache
 build_cache({str(out)!r}, {{"pt": tiny_model("llama", 0), "it": tiny_model("llama", 1)}}, random_sequences(60, seed=5),
             layers="3,4", shard_tokens=150, batch_size=4, on_shard=lambda rec: time.sleep({sleep}))
 """
@@ -168,8 +168,8 @@ def test_bad_hook_point_and_missing_cache(tmp_path: Path, tiny_pair) -> None:
 @pytest.mark.parametrize("family", ["gpt2", "gemma3", "olmo2", "qwen3", "mistral"])
 def test_every_family_caches_its_mlp(tmp_path: Path, family: str) -> None:
     """The cached MLP in/out equal the model's own forward for every supported family."""
-    from engine.adapters import adapter_for
-    from engine.organisms.tiny import tiny_model
+    from crosspatch.engine.adapters import adapter_for
+    from crosspatch.engine.organisms.tiny import tiny_model
 
     model = tiny_model(family, 0)
     seqs = random_sequences(3, seed=7)

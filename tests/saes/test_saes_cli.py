@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import random_sequences
 
-from app.cli import main
+from crosspatch.app.cli import main
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -23,7 +23,7 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.organisms.tiny import tiny_model
+    from crosspatch.engine.organisms.tiny import tiny_model
 
     d = tmp_path_factory.mktemp("model")
     tiny_model("llama", 1).save_pretrained(d)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from saes.errors import DictionaryLoadError
-from saes.load import load_dictionary, load_pretrained
-from saes.registry import DictionaryRegistry
-from saes.train import make_config, train_dictionary
+from crosspatch.saes.errors import DictionaryLoadError
+from crosspatch.saes.load import load_dictionary, load_pretrained
+from crosspatch.saes.registry import DictionaryRegistry
+from crosspatch.saes.train import make_config, train_dictionary
 
 ARCHS = {
     "batchtopk": ({"k": 2}, "jumprelu"),

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from saes.errors import GateFailedError
-from saes.load import load_dictionary
-from saes.quality import GateConfig, evaluate_dictionary, require_gate, splice_metrics
-from saes.train import make_config, train_dictionary
+from crosspatch.saes.errors import GateFailedError
+from crosspatch.saes.load import load_dictionary
+from crosspatch.saes.quality import GateConfig, evaluate_dictionary, require_gate, splice_metrics
+from crosspatch.saes.train import make_config, train_dictionary
 
 
 def _unit(w: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,16 @@ import pytest
 import torch
 from conftest import planted
 
-from saes.cache import TensorSource
-from saes.errors import CacheError, DictionaryConfigError
-from saes.train import CONFIGS, Progress, config_from_dict, make_config, register_config, train_dictionary
+from crosspatch.saes.cache import TensorSource
+from crosspatch.saes.errors import CacheError, DictionaryConfigError
+from crosspatch.saes.train import (
+    CONFIGS,
+    Progress,
+    config_from_dict,
+    make_config,
+    register_config,
+    train_dictionary,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,8 +119,8 @@ import sys, time, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 torch.set_num_threads(1)
 from conftest import planted
-from saes.cache import TensorSource
-from saes.train import make_config, train_dictionary
+from crosspatch.saes.cache import TensorSource
+from crosspatch.saes.train import make_config, train_dictionary
 x, _ = planted()
 cfg = make_config("batchtopk", layer=4, width=24, k=1, training_tokens=25_600, batch_size=128, lr=3e-3,
                   dead_feature_window=50, feature_sampling_window=60)

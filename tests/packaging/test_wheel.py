@@ -1,0 +1,57 @@
+"""The installed distribution exposes one import name, `crosspatch` (issue: one import name)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_crosspatch(tmp_path: Path) -> None:
+    """Build the wheel, install it (no deps) into a fresh venv: site-packages gains `crosspatch` and
+    nothing named app, engine or saes; `import crosspatch` works there and finds its shipped data."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheels.glob("crosspatch-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"crosspatch"}
+    assert "crosspatch/migrations/env.py" in names and "crosspatch/alembic.ini" in names
+    assert any(n.endswith("trained_llama/it/model.safetensors") for n in names)
+    assert not any(
+        n.startswith(("crosspatch/tests/", "crosspatch/bench/", "crosspatch/.venv/")) for n in names
+    )
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True)
+    installed = {p.name for p in Path(site).iterdir() if not p.name.endswith(".dist-info")}
+    assert "crosspatch" in installed
+    assert not installed & {"app", "engine", "saes", "migrations", "tests"}
+    out = subprocess.run(
+        [py, "-c", "import crosspatch, sys; print(crosspatch.__file__); print(sorted(crosspatch.__all__))"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    ).stdout
+    assert out.splitlines()[0].startswith(site)
+    assert "load_pair" in out and "mediate" in out
