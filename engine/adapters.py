@@ -178,20 +178,30 @@ class ArchAdapter:
         return resid, captured
 
     def readout(self, final_resid: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm + unembedding (+ softcap). `[..., d_model]` -> `[..., vocab]`, or only `token_ids` columns."""
-        h = self.final_norm(final_resid)
-        weight = self.unembed.weight  # [vocab, d_model]
+        """Final norm + unembedding (+ softcap). `[..., d_model]` -> `[..., vocab]`, or only `token_ids` columns.
+
+        With `token_ids` (every margin the engine reads) the norm, the k unembedding columns and the softcap
+        run in fp32 whatever the weights' dtype, so a bf16 model's margins are not quantised to bf16's step
+        (0.125 at |logit| ~ 20); with fp32 weights it is the same computation as in the weights' dtype, bit for bit.
+        The full-vocabulary path (greedy decoding) stays in the model's dtype.
+        """
         if token_ids is None:
-            logits = self.unembed(h)
+            logits = self.unembed(self.final_norm(final_resid))  # [..., vocab]
         else:
-            # [..., d_model] x [..., k, d_model] -> [..., k]: only the columns the metric needs.
-            logits = torch.einsum("...d,...kd->...k", h, weight[token_ids].to(h.dtype))
+            h = self.final_norm_fp32(final_resid)  # [..., d_model] fp32
+            weight = self.unembed.weight[token_ids].float()  # [..., k, d_model]
+            logits = torch.einsum("...d,...kd->...k", h, weight)  # [..., k]
             bias = getattr(self.unembed, "bias", None)
             if bias is not None:
-                logits = logits + bias[token_ids]
+                logits = logits + bias[token_ids].float()
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def final_norm_fp32(self, final_resid: torch.Tensor) -> torch.Tensor:
+        """The final norm computed in fp32: the module's own forward with fp32 copies of its parameters."""
+        state = {name: t.float() for name, t in self.final_norm.state_dict(keep_vars=True).items()}
+        return torch.func.functional_call(self.final_norm, state, (final_resid.float(),))
 
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full explicit forward: `[batch, seq]` ids -> `[batch, seq, vocab]` logits (for checks and tests)."""
