@@ -9,7 +9,7 @@ the update touches no row and the worker stops.
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import CursorResult, and_, insert, select, update
@@ -107,9 +107,12 @@ def finish_running(
         return _rowcount(s.execute(update(jobs).where(_held(job_id, worker_id)).values(**values))) == 1
 
 
-def requeue_expired(store: Store, *, max_attempts: int) -> list[uuid.UUID]:
-    """Re-queue running jobs whose lease expired (their worker died); fail those out of attempts."""
-    now = utcnow()
+def requeue_expired(store: Store, *, max_attempts: int, now: datetime | None = None) -> list[uuid.UUID]:
+    """Re-queue running jobs whose lease expired (their worker died); fail those out of attempts.
+
+    `now` defaults to the clock; tests pass a time to check expiry without waiting.
+    """
+    now = now or utcnow()
     expired = and_(jobs.c.status == "running", jobs.c.lease_expires_at < now)
     with store.session() as s:
         failed = list(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from crosspatch.app.queue import ops
-from crosspatch.app.store.models import Job
+from crosspatch.app.store.models import Job, utcnow
 from crosspatch.app.store.session import Store
 from tests.app.builders import make_job, make_pair, make_user
 
@@ -64,14 +64,17 @@ def test_claims_are_exclusive_under_concurrency(store: Store) -> None:
 def test_expired_lease_requeues_then_fails_after_max_attempts(store: Store) -> None:
     alice = make_user(store, "alice")
     job = make_job(store, alice)
-    assert ops.claim(store, "w1", lease_seconds=0.05) == job
-    assert ops.requeue_expired(store, max_attempts=2) == []  # lease still valid
-    time.sleep(0.1)
-    assert ops.requeue_expired(store, max_attempts=2) == [job]
+    assert ops.claim(store, "w1", lease_seconds=30) == job
+    claimed = utcnow()
+    # the clock is passed in: no sleeping, no race with a tiny lease on a loaded machine
+    assert (
+        ops.requeue_expired(store, max_attempts=2, now=claimed + timedelta(seconds=20)) == []
+    )  # still valid
+    assert ops.requeue_expired(store, max_attempts=2, now=claimed + timedelta(seconds=31)) == [job]
     assert not ops.heartbeat(store, job, "w1", lease_seconds=30)  # the dead worker lost it
-    assert ops.claim(store, "w2", lease_seconds=0.05) == job
-    time.sleep(0.1)
-    assert ops.requeue_expired(store, max_attempts=2) == []
+    assert ops.claim(store, "w2", lease_seconds=30) == job
+    reclaimed = utcnow()
+    assert ops.requeue_expired(store, max_attempts=2, now=reclaimed + timedelta(seconds=31)) == []
     with store.session() as s:
         row = s.get(Job, job)
         assert row is not None
