@@ -22,6 +22,12 @@ from crosspatch.app.store.session import Store
 
 log = logging.getLogger(__name__)
 
+# Fault injection for crash tests: a worker started with this variable set to N stops making progress
+# once the job holds N parts (it writes `HELD_MARKER` in the job's parts directory and blocks), so a test
+# can SIGKILL it at a known point instead of racing the clock.
+HOLD_AFTER_PARTS_ENV = "CROSSPATCH_FAULT_HOLD_AFTER_PARTS"
+HELD_MARKER = ".held"
+
 
 class JobCancelled(Exception):
     """Raised inside a handler when the job was cancelled, its lease lost, or the worker is stopping."""
@@ -135,6 +141,7 @@ class JobContext:
                 self._lost.set()
                 raise JobCancelled(str(self.job_id))
             exists = s.scalar(select(JobPart.id).where(JobPart.job_id == self.job_id, JobPart.name == name))
+            n_parts = 0
             if exists is None:
                 n = s.scalar(select(func.count()).select_from(JobPart).where(JobPart.job_id == self.job_id))
                 s.add(
@@ -147,7 +154,18 @@ class JobContext:
                         rows=data.num_rows,
                     )
                 )
+                n_parts = (n or 0) + 1
+        self._hold_if_asked(n_parts)  # after the commit: the part is recorded
         return path
+
+    def _hold_if_asked(self, n_parts: int) -> None:
+        """Block forever once the job holds `HOLD_AFTER_PARTS_ENV` parts (crash tests only)."""
+        hold_after = os.environ.get(HOLD_AFTER_PARTS_ENV)
+        if hold_after is None or n_parts < int(hold_after):
+            return
+        (self.checkpoint_dir / HELD_MARKER).write_text(str(n_parts))
+        log.warning("job %s: holding after %d parts (%s is set)", self.job_id, n_parts, HOLD_AFTER_PARTS_ENV)
+        threading.Event().wait()
 
     def read_parts(self, table_name: str, prefix: str = "") -> pa.Table | None:
         """Finished parts of one table (whose suffix starts with `prefix`), in name order; None if none."""

@@ -43,14 +43,16 @@ def client(server: LiveServer, key: str | None) -> httpx.Client:
     return httpx.Client(base_url=f"{server.url}/api/v1", headers=headers, timeout=30)
 
 
-def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+def start_worker(
+    settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """A real worker process (`python -m crosspatch.app.worker --device cpu`) logging to `log_path`."""
     import os
     import sys
 
     from crosspatch.app.main import settings_env
 
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **settings_env(settings), **(extra_env or {})}
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "crosspatch.app.worker", "--device", "cpu"],

@@ -17,6 +17,7 @@ import pytest
 from helpers import save_tiny_pair  # tests/helpers.py
 
 from crosspatch.app.config import Settings
+from crosspatch.app.worker.context import HELD_MARKER, HOLD_AFTER_PARTS_ENV, parts_dir
 from tests.app.live import LiveServer, bootstrap_users, client, start_worker
 
 pytestmark = pytest.mark.slow
@@ -158,15 +159,16 @@ def test_crosspatch_job_end_to_end(env: dict, library_cells: list[dict], tmp_pat
 def test_killed_worker_loses_nothing(env: dict, library_cells: list[dict], tmp_path: Path) -> None:
     log = tmp_path / "worker.log"
     with client(env["server"], env["keys"]["ada"]) as c:
-        first = start_worker(env["settings"], log)
+        # the first worker holds (blocks) once the job has 2 parts and says so in a marker file: the kill
+        # lands at a known point, with no polling race against a fast worker
+        first = start_worker(env["settings"], log, {HOLD_AFTER_PARTS_ENV: "2"})
         job_id = c.post("/jobs", json={"spec": {**SPEC, "prompts": _prompts()}}).json()["id"]
-        deadline = time.monotonic() + 90
-        while _parts(env["settings"], job_id) < 2:
+        marker = parts_dir(env["settings"].data_dir, job_id) / HELD_MARKER
+        deadline = time.monotonic() + 120
+        while not marker.exists():
             assert time.monotonic() < deadline, log.read_text()[-3000:]
-            assert c.get(f"/jobs/{job_id}").json()["status"] in ("queued", "running"), (
-                "finished before the kill"
-            )
-            time.sleep(0.01)
+            assert first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
         first.send_signal(signal.SIGKILL)
         first.wait()
         done_before = _parts(env["settings"], job_id)
