@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -65,3 +67,15 @@ def save_tiny_pair(root: Path, family: str = "llama") -> tuple[Path, Path]:
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root / "pt", root / "it"
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until a child process creates `path` (its signal that it reached a known point, e.g. held
+    before a kill); fail at once if the child exits first. The timeout only bounds a broken child."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited ({proc.returncode}) before writing {path}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"child did not write {path} within {timeout} s")
+        time.sleep(0.02)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import save_tiny_pair  # tests/helpers.py
+from helpers import save_tiny_pair, wait_for_file  # tests/helpers.py
 
 from crosspatch.app.config import Settings
 from crosspatch.app.worker.context import HELD_MARKER, HOLD_AFTER_PARTS_ENV, parts_dir
@@ -164,11 +164,7 @@ def test_killed_worker_loses_nothing(env: dict, library_cells: list[dict], tmp_p
         first = start_worker(env["settings"], log, {HOLD_AFTER_PARTS_ENV: "2"})
         job_id = c.post("/jobs", json={"spec": {**SPEC, "prompts": _prompts()}}).json()["id"]
         marker = parts_dir(env["settings"].data_dir, job_id) / HELD_MARKER
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            assert first.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for_file(marker, first)
         first.send_signal(signal.SIGKILL)
         first.wait()
         done_before = _parts(env["settings"], job_id)

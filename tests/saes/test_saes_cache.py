@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import random_sequences
+from helpers import wait_for_file
 from safetensors.torch import load_file
 
 from crosspatch.engine.errors import PromptFileError
@@ -72,16 +72,23 @@ def test_splits_and_batches_are_deterministic(tiny_cache: ActivationCache) -> No
     assert n_train + n_held == tiny_cache.n_tokens and n_held > 0
 
 
-def _script(out: Path, sleep: float) -> str:
+def _script(out: Path, marker: Path) -> str:
+    """A child that builds a cache and, after its 2nd finished shard, writes `marker` and blocks."""
     return f"""
-import sys, time, torch
+import sys, threading, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 torch.set_num_threads(1)
 from conftest import random_sequences
 from crosspatch.engine.organisms.tiny import tiny_model
 from crosspatch.saes.cache import build_cache
+done = []
+def on_shard(rec):
+    done.append(rec)
+    if len(done) == 2:
+        open({str(marker)!r}, "w").close()
+        threading.Event().wait()  # held here until the parent kills us
 build_cache({str(out)!r}, {{"pt": tiny_model("llama", 0), "it": tiny_model("llama", 1)}}, random_sequences(60, seed=5),
-            layers="3,4", shard_tokens=150, batch_size=4, on_shard=lambda rec: time.sleep({sleep}))
+            layers="3,4", shard_tokens=150, batch_size=4, on_shard=on_shard)
 """
 
 
@@ -89,19 +96,15 @@ build_cache({str(out)!r}, {{"pt": tiny_model("llama", 0), "it": tiny_model("llam
 def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, tiny_pair) -> None:
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _script(killed, 0.5)], env=env, cwd=REPO)
-    deadline = time.time() + 60
+    marker = tmp_path / "held"
+    proc = subprocess.Popen([sys.executable, "-c", _script(killed, marker)], env=env, cwd=REPO)
     try:
-        while time.time() < deadline:  # wait for two finished shards, then kill -9 mid-run
-            m = killed / "manifest.json"
-            if m.exists() and len(json.loads(m.read_text())["shards"]) >= 2:
-                break
-            time.sleep(0.05)
+        wait_for_file(marker, proc)  # two finished shards, the child blocked: kill -9 mid-run
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
     before = json.loads((killed / "manifest.json").read_text())
-    assert not before["complete"] and len(before["shards"]) >= 2
+    assert not before["complete"] and len(before["shards"]) == 2
     with pytest.raises(CacheError, match="incomplete"):
         ActivationCache(killed)
     pt, it = tiny_pair

@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import planted
+from helpers import wait_for_file
 
 from crosspatch.saes.cache import TensorSource
 from crosspatch.saes.errors import CacheError, DictionaryConfigError
@@ -113,9 +113,11 @@ def test_transcoder_learns_a_sparse_map(tmp_path: Path, arch: str) -> None:
     assert t.meta["saved_architecture"] == arch.replace("batchtopk", "jumprelu")
 
 
-def _train_script(out: Path, ckpt_every: int, sleep: float) -> str:
+def _train_script(out: Path, ckpt_every: int, hold_at_step: int, release: Path | None = None) -> str:
+    """A child that trains and, at `hold_at_step`, writes `<out>.held` and blocks until `release` exists
+    (forever when `release` is None)."""
     return f"""
-import sys, time, torch
+import os, sys, threading, time, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 torch.set_num_threads(1)
 from conftest import planted
@@ -124,9 +126,17 @@ from crosspatch.saes.train import make_config, train_dictionary
 x, _ = planted()
 cfg = make_config("batchtopk", layer=4, width=24, k=1, training_tokens=25_600, batch_size=128, lr=3e-3,
                   dead_feature_window=50, feature_sampling_window=60)
+release = {str(release) if release else None!r}
+def progress(p):
+    if p.step != {hold_at_step}:
+        return
+    open({str(out) + ".held"!r}, "w").close()
+    if release is None:
+        threading.Event().wait()  # held here until the parent kills us
+    while not os.path.exists(release):
+        time.sleep(0.01)  # the parent signals first, then creates the file: the handler has run by now
 train_dictionary(cfg, TensorSource({{"it.L4.mlp_out": x}}), {str(out)!r}, checkpoint_every={ckpt_every},
-                 progress=lambda p: (open({str(out) + ".started"!r}, "w").close(), time.sleep({sleep})),
-                 log_every=1, evaluate=False)
+                 progress=progress, log_every=1, evaluate=False)
 """
 
 
@@ -134,19 +144,16 @@ train_dictionary(cfg, TensorSource({{"it.L4.mlp_out": x}}), {str(out)!r}, checkp
 def test_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _train_script(killed, 30, 0.01)], env=env, cwd=REPO)
+    # held at step 61, after the step-60 checkpoint: the kill lands at a known step
+    proc = subprocess.Popen([sys.executable, "-c", _train_script(killed, 30, 61)], env=env, cwd=REPO)
     latest = killed / "checkpoints" / "latest.json"
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and not (
-            latest.exists() and json.loads(latest.read_text())["step"] >= 60
-        ):
-            time.sleep(0.02)
+        wait_for_file(Path(str(killed) + ".held"), proc)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
     step = json.loads(latest.read_text())["step"]
-    assert 60 <= step < 200 and not (killed / "cfg.json").exists()  # killed mid-run
+    assert step == 60 and not (killed / "cfg.json").exists()  # killed mid-run
     x, _ = planted()
     src = TensorSource({"it.L4.mlp_out": x})
     cfg = make_config(
@@ -176,18 +183,18 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
 def test_sigterm_checkpoints_then_exits(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _train_script(out, 0, 0.02)], env=env, cwd=REPO)
+    release = tmp_path / "sigterm-sent"
+    proc = subprocess.Popen([sys.executable, "-c", _train_script(out, 0, 5, release)], env=env, cwd=REPO)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and not Path(str(out) + ".started").exists():
-            time.sleep(0.02)
+        wait_for_file(Path(str(out) + ".held"), proc)  # the child is held inside step 5's progress
         proc.send_signal(signal.SIGTERM)
+        release.touch()
         code = proc.wait(timeout=60)
     finally:
         proc.kill()
     assert code == -signal.SIGTERM  # re-raised with the default handler after checkpointing
     info = json.loads((out / "checkpoints" / "latest.json").read_text())
-    assert info["reason"] == "SIGTERM" and 1 <= info["step"] < 200 and not (out / "cfg.json").exists()
+    assert info["reason"] == "SIGTERM" and info["step"] == 5 and not (out / "cfg.json").exists()
 
 
 def test_stop_and_resume_in_process(tmp_path: Path, planted_source) -> None:
