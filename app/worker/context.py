@@ -97,10 +97,6 @@ class JobContext:
             self._lost.set()
         return held
 
-    def current_progress(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._progress)
-
     # ---- cancellation ------------------------------------------------------------------------
     def should_cancel(self) -> bool:
         """True once the job was cancelled, its lease was lost, or the worker is stopping."""
