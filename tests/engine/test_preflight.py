@@ -16,6 +16,7 @@ from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.divergence import DIVERGED, find_divergences
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.preflight import TOKEN_MISMATCH
+from crosspatch.engine.report import format_event_counts
 from crosspatch.engine.results import CELL_COLUMNS, events_table
 
 NEW = 512  # id of the added token
@@ -61,6 +62,9 @@ def test_added_it_token_is_never_scored_and_the_rest_score_as_before():
             by_id[e.prompt_id].prefix_ids,
         )
 
+    assert (
+        format_event_counts(after) == "events: 23/32 prompts scored; not scored: token_mismatch 9 (decode 9)"
+    )
     table = events_table(after, pair.family, pair.pair_id)
     assert table.num_rows == 32
     flagged = table.filter(pc.equal(table["reason"], TOKEN_MISMATCH))
