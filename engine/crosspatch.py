@@ -6,7 +6,8 @@ For a batch of events (prompt + shared prefix, scored at the last position):
   2. For each boundary b, IT's late stack (blocks b..L-1) runs on PT's captured residual, and PT's late
      stack on IT's: the off-diagonal cells.
 That is all the forward work the 2x2 needs: two full passes plus two late-stack passes per boundary.
-A boundary sweep reuses step 1 for every b.
+A boundary sweep reuses step 1 for every b. On the first batch only, the runtime no-op checks
+(`engine.noop`) compare that batch's clean passes with each model's own forward before any cell is kept.
 
 Y = logit(t_it) - logit(t_pt), read through the chosen readout: common-IT (IT's final norm and
 unembedding for every cell, the method's default), common-PT, or each late stack's own.
@@ -24,6 +25,7 @@ import torch
 from crosspatch.engine.adapters import ArchAdapter, LayerContext, positions_from_mask
 from crosspatch.engine.divergence import DivergenceEvent, left_pad
 from crosspatch.engine.memory import release_host_memory
+from crosspatch.engine.noop import NoopReport, attach, check_cells_noop
 from crosspatch.engine.pairs import READOUTS, ModelPair
 from crosspatch.engine.results import CELL_COLUMNS, CELLS_SCHEMA
 
@@ -92,10 +94,15 @@ def crosspatch_batch(
     t_it: torch.Tensor,
     boundaries: Sequence[int],
     readouts: Sequence[str] = ("it",),
+    passes: CleanPasses | None = None,
 ) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-    """The four cells for a left-padded batch, per (boundary, readout): `{column: [batch] fp32}`."""
+    """The four cells for a left-padded batch, per (boundary, readout): `{column: [batch] fp32}`.
+
+    `passes`: this batch's clean passes if already computed (the no-op check reuses them).
+    """
     tokens = torch.stack([t_it, t_pt], dim=-1)  # [batch, 2]
-    passes = clean_passes(pair, input_ids, attention_mask, boundaries)  # 2 full forwards
+    if passes is None:
+        passes = clean_passes(pair, input_ids, attention_mask, boundaries)  # 2 full forwards
     results: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for b in boundaries:
         finals = {cell: late_stack_final(pair, *cell, passes, b) for cell in CELLS}  # 2 late stacks
@@ -133,10 +140,14 @@ def iter_crosspatch(
     readouts: Sequence[str] = ("it",),
     batch_size: int = 16,
     on_batch: Callable[[int, int], None] | None = None,
+    check_noop: bool = True,
+    on_noop: Callable[[NoopReport], None] | None = None,
 ) -> Iterator[pa.Table]:
     """Stream the cells table batch by batch (see `engine.results.CELLS_SCHEMA`).
 
-    Only diverged events are scored; activations live for one batch at a time.
+    Only diverged events are scored; activations live for one batch at a time. With `check_noop`, the
+    first batch runs the runtime no-op checks (`engine.noop`): `on_noop` receives the report, and a
+    failure raises `NoopCheckError` before any table is yielded.
     """
     for r in readouts:
         if r not in READOUTS:
@@ -147,7 +158,14 @@ def iter_crosspatch(
     n_scored = sum(e.diverged for e in events)
     done = 0
     for batch, ids, mask, tokens in event_batches(pair, events, batch_size):
-        cells = crosspatch_batch(pair, ids, mask, tokens[:, 1], tokens[:, 0], boundaries, readouts)
+        passes = clean_passes(pair, ids, mask, boundaries)  # 2 full forwards
+        if check_noop and done == 0:
+            report = check_cells_noop(pair, ids, mask, tokens, passes, boundaries)
+            if on_noop:
+                on_noop(report)
+            report.raise_if_failed()
+        cells = crosspatch_batch(pair, ids, mask, tokens[:, 1], tokens[:, 0], boundaries, readouts, passes)
+        del passes
         yield _cells_table(pair, batch, cells)
         del cells
         if ids.device.type == "cpu":
@@ -195,8 +213,19 @@ def crosspatch(
     boundary: int | float | str | Sequence[int] | None = None,
     readouts: Sequence[str] = ("it",),
     batch_size: int = 16,
+    check_noop: bool = True,
 ) -> pa.Table:
-    """The whole cells table for `events`, sorted by prompt id, boundary and readout."""
-    parts = list(iter_crosspatch(pair, events, boundary, readouts, batch_size))
+    """The whole cells table for `events`, sorted by prompt id, boundary and readout.
+
+    With `check_noop` (default) the first batch is no-op checked; the report rides in the table's schema
+    metadata (`engine.noop.noop_report(table)`), and a failed check raises `NoopCheckError`.
+    """
+    reports: list[NoopReport] = []
+    parts = list(
+        iter_crosspatch(
+            pair, events, boundary, readouts, batch_size, check_noop=check_noop, on_noop=reports.append
+        )
+    )
     table = pa.concat_tables(parts) if parts else CELLS_SCHEMA.empty_table()
-    return table.sort_by([("prompt_id", "ascending"), ("boundary", "ascending"), ("readout", "ascending")])
+    table = table.sort_by([("prompt_id", "ascending"), ("boundary", "ascending"), ("readout", "ascending")])
+    return attach(table, reports[0] if reports else None)

@@ -5,6 +5,9 @@ While they agree, the shared token extends the prefix (either model's rollout su
 stops the moment its two argmaxes differ (an event: `t_pt`, `t_it` at `position` = prefix length) or the
 shared token is EOS, or after `max_new_tokens` agreeing steps (reported, never dropped). Decoding is
 batched over prompts with a KV cache; finished rows leave the batch at once.
+
+Every event then passes the token preflight (`engine.preflight`): a prompt whose ids differ between the
+tokenizers is not decoded, and a divergence whose tokens fail a check is kept unscored as `token_mismatch`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from crosspatch.engine.adapters import positions_from_mask
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.preflight import CHECK_PROMPT_IDS, TOKEN_MISMATCH, TokenPreflight
 from crosspatch.engine.prompts import PromptRecord
 
 DIVERGED = "diverged"
@@ -31,7 +35,10 @@ _UNUSED = re.compile(r"^(<unused\d+>|<\|reserved_special_token_\d+\|>|\[unused\d
 
 @dataclass
 class DivergenceEvent:
-    """One prompt's outcome. `diverged` events carry the tokens; others carry the `reason`."""
+    """One prompt's outcome. `diverged` (scored) events carry the tokens; others carry the `reason`.
+
+    A `token_mismatch` event keeps its position and tokens and names the failed check in `token_check`.
+    """
 
     prompt_id: str
     category: str
@@ -46,6 +53,7 @@ class DivergenceEvent:
     prefix_text: str = ""
     t_pt_text: str = ""
     t_it_text: str = ""
+    token_check: str | None = None
 
     @property
     def input_ids(self) -> list[int]:
@@ -196,11 +204,23 @@ def _decode_batch(
 
 
 def _describe(pair: ModelPair, ev: DivergenceEvent) -> DivergenceEvent:
-    tok = pair.tokenizer
-    ev.prefix_text = tok.decode(ev.prefix_ids)
-    if ev.diverged:
-        ev.t_pt_text, ev.t_it_text = tok.decode([ev.t_pt]), tok.decode([ev.t_it])
+    """Texts of the prefix (PT's tokenizer) and of each target under its own model's tokenizer."""
+    ev.prefix_text = pair.tokenizer.decode(ev.prefix_ids)
+    if ev.t_pt is not None and ev.t_it is not None:
+        ev.t_pt_text, ev.t_it_text = pair.tokenizer.decode([ev.t_pt]), pair.it_tokenizer.decode([ev.t_it])
     return ev
+
+
+def _prompt_mismatch(pair: ModelPair, record: PromptRecord) -> DivergenceEvent:
+    """An unscored event for a prompt the two tokenizers encode differently (never decoded)."""
+    return DivergenceEvent(
+        prompt_id=record.id,
+        category=record.category,
+        prompt_ids=pair.tokenizer.encode(record.text, add_special_tokens=True),
+        reason=TOKEN_MISMATCH,
+        prompt_text=record.text,
+        token_check=CHECK_PROMPT_IDS,
+    )
 
 
 def iter_divergences(
@@ -216,13 +236,17 @@ def iter_divergences(
         raise ValueError("max_new_tokens must be >= 1")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    pair.check_same_ids((p.id, p.text) for p in prompts)
     masks = (real_token_mask(pair.pt, pair.tokenizer), real_token_mask(pair.it, pair.it_tokenizer))
+    preflight = TokenPreflight(pair, {"pt": masks[0], "it": masks[1]})
     eos = set(eos_ids(pair.pt, pair.tokenizer)) | set(eos_ids(pair.it, pair.it_tokenizer))
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
+        same = [preflight.prompt_ids_match(r.text) for r in batch]
+        ok = [r for r, s in zip(batch, same, strict=True) if s]
+        decoded = iter(_decode_batch(pair, ok, max_new_tokens, chat_template, masks, eos) if ok else [])
         events = [
-            _describe(pair, e) for e in _decode_batch(pair, batch, max_new_tokens, chat_template, masks, eos)
+            _describe(pair, preflight.apply(next(decoded))) if s else _prompt_mismatch(pair, r)
+            for r, s in zip(batch, same, strict=True)
         ]
         if on_batch:
             on_batch(start + len(batch), len(prompts))

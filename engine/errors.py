@@ -21,3 +21,7 @@ class PromptFileError(CrosspatchError):
 
 class ModelLoadError(CrosspatchError):
     """A model path or id could not be loaded."""
+
+
+class NoopCheckError(CrosspatchError):
+    """A runtime no-op check failed: the explicit stack or a splice does not reproduce the clean forward."""

@@ -33,6 +33,7 @@ import torch
 from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.noop import check_mediation_noop
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA
 from crosspatch.engine.stats import bootstrap_means
@@ -448,6 +449,7 @@ class MediationResult:
     config: dict
     fit_ids: list[str]
     test_ids: list[str]
+    noop: dict | None = None  # runtime no-op check on the first batch (engine.noop), incl. the splice
 
 
 def mediate(
@@ -462,6 +464,7 @@ def mediate(
     cfg.validate(dictionaries, pair)
     b = pair.resolve_boundaries(cfg.boundary)[0]
     fit, test = split_events(events, cfg.fit_fraction, cfg.split_seed)
+    noop = check_mediation_noop(pair, events, dictionaries, b, cfg.batch_size)  # raises NoopCheckError
     ranking = rank_features(pair, fit, dictionaries, cfg)
     if on_progress:
         on_progress(f"ranked {len(ranking.keys)} latents on {len(fit)} fit events")
@@ -556,6 +559,7 @@ def mediate(
         config=asdict(cfg),
         fit_ids=[e.prompt_id for e in fit],
         test_ids=[e.prompt_id for e in test],
+        noop=noop.to_dict() if noop else None,
     )
 
 

@@ -139,3 +139,23 @@ def format_effects(effects: pa.Table, limit: int = 20) -> str:
         for r in top
     ]
     return "\n".join(lines)
+
+
+def format_event_counts(events: list) -> str:
+    """One line: scored events of all prompts, and each unscored reason (token_mismatch split by check)."""
+    reasons: dict[str, int] = {}
+    checks: dict[str, int] = {}
+    for e in events:
+        if e.diverged:
+            continue
+        reasons[e.reason] = reasons.get(e.reason, 0) + 1
+        if e.token_check:
+            checks[e.token_check] = checks.get(e.token_check, 0) + 1
+    parts = [f"{r} {n}" for r, n in sorted(reasons.items())]
+    if checks:
+        detail = ", ".join(f"{c} {n}" for c, n in sorted(checks.items()))
+        parts = [f"{p} ({detail})" if p.startswith("token_mismatch ") else p for p in parts]
+    scored = sum(e.diverged for e in events)
+    return f"events: {scored}/{len(events)} prompts scored" + (
+        f"; not scored: {', '.join(parts)}" if parts else ""
+    )

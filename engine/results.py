@@ -11,7 +11,9 @@ cells (one row per event x boundary x readout; Y = logit(t_it) - logit(t_pt) at 
     it_late_effect  y_itup_itlate - y_itup_ptlate   (native-context part)
     interaction     it_late_effect - pt_late_effect
 
-events (one row per prompt, diverged or not): the `DivergenceEvent` fields.
+events (one row per prompt, diverged or not): the `DivergenceEvent` fields. `diverged` means scored;
+    reason 'token_mismatch' marks a divergence the token preflight rejected, `token_check` names the
+    failed check (prompt_ids, decode, vocab, mask; see engine/preflight.py), null otherwise.
 
 summaries (one row per family x boundary x readout x subset x statistic): estimate with percentile
 bootstrap CI over prompts, n, and for the interaction the sign-flip permutation p-value.
@@ -51,6 +53,7 @@ EVENTS_SCHEMA = pa.schema(
         ("category", pa.string()),
         ("diverged", pa.bool_()),
         ("reason", pa.string()),
+        ("token_check", pa.string()),
         ("position", pa.int32()),
         ("t_pt", pa.int64()),
         ("t_it", pa.int64()),

@@ -72,7 +72,7 @@ def run(
     from crosspatch.engine.divergence import find_divergences
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
-    from crosspatch.engine.report import format_summary, format_sweep
+    from crosspatch.engine.report import format_event_counts, format_summary, format_sweep
     from crosspatch.engine.results import CELLS_SCHEMA, events_table
     from crosspatch.engine.stats import summarize
 
@@ -88,14 +88,10 @@ def run(
     events = find_divergences(
         pair, records, max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template
     )
-    n_div = sum(e.diverged for e in events)
-    reasons: dict[str, int] = {}
-    for e in events:
-        reasons[e.reason] = reasons.get(e.reason, 0) + 1
-    typer.echo(
-        f"first divergence: {n_div}/{len(events)} prompts diverged ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})"
+    typer.echo(format_event_counts(events))
+    parts = list(
+        iter_crosspatch(pair, events, bounds, readout, batch_size, on_noop=lambda r: typer.echo(r.summary()))
     )
-    parts = list(iter_crosspatch(pair, events, bounds, readout, batch_size))
     cells = pa.concat_tables(parts) if parts else CELLS_SCHEMA.empty_table()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -105,6 +105,15 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
 
+def _record_noop(ctx: JobContext, pair: Any, stage: str, report: dict | None) -> bool:
+    """Store a runtime no-op check in provenance (`noop_checks[pair][stage]`); True if there was one."""
+    if report is None:
+        return False
+    ctx.provenance.setdefault("noop_checks", {}).setdefault(pair.pair_id, {})[stage] = report
+    ctx.log(f"{pair.pair_id}: {stage} no-op check max |diff| {max(report['max_abs_diff'].values()):.1e}")
+    return True
+
+
 def _crosspatch_chunks(
     pair: Any,
     prompts: Sequence[Any],
@@ -116,11 +125,13 @@ def _crosspatch_chunks(
 ) -> None:
     """Divergence + 2x2 per chunk of prompts as `events.<tag>NNNNN` / `cells.<tag>NNNNN` parts (resumable)."""
     from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
+    from crosspatch.engine.noop import noop_report
     from crosspatch.engine.results import events_table
 
     chunks = _chunks(prompts, spec.chunk_size)
     done = ctx.completed_parts()
     skipped = 0
+    checked = False  # the first batch this run scores is no-op checked (NoopCheckError fails the job)
     lo, hi = progress
     for i, chunk in enumerate(chunks):
         ev_name, cell_name = f"events.{tag}{i:05d}", f"cells.{tag}{i:05d}"
@@ -133,8 +144,14 @@ def _crosspatch_chunks(
                 ctx.write_part(ev_name, events_table(events, pair.family, pair.pair_id))
             ctx.check_cancel()
             cells = run_crosspatch(
-                pair, events, boundary=boundaries, readouts=tuple(spec.readouts), batch_size=spec.batch_size
+                pair,
+                events,
+                boundary=boundaries,
+                readouts=tuple(spec.readouts),
+                batch_size=spec.batch_size,
+                check_noop=not checked,
             )
+            checked = checked or _record_noop(ctx, pair, "cells", noop_report(cells))
             ctx.write_part(cell_name, cells)
         ctx.progress(
             lo + (hi - lo) * (i + 1) / len(chunks), f"{pair.pair_id}: 2x2 chunk {i + 1}/{len(chunks)}"
@@ -218,6 +235,7 @@ def _mediate_pair(
         )
     cfg = _mediation_config(options, boundary, batch_size)
     result = run_mediation(pair, events, [BranchView(dictionary, "it")], cfg, on_progress=ctx.log)
+    _record_noop(ctx, pair, "mediation", result.noop)
     ctx.provenance.setdefault("mediation_splits", {})[pair.pair_id] = {
         "fit": result.fit_ids,
         "test": result.test_ids,
