@@ -53,20 +53,23 @@ def test_family_balanced_by_hand():
     assert lo == pytest.approx(1.5 - half) and hi == pytest.approx(1.5 + half)
 
 
-def _cells(family, interaction, positions):
+def _cells(family, interaction, positions, pair_id=None, boundary=3, n_layers=5, headline=3):
     n = len(interaction)
     zeros = [0.0] * n
     return pa.table(
         {
             "family": [family] * n,
-            "pair_id": [f"{family}-p"] * n,
+            "pair_id": [pair_id or f"{family}-p"] * n,
             "prompt_id": [f"q{i}" for i in range(n)],
             "category": ["A" if i % 2 else "B" for i in range(n)],
             "position": positions,
             "t_pt": [1] * n,
             "t_it": [2] * n,
-            "boundary": [3] * n,
+            "boundary": [boundary] * n,
             "readout": ["it"] * n,
+            "pair_label": [pair_id or f"{family}-p"] * n,
+            "n_layers": [n_layers] * n,
+            "headline_boundary": [headline] * n,
             "y_ptup_ptlate": zeros,
             "y_ptup_itlate": zeros,
             "y_itup_ptlate": zeros,
@@ -84,7 +87,8 @@ def test_summarize_families_subsets_and_balanced_mean():
     b = _cells("qwen3", [3.0, 3.0, 3.0, 3.0], [0, 0, 0, 4])
     s = summarize(pa.concat_tables([a, b]), position_min=(3,), by_category=True, n_permutations=500)
     inter = s.filter(pc.equal(s["statistic"], "interaction")).to_pylist()
-    get = {(r["family"], r["subset"]): r for r in inter}
+    get = {(r["family"], r["subset"]): r for r in inter if r["level"] == "pair"}
+    get |= {("__mean__", r["subset"]): r for r in inter if r["level"] == "balanced"}
     assert get[("llama", "all")]["estimate"] == 2.5 and get[("llama", "all")]["n"] == 4
     assert get[("llama", "position>=3")]["estimate"] == 3.5
     assert get[("llama", "category=A")]["estimate"] == 3.0  # rows 1, 3
