@@ -7,7 +7,8 @@ DuckDB `summaries` table. From a cells table of any number of pairs it builds th
   divergence) with a percentile bootstrap 95% CI (2000 resamples, seed 23; all statistics and boundaries
   of a pair share the same resamples).
 - family: the unweighted mean of the family's pairs; se_pair = (hi - lo) / (2 * 1.96) from each pair's
-  CI, SE = sqrt(sum se_pair^2) / m over its m pairs, normal 95% CI.
+  CI, SE = sqrt(sum se_pair^2) / m over its m pairs, normal 95% CI (so a one-pair family's row has the
+  symmetric CI estimate +- (hi - lo) / 2, which is what the balanced mean combines).
 - balanced: the unweighted mean over families, the same normal approximation over the families' SEs
   (the paper's Core-5 synthesis); only when there are two or more families.
 
