@@ -142,12 +142,14 @@ def iter_crosspatch(
     on_batch: Callable[[int, int], None] | None = None,
     check_noop: bool = True,
     on_noop: Callable[[NoopReport], None] | None = None,
+    headline: int | None = None,
 ) -> Iterator[pa.Table]:
     """Stream the cells table batch by batch (see `engine.results.CELLS_SCHEMA`).
 
     Only diverged events are scored; activations live for one batch at a time. With `check_noop`, the
     first batch runs the runtime no-op checks (`engine.noop`): `on_noop` receives the report, and a
-    failure raises `NoopCheckError` before any table is yielded.
+    failure raises `NoopCheckError` before any table is yielded. Every row records the pair's headline
+    boundary: `headline`, or `ModelPair.headline_boundary(boundary)`.
     """
     for r in readouts:
         if r not in READOUTS:
@@ -155,6 +157,9 @@ def iter_crosspatch(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     boundaries = pair.resolve_boundaries(boundary)
+    headline = pair.headline_boundary(boundary) if headline is None else headline
+    if headline not in boundaries:
+        raise ValueError(f"headline boundary {headline} is not among the boundaries {boundaries}")
     n_scored = sum(e.diverged for e in events)
     done = 0
     for batch, ids, mask, tokens in event_batches(pair, events, batch_size):
@@ -166,7 +171,7 @@ def iter_crosspatch(
             report.raise_if_failed()
         cells = crosspatch_batch(pair, ids, mask, tokens[:, 1], tokens[:, 0], boundaries, readouts, passes)
         del passes
-        yield _cells_table(pair, batch, cells)
+        yield _cells_table(pair, batch, cells, headline)
         del cells
         if ids.device.type == "cpu":
             release_host_memory()  # keep peak RSS flat across batches of different widths
@@ -176,7 +181,10 @@ def iter_crosspatch(
 
 
 def _cells_table(
-    pair: ModelPair, batch: list[DivergenceEvent], cells: dict[tuple[int, str], dict[str, torch.Tensor]]
+    pair: ModelPair,
+    batch: list[DivergenceEvent],
+    cells: dict[tuple[int, str], dict[str, torch.Tensor]],
+    headline: int,
 ) -> pa.Table:
     """One row per event x (boundary, readout); effects computed in float64 from the four cells."""
     n = len(batch)
@@ -198,6 +206,9 @@ def _cells_table(
             **event_cols,
             "boundary": np.full(n, b, dtype=np.int32),
             "readout": [readout] * n,
+            "pair_label": [pair.pair_label] * n,
+            "n_layers": np.full(n, pair.n_layers, dtype=np.int32),
+            "headline_boundary": np.full(n, headline, dtype=np.int32),
             **y,
             "pt_late_effect": pt_late,
             "it_late_effect": it_late,
@@ -214,6 +225,7 @@ def crosspatch(
     readouts: Sequence[str] = ("it",),
     batch_size: int = 16,
     check_noop: bool = True,
+    headline: int | None = None,
 ) -> pa.Table:
     """The whole cells table for `events`, sorted by prompt id, boundary and readout.
 
@@ -223,7 +235,14 @@ def crosspatch(
     reports: list[NoopReport] = []
     parts = list(
         iter_crosspatch(
-            pair, events, boundary, readouts, batch_size, check_noop=check_noop, on_noop=reports.append
+            pair,
+            events,
+            boundary,
+            readouts,
+            batch_size,
+            check_noop=check_noop,
+            on_noop=reports.append,
+            headline=headline,
         )
     )
     table = pa.concat_tables(parts) if parts else CELLS_SCHEMA.empty_table()

@@ -101,6 +101,38 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
+def headline_of(boundaries: Sequence[int], n_layers: int) -> int:
+    """The headline boundary among a job's resolved `boundaries` of an `n_layers`-deep pair.
+
+    One boundary (an index or a fraction the job names) is its own headline; of several (a sweep or a
+    list) the method's default round(0.6 x L) when swept, else the swept one nearest it (ties: lower).
+    """
+    if not boundaries:
+        raise CrosspatchError("no boundaries: a job needs at least one")
+    default = round(DEFAULT_BOUNDARY_FRACTION * n_layers)
+    if len(boundaries) == 1:
+        return int(boundaries[0])
+    return int(min(boundaries, key=lambda b: (abs(b - default), b)))
+
+
+def pair_identity(
+    pt: str | Path, it: str | Path, pt_revision: str | None = None, it_revision: str | None = None
+) -> tuple[str, str]:
+    """(pair_id, pair_label) of a pair loaded by name or path.
+
+    The label is the two folder (or hub) names, `llama-pt~llama-it`; the id appends a short hash of the
+    resolved local paths (or hub ids) and revisions, so `a/llama-pt, a/llama-it` and `b/llama-pt,
+    b/llama-it` get different ids while the same checkpoints always get the same one.
+    """
+    parts = []
+    for ref, rev in ((pt, pt_revision), (it, it_revision)):
+        local = Path(str(ref)).expanduser()
+        parts.append(f"{local.resolve() if local.exists() else str(ref)}@{rev or ''}")
+    label = f"{Path(str(pt)).name}~{Path(str(it)).name}"
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+    return f"{label}-{digest}", label
+
+
 @dataclass
 class ModelPair:
     """A PT/IT pair with adapters; `tokenizer` (PT's) supplies the shared ids for both models."""
@@ -113,6 +145,7 @@ class ModelPair:
     pair_id: str
     pt_adapter: ArchAdapter
     it_adapter: ArchAdapter
+    pair_label: str = ""  # human label (folder or organism names); `pair_id` is the unique key
 
     @classmethod
     def from_models(
@@ -124,6 +157,7 @@ class ModelPair:
         *,
         family: str | None = None,
         pair_id: str | None = None,
+        pair_label: str | None = None,
     ) -> ModelPair:
         """Wrap two loaded models; checks that their shapes allow cross-patching."""
         pt_adapter, it_adapter = adapter_for(pt), adapter_for(it)
@@ -133,15 +167,17 @@ class ModelPair:
                 f"IT has {it_adapter.n_layers} x {it_adapter.d_model}; cross-patching needs equal shapes"
             )
         family = family or pt_adapter.family
+        pair_id = pair_id or f"{family}-pair"
         return cls(
             pt=pt,
             it=it,
             tokenizer=tokenizer,
             it_tokenizer=it_tokenizer or tokenizer,
             family=family,
-            pair_id=pair_id or f"{family}-pair",
+            pair_id=pair_id,
             pt_adapter=pt_adapter,
             it_adapter=it_adapter,
+            pair_label=pair_label or pair_id,
         )
 
     @property
@@ -152,6 +188,10 @@ class ModelPair:
     def default_boundary(self) -> int:
         """The method's late-stack start: round(0.6 x n_layers)."""
         return round(DEFAULT_BOUNDARY_FRACTION * self.n_layers)
+
+    def headline_boundary(self, boundary: int | float | str | Sequence[int] | None) -> int:
+        """The one boundary a job's headline numbers use (see `headline_of`)."""
+        return headline_of(self.resolve_boundaries(boundary), self.n_layers)
 
     def adapter(self, role: Literal["pt", "it"]) -> ArchAdapter:
         return self.pt_adapter if role == "pt" else self.it_adapter
@@ -219,15 +259,24 @@ def load_pair(
     dtype: str | torch.dtype = "float32",
     family: str | None = None,
     pair_id: str | None = None,
+    pair_label: str | None = None,
+    pt_revision: str | None = None,
+    it_revision: str | None = None,
 ) -> ModelPair:
-    """Load PT and IT by id or path onto `device` in `dtype` and wrap them as a `ModelPair`."""
-    pt_model, pt_tok = load_model(pt, device=device, dtype=dtype)
-    it_model, it_tok = load_model(it, device=device, dtype=dtype)
+    """Load PT and IT by id or path onto `device` in `dtype` and wrap them as a `ModelPair`.
+
+    Without `pair_id` the id is `pair_identity`'s (names + hash of resolved paths and revisions); a
+    caller that passes one (an allow-list key, an organism name) vouches that it is unique.
+    """
+    pt_model, pt_tok = load_model(pt, device=device, dtype=dtype, revision=pt_revision)
+    it_model, it_tok = load_model(it, device=device, dtype=dtype, revision=it_revision)
+    derived_id, derived_label = pair_identity(pt, it, pt_revision, it_revision)
     return ModelPair.from_models(
         pt_model,
         it_model,
         pt_tok,
         it_tok,
         family=family,
-        pair_id=pair_id or f"{Path(str(pt)).name}~{Path(str(it)).name}",
+        pair_id=pair_id or derived_id,
+        pair_label=pair_label or (pair_id if pair_id else derived_label),
     )

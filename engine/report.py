@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from crosspatch.engine.results import CELL_COLUMNS, EFFECT_COLUMNS
+from crosspatch.engine.stats import format_p
 
 _SHORT = {
     "y_ptup_ptlate": "Y[PT,PT]",
@@ -21,51 +22,88 @@ def _ci(r: dict) -> str:
     return f"{r['estimate']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
 
 
+def _name(r: dict) -> str:
+    """Row label: the pair id, 'family F (m pairs)', or 'family-balanced'."""
+    if r["level"] == "pair":
+        return r["pair_id"]
+    if r["level"] == "family":
+        return f"family {r['family']} ({r['n_pairs']} pairs)"
+    return "family-balanced"
+
+
 def format_summary(summary: pa.Table, subset: str = "all") -> str:
-    """One block per (boundary, readout): a row per family with cells, effects (95% CI), n and p."""
-    rows = [r for r in summary.to_pylist() if r["subset"] == subset]
+    """Per readout, at each pair's headline boundary: a row per pair, per family with several pairs, and
+    the family-balanced mean; cells, effects (95% CI), n and the sign-flip p ("≤" marks the floor)."""
+    rows = [r for r in summary.to_pylist() if r["subset"] == subset and r["headline"]]
+    rows = [r for r in rows if r["level"] != "family" or r["n_pairs"] > 1]
     if not rows:
         return "(no diverged events: nothing to summarise)"
-    groups: dict[tuple, dict[str, dict[str, dict]]] = {}
+    groups: dict[str, dict[tuple, dict[str, dict]]] = {}
     for r in rows:
-        groups.setdefault((r["readout"],), {}).setdefault(r["family"], {})[r["statistic"]] = r
+        key = ({"pair": 0, "family": 1, "balanced": 2}[r["level"]], r["family"] or "", r["pair_id"] or "")
+        groups.setdefault(r["readout"], {}).setdefault(key, {})[r["statistic"]] = r
     lines: list[str] = []
-    w = max(10, *(len(r["family"]) for r in rows))
-    for (readout,), families in groups.items():
+    w = max(12, *(len(_name(r)) for r in rows))
+    for readout, entries in groups.items():
         lines.append(f"readout: common-{readout.upper()}" if readout != "own" else "readout: own")
-        header = f"{'family':<{w}} {'b':>3} {'n':>4} " + " ".join(f"{_SHORT[c]:>9}" for c in CELL_COLUMNS)
+        header = f"{'pair / family':<{w}} {'family':<8} {'b*':>3} {'depth':>5} {'n':>5} "
+        header += " ".join(f"{_SHORT[c]:>9}" for c in CELL_COLUMNS)
         header += "  " + "  ".join(f"{_SHORT[c]:<26}" for c in EFFECT_COLUMNS) + "  p(sign-flip)"
         lines.append(header)
-        for family, stats in sorted(families.items(), key=lambda kv: (kv[0] == "__mean__", kv[0])):
+        for _, stats in sorted(entries.items()):
             first = stats["interaction"]
-            b = "-" if family == "__mean__" else str(first["boundary"])
+            b = "-" if first["boundary"] is None else str(first["boundary"])
+            depth = "-" if first["depth"] is None else f"{first['depth']:.2f}"
             cells = " ".join(
-                f"{stats[c]['estimate']:>+9.3f}" if c in stats and family != "__mean__" else f"{'':>9}"
-                for c in CELL_COLUMNS
+                f"{stats[c]['estimate']:>+9.3f}" if c in stats else f"{'':>9}" for c in CELL_COLUMNS
             )
             effects = "  ".join(f"{_ci(stats[c]):<26}" for c in EFFECT_COLUMNS)
-            p = first["p_value"]
-            name = "mean" if family == "__mean__" else family
+            p = format_p(first["p_value"], first["n_permutations"])
             lines.append(
-                f"{name:<{w}} {b:>3} {first['n']:>4} {cells}  {effects}  {'' if p is None else f'{p:.2g}'}"
+                f"{_name(first):<{w}} {first['family'] or '-':<8} {b:>3} {depth:>5} {first['n']:>5} "
+                f"{cells}  {effects}  {p}"
             )
         lines.append("")
+    lines.append(
+        "b* = each pair's headline boundary (round(0.6 L) unless the job named one); family rows: mean of "
+        "its pairs, family-balanced: mean of families (normal-approximation CIs)"
+    )
     return "\n".join(lines).rstrip()
 
 
-def format_sweep(summary: pa.Table, readout: str = "it") -> str:
-    """Interaction by boundary, one line per family x boundary (for sweeps)."""
+def format_sweep(summary: pa.Table, readout: str = "it", subset: str = "all") -> str:
+    """Interaction by boundary per pair (headline marked, Holm-adjusted p, sweep-wide p), then the
+    family-balanced interaction at each relative depth every pair swept."""
     rows = [
         r
         for r in summary.to_pylist()
-        if r["subset"] == "all"
-        and r["statistic"] == "interaction"
-        and r["readout"] == readout
-        and r["family"] != "__mean__"
+        if r["subset"] == subset and r["statistic"] == "interaction" and r["readout"] == readout
     ]
-    lines = [f"{'family':<10} {'boundary':>8}  interaction [95% CI]"]
-    for r in sorted(rows, key=lambda r: (r["family"], r["boundary"])):
-        lines.append(f"{r['family']:<10} {r['boundary']:>8}  {_ci(r)}")
+    pairs = sorted({r["pair_id"] for r in rows if r["level"] == "pair"})
+    lines = [
+        f"{'pair':<28} {'boundary':>8} {'depth':>5}  {'interaction [95% CI]':<26}  {'p':>9}  {'p(Holm)':>9}"
+    ]
+    for pair_id in pairs:
+        mine = sorted((r for r in rows if r["pair_id"] == pair_id), key=lambda r: r["boundary"])
+        for r in mine:
+            mark = "*" if r["headline"] else " "
+            lines.append(
+                f"{pair_id:<28} {r['boundary']:>7}{mark} {r['depth']:>5.2f}  {_ci(r):<26}  "
+                f"{format_p(r['p_value'], r['n_permutations']):>9}  "
+                f"{format_p(r['p_adjusted'], r['n_permutations']):>9}"
+            )
+        if mine and mine[0]["p_sweep"] is not None:
+            lines.append(
+                f"{'':<28} sweep-wide p (max over {len(mine)} boundaries, same sign flips): "
+                f"{format_p(mine[0]['p_sweep'], mine[0]['n_permutations'])}"
+            )
+    depth_rows = sorted(
+        (r for r in rows if r["level"] == "balanced" and not r["headline"]), key=lambda r: r["depth"]
+    )
+    if depth_rows:
+        lines.append("\nfamily-balanced interaction at relative depths b/L every pair swept (exact match)")
+        lines += [f"  depth {r['depth']:.3f}  {_ci(r)}  ({r['n_pairs']} pairs)" for r in depth_rows]
+    lines.append("* headline boundary")
     return "\n".join(lines)
 
 

@@ -2,6 +2,9 @@
 
 cells (one row per event x boundary x readout; Y = logit(t_it) - logit(t_pt) at the scored position):
     family, pair_id, prompt_id, category   identify the event (prompt_id unique within a pair)
+    pair_label      the pair's human label (pair_id is the unique key: names + hash of paths/revisions)
+    n_layers        the pair's depth L (so depth b/L is known from the cells alone)
+    headline_boundary  the job's headline boundary of this pair (round(0.6 L) unless the job named one)
     position        generated position of the divergence (0 = first token after the prompt)
     t_pt, t_it      the divergent token ids (PT's and IT's greedy choices)
     boundary        index of the first late block; upstream = residual entering it at every position
@@ -15,8 +18,11 @@ events (one row per prompt, diverged or not): the `DivergenceEvent` fields. `div
     reason 'token_mismatch' marks a divergence the token preflight rejected, `token_check` names the
     failed check (prompt_ids, decode, vocab, mask; see engine/preflight.py), null otherwise.
 
-summaries (one row per family x boundary x readout x subset x statistic): estimate with percentile
-bootstrap CI over prompts, n, and for the interaction the sign-flip permutation p-value.
+summaries (`engine.stats.summarize`; one row per level x pair-or-family x boundary-or-depth x readout x
+subset x statistic): level 'pair' (mean over prompts, percentile bootstrap CI), 'family' (unweighted
+mean of the family's pairs, normal CI) or 'balanced' (unweighted mean of families, normal CI); `headline`
+marks rows at each pair's headline boundary. Interaction rows of pairs carry the sign-flip p-value, the
+Holm-adjusted p over the pair's boundaries, and in a sweep the sweep-wide max-statistic p.
 
 feature_acts (event x dictionary x latent, active latents only) and feature_effects (set-level effects of
 ablation / rescue with CIs, and per-feature attribution scores): see the schemas' column comments.
@@ -40,6 +46,9 @@ CELLS_SCHEMA = pa.schema(
         ("t_it", pa.int64()),
         ("boundary", pa.int32()),
         ("readout", pa.string()),
+        ("pair_label", pa.string()),
+        ("n_layers", pa.int32()),
+        ("headline_boundary", pa.int32()),
         *[(c, pa.float64()) for c in CELL_COLUMNS],
         *[(c, pa.float64()) for c in EFFECT_COLUMNS],
     ]
@@ -69,17 +78,26 @@ EVENTS_SCHEMA = pa.schema(
 
 SUMMARY_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("boundary", pa.int32()),
+        ("level", pa.string()),  # 'pair', 'family' or 'balanced'
+        ("family", pa.string()),  # null on balanced rows
+        ("pair_id", pa.string()),  # null on family and balanced rows
+        ("pair_label", pa.string()),
+        ("boundary", pa.int32()),  # null where the combined pairs' boundaries differ
+        ("n_layers", pa.int32()),  # null where the combined pairs' depths differ
+        ("depth", pa.float64()),  # boundary / n_layers (null where they differ)
+        ("headline", pa.bool_()),  # at each pair's headline boundary (else a swept or depth-matched row)
         ("readout", pa.string()),
         ("subset", pa.string()),
         ("statistic", pa.string()),
         ("estimate", pa.float64()),
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
-        ("n", pa.int64()),
-        ("p_value", pa.float64()),
+        ("n", pa.int64()),  # prompts (summed over pairs on family and balanced rows)
+        ("n_pairs", pa.int64()),
+        ("p_value", pa.float64()),  # one-sided sign-flip p (pair interaction rows)
+        ("p_adjusted", pa.float64()),  # Holm over the pair's boundaries (= p_value for one boundary)
+        ("p_sweep", pa.float64()),  # sweep-wide p: max statistic over boundaries, same flips (sweeps)
+        ("n_permutations", pa.int64()),  # p-values are >= 1 / (n_permutations + 1)
     ]
 )
 

@@ -1,25 +1,55 @@
-"""Statistics of the 2x2: family means with percentile bootstrap CIs, the family-balanced mean, and
-the sign-flip (label-swap) permutation null, as in the method (section 2.3).
+"""Statistics of the 2x2 (method section 2.3): the one aggregation behind every summary table.
 
-- Bootstrap unit: the prompt (one event per prompt at first divergence). 2000 resamples, seed 23,
-  percentile 95% CI; all statistics of a family share the same resamples.
-- Family-balanced mean: unweighted mean over families; CI by normal approximation from the per-family
-  bootstrap CIs (se_f = (hi - lo) / (2 * 1.96), se = sqrt(sum se_f^2) / F), as the paper's synthesis.
-- Sign-flip null: swapping PT/IT labels within a prompt flips the sign of its interaction; p-value
-  (1 + #{null mean >= observed}) / (n_perm + 1), one-sided.
+`summarize(cells)` is used by the CLI (`run`, `summarize`, `demo`), the library, the worker jobs and the
+DuckDB `summaries` table. From a cells table of any number of pairs it builds three levels of rows:
+
+- pair: per pair x boundary x readout x subset, the mean over prompts (one event per prompt at first
+  divergence) with a percentile bootstrap 95% CI (2000 resamples, seed 23; all statistics and boundaries
+  of a pair share the same resamples).
+- family: the unweighted mean of the family's pairs; se_pair = (hi - lo) / (2 * 1.96) from each pair's
+  CI, SE = sqrt(sum se_pair^2) / m over its m pairs, normal 95% CI (so a one-pair family's row has the
+  symmetric CI estimate +- (hi - lo) / 2, which is what the balanced mean combines).
+- balanced: the unweighted mean over families, the same normal approximation over the families' SEs
+  (the paper's Core-5 synthesis); only when there are two or more families.
+
+Headline rows (`headline` true) use each pair's headline boundary (cells column `headline_boundary`:
+round(0.6 L) unless the job named a boundary), so families of different depth are combined at their own
+late-stack start, never at "the first boundary". In a sweep there are also depth-matched family and
+balanced rows (`headline` false): one per relative depth d = b / L that EVERY pair in the input swept,
+matched exactly as a fraction (16/32 and 18/36 are both 0.5; 19/32 matches nothing at L = 36).
+
+Sign-flip null: swapping PT/IT labels within a prompt flips the sign of its interaction; the one-sided
+p-value is (1 + #{null mean >= observed}) / (n_perm + 1), so it is never below 1 / (n_perm + 1). In a
+sweep every boundary uses the SAME flips per prompt: `p_sweep` is the max-statistic test over boundaries
+(max over boundaries of the mean interaction) and `p_adjusted` is Holm's step-down over the boundaries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from crosspatch.engine.results import CELL_COLUMNS, EFFECT_COLUMNS, SUMMARY_SCHEMA
 
 STATISTICS = (*CELL_COLUMNS, *EFFECT_COLUMNS)
 Z95 = 1.959963984540054
+REQUIRED_CELL_COLUMNS = (
+    "family",
+    "pair_id",
+    "pair_label",
+    "prompt_id",
+    "category",
+    "position",
+    "boundary",
+    "readout",
+    "n_layers",
+    "headline_boundary",
+    *STATISTICS,
+)
 
 
 def bootstrap_means(
@@ -49,22 +79,59 @@ def bootstrap_ci(
     return float(values.mean()), float(lo), float(hi)
 
 
+def sign_flip_test(
+    values: np.ndarray, n_permutations: int = 20000, seed: int = 23
+) -> tuple[np.ndarray, float]:
+    """`[n, B]` per-prompt values at B boundaries -> (`[B]` one-sided p per boundary, max-statistic p).
+
+    Each permutation flips each prompt's sign once, for all boundaries alike; the max-statistic p
+    compares max_b mean_b against the null of max_b over the flipped means.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[:, None]
+    n, n_b = values.shape
+    if n == 0:
+        raise ValueError("cannot test an empty sample")
+    observed = values.mean(axis=0)  # [B]
+    rng = np.random.default_rng(seed)
+    exceed = np.zeros(n_b, dtype=np.int64)
+    exceed_max = 0
+    for start in range(0, n_permutations, 1000):
+        r = min(1000, n_permutations - start)
+        signs = rng.integers(0, 2, size=(r, n)) * 2 - 1  # [r, n] of +-1
+        null = signs.astype(np.float64) @ values / n  # [r, B]
+        exceed += (null >= observed - 1e-12).sum(axis=0)
+        exceed_max += int((null.max(axis=1) >= observed.max() - 1e-12).sum())
+    return (1 + exceed) / (n_permutations + 1), (1 + exceed_max) / (n_permutations + 1)
+
+
 def sign_flip_pvalue(
     values: Sequence[float] | np.ndarray, n_permutations: int = 20000, seed: int = 23
 ) -> float:
     """One-sided p-value of mean(values) > 0 under random per-prompt sign flips (label swaps)."""
-    values = np.asarray(values, dtype=np.float64)
-    n = values.shape[0]
-    if n == 0:
-        raise ValueError("cannot test an empty sample")
-    observed = values.mean()
-    rng = np.random.default_rng(seed)
-    exceed = 0
-    for start in range(0, n_permutations, 1000):
-        r = min(1000, n_permutations - start)
-        signs = rng.integers(0, 2, size=(r, n)) * 2 - 1  # [r, n] of +-1
-        exceed += int(((signs * values).mean(axis=1) >= observed - 1e-12).sum())
-    return (1 + exceed) / (n_permutations + 1)
+    p, _ = sign_flip_test(np.asarray(values, dtype=np.float64)[:, None], n_permutations, seed)
+    return float(p[0])
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values: sorted ascending, max_{j<=i} min(1, (m - j + 1) p_(j))."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
+
+
+def format_p(p: float | None, n_permutations: int | None) -> str:
+    """A permutation p for printing: the floor 1/(n+1) as '≤ 5e-05', others with 2 significant digits."""
+    if p is None:
+        return ""
+    if n_permutations and p <= 1.0 / (n_permutations + 1) * (1 + 1e-9):
+        return f"≤ {1.0 / (n_permutations + 1):.2g}"
+    return f"{p:.2g}"
 
 
 def family_balanced(
@@ -98,78 +165,202 @@ def summarize(
     by_category: bool = False,
     n_permutations: int = 20000,
 ) -> pa.Table:
-    """Per family x boundary x readout x subset: every cell and effect with bootstrap CI; the interaction
-    also gets the sign-flip p-value. Adds a family-balanced row (`family='__mean__'`) when several
-    families are present.
-    """
-    rows: list[dict] = []
+    """Pair, family and family-balanced rows (see the module docstring) as a `SUMMARY_SCHEMA` table."""
     if cells.num_rows == 0:
         return SUMMARY_SCHEMA.empty_table()
-    keys = cells.select(["family", "pair_id", "boundary", "readout"]).to_pylist()
-    groups: dict[tuple, list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault((k["family"], k["pair_id"], k["boundary"], k["readout"]), []).append(i)
-    data = np.column_stack([cells.column(s).to_numpy() for s in STATISTICS])  # [rows, stats]
-    for (family, pair_id, boundary, readout), idx in groups.items():
-        sub_table = cells.take(idx)
-        sub_data = data[idx]
-        for subset, keep in _subsets(sub_table, position_min, by_category):
-            x = sub_data[keep]
-            if len(x) == 0:
-                continue
-            means = bootstrap_means(x, n_resamples, seed)  # [R, stats]
-            lo, hi = np.quantile(means, [0.025, 0.975], axis=0)
-            p = sign_flip_pvalue(x[:, STATISTICS.index("interaction")], n_permutations, seed)
-            for j, stat in enumerate(STATISTICS):
-                rows.append(
-                    dict(
-                        family=family,
-                        pair_id=pair_id,
-                        boundary=boundary,
-                        readout=readout,
-                        subset=subset,
-                        statistic=stat,
-                        estimate=float(x[:, j].mean()),
-                        ci_low=float(lo[j]),
-                        ci_high=float(hi[j]),
-                        n=len(x),
-                        p_value=p if stat == "interaction" else None,
-                    )
-                )
-    rows += _family_balanced_rows(rows)
+    missing = [c for c in REQUIRED_CELL_COLUMNS if c not in cells.column_names]
+    if missing:
+        raise ValueError(
+            f"cells table lacks columns {missing} (written by an older crosspatch?); rerun `crosspatch run`"
+        )
+    pair_rows: list[dict] = []
+    for pair_id in sorted(set(cells.column("pair_id").to_pylist())):
+        pair_rows += _pair_rows(
+            _where(cells, "pair_id", pair_id), n_resamples, seed, position_min, by_category, n_permutations
+        )
+    family_rows = _family_rows(pair_rows)
+    rows = pair_rows + family_rows + _balanced_rows(family_rows, pair_rows)
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
-def _family_balanced_rows(rows: list[dict]) -> list[dict]:
-    """Family-balanced means over families that share boundary-independent keys (readout, subset, stat)."""
-    by_key: dict[tuple, list[dict]] = {}
-    for r in rows:
-        by_key.setdefault((r["readout"], r["subset"], r["statistic"]), []).append(r)
-    out = []
-    for (readout, subset, stat), group in by_key.items():
-        families = {r["family"] for r in group}
-        if len(families) < 2:
-            continue
-        # one estimate per family: its first boundary (families differ in depth, so boundaries differ)
-        per_family = {}
-        for r in group:
-            per_family.setdefault(r["family"], r)
-        center, lo, hi = family_balanced(
-            [(r["estimate"], r["ci_low"], r["ci_high"]) for r in per_family.values()]
+def _where(table: pa.Table, column: str, value: object) -> pa.Table:
+    """Rows of `table` whose `column` equals `value`."""
+    return table.filter(pc.equal(table[column], value))
+
+
+def _only(table: pa.Table, column: str, pair_id: str) -> object:
+    """The single value of `column` in one pair's rows; two values mean two pairs share one id."""
+    values = set(table.column(column).to_pylist())
+    if len(values) != 1:
+        raise ValueError(
+            f"pair_id {pair_id!r} has several {column} values {sorted(map(str, values))}: two different "
+            "pairs share one id (give each pair its own id)"
         )
-        out.append(
-            dict(
-                family="__mean__",
-                pair_id="__mean__",
-                boundary=-1,
+    return values.pop()
+
+
+def _pair_rows(
+    cells: pa.Table,
+    n_resamples: int,
+    seed: int,
+    position_min: Sequence[int],
+    by_category: bool,
+    n_permutations: int,
+) -> list[dict]:
+    """One pair's rows: per boundary x readout x subset x statistic, bootstrap CI; p-values on interaction."""
+    pair_id = cells.column("pair_id")[0].as_py()
+    meta = {c: _only(cells, c, pair_id) for c in ("family", "pair_label", "n_layers", "headline_boundary")}
+    n_layers, headline = int(meta["n_layers"]), int(meta["headline_boundary"])
+    boundaries = sorted(set(cells.column("boundary").to_pylist()))
+    if headline not in boundaries:
+        raise ValueError(f"pair {pair_id!r}: its headline boundary {headline} has no cells")
+    rows: list[dict] = []
+    for readout in sorted(set(cells.column("readout").to_pylist())):
+        by_b = [_where(_where(cells, "readout", readout), "boundary", b) for b in boundaries]
+        prompts = by_b[0].column("prompt_id").to_pylist()
+        if len(set(prompts)) != len(prompts):
+            raise ValueError(f"pair {pair_id!r}: a prompt appears twice at one boundary (cells given twice?)")
+        aligned = []  # per boundary: the table sorted by prompt id
+        for b, t in zip(boundaries, by_b, strict=True):
+            if sorted(t.column("prompt_id").to_pylist()) != sorted(prompts):
+                raise ValueError(f"pair {pair_id!r}: boundary {b} does not score the same prompts")
+            aligned.append(t.take(np.argsort(np.asarray(t.column("prompt_id").to_pylist(), dtype=object))))
+        data = np.stack(
+            [np.column_stack([t.column(s).to_numpy() for s in STATISTICS]) for t in aligned]
+        )  # [B, n, stats]
+        for subset, keep in _subsets(aligned[0], position_min, by_category):
+            x = data[:, keep]  # [B, n_subset, stats]
+            n = x.shape[1]
+            if n == 0:
+                continue
+            inter = x[:, :, STATISTICS.index("interaction")].T  # [n_subset, B]
+            p, p_max = sign_flip_test(inter, n_permutations, seed)
+            p_adj = holm(p)
+            for bi, b in enumerate(boundaries):
+                means = bootstrap_means(x[bi], n_resamples, seed)  # [R, stats]
+                lo, hi = np.quantile(means, [0.025, 0.975], axis=0)
+                for j, stat in enumerate(STATISTICS):
+                    is_inter = stat == "interaction"
+                    rows.append(
+                        dict(
+                            level="pair",
+                            family=meta["family"],
+                            pair_id=pair_id,
+                            pair_label=meta["pair_label"],
+                            boundary=b,
+                            n_layers=n_layers,
+                            depth=b / n_layers,
+                            headline=b == headline,
+                            readout=readout,
+                            subset=subset,
+                            statistic=stat,
+                            estimate=float(x[bi, :, j].mean()),
+                            ci_low=float(lo[j]),
+                            ci_high=float(hi[j]),
+                            n=n,
+                            n_pairs=1,
+                            p_value=float(p[bi]) if is_inter else None,
+                            p_adjusted=float(p_adj[bi]) if is_inter else None,
+                            p_sweep=float(p_max) if is_inter and len(boundaries) > 1 else None,
+                            n_permutations=n_permutations if is_inter else None,
+                        )
+                    )
+    return rows
+
+
+def _common(values: list) -> object:
+    """The one value all rows share, else None."""
+    return values[0] if len(set(values)) == 1 else None
+
+
+def _combine(group: list[dict], **fields: object) -> dict:
+    """Unweighted mean of `group`'s estimates with the normal-approximation CI of their CIs."""
+    center, lo, hi = family_balanced([(r["estimate"], r["ci_low"], r["ci_high"]) for r in group])
+    return dict(
+        pair_id=None,
+        pair_label=None,
+        boundary=_common([r["boundary"] for r in group]),
+        n_layers=_common([r["n_layers"] for r in group]),
+        depth=_common([r["depth"] for r in group]),
+        estimate=center,
+        ci_low=lo,
+        ci_high=hi,
+        n=sum(r["n"] for r in group),
+        n_pairs=sum(r["n_pairs"] for r in group),
+        p_value=None,
+        p_adjusted=None,
+        p_sweep=None,
+        n_permutations=None,
+        **fields,
+    )
+
+
+def _shared_depths(pair_rows: list[dict]) -> list[Fraction]:
+    """Relative depths b/L (exact fractions) that every pair swept; empty unless some pair swept."""
+    by_pair: dict[str, set[Fraction]] = {}
+    for r in pair_rows:
+        by_pair.setdefault(r["pair_id"], set()).add(Fraction(r["boundary"], r["n_layers"]))
+    if all(len(d) < 2 for d in by_pair.values()):
+        return []
+    return sorted(set.intersection(*by_pair.values()))
+
+
+def _family_rows(pair_rows: list[dict]) -> list[dict]:
+    """Per family x readout x subset x statistic: at each pair's headline, and at each shared depth."""
+    selections: list[tuple[bool, Fraction | None]] = [(True, None)]
+    selections += [(False, d) for d in _shared_depths(pair_rows)]
+    out = []
+    for headline, depth in selections:
+        groups: dict[tuple, list[dict]] = {}
+        for r in pair_rows:
+            hit = r["headline"] if headline else Fraction(r["boundary"], r["n_layers"]) == depth
+            if hit:
+                groups.setdefault((r["family"], r["readout"], r["subset"], r["statistic"]), []).append(r)
+        for (family, readout, subset, stat), group in groups.items():
+            row = _combine(
+                group,
+                level="family",
+                family=family,
+                headline=headline,
                 readout=readout,
                 subset=subset,
                 statistic=stat,
-                estimate=center,
-                ci_low=lo,
-                ci_high=hi,
-                n=sum(r["n"] for r in per_family.values()),
-                p_value=None,
             )
+            if depth is not None:
+                row["depth"] = float(depth)
+            out.append(row)
+    return out
+
+
+def _balanced_rows(family_rows: list[dict], pair_rows: list[dict]) -> list[dict]:
+    """Unweighted mean over families, for keys every family has; only with two or more families."""
+    families = {r["family"] for r in pair_rows}
+    if len(families) < 2:
+        return []
+    groups: dict[tuple, list[dict]] = {}
+    for r in family_rows:
+        key = (
+            r["headline"],
+            r["depth"] if not r["headline"] else None,
+            r["readout"],
+            r["subset"],
+            r["statistic"],
         )
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (headline, depth, readout, subset, stat), group in groups.items():
+        if {r["family"] for r in group} != families:
+            continue
+        row = _combine(
+            group,
+            level="balanced",
+            family=None,
+            headline=headline,
+            readout=readout,
+            subset=subset,
+            statistic=stat,
+        )
+        if depth is not None:
+            row["depth"] = depth
+        out.append(row)
     return out

@@ -37,7 +37,16 @@ def _root() -> None:
 
 def _register_commands() -> None:
     """Import the command modules; each adds its commands to `cli`."""
-    from crosspatch.app.cli import admin_cmd, client_cmd, demo_cmd, dict_cmd, mediate_cmd, run_cmd, serve_cmd  # noqa: F401
+    from crosspatch.app.cli import (  # noqa: F401
+        admin_cmd,
+        client_cmd,
+        demo_cmd,
+        dict_cmd,
+        mediate_cmd,
+        run_cmd,
+        serve_cmd,
+        summarize_cmd,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

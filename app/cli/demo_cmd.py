@@ -4,7 +4,7 @@ It starts the embedded service (SQLite job store, DuckDB results, one local work
 127.0.0.1 port, creates a local admin key, allow-lists the bundled trained organism pairs (one per family),
 submits one `pipeline` job over HTTP (divergence -> 2x2 cross-patch -> dictionary on IT's final MLP ->
 feature mediation), follows its progress, and prints the per-family table with 95% CIs, the family-balanced
-mean, and the top mediating features. `--library` runs the 2x2 part in this process instead (no server).
+mean (each pair at its headline boundary), and the top mediating features. `--library` runs the 2x2 part in this process instead (no server).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str])
     typer.echo(
         "\nFirst-divergence 2x2 cross-patch, Y = logit(t_IT) - logit(t_PT) (95% bootstrap CIs over prompts)"
     )
-    typer.echo(format_summary(summaries.cast(SUMMARY_SCHEMA)))
+    typer.echo(format_summary(summaries.select(SUMMARY_SCHEMA.names).cast(SUMMARY_SCHEMA)))
     effects = pq.read_table(
         client.results_parquet(job_id, "feature_effects", out_dir / "feature_effects.parquet")
     )

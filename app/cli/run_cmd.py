@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
@@ -62,17 +61,21 @@ def run(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (accelerate device map).")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     events_out: Annotated[Path | None, typer.Option(help="Also write the events table (Parquet).")] = None,
+    summary_out: Annotated[
+        Path | None, typer.Option(help="Also write the summary table (Parquet), as `crosspatch summarize`.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 23,
     chat_template: Annotated[
         bool, typer.Option(help="Wrap prompts in IT's chat template (IT-only studies; the method uses raw).")
     ] = False,
 ) -> None:
     """Find first divergences, run the 2x2 cross-patch, print the per-family table with 95% CIs."""
+    from crosspatch.app.cli.summarize_cmd import print_summary, write_summary
     from crosspatch.engine.crosspatch import iter_crosspatch
     from crosspatch.engine.divergence import find_divergences
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
-    from crosspatch.engine.report import format_event_counts, format_summary, format_sweep
+    from crosspatch.engine.report import format_event_counts
     from crosspatch.engine.results import CELLS_SCHEMA, events_table
     from crosspatch.engine.stats import summarize
 
@@ -101,9 +104,8 @@ def run(
         pq.write_table(events_table(events, pair.family, pair.pair_id), events_out)
     summary = summarize(cells, seed=seed, position_min=(3, 5))
     typer.echo("")
-    if len(bounds) > 1:
-        typer.echo(format_sweep(summary))
-        typer.echo("")
-        summary = summary.filter(pc.equal(summary["boundary"], pair.default_boundary))
-    typer.echo(format_summary(summary))
+    print_summary(summary)
+    if summary_out:
+        write_summary(summary, summary_out)
+        typer.echo(f"\nwrote {summary.num_rows} summary rows to {summary_out}")
     typer.echo(f"\nwrote {cells.num_rows} cell rows to {out} in {time.perf_counter() - t0:.1f}s")

@@ -161,13 +161,25 @@ class PipelineSpec(_PromptsSpec):
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
     chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")
-    boundary: int | None = Field(default=None, ge=0, description="Default: each pair's own round(0.6 L).")
+    boundary: int | list[int] | Literal["sweep"] | None = Field(
+        default=None,
+        description="2x2 boundary, list or sweep (default: each pair's round(0.6 L)); mediation runs at "
+        "each pair's headline boundary (the default for a sweep).",
+    )
     readouts: list[Readout] = Field(default_factory=lambda: ["it"], min_length=1, max_length=3)
     n_resamples: int = Field(default=2000, ge=10, le=100_000)
     seed: int = Field(default=23, ge=0)
     dictionary: DictionaryOptions = Field(default_factory=DictionaryOptions)
     mediation: MediationOptions = Field(default_factory=MediationOptions)
     figures: bool = Field(default=True, description="Write PNG figures with the results.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> PipelineSpec:
+        if isinstance(self.boundary, list) and not 1 <= len(self.boundary) <= 256:
+            raise ValueError("a boundary list needs 1..256 entries")
+        if isinstance(self.boundary, int) and self.boundary < 0:
+            raise ValueError("boundary must be >= 0")
+        return self
 
 
 JobSpec = Annotated[

@@ -84,10 +84,15 @@ def _families(rows: Sequence[dict[str, Any]]) -> list[str]:
     return names + ([MEAN_FAMILY] if any(r["family"] == MEAN_FAMILY for r in rows) else [])
 
 
-def _default_boundary(boundaries: Sequence[int]) -> int:
-    """Of several boundaries, the one nearest 0.6 x the deepest (the pairs' default boundary)."""
-    deepest = max(boundaries)
-    return min(boundaries, key=lambda b: (abs(b - 0.6 * deepest), b))
+def _family_view(rows: Sequence[dict[str, Any]], boundary: int | None) -> list[dict[str, Any]]:
+    """Rows to draw one panel each: family rows at the headline boundaries plus the family-balanced row
+    (as MEAN_FAMILY); with `boundary`, each pair's rows at that boundary instead (labelled by pair id)."""
+    if boundary is not None:
+        return [
+            {**r, "family": r["pair_id"]} for r in rows if r["level"] == "pair" and r["boundary"] == boundary
+        ]
+    out = [r for r in rows if r["level"] == "family" and r["headline"]]
+    return out + [{**r, "family": MEAN_FAMILY} for r in rows if r["level"] == "balanced" and r["headline"]]
 
 
 def plot_family_2x2(
@@ -95,20 +100,21 @@ def plot_family_2x2(
 ) -> Path | None:
     """Per family, bars of the four cells and the three effects (mean over events, 95% CI).
 
-    With several boundaries (a sweep) each family shows `boundary`, or the one nearest 0.6 x its deepest.
+    Each family shows the mean of its pairs at their headline boundaries (or, with `boundary`, each pair
+    at that boundary); the family-balanced mean comes last.
     """
-    rows = _rows(summaries, readout=readout, subset=subset)
+    rows = _family_view(_rows(summaries, readout=readout, subset=subset), boundary)
     families = _families(rows)
     if not families:
         return None
     fig = _new_figure(10, 2.6 * len(families) + 0.6)
     axes = fig.subplots(len(families), 2, squeeze=False, width_ratios=[4, 3])
     for (ax_cells, ax_effects), family in zip(axes, families, strict=True):
-        mine = [r for r in rows if r["family"] == family]
-        b = boundary if boundary is not None else _default_boundary(sorted({r["boundary"] for r in mine}))
-        by_stat = {r["statistic"]: r for r in mine if r["boundary"] == b or family == MEAN_FAMILY}
+        by_stat = {r["statistic"]: r for r in rows if r["family"] == family}
         n = max((r["n"] or 0 for r in by_stat.values()), default=0)
-        label = "cross-family mean" if family == MEAN_FAMILY else f"{family} (boundary {b})"
+        b = next(iter(by_stat.values()))["boundary"]
+        where = "headline boundary" if b is None else f"boundary {b}"
+        label = "family-balanced mean" if family == MEAN_FAMILY else f"{family} ({where})"
         for ax, names, labels, color in (
             (ax_cells, CELL_COLUMNS, CELL_LABELS, ["#9aa5b1", "#5c7fa3", "#d9a05b", "#b5523b"]),
             (ax_effects, EFFECT_COLUMNS, EFFECT_LABELS, ["#5c7fa3", "#b5523b", "#2f2f2f"]),
@@ -142,12 +148,12 @@ def plot_interaction_by_boundary(
     subset: str = "all",
     statistic: str = "interaction",
 ) -> Path | None:
-    """Per family, `statistic` (the interaction by default) over boundaries with its 95% CI band.
+    """Per pair, `statistic` (the interaction by default) over boundaries with its 95% CI band.
 
-    Drawn only when some family has results at two or more boundaries.
+    One line per pair; drawn only when some pair has results at two or more boundaries.
     """
-    rows = [r for r in _rows(summaries, readout=readout, subset=subset, statistic=statistic)]
-    rows = [r for r in rows if r["family"] != MEAN_FAMILY]
+    rows = _rows(summaries, readout=readout, subset=subset, statistic=statistic, level="pair")
+    rows = [{**r, "family": r["pair_id"]} for r in rows]  # one line per pair
     families = _families(rows)
     if not any(len({r["boundary"] for r in rows if r["family"] == f}) >= 2 for f in families):
         return None

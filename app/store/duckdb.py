@@ -28,6 +28,7 @@ from crosspatch.app.store.result_tables import (
     TOUCHED_BY_JOB,
     conform,
     ddl,
+    upgrade_columns,
 )
 from crosspatch.engine.errors import CrosspatchError
 
@@ -54,6 +55,9 @@ class ResultsStore:
         with self._lock:
             for table in TABLES:
                 self._con.execute(ddl(table))
+                existing = [r[0] for r in self._con.execute(f"DESCRIBE {table}").fetchall()]
+                for stmt in upgrade_columns(table, existing):  # a file from an older crosspatch
+                    self._con.execute(stmt)
             self._con.execute(FEATURE_SCORES_DDL)
 
     def close(self) -> None:
@@ -167,7 +171,7 @@ class ResultsStore:
         order = {
             "events": "prompt_id",
             "cells": "prompt_id, boundary, readout",
-            "summaries": "family, boundary, readout, subset, statistic",
+            "summaries": "level, family, pair_id, headline DESC, boundary, depth, readout, subset, statistic",
             "feature_acts": "prompt_id, dictionary_id, latent",
             "feature_effects": "family, dictionary_id, intervention, latent",
         }

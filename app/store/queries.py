@@ -108,7 +108,9 @@ def compare_families(cur: duckdb.DuckDBPyConnection, readout: str = "it", subset
             SELECT family, arg_max(estimate, job_id) AS interaction, arg_max(ci_low, job_id) AS ci_low,
                    arg_max(ci_high, job_id) AS ci_high, arg_max(n, job_id) AS n
             FROM summaries
-            WHERE statistic = 'interaction' AND readout = ? AND subset = ? AND family <> '__mean__'
+            WHERE statistic = 'interaction' AND readout = ? AND subset = ?
+              -- family rows at the headline boundaries (rows ingested before levels existed: level 'pair')
+              AND ((level = 'family' AND headline) OR (level = 'pair' AND headline IS NULL))
             GROUP BY family
         ), shares AS (
             SELECT family, k, avg(effect) AS topk_share

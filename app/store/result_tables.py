@@ -5,7 +5,8 @@ schemas (`engine.results`) define every part table; this module adds `job_id`, p
 
     events           one row per prompt: divergence position, tokens, texts (engine.results.EVENTS_SCHEMA)
     cells            one row per event x boundary x readout: the 2x2 and its effects (CELLS_SCHEMA)
-    summaries        one row per family x boundary x readout x subset x statistic: estimate, CI, n, p
+    summaries        one row per level (pair/family/balanced) x pair-or-family x boundary-or-depth x readout
+                     x subset x statistic: estimate, CI, n, p, Holm p, sweep-wide p (engine.stats.summarize)
     feature_acts     one row per event x dictionary x latent: activation under PT-up / IT-up, attribution
     feature_effects  one row per family x dictionary x latent-or-set x intervention x k: effect with CI
     provenance       one row per job: kind, spec, models' revisions, tokenizer hash, versions, device
@@ -63,6 +64,29 @@ def ddl(table: str) -> str:
     """CREATE TABLE IF NOT EXISTS for `table` (job_id first)."""
     cols = ", ".join(f"{f.name} {duck_type(f.type)}" for f in TABLES[table])
     return f"CREATE TABLE IF NOT EXISTS {table} (job_id VARCHAR NOT NULL, {cols})"
+
+
+# Rows ingested before a column existed: what the new columns mean for them (after ADD COLUMN).
+_BACKFILL = {
+    "summaries": [
+        "UPDATE summaries SET level = CASE WHEN family = '__mean__' THEN 'balanced' ELSE 'pair' END "
+        "WHERE level IS NULL",
+        "UPDATE summaries SET family = NULL, pair_id = NULL WHERE level = 'balanced' AND family = '__mean__'",
+    ],
+}
+
+
+def upgrade_columns(table: str, existing: list[str]) -> list[str]:
+    """Statements that bring a results file written by an older crosspatch up to `table`'s schema.
+
+    Missing columns are added (NULL on old rows, which stay queryable); old summaries rows get their
+    `level` ('__mean__' rows become 'balanced'); their `headline` stays NULL (unknown).
+    """
+    missing = [f for f in TABLES[table] if f.name not in existing]
+    if not missing:
+        return []
+    stmts = [f"ALTER TABLE {table} ADD COLUMN {f.name} {duck_type(f.type)}" for f in missing]
+    return stmts + _BACKFILL.get(table, [])
 
 
 def conform(table: str, data: pa.Table) -> pa.Table:

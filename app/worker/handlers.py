@@ -178,7 +178,11 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
     _provenance(ctx, pair, spec)
     boundaries = pair.resolve_boundaries(spec.boundary)
     ctx.provenance.update(
-        boundaries=boundaries, readouts=spec.readouts, seed=spec.seed, n_resamples=spec.n_resamples
+        boundaries=boundaries,
+        headline_boundary=pair.headline_boundary(spec.boundary),
+        readouts=spec.readouts,
+        seed=spec.seed,
+        n_resamples=spec.n_resamples,
     )
     prompts = load_prompt_records(spec)
     _crosspatch_chunks(pair, prompts, spec, ctx, boundaries)
@@ -340,10 +344,12 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
         tag = f"{_part_tag(pair_id)}."
         pair = ctx.load_pair(pair_id)
         boundaries = pair.resolve_boundaries(spec.boundary)
+        headline = pair.headline_boundary(spec.boundary)  # mediation runs here, never at boundaries[0]
         ctx.provenance["pairs"][pair_id] = {
             "family": pair.family,
             "models": pair.provenance(),
             "boundaries": boundaries,
+            "headline_boundary": headline,
         }
         _crosspatch_chunks(pair, prompts, spec, ctx, boundaries, tag, (lo, lo + 0.4 * span))
         ctx.check_cancel()
@@ -355,7 +361,7 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
         events_tbl = ctx.read_parts("events", prefix=tag)
         events = events_from_table(events_tbl) if events_tbl is not None else []
         ctx.progress(lo + 0.7 * span, f"{pair_id}: mediation")
-        _mediate_pair(pair, events, dictionary, spec.mediation, boundaries[0], spec.batch_size, ctx, tag)
+        _mediate_pair(pair, events, dictionary, spec.mediation, headline, spec.batch_size, ctx, tag)
         ctx.progress(lo + span, f"{pair_id}: done")
     _summaries(ctx, spec)
     ctx.progress(1.0, "pipeline: done")

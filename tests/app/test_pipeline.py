@@ -60,6 +60,7 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         "prompts": prompts,
         "max_new_tokens": 16,
         "n_resamples": 200,
+        "boundary": "sweep",  # mediation must run at the headline boundary, not at boundaries[0] = 1
         # the final MLP writes through 4 planted neurons, at most one per token (about half the tokens):
         # a width-16 batch-top-k SAE at the organism's true L0 (k = 0.5), as in tests/saes
         "dictionary": {
@@ -91,6 +92,7 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         dicts = c.get("/dictionaries").json()["data"]
         curve = c.get("/features/curve", params={"family": "llama"}).json()["data"]
         families = c.get("/features/families").json()["data"]
+        prov = c.get(f"/jobs/{job_id}/provenance").json()["provenance"]
 
     # the service's cells equal the library's for the same inputs (one chunk, same batch size)
     from crosspatch.engine.crosspatch import crosspatch
@@ -101,18 +103,27 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
     events = find_divergences(
         pair, load_prompts(env["org"] / "prompts.jsonl"), max_new_tokens=16, batch_size=16
     )
+    headline = round(0.6 * pair.n_layers)
     library = {r["prompt_id"]: r for r in crosspatch(pair, events, batch_size=16).to_pylist()}
+    assert {r["boundary"] for r in cells} == set(range(1, pair.n_layers))
+    assert {r["headline_boundary"] for r in cells} == {headline}
+    cells = [r for r in cells if r["boundary"] == headline]
     assert {r["prompt_id"] for r in cells} == set(library)
     for row in cells:
         for col in ("y_ptup_ptlate", "y_ptup_itlate", "y_itup_ptlate", "y_itup_itlate", "interaction"):
             assert row[col] == pytest.approx(library[row["prompt_id"]][col], abs=1e-9), (col, row)
 
+    # the sweep's mediation ran at the pair's headline boundary round(0.6 L), not at the first swept one
+    assert prov["pairs"][ORGANISM]["headline_boundary"] == headline
+    assert prov["mediation_splits"][ORGANISM]["config"]["boundary"] == headline
+
     expected = load_expected(ORGANISM)
     inter = next(
         r
         for r in summaries
-        if r["statistic"] == "interaction" and r["subset"] == "all" and r["family"] == "llama"
+        if r["statistic"] == "interaction" and r["subset"] == "all" and r["level"] == "pair" and r["headline"]
     )
+    assert inter["boundary"] == headline and inter["pair_id"] == ORGANISM
     lo, hi = expected["cells"]["interaction"]["lo"], expected["cells"]["interaction"]["hi"]
     assert lo <= inter["estimate"] <= hi and inter["ci_low"] > 0
 

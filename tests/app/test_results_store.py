@@ -72,3 +72,47 @@ def test_a_failed_ingest_leaves_no_rows(tmp_path: Path) -> None:
     assert all(v == 0 for v in store.counts("j").values())
     assert store.query("top_features", limit=10).num_rows == 0
     store.close()
+
+
+def test_a_results_file_with_the_old_summaries_table_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A DuckDB file written before summary levels existed opens, keeps its rows, and takes new ones."""
+    import duckdb
+
+    from crosspatch.engine.stats import summarize
+    from tests.engine.test_stats import _cells
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE summaries (job_id VARCHAR NOT NULL, family VARCHAR, pair_id VARCHAR, boundary INTEGER, "
+        "readout VARCHAR, subset VARCHAR, statistic VARCHAR, estimate DOUBLE, ci_low DOUBLE, ci_high DOUBLE, "
+        "n BIGINT, p_value DOUBLE)"
+    )
+    con.execute(
+        "INSERT INTO summaries VALUES ('old', 'llama', 'p', 3, 'it', 'all', 'interaction', 1.5, 1.0, 2.0, 9, 0.01),"
+        " ('old', '__mean__', '__mean__', -1, 'it', 'all', 'interaction', 1.2, 0.9, 1.5, 18, NULL)"
+    )
+    con.close()
+
+    store = ResultsStore(path)
+    assert [(r["family"], r["interaction"]) for r in store.query("compare_families").to_pylist()] == [
+        ("llama", 1.5)
+    ]
+    old = store.job_table("summaries", "old", limit=10).to_pylist()
+    assert [(r["level"], r["family"], r["pair_id"], r["estimate"]) for r in old] == [
+        ("balanced", None, None, 1.2),
+        ("pair", "llama", "p", 1.5),
+    ]
+    part = tmp_path / "summaries.parquet"
+    new = summarize(
+        pa.concat_tables(
+            [_cells("llama", [1.0, 2.0, 3.0], [0, 1, 2]), _cells("qwen3", [2.0, 2.0, 2.0], [0, 0, 0])]
+        ),
+        n_resamples=100,
+        n_permutations=99,
+    )
+    pq.write_table(new, part)
+    assert store.ingest("p-new", [("summaries", str(part))], PROV)["summaries"] == new.num_rows
+    fam = store.query("compare_families").to_pylist()
+    assert {(r["family"], r["interaction"]) for r in fam} == {("llama", 2.0), ("qwen3", 2.0)}  # latest job
+    store.close()

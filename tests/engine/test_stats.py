@@ -7,8 +7,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from crosspatch.engine.report import format_summary
 from crosspatch.engine.results import CELLS_SCHEMA
-from crosspatch.engine.stats import Z95, bootstrap_ci, family_balanced, sign_flip_pvalue, summarize
+from crosspatch.engine.stats import (
+    Z95,
+    bootstrap_ci,
+    family_balanced,
+    format_p,
+    holm,
+    sign_flip_pvalue,
+    summarize,
+)
 
 
 def test_bootstrap_ci_covers_the_mean_at_the_nominal_rate():
@@ -53,20 +62,23 @@ def test_family_balanced_by_hand():
     assert lo == pytest.approx(1.5 - half) and hi == pytest.approx(1.5 + half)
 
 
-def _cells(family, interaction, positions):
+def _cells(family, interaction, positions, pair_id=None, boundary=3, n_layers=5, headline=3):
     n = len(interaction)
     zeros = [0.0] * n
     return pa.table(
         {
             "family": [family] * n,
-            "pair_id": [f"{family}-p"] * n,
+            "pair_id": [pair_id or f"{family}-p"] * n,
             "prompt_id": [f"q{i}" for i in range(n)],
             "category": ["A" if i % 2 else "B" for i in range(n)],
             "position": positions,
             "t_pt": [1] * n,
             "t_it": [2] * n,
-            "boundary": [3] * n,
+            "boundary": [boundary] * n,
             "readout": ["it"] * n,
+            "pair_label": [pair_id or f"{family}-p"] * n,
+            "n_layers": [n_layers] * n,
+            "headline_boundary": [headline] * n,
             "y_ptup_ptlate": zeros,
             "y_ptup_itlate": zeros,
             "y_itup_ptlate": zeros,
@@ -84,10 +96,78 @@ def test_summarize_families_subsets_and_balanced_mean():
     b = _cells("qwen3", [3.0, 3.0, 3.0, 3.0], [0, 0, 0, 4])
     s = summarize(pa.concat_tables([a, b]), position_min=(3,), by_category=True, n_permutations=500)
     inter = s.filter(pc.equal(s["statistic"], "interaction")).to_pylist()
-    get = {(r["family"], r["subset"]): r for r in inter}
+    get = {(r["family"], r["subset"]): r for r in inter if r["level"] == "pair"}
+    get |= {("__mean__", r["subset"]): r for r in inter if r["level"] == "balanced"}
     assert get[("llama", "all")]["estimate"] == 2.5 and get[("llama", "all")]["n"] == 4
     assert get[("llama", "position>=3")]["estimate"] == 3.5
     assert get[("llama", "category=A")]["estimate"] == 3.0  # rows 1, 3
     assert get[("qwen3", "all")]["ci_low"] == get[("qwen3", "all")]["ci_high"] == 3.0
     assert get[("__mean__", "all")]["estimate"] == 2.75
     assert 0 < get[("llama", "all")]["p_value"] <= 0.1
+
+
+def _sweep(values: np.ndarray, family="llama", pair_id=None, n_layers=5, headline=3) -> pa.Table:
+    """Cells of one pair at boundaries 1..B from `[n, B]` interactions."""
+    return pa.concat_tables(
+        _cells(family, values[:, j], [0] * len(values), pair_id, j + 1, n_layers, headline)
+        for j in range(values.shape[1])
+    )
+
+
+def test_holm_and_sweep_wide_p_by_hand():
+    rng = np.random.default_rng(7)
+    n, n_perm = 16, 999
+    x = np.column_stack([rng.normal(m, 1.0, n) for m in (0.5, 0.6, 1.0, -0.2)])  # [n, 4 boundaries]
+    s = summarize(_sweep(x), n_resamples=200, n_permutations=n_perm)
+    rows = sorted(
+        (r for r in s.to_pylist() if r["level"] == "pair" and r["statistic"] == "interaction"),
+        key=lambda r: r["boundary"],
+    )
+    x = x[np.argsort([f"q{i}" for i in range(n)])]  # flips go to prompts in prompt-id order
+    signs = np.random.default_rng(23).integers(0, 2, size=(n_perm, n)) * 2 - 1
+    null = np.array([[np.mean(sg * x[:, j]) for j in range(4)] for sg in signs])
+    obs = x.mean(axis=0)
+    p = (1 + (null >= obs - 1e-12).sum(axis=0)) / (n_perm + 1)
+    p_max = (1 + (null.max(axis=1) >= obs.max() - 1e-12).sum()) / (n_perm + 1)
+    # Holm by hand: sort ascending, multiply by (m, m-1, ...), running max, cap at 1
+    order = np.argsort(p)
+    holm_sorted = np.maximum.accumulate(np.minimum(1, p[order] * np.array([4, 3, 2, 1])))
+    want = np.empty(4)
+    want[order] = holm_sorted
+    assert [r["p_value"] for r in rows] == pytest.approx(p, abs=1e-15)
+    assert [r["p_adjusted"] for r in rows] == pytest.approx(want, abs=1e-15)
+    assert all(r["p_sweep"] == pytest.approx(p_max, abs=1e-15) for r in rows)
+    assert p[2] == 1 / (n_perm + 1) and want[2] == 4 / (n_perm + 1)  # the strong boundary sits at the floor
+    assert 0 < min(want[0], want[1]) < 1 and want[3] == 1.0 and p_max == 1 / (n_perm + 1)
+    assert [r["headline"] for r in rows] == [False, False, True, False]
+
+
+def test_holm_small_cases():
+    assert holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5]).tolist() == [0.5]
+    assert holm([0.4, 0.3]).tolist() == pytest.approx([0.6, 0.6])
+
+
+def test_the_floor_prints_with_le():
+    assert format_p(1 / 20001, 20000) == "≤ 5e-05"
+    assert format_p(2 / 20001, 20000) == "0.0001"
+    assert format_p(None, 20000) == ""
+    s = summarize(
+        _cells("llama", [float(v) for v in range(1, 21)], [0] * 20),
+        n_permutations=999,
+    )
+    (p,) = [r["p_value"] for r in s.to_pylist() if r["level"] == "pair" and r["statistic"] == "interaction"]
+    assert p == 1 / 1000
+    assert "≤ 0.001" in format_summary(s)
+
+
+def test_two_pairs_of_one_family_both_count():
+    a = _cells("llama", [1.0, 1.0, 3.0, 3.0], [0] * 4, pair_id="a")  # mean 2
+    b = _cells("llama", [5.0, 7.0, 5.0, 7.0], [0] * 4, pair_id="b")  # mean 6
+    c = _cells("qwen3", [0.0, 0.0, 0.0, 0.0], [0] * 4, pair_id="c")
+    s = summarize(pa.concat_tables([a, b, c]), n_resamples=300, n_permutations=99).to_pylist()
+    inter = [r for r in s if r["statistic"] == "interaction" and r["subset"] == "all"]
+    fam = {r["family"]: r for r in inter if r["level"] == "family"}
+    (bal,) = [r for r in inter if r["level"] == "balanced"]
+    assert fam["llama"]["estimate"] == 4.0 and fam["llama"]["n_pairs"] == 2 and fam["llama"]["n"] == 8
+    assert bal["estimate"] == 2.0 and bal["n_pairs"] == 3
