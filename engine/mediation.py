@@ -461,7 +461,7 @@ class MediationResult:
                 family=pair.family,
                 pair_id=pair.pair_id,
                 dictionary_id=d,
-                check=c["name"],
+                check_name=c["name"],
                 value=c["value"],
                 threshold=c["threshold"],
                 passed=c["passed"],

@@ -127,7 +127,7 @@ GATE_CHECKS_SCHEMA = pa.schema(
         ("family", pa.string()),
         ("pair_id", pa.string()),
         ("dictionary_id", pa.string()),
-        ("check", pa.string()),  # causal_drop_positive, matched_random_drop, dictionary_gate, ...
+        ("check_name", pa.string()),  # causal_drop_positive, matched_random_drop, dictionary_gate, ...
         ("value", pa.float64()),  # measured value; null when it could not be measured
         ("threshold", pa.float64()),
         ("passed", pa.bool_()),

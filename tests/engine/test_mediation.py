@@ -163,7 +163,7 @@ def test_matched_random_never_draws_a_planted_latent_and_removes_nothing():
         rows[("ablate_matched_random", "interaction_drop", 4)]["effect"]
     )
     table = res.checks_table(pair).to_pylist()
-    assert {(r["dictionary_id"], r["check"], r["passed"]) for r in table} == {
+    assert {(r["dictionary_id"], r["check_name"], r["passed"]) for r in table} == {
         ("oracle", "causal_drop_positive", True),
         ("oracle", "matched_random_drop", True),
     }
