@@ -71,7 +71,9 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
             "batch_size": 128,
             "lr": 3e-3,
         },
-        "mediation": {"top_k": 4, "ks": [4], "n_random_seeds": 2, "allow_failed_gate": False},
+        # width 16: 4 planted latents in the top set, the rest scored <= 0 or silent, so a matched control
+        # can draw from only a few latents: 2 candidates per draw
+        "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "allow_failed_gate": False},
     }
     with client(env["server"], env["keys"]["ada"]) as c:
         r = c.post("/jobs", json={"spec": spec})
@@ -174,7 +176,7 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
                     "dictionary_id": d["id"],
                     "prompts": prompts,
                     "max_new_tokens": 16,
-                    "mediation": {"top_k": 4, "ks": [4], "n_random_seeds": 1},
+                    "mediation": {"top_k": 4, "ks": [4], "neighbours": 2},
                 }
             },
         )
