@@ -63,6 +63,6 @@ def test_checks_are_printed_by_name_with_the_unavailable_reason():
     ]
     controls = {"matched_random": {"by_k": {4: {"available": False, "reason": "pool too small at k=4"}}}}
     text = format_checks(checks, controls)
-    assert "causal_drop_positive       +1  threshold 0  passed" in text
-    assert "matched_random_drop         -  threshold 0.05  FAILED: unavailable: x" in text
+    assert "  causal_drop_positive           +1  threshold 0  passed: mean top-4 drop" in text
+    assert "  matched_random_drop             -  threshold 0.05  FAILED: unavailable: x" in text
     assert "matched-random control unavailable at k=4: pool too small at k=4" in text
