@@ -1,6 +1,6 @@
 """Feature mediation: which final-layer dictionary features carry the upstream-dependent IT late effect.
 
-Method (../shared/method.md section 5), on dictionaries at IT final-MLP outputs (hook `mlp_out`):
+Method (paper §5, as docs/method.md states it), on dictionaries at IT final-MLP outputs (hook `mlp_out`):
 
 - **Splice**: replace an MLP output x by decode(encode(x)) + (x - decode(encode(x))); with no
   intervention that reproduces the clean logits (the no-op every intervention is tested against).
