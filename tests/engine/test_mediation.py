@@ -131,7 +131,7 @@ def test_matched_random_never_draws_a_planted_latent_and_removes_nothing():
     med = expected["mediators"]
     planted = torch.tensor(med["directions"], dtype=torch.float32)
     d = _oracle(planted, med["layer"], pair.it_adapter.d_model)
-    cfg = MediationConfig(top_k=4, ks=(1, 2, 3, 4), n_resamples=200, neighbours=10)
+    cfg = MediationConfig(top_k=4, ks=(1, 2, 3, 4), n_resamples=200, neighbours=10, batch_size=64)
     res = mediate(pair, events, [d], cfg)
     assert [lab["size"] for lab in res.k_labels] == [1, 2, 3, 4]
     drawn = {key: feats for key, feats in res.sets.items() if key[0] == "matched_random"}
@@ -186,7 +186,9 @@ def test_a_pool_too_small_reports_the_matched_control_unavailable():
     pair, events, expected = _organism("llama_mediated")
     med = expected["mediators"]
     d = _oracle(torch.tensor(med["directions"], dtype=torch.float32), med["layer"], pair.it_adapter.d_model)
-    res = mediate(pair, events, [d], MediationConfig(top_k=4, ks=(4,), n_resamples=200, neighbours=1000))
+    res = mediate(
+        pair, events, [d], MediationConfig(top_k=4, ks=(4,), n_resamples=200, neighbours=1000, batch_size=64)
+    )
     status = res.controls["matched_random"]["by_k"][4]
     assert (
         not status["available"] and "pool too small" in status["reason"] and "needs 1003" in status["reason"]
