@@ -146,8 +146,10 @@ class Client:
         return self.request("GET", f"/jobs/{job_id}/provenance").json()
 
     def top_features(self, family: str | None = None, limit: int = 20, **filters: Any) -> dict[str, Any]:
-        """Top mediating features; filters: dictionary_id, layer, min_events, intervention."""
+        """Top mediating features; filters: dictionary_id, layer, min_events, intervention, include_failed_gate."""
         params: dict[str, Any] = {"limit": limit, **{k: v for k, v in filters.items() if v is not None}}
+        if "include_failed_gate" in params:
+            params["include_failed_gate"] = str(bool(params["include_failed_gate"])).lower()
         if family:
             params["family"] = family
         return self.request("GET", "/features/top", params=params).json()

@@ -1,6 +1,6 @@
 """Feature mediation: which final-layer dictionary features carry the upstream-dependent IT late effect.
 
-Method (../shared/method.md section 5), on dictionaries at IT final-MLP outputs (hook `mlp_out`):
+Method (paper §5, as docs/method.md states it), on dictionaries at IT final-MLP outputs (hook `mlp_out`):
 
 - **Splice**: replace an MLP output x by decode(encode(x)) + (x - decode(encode(x))); with no
   intervention that reproduces the clean logits (the no-op every intervention is tested against).
@@ -12,9 +12,18 @@ Method (../shared/method.md section 5), on dictionaries at IT final-MLP outputs 
   drop = I_full - I_ablate per event; share = mean drop / mean I_full (ratio of means).
 - **Rescue**: in (PT up, IT late), mlp_out += alpha (a_f(II) - a_f(current)) W_dec[S]; gain = Y' - Y(PI);
   fraction = mean gain / mean (Y(II) - Y(PI)).
-- **Controls** in the same run: matched-random sets (each selected feature swapped for a random same-dictionary
-  feature among its 50 nearest by activation rate x |score|, several seeds) and same-delta random vectors
-  (a random direction with the norm of the decoded edit).
+- **Controls** in the same run (`engine.controls`): matched-random sets drawn from a pool that excludes the
+  largest top-k set and every positive-score feature (unavailable, and reported so, when the pool is too
+  small) and same-delta random vectors (an independent random direction per event with the norm of the
+  decoded edit), each with >= 5 seeds.
+- **Sets are labelled by their real size**: a requested k with fewer positive-score features becomes a set
+  of that many (`MediationResult.k_labels` maps requested to real sizes).
+- **Shares** (and rescue fractions) are null where the CI of their denominator (interaction, missing margin)
+  covers 0: a share of nothing is not a number.
+- **Per-feature held-out drops**: the first `n_single_features` features of the largest set are ablated one at
+  a time on the test split (`ablate_single` rows, with CIs), the causal evidence top-features reports.
+- The paper's "gate" statistic drop(II) - drop(PI) (§5.4) is not reported: under IT-late-only ablation it
+  equals the interaction drop on the same events, and the paper's separate event support is not specified.
 """
 
 from __future__ import annotations
@@ -30,12 +39,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from crosspatch.engine.controls import (
+    ControlStatus,
+    causal_checks,
+    control_pool,
+    matched_random,
+    matched_status,
+    random_directions,
+)
 from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.noop import check_mediation_noop
 from crosspatch.engine.pairs import ModelPair
-from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA
+from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA, GATE_CHECKS_SCHEMA
 from crosspatch.engine.stats import bootstrap_means
 
 Edit = Callable[
@@ -124,8 +141,9 @@ class MediationConfig:
     boundary: int | None = None
     ablation: Literal["zero", "pt_value"] = "zero"
     alpha: float = 1.0
-    n_random_seeds: int = 3
+    n_random_seeds: int = 5  # seeds of each control (matched-random sets, same-delta directions); >= 5
     neighbours: int = 50
+    n_single_features: int = 20  # features of the largest set ablated one at a time (held-out evidence)
     n_resamples: int = 2000
     seed: int = 23
     batch_size: int = 16
@@ -138,6 +156,10 @@ class MediationConfig:
             raise CrosspatchError("mediation needs at least one dictionary")
         if self.top_k < 1 or any(k < 1 for k in self.ks):
             raise CrosspatchError("top_k and every k must be >= 1")
+        if self.n_random_seeds < 5:
+            raise CrosspatchError(f"n_random_seeds {self.n_random_seeds} must be >= 5 (the controls' seeds)")
+        if self.neighbours < 1 or self.n_single_features < 0:
+            raise CrosspatchError("neighbours must be >= 1 and n_single_features >= 0")
         if not 0.0 < self.fit_fraction < 1.0:
             raise CrosspatchError(f"fit_fraction {self.fit_fraction} must lie in (0, 1)")
         if self.ablation not in ("zero", "pt_value"):
@@ -352,26 +374,6 @@ def rank_features(
     return FeatureRanking(keys=keys, score=total / n, active_rate=active / n, n_events=n, acts=tables)
 
 
-def matched_random(ranking: FeatureRanking, selected: Sequence[int], seed: int, neighbours: int) -> list[int]:
-    """For each selected feature, a random unselected same-dictionary feature among its nearest by rate x |score|."""
-    rng = random.Random(seed)
-    key = ranking.active_rate * np.abs(ranking.score)
-    taken = set(selected)
-    out = []
-    for f in selected:
-        dict_id = ranking.keys[f][0]
-        pool = [i for i, (d, _) in enumerate(ranking.keys) if d == dict_id and i not in taken]
-        if not pool:
-            raise CrosspatchError(
-                f"dictionary {dict_id!r} has no unselected latents left for a matched control"
-            )
-        pool.sort(key=lambda i: abs(key[i] - key[f]))
-        choice = rng.choice(pool[:neighbours])
-        taken.add(choice)
-        out.append(choice)
-    return out
-
-
 def _by_layer(
     features: Sequence[int], ranking: FeatureRanking, dictionaries: Sequence[FeatureDictionary]
 ) -> dict[int, list[tuple[FeatureDictionary, torch.Tensor]]]:
@@ -387,10 +389,11 @@ def _by_layer(
     return out
 
 
-def _ablate_edit(
-    groups, target: dict[int, dict[str, torch.Tensor]] | None, same_delta_seed: int | None
-) -> Edit:
-    """mlp_out -= sum_S (a_f - target_f) W_dec[f] (target 0 = "zero"); or a random vector of that norm."""
+Directions = dict[int, torch.Tensor] | None  # per layer `[batch, d_model]` unit vectors (same-delta control)
+
+
+def _ablate_edit(groups, target: dict[int, dict[str, torch.Tensor]] | None, directions: Directions) -> Edit:
+    """mlp_out -= sum_S (a_f - target_f) W_dec[f] (target 0 = "zero"); or a random direction of that norm."""
 
     def edit(x: torch.Tensor, x_in: torch.Tensor, layer: int) -> torch.Tensor:
         delta = torch.zeros_like(x)
@@ -399,35 +402,28 @@ def _ablate_edit(
             if target is not None:
                 a = a - target[layer][d.id][:, idx].to(a)
             delta = delta + (a @ d.W_dec[idx]).to(x)  # [batch, d_model]
-        if same_delta_seed is not None:
-            delta = _same_norm_random(delta, same_delta_seed + layer)
+        if directions is not None:
+            delta = directions[layer].to(x) * delta.norm(dim=-1, keepdim=True)  # [batch, d_model]
         return x - delta
 
     return edit
 
 
 def _rescue_edit(
-    groups, target: dict[int, dict[str, torch.Tensor]], alpha: float, same_delta_seed: int | None
+    groups, target: dict[int, dict[str, torch.Tensor]], alpha: float, directions: Directions
 ) -> Edit:
-    """mlp_out += alpha (a_f(II) - a_f(current)) W_dec[S]; or a random vector of that norm."""
+    """mlp_out += alpha (a_f(II) - a_f(current)) W_dec[S]; or a random direction of that norm."""
 
     def edit(x: torch.Tensor, x_in: torch.Tensor, layer: int) -> torch.Tensor:
         delta = torch.zeros_like(x)
         for d, idx in groups.get(layer, []):
             a = d.encode(_source(d, x, x_in).to(d.W_dec))[:, idx]
             delta = delta + ((target[layer][d.id][:, idx].to(a) - a) @ d.W_dec[idx]).to(x)
-        if same_delta_seed is not None:
-            delta = _same_norm_random(delta, same_delta_seed + layer)
+        if directions is not None:
+            delta = directions[layer].to(x) * delta.norm(dim=-1, keepdim=True)  # [batch, d_model]
         return x + alpha * delta
 
     return edit
-
-
-def _same_norm_random(delta: torch.Tensor, seed: int) -> torch.Tensor:
-    """Random directions with the same per-row norm as `delta` (`[batch, d_model]`)."""
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(delta.shape, generator=g).to(delta)
-    return r / r.norm(dim=-1, keepdim=True) * delta.norm(dim=-1, keepdim=True)
 
 
 def _dict_acts(
@@ -441,7 +437,7 @@ def _dict_acts(
 
 @dataclass
 class MediationResult:
-    """Everything one mediation run produces: tables for DuckDB and the config/split it used."""
+    """Everything one mediation run produces: tables for DuckDB, the config/split it used, controls and checks."""
 
     effects: pa.Table  # FEATURE_EFFECTS_SCHEMA
     feature_acts: pa.Table  # FEATURE_ACTS_SCHEMA
@@ -450,6 +446,55 @@ class MediationResult:
     fit_ids: list[str]
     test_ids: list[str]
     noop: dict | None = None  # runtime no-op check on the first batch (engine.noop), incl. the splice
+    k_labels: list[dict] = field(default_factory=list)  # {"requested": k, "size": real set size}
+    sets: dict[tuple[str, int, int], list[tuple[str, int]]] = field(
+        default_factory=dict
+    )  # (kind, size, seed) -> (dictionary id, latent) of every tested set, controls included
+    controls: dict[str, Any] = field(default_factory=dict)  # per control: seeds, status per size, pool
+    checks: list[dict] = field(
+        default_factory=list
+    )  # causal gate checks {name, value, threshold, passed, k, detail}
+
+    def checks_table(self, pair: ModelPair) -> pa.Table:
+        """The causal checks as GATE_CHECKS_SCHEMA rows, one per dictionary of the run."""
+        dict_ids = sorted({key[0] for key in self.ranking.keys})
+        rows = [
+            dict(
+                family=pair.family,
+                pair_id=pair.pair_id,
+                dictionary_id=d,
+                check_name=c["name"],
+                value=c["value"],
+                threshold=c["threshold"],
+                passed=c["passed"],
+                detail=c["detail"],
+            )
+            for d in dict_ids
+            for c in self.checks
+        ]
+        return pa.Table.from_pylist(rows, schema=GATE_CHECKS_SCHEMA)
+
+
+def _labelled_sets(ranking: FeatureRanking, cfg: MediationConfig) -> tuple[dict[int, list[int]], list[dict]]:
+    """Top sets keyed by their real size (a k with fewer positive-score features shrinks), and the labels."""
+    if cfg.features is not None:
+        index = {key: i for i, key in enumerate(ranking.keys)}
+        unknown = [f for f in cfg.features if tuple(f) not in index]
+        if unknown:
+            raise CrosspatchError(
+                f"features {unknown[:3]} are not (dictionary id, latent) pairs of these dictionaries"
+            )
+        chosen = {len(cfg.features): [index[tuple(f)] for f in cfg.features]}
+    else:
+        ks = sorted({k for k in (*cfg.ks, cfg.top_k) if k <= cfg.top_k})
+        chosen = {k: ranking.top(k) for k in ks}
+    sets: dict[int, list[int]] = {}
+    labels = []
+    for k, top in chosen.items():
+        labels.append({"requested": k, "size": len(top)})
+        if top:
+            sets.setdefault(len(top), top)
+    return sets, labels
 
 
 def mediate(
@@ -468,27 +513,38 @@ def mediate(
     ranking = rank_features(pair, fit, dictionaries, cfg)
     if on_progress:
         on_progress(f"ranked {len(ranking.keys)} latents on {len(fit)} fit events")
-    ks = sorted({k for k in (*cfg.ks, cfg.top_k) if k <= cfg.top_k})
-    sets: dict[tuple[str, int, int], list[int]] = {}  # (set kind, k, seed) -> features
-    if cfg.features is not None:
-        index = {key: i for i, key in enumerate(ranking.keys)}
-        unknown = [f for f in cfg.features if tuple(f) not in index]
-        if unknown:
-            raise CrosspatchError(
-                f"features {unknown[:3]} are not (dictionary id, latent) pairs of these dictionaries"
+    chosen, k_labels = _labelled_sets(ranking, cfg)
+    for lab in k_labels:
+        if lab["size"] != lab["requested"] and on_progress:
+            on_progress(
+                f"k={lab['requested']}: only {lab['size']} features have a positive score; labelled {lab['size']}"
             )
-        chosen = {len(cfg.features): [index[tuple(f)] for f in cfg.features]}
-    else:
-        chosen = {k: ranking.top(k) for k in ks}
+    largest = chosen[max(chosen)] if chosen else []
+    pool = control_pool(ranking.keys, ranking.score, ranking.active_rate, largest)
+    match_key = ranking.active_rate * np.abs(ranking.score)
+    seeds = list(range(cfg.n_random_seeds))
+    # a run: (mode-independent set kind, size, seed) -> (features, same-delta seed or None)
+    runs: dict[tuple[str, int, int], tuple[list[int], int | None]] = {}
+    status: dict[int, ControlStatus] = {}
     for k, top in chosen.items():
-        if not top:
-            continue
-        sets[("topk", k, 0)] = top
-        for s in range(cfg.n_random_seeds):
-            sets[("matched_random", k, s)] = matched_random(
-                ranking, top, seed=1000 * k + s, neighbours=cfg.neighbours
-            )
-    per_event: dict[str, list[float]] = {}
+        runs[("topk", k, 0)] = (top, None)
+        for s in seeds:
+            runs[("same_delta_random", k, s)] = (top, 7919 * k + s)
+        status[k] = matched_status(ranking.keys, top, pool, cfg.neighbours, k)
+        if status[k].available:
+            status[k].seeds = [1000 * k + s for s in seeds]
+            for s, seed in zip(seeds, status[k].seeds, strict=True):
+                runs[("matched_random", k, s)] = (
+                    matched_random(ranking.keys, match_key, top, pool, seed, cfg.neighbours),
+                    None,
+                )
+        elif on_progress:
+            on_progress(f"matched-random control unavailable: {status[k].reason}")
+    singles = largest[: cfg.n_single_features]
+    for f in singles:
+        runs[("single", f, 0)] = ([f], None)
+    layers = sorted({d.layer for d in dictionaries})
+    per_event: dict[tuple, list[float]] = {}
     base: dict[str, list[float]] = {"interaction": [], "it_late_effect": [], "missing_margin": []}
     test_acts: list[pa.Table] = []
     for batch, ids, mask, tokens in event_batches(pair, test, cfg.batch_size):
@@ -501,7 +557,6 @@ def mediate(
         base["interaction"] += interaction.tolist()
         base["it_late_effect"] += (y["it", "it"] - y["it", "pt"]).tolist()
         base["missing_margin"] += (y["it", "it"] - y["pt", "it"]).tolist()
-        layers = sorted({d.layer for d in dictionaries})
         outs_ii, _ = _capture_mlp(pair, "it", passes, b, tokens, layers, with_grad=False)
         outs_pi, _ = _capture_mlp(pair, "pt", passes, b, tokens, layers, with_grad=False)
         acts_ii, acts_pi = _dict_acts(outs_ii, dictionaries), _dict_acts(outs_pi, dictionaries)
@@ -516,41 +571,53 @@ def mediate(
             )
             for d in dictionaries
         ]
-        for (kind, k, s), features in sets.items():
+        prompt_ids = [e.prompt_id for e in batch]
+        d_model = pair.it_adapter.d_model
+        for (kind, k, s), (features, sd) in runs.items():
             groups = _by_layer(features, ranking, dictionaries)
-            variants = [(kind, None)] + ([("same_delta_random", 7919 * k + s)] if kind == "topk" else [])
-            for name, sd in variants:
-                target = acts_pi if cfg.ablation == "pt_value" else None
-                ii = it_late_margin(
-                    pair, "it", passes, b, tokens, {L: _ablate_edit(groups, target, sd) for L in groups}
+            dirs = (
+                None
+                if sd is None
+                else {L: random_directions(prompt_ids, sd, L, d_model) for L in groups}  # [batch, d_model]
+            )
+            target = acts_pi if cfg.ablation == "pt_value" else None
+            ii = it_late_margin(
+                pair, "it", passes, b, tokens, {L: _ablate_edit(groups, target, dirs) for L in groups}
+            )
+            pi = (
+                y["pt", "it"]
+                if cfg.ablation == "pt_value"
+                else it_late_margin(
+                    pair, "pt", passes, b, tokens, {L: _ablate_edit(groups, None, dirs) for L in groups}
                 )
-                pi = (
-                    y["pt", "it"]
-                    if cfg.ablation == "pt_value"
-                    else it_late_margin(
-                        pair, "pt", passes, b, tokens, {L: _ablate_edit(groups, None, sd) for L in groups}
-                    )
-                )
-                i_abl = (ii - y["it", "pt"]) - (pi - y["pt", "pt"])
-                _add(per_event, ("ablate", name, k, s, "interaction_drop"), (interaction - i_abl).tolist())
-                _add(per_event, ("ablate", name, k, s, "it_late_drop"), (y["it", "it"] - ii).tolist())
-                _add(
-                    per_event,
-                    ("ablate", name, k, s, "gate"),
-                    ((y["it", "it"] - ii) - (y["pt", "it"] - pi)).tolist(),
-                )
-                rescued = it_late_margin(
-                    pair,
-                    "pt",
-                    passes,
-                    b,
-                    tokens,
-                    {L: _rescue_edit(groups, acts_ii, cfg.alpha, sd) for L in groups},
-                )
-                _add(per_event, ("rescue", name, k, s, "rescue_gain"), (rescued - y["pt", "it"]).tolist())
+            )
+            i_abl = (ii - y["it", "pt"]) - (pi - y["pt", "pt"])
+            _add(per_event, ("ablate", kind, k, s, "interaction_drop"), (interaction - i_abl).tolist())
+            if kind == "single":
+                continue
+            _add(per_event, ("ablate", kind, k, s, "it_late_drop"), (y["it", "it"] - ii).tolist())
+            rescued = it_late_margin(
+                pair,
+                "pt",
+                passes,
+                b,
+                tokens,
+                {L: _rescue_edit(groups, acts_ii, cfg.alpha, dirs) for L in groups},
+            )
+            _add(per_event, ("rescue", kind, k, s, "rescue_gain"), (rescued - y["pt", "it"]).tolist())
         if on_progress:
             on_progress(f"intervened on {len(base['interaction'])}/{len(test)} test events")
-    effects = _effects_table(pair, dictionaries, per_event, base, ranking, cfg)
+    top_k = max(chosen) if chosen else None
+    checks = causal_checks(
+        top_k,
+        np.array(per_event[("ablate", "topk", top_k, 0, "interaction_drop")]) if top_k else None,
+        [np.array(per_event[("ablate", "matched_random", top_k, s, "interaction_drop")]) for s in seeds]
+        if top_k and status[top_k].available
+        else [],
+        np.array(base["interaction"]),
+        status.get(top_k) if top_k else None,
+    )
+    effects = _effects_table(pair, dictionaries, per_event, base, ranking, cfg, status)
     acts = pa.concat_tables([FEATURE_ACTS_SCHEMA.empty_table(), *ranking.acts, *test_acts])
     return MediationResult(
         effects=effects,
@@ -560,6 +627,24 @@ def mediate(
         fit_ids=[e.prompt_id for e in fit],
         test_ids=[e.prompt_id for e in test],
         noop=noop.to_dict() if noop else None,
+        k_labels=k_labels,
+        sets={
+            key: [ranking.keys[f] for f in feats] for key, (feats, _) in runs.items() if key[0] != "single"
+        },
+        controls={
+            "matched_random": {
+                "neighbours": cfg.neighbours,
+                "pool": {d: len(v) for d, v in pool.by_dict.items()},
+                "excluded": {
+                    "largest_top_set": pool.excluded_top,
+                    "positive_score": pool.excluded_positive,
+                    "never_active": pool.excluded_silent,
+                },
+                "by_k": {k: asdict(st) for k, st in status.items()},
+            },
+            "same_delta_random": {"seeds": {k: [7919 * k + s for s in seeds] for k in chosen}},
+        },
+        checks=checks,
     )
 
 
@@ -596,29 +681,64 @@ def _acts_table(
     return pa.table(columns, schema=FEATURE_ACTS_SCHEMA)
 
 
-def _effects_table(pair, dictionaries, per_event, base, ranking, cfg) -> pa.Table:
-    """Set-level effects with bootstrap CIs (controls averaged over seeds per event), plus per-feature scores."""
+def _ci(values: np.ndarray, cfg: MediationConfig) -> tuple[float, float, float]:
+    """(mean, lo, hi) with the percentile bootstrap of the mean over events."""
+    lo, hi = np.quantile(bootstrap_means(values, cfg.n_resamples, cfg.seed), [0.025, 0.975])
+    return float(values.mean()), float(lo), float(hi)
+
+
+def _effects_table(pair, dictionaries, per_event, base, ranking, cfg, status) -> pa.Table:
+    """Set-level effects with bootstrap CIs (controls averaged over seeds per event), per-feature rows.
+
+    Shares and rescue fractions are null where their denominator's CI covers 0; an unavailable
+    matched-random control gets null rows with n = 0.
+    """
     dict_ids = ",".join(d.id for d in dictionaries)
-    common = dict(family=pair.family, pair_id=pair.pair_id, dictionary_id=dict_ids, layer=None)
+    layer_of = {d.id: d.layer for d in dictionaries}
+    common = dict(family=pair.family, pair_id=pair.pair_id, dictionary_id=dict_ids, layer=None, latent=None)
     rows: list[dict] = []
     i_full = np.array(base["interaction"])
     missing = np.array(base["missing_margin"])
+    baseline = {"interaction": _ci(i_full, cfg), "missing_margin": _ci(missing, cfg)}
+    # a ratio is reported only where its denominator is distinguishable from 0
+    ratio_ok = {name: not (lo <= 0.0 <= hi) for name, (_, lo, hi) in baseline.items()}
+    rank_of = {int(f): r for r, f in enumerate(np.argsort(-ranking.score, kind="stable"), start=1)}
     grouped: dict[tuple, list[np.ndarray]] = {}
     for (mode, name, k, _seed, stat), vals in per_event.items():
         grouped.setdefault((mode, name, k, stat), []).append(np.array(vals))
     for (mode, name, k, stat), runs in sorted(grouped.items()):
         x = np.mean(runs, axis=0)  # [n_test] average over control seeds
-        denom = i_full if stat == "interaction_drop" else missing if stat == "rescue_gain" else None
+        if name == "single":
+            dict_id, latent = ranking.keys[k]
+            mean, lo, hi = _ci(x, cfg)
+            rank = rank_of[k]
+            rows.append(
+                dict(
+                    common,
+                    dictionary_id=dict_id,
+                    layer=layer_of[dict_id],
+                    latent=latent,
+                    intervention="ablate_single",
+                    k=rank,
+                    statistic=stat,
+                    effect=mean,
+                    ci_low=lo,
+                    ci_high=hi,
+                    n=len(x),
+                )
+            )
+            continue
+        denom_name = {"interaction_drop": "interaction", "rescue_gain": "missing_margin"}.get(stat)
+        denom = {"interaction": i_full, "missing_margin": missing}.get(denom_name)
         cols = np.column_stack([x, denom]) if denom is not None else x[:, None]
         means = bootstrap_means(cols, cfg.n_resamples, cfg.seed)  # [R, 1 or 2]
         lo, hi = np.quantile(means[:, 0], [0.025, 0.975])
         intervention = f"{mode}_{name}"
         rows.append(
             dict(
-                **common,
+                common,
                 intervention=intervention,
                 k=k,
-                latent=None,
                 statistic=stat,
                 effect=float(x.mean()),
                 ci_low=float(lo),
@@ -626,34 +746,52 @@ def _effects_table(pair, dictionaries, per_event, base, ranking, cfg) -> pa.Tabl
                 n=len(x),
             )
         )
-        if (
-            denom is not None and abs(denom.mean()) > 1e-9
-        ):  # ratio of means; undefined with nothing to explain
-            ratio = means[:, 0] / means[:, 1]
-            rlo, rhi = np.quantile(ratio, [0.025, 0.975])
-            share = "share" if stat == "interaction_drop" else "rescue_fraction"
+        if denom is not None:
+            ratio_stat = "share" if stat == "interaction_drop" else "rescue_fraction"
+            effect = rlo = rhi = None
+            if ratio_ok[denom_name]:  # ratio of means
+                rlo, rhi = (float(v) for v in np.quantile(means[:, 0] / means[:, 1], [0.025, 0.975]))
+                effect = float(x.mean() / denom.mean())
             rows.append(
                 dict(
-                    **common,
+                    common,
                     intervention=intervention,
                     k=k,
-                    latent=None,
-                    statistic=share,
-                    effect=float(x.mean() / denom.mean()),
-                    ci_low=float(rlo),
-                    ci_high=float(rhi),
+                    statistic=ratio_stat,
+                    effect=effect,
+                    ci_low=rlo,
+                    ci_high=rhi,
                     n=len(x),
                 )
             )
+    for k, st in sorted(status.items()):
+        if st.available:
+            continue
+        for intervention, stats in (
+            ("ablate_matched_random", ("interaction_drop", "share", "it_late_drop")),
+            ("rescue_matched_random", ("rescue_gain", "rescue_fraction")),
+        ):
+            rows += [
+                dict(
+                    common,
+                    intervention=intervention,
+                    k=k,
+                    statistic=stat,
+                    effect=None,
+                    ci_low=None,
+                    ci_high=None,
+                    n=0,
+                )
+                for stat in stats
+            ]
     for rank, f in enumerate(ranking.top(len(ranking.keys)), start=1):
         dict_id, latent = ranking.keys[f]
-        layer = next(d.layer for d in dictionaries if d.id == dict_id)
         rows.append(
             dict(
                 family=pair.family,
                 pair_id=pair.pair_id,
                 dictionary_id=dict_id,
-                layer=layer,
+                layer=layer_of[dict_id],
                 intervention="attribution",
                 k=rank,
                 latent=latent,
@@ -664,22 +802,17 @@ def _effects_table(pair, dictionaries, per_event, base, ranking, cfg) -> pa.Tabl
                 n=ranking.n_events,
             )
         )
-    for name, values in (("interaction", i_full), ("missing_margin", missing)):
-        mean, lo, hi = (
-            float(values.mean()),
-            *np.quantile(bootstrap_means(values, cfg.n_resamples, cfg.seed), [0.025, 0.975]),
-        )
+    for name, (mean, lo, hi) in baseline.items():
         rows.append(
             dict(
-                **common,
+                common,
                 intervention="baseline",
                 k=0,
-                latent=None,
                 statistic=name,
                 effect=mean,
-                ci_low=float(lo),
-                ci_high=float(hi),
-                n=len(values),
+                ci_low=lo,
+                ci_high=hi,
+                n=len(i_full),
             )
         )
     return pa.Table.from_pylist(rows, schema=FEATURE_EFFECTS_SCHEMA)

@@ -115,8 +115,15 @@ def _pick(rows: list[dict], intervention: str, statistic: str, k: int | None) ->
 
 
 def _ci_or_dash(r: dict | None, pct: bool = False) -> str:
-    if r is None or r["effect"] is None:
+    """`effect [lo, hi]`; an unavailable control (n = 0) or a share of an interaction whose CI covers 0 says so."""
+    if r is None:
         return "-"
+    if r["effect"] is None:
+        if r.get("n") == 0:
+            return "unavailable"
+        return (
+            "n/a (CI of the denominator covers 0)" if r["statistic"] in ("share", "rescue_fraction") else "-"
+        )
     f = 100.0 if pct else 1.0
     unit = "%" if pct else ""
     if r["ci_low"] is None:
@@ -158,8 +165,24 @@ def format_mediation(effects: pa.Table, n_top_features: int = 5) -> str:
     return "\n".join(lines)
 
 
+def format_checks(checks: list[dict], controls: dict | None = None) -> str:
+    """The causal gate checks by name (value, threshold, passed) and any control that was unavailable."""
+    lines = ["causal gate checks (method 5.1):"]
+    for c in checks:
+        verdict = "passed" if c["passed"] else "FAILED"
+        value = "-" if c["value"] is None else f"{c['value']:+.4g}"
+        lines.append(f"  {c['name']:<22} {value:>10}  threshold {c['threshold']:g}  {verdict}: {c['detail']}")
+    for k, st in sorted(((controls or {}).get("matched_random", {}).get("by_k", {})).items()):
+        if not st["available"]:
+            lines.append(f"  note: matched-random control unavailable at k={k}: {st['reason']}")
+    return "\n".join(lines)
+
+
 def format_effects(effects: pa.Table, limit: int = 20) -> str:
-    """Every set-level effect (share, rescue fraction, drops with CIs) and the top features by attribution."""
+    """Every set-level effect (share, rescue fraction, drops with CIs) and the top features by attribution.
+
+    Set sizes are the real sizes; shares print only where the interaction CI excludes 0.
+    """
     rows = effects.to_pylist()
     lines = [f"{'intervention':<28} {'k':>4}  {'statistic':<18} effect [95% CI]"]
     for r in rows:
@@ -172,8 +195,18 @@ def format_effects(effects: pa.Table, limit: int = 20) -> str:
             lines.append(f"{r['intervention']:<28} {r['k']:>4}  {r['statistic']:<18} {_ci_or_dash(r)}")
     top = sorted((r for r in rows if r["intervention"] == "attribution"), key=lambda r: r["k"])[:limit]
     lines.append(f"\ntop {len(top)} features by attribution (IT-up minus PT-up, fit split)")
+    held = {
+        (r["dictionary_id"], r["latent"]): r
+        for r in rows
+        if r["intervention"] == "ablate_single" and r["statistic"] == "interaction_drop"
+    }
     lines += [
         f"  #{r['k']:<4} {r['dictionary_id']}:{r['latent']:<6} layer {r['layer']}  score {r['effect']:+.4g}"
+        + (
+            f"  held-out drop {_ci_or_dash(held[key])} (n={held[key]['n']})"
+            if (key := (r["dictionary_id"], r["latent"])) in held
+            else ""
+        )
         for r in top
     ]
     return "\n".join(lines)

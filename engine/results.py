@@ -26,6 +26,9 @@ Holm-adjusted p over the pair's boundaries, and in a sweep the sweep-wide max-st
 
 feature_acts (event x dictionary x latent, active latents only) and feature_effects (set-level effects of
 ablation / rescue with CIs, and per-feature attribution scores): see the schemas' column comments.
+
+gate_checks (job x dictionary x check): quality-gate checks measured by a job (the causal checks of mediation
+and the dictionary's own gate), each with value, threshold and passed.
 """
 
 from __future__ import annotations
@@ -124,15 +127,32 @@ FEATURE_EFFECTS_SCHEMA = pa.schema(
         ("dictionary_id", pa.string()),  # one id, or comma-joined ids for a multi-layer feature set
         ("layer", pa.int32()),  # the latent's layer for per-feature rows; null for set-level rows
         ("intervention", pa.string()),  # ablate_topk, ablate_matched_random, ablate_same_delta_random,
-        #                                 rescue_*, attribution (per-feature score), baseline
-        ("k", pa.int32()),  # set size; for attribution rows the feature's rank
+        #                                 rescue_*, ablate_single (one feature, held out),
+        #                                 attribution (per-feature score), baseline
+        ("k", pa.int32()),  # real set size; for attribution and ablate_single rows the feature's rank
         ("latent", pa.int64()),  # per-feature rows only
-        ("statistic", pa.string()),  # interaction_drop, share, it_late_drop, gate, rescue_gain,
+        ("statistic", pa.string()),  # interaction_drop, share, it_late_drop, rescue_gain,
         #                              rescue_fraction, attribution_score, interaction, missing_margin
-        ("effect", pa.float64()),
+        (
+            "effect",
+            pa.float64(),
+        ),  # null: share/fraction whose denominator CI covers 0, or control unavailable
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
-        ("n", pa.int64()),
+        ("n", pa.int64()),  # events; 0 for an unavailable control
+    ]
+)
+
+GATE_CHECKS_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("dictionary_id", pa.string()),
+        ("check_name", pa.string()),  # causal_drop_positive, matched_random_drop, dictionary_gate, ...
+        ("value", pa.float64()),  # measured value; null when it could not be measured
+        ("threshold", pa.float64()),
+        ("passed", pa.bool_()),
+        ("detail", pa.string()),
     ]
 )
 

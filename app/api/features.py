@@ -25,8 +25,11 @@ def top_features(
     min_events: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     intervention: Annotated[str, Query(max_length=64, pattern=r"^[a-z_]+$")] = "attribution",
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    include_failed_gate: Annotated[
+        bool, Query(description="Also list features of dictionaries whose quality gate failed.")
+    ] = False,
 ) -> Rows:
-    """Top mediating features (event-weighted mean attribution score across jobs), optionally filtered."""
+    """Top mediating features: fit-split attribution, held-out ablation drop with CI and n, gate status."""
     return service.top_features(
         results,
         family=family,
@@ -35,6 +38,7 @@ def top_features(
         min_events=min_events,
         intervention=intervention,
         limit=limit,
+        include_failed_gate=include_failed_gate,
     )
 
 
@@ -44,7 +48,7 @@ def ablation_curve(
     _user: CurrentUser,
     family: Family = None,
     statistic: Literal[
-        "share", "interaction_drop", "it_late_drop", "gate", "rescue_gain", "rescue_fraction"
+        "share", "interaction_drop", "it_late_drop", "rescue_gain", "rescue_fraction"
     ] = "share",
 ) -> Rows:
     """Effect of ablating (or rescuing) the top-k features and their controls, as a curve over k."""
@@ -53,10 +57,14 @@ def ablation_curve(
 
 @router.get("/families", response_model=Rows)
 def compare_families(
-    results: ResultsDep, _user: CurrentUser, readout: Literal["it", "pt", "own"] = "it"
+    results: ResultsDep,
+    _user: CurrentUser,
+    readout: Literal["it", "pt", "own"] = "it",
+    boundary: Annotated[int | None, Query(ge=0, le=4096, description="Only this boundary.")] = None,
+    pair_id: Annotated[Name | None, Query(description="Only this pair.")] = None,
 ) -> Rows:
-    """Per family: the 2x2 interaction with CI and the top-k ablation share at each k."""
-    return service.compare_families(results, readout)
+    """Per family, pair and boundary: the 2x2 interaction with CI and the top-k ablation share at each k."""
+    return service.compare_families(results, readout, boundary=boundary, pair_id=pair_id)
 
 
 @router.get("/{dictionary_id}/{latent}", response_model=Rows)

@@ -13,7 +13,7 @@ from crosspatch.app.services import results as service
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["results"])
 
-Table = Literal["cells", "summaries", "events", "feature_acts", "feature_effects"]
+Table = Literal["cells", "summaries", "events", "feature_acts", "feature_effects", "gate_checks"]
 
 
 @router.get(

@@ -161,13 +161,23 @@ def top_features(
     layer: Annotated[int | None, typer.Option(help="Only latents of this layer.")] = None,
     min_events: Annotated[int, typer.Option(help="Only features scored on at least this many events.")] = 0,
     limit: int = 50,
+    include_failed_gate: Annotated[
+        bool, typer.Option(help="Also list features of dictionaries that failed the quality gate.")
+    ] = False,
     local: Annotated[bool, typer.Option(help="Read the DuckDB file directly (no server).")] = False,
     url: Url = None,
     key: Key = None,
     as_json: Json = False,
 ) -> None:
-    """Top mediating features by family (from the server, or the local DuckDB file when no server runs)."""
-    filters = dict(family=family, dictionary_id=dictionary, layer=layer, min_events=min_events, limit=limit)
+    """Top mediating features: fit-split attribution, held-out ablation drop [95% CI] over n events, gate."""
+    filters = dict(
+        family=family,
+        dictionary_id=dictionary,
+        layer=layer,
+        min_events=min_events,
+        limit=limit,
+        include_failed_gate=include_failed_gate,
+    )
     data = None
     if not local:
         try:

@@ -106,6 +106,12 @@ def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str])
         "\nFeature mediation (SAE on IT's final MLP output; ranked on a fit split, tested on the rest)"
     )
     typer.echo(format_mediation(effects))
+    for c in client.results(job_id, "gate_checks", limit=1000)["data"]:
+        value = "-" if c["value"] is None else f"{c['value']:+.3g}"
+        verdict = "passed" if c["passed"] else "FAILED"
+        typer.echo(
+            f"  {c['pair_id']} {c['dictionary_id']}: {c['check_name']} {value} {verdict} ({c['detail']})"
+        )
     dicts = client.request("GET", "/dictionaries").json()["data"]
     for d in (d for d in dicts if d["pair_id"] in pair_ids):
         fve = (d.get("metrics") or {}).get("fve_min")

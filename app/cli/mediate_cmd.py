@@ -30,6 +30,10 @@ def mediate(
     ablation: Annotated[str, typer.Option(help="zero (method) or pt_value.")] = "zero",
     boundary: Annotated[int | None, typer.Option(help="Late-stack start (default round(0.6 L)).")] = None,
     fit_fraction: Annotated[float, typer.Option(help="Share of events used for ranking.")] = 0.27,
+    n_random_seeds: Annotated[int, typer.Option(min=5, help="Seeds per control (>= 5).")] = 5,
+    neighbours: Annotated[
+        int, typer.Option(min=1, help="Matched-random candidates per feature (nearest by rate x |score|).")
+    ] = 50,
     allow_failed_gate: Annotated[bool, typer.Option(help="Use dictionaries below the quality gate.")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
@@ -43,7 +47,7 @@ def mediate(
     from crosspatch.engine.mediation import mediate as run_mediation
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
-    from crosspatch.engine.report import format_effects
+    from crosspatch.engine.report import format_checks, format_effects
     from crosspatch.saes.load import load_dictionary
     from crosspatch.saes.quality import require_gate
 
@@ -66,6 +70,8 @@ def mediate(
         ablation=ablation,  # type: ignore[arg-type]
         boundary=boundary,
         fit_fraction=fit_fraction,
+        n_random_seeds=n_random_seeds,
+        neighbours=neighbours,
         batch_size=batch_size,
     )
     result = run_mediation(model_pair, events, dicts, cfg, on_progress=lambda m: typer.echo(f"  {m}"))
@@ -73,6 +79,12 @@ def mediate(
     pq.write_table(result.effects, out / "feature_effects.parquet")
     pq.write_table(result.feature_acts, out / "feature_acts.parquet")
     typer.echo(format_effects(result.effects, limit))
+    for lab in result.k_labels:
+        if lab["size"] != lab["requested"]:
+            typer.echo(
+                f"note: k={lab['requested']} has {lab['size']} positive-score features; labelled {lab['size']}"
+            )
+    typer.echo(format_checks(result.checks, result.controls))
     for g in gates:
         if g["overridden"]:
             typer.echo(

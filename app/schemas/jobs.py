@@ -77,7 +77,15 @@ class MediationOptions(_Spec):
     ablation: Literal["zero", "pt_value"] = "zero"
     fit_fraction: float = Field(default=0.27, gt=0.0, lt=1.0, description="Share of events used for ranking.")
     split_seed: int = Field(default=0, ge=0)
-    n_random_seeds: int = Field(default=3, ge=1, le=20, description="Matched-random control sets per k.")
+    n_random_seeds: int = Field(
+        default=5, ge=5, le=20, description="Seeds per control (matched-random sets, same-delta directions)."
+    )
+    neighbours: int = Field(
+        default=50,
+        ge=1,
+        le=10_000,
+        description="Matched-random candidates per feature (nearest by rate x |score|).",
+    )
     allow_failed_gate: bool = Field(default=False, description="Use a dictionary below the quality gate.")
 
     @model_validator(mode="after")

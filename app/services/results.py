@@ -66,5 +66,10 @@ def ablation_curve(results: ResultsStore, family: str | None, statistic: str) ->
     return to_rows("ablation_curve", results.query("ablation_curve", family=family, statistic=statistic))
 
 
-def compare_families(results: ResultsStore, readout: str) -> Rows:
-    return to_rows("compare_families", results.query("compare_families", readout=readout))
+def compare_families(
+    results: ResultsStore, readout: str, boundary: int | None = None, pair_id: str | None = None
+) -> Rows:
+    return to_rows(
+        "compare_families",
+        results.query("compare_families", readout=readout, boundary=boundary, pair_id=pair_id),
+    )

@@ -21,10 +21,12 @@ import pyarrow.parquet as pq
 
 from crosspatch.app.store import queries
 from crosspatch.app.store.result_tables import (
+    FEATURE_SCORES_COLUMNS,
     FEATURE_SCORES_DDL,
     PART_SCHEMAS,
     REFRESH_FEATURE_SCORES,
     TABLES,
+    TOUCHED_ALL,
     TOUCHED_BY_JOB,
     conform,
     ddl,
@@ -58,7 +60,26 @@ class ResultsStore:
                 existing = [r[0] for r in self._con.execute(f"DESCRIBE {table}").fetchall()]
                 for stmt in upgrade_columns(table, existing):  # a file from an older crosspatch
                     self._con.execute(stmt)
-            self._con.execute(FEATURE_SCORES_DDL)
+            self._upgrade_feature_scores()
+
+    def _upgrade_feature_scores(self) -> None:
+        """Create `feature_scores`; a file written by an older version gets it rebuilt from feature_effects."""
+        cols = [
+            r[0]
+            for r in self._con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'feature_scores' "
+                "ORDER BY ordinal_position"
+            ).fetchall()
+        ]
+        if cols == [name for name, _ in FEATURE_SCORES_COLUMNS]:
+            return
+        self._con.execute("DROP TABLE IF EXISTS feature_scores")
+        self._con.execute(FEATURE_SCORES_DDL)
+        cur = self._con.cursor()
+        try:
+            self._refresh_scores(cur, cur.sql(TOUCHED_ALL).to_arrow_table())
+        finally:
+            cur.close()
 
     def close(self) -> None:
         with self._lock:
@@ -174,6 +195,7 @@ class ResultsStore:
             "summaries": "level, family, pair_id, headline DESC, boundary, depth, readout, subset, statistic",
             "feature_acts": "prompt_id, dictionary_id, latent",
             "feature_effects": "family, dictionary_id, intervention, latent",
+            "gate_checks": "family, dictionary_id, check_name",
         }
         if table not in order:
             raise ResultsError(f"unknown results table {table!r}; choose from {', '.join(order)}")

@@ -9,6 +9,7 @@ schemas (`engine.results`) define every part table; this module adds `job_id`, p
                      x subset x statistic: estimate, CI, n, p, Holm p, sweep-wide p (engine.stats.summarize)
     feature_acts     one row per event x dictionary x latent: activation under PT-up / IT-up, attribution
     feature_effects  one row per family x dictionary x latent-or-set x intervention x k: effect with CI
+    gate_checks      one row per dictionary x quality-gate check a job measured: value, threshold, passed
     provenance       one row per job: kind, spec, models' revisions, tokenizer hash, versions, device
 """
 
@@ -21,6 +22,7 @@ from crosspatch.engine.results import (
     EVENTS_SCHEMA,
     FEATURE_ACTS_SCHEMA,
     FEATURE_EFFECTS_SCHEMA,
+    GATE_CHECKS_SCHEMA,
     SUMMARY_SCHEMA,
 )
 
@@ -39,6 +41,7 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
     "summaries": SUMMARY_SCHEMA,
     "feature_acts": FEATURE_ACTS_SCHEMA,
     "feature_effects": FEATURE_EFFECTS_SCHEMA,
+    "gate_checks": GATE_CHECKS_SCHEMA,
 }
 TABLES: dict[str, pa.Schema] = {**PART_SCHEMAS, "provenance": PROVENANCE_SCHEMA}
 
@@ -101,23 +104,61 @@ def conform(table: str, data: pa.Table) -> pa.Table:
 
 # Derived tables, maintained by the ingest transaction (never written by workers).
 # feature_scores: one row per family x dictionary x layer x latent with its event-weighted mean attribution
-# over every job that scored it, so "top mediating features for a family" is a top-N scan, not a GROUP BY.
-FEATURE_SCORES_DDL = (
-    "CREATE TABLE IF NOT EXISTS feature_scores (family VARCHAR NOT NULL, dictionary_id VARCHAR NOT NULL, "
-    "layer INTEGER, latent BIGINT NOT NULL, score DOUBLE, n_events BIGINT, n_jobs BIGINT)"
+# over every job that scored it (fit split), and its held-out single-feature ablation drop (test split:
+# event-weighted mean; CI = the job's own percentile CI when one job measured it, else the normal
+# approximation with SE = sqrt(sum (n_j se_j)^2) / sum n_j, se_j = (hi_j - lo_j) / (2 x 1.96)), so
+# "top mediating features for a family" is a top-N scan, not a GROUP BY.
+FEATURE_SCORES_COLUMNS = (
+    ("family", "VARCHAR NOT NULL"),
+    ("dictionary_id", "VARCHAR NOT NULL"),
+    ("layer", "INTEGER"),
+    ("latent", "BIGINT NOT NULL"),
+    ("score", "DOUBLE"),
+    ("n_events", "BIGINT"),
+    ("n_jobs", "BIGINT"),
+    ("heldout_drop", "DOUBLE"),
+    ("heldout_ci_low", "DOUBLE"),
+    ("heldout_ci_high", "DOUBLE"),
+    ("heldout_n", "BIGINT"),
+)
+FEATURE_SCORES_DDL = "CREATE TABLE IF NOT EXISTS feature_scores ({})".format(
+    ", ".join(f"{name} {kind}" for name, kind in FEATURE_SCORES_COLUMNS)
 )
 
 REFRESH_FEATURE_SCORES = """
     DELETE FROM feature_scores WHERE (family, dictionary_id) IN (SELECT family, dictionary_id FROM _touched);
-    INSERT INTO feature_scores
-    SELECT family, dictionary_id, any_value(layer), latent, sum(effect * n) / sum(n), sum(n), count(DISTINCT job_id)
-    FROM feature_effects
-    WHERE intervention = 'attribution' AND latent IS NOT NULL
-      AND (family, dictionary_id) IN (SELECT family, dictionary_id FROM _touched)
-    GROUP BY family, dictionary_id, latent;
+    INSERT INTO feature_scores (family, dictionary_id, layer, latent, score, n_events, n_jobs,
+                                heldout_drop, heldout_ci_low, heldout_ci_high, heldout_n)
+    WITH attr AS (
+        SELECT family, dictionary_id, any_value(layer) AS layer, latent, sum(effect * n) / sum(n) AS score,
+               sum(n) AS n_events, count(DISTINCT job_id) AS n_jobs
+        FROM feature_effects
+        WHERE intervention = 'attribution' AND latent IS NOT NULL
+          AND (family, dictionary_id) IN (SELECT family, dictionary_id FROM _touched)
+        GROUP BY family, dictionary_id, latent
+    ), held AS (
+        SELECT family, dictionary_id, latent, sum(effect * n) / sum(n) AS drop_mean, count(*) AS m,
+               any_value(ci_low) AS lo1, any_value(ci_high) AS hi1, sum(n) AS n_held,
+               sqrt(sum(power(n * (ci_high - ci_low) / 3.919927969080108, 2))) / sum(n) AS se
+        FROM feature_effects
+        WHERE intervention = 'ablate_single' AND statistic = 'interaction_drop' AND latent IS NOT NULL
+          AND n > 0 AND effect IS NOT NULL
+          AND (family, dictionary_id) IN (SELECT family, dictionary_id FROM _touched)
+        GROUP BY family, dictionary_id, latent
+    )
+    SELECT a.family, a.dictionary_id, a.layer, a.latent, a.score, a.n_events, a.n_jobs, h.drop_mean,
+           CASE WHEN h.m = 1 THEN h.lo1 ELSE h.drop_mean - 1.959963984540054 * h.se END,
+           CASE WHEN h.m = 1 THEN h.hi1 ELSE h.drop_mean + 1.959963984540054 * h.se END,
+           h.n_held
+    FROM attr a LEFT JOIN held h
+      ON h.family = a.family AND h.dictionary_id = a.dictionary_id AND h.latent = a.latent;
 """
 
 TOUCHED_BY_JOB = (
     "SELECT DISTINCT family, dictionary_id FROM feature_effects "
     "WHERE job_id = ? AND intervention = 'attribution' AND latent IS NOT NULL"
+)
+TOUCHED_ALL = (
+    "SELECT DISTINCT family, dictionary_id FROM feature_effects "
+    "WHERE intervention = 'attribution' AND latent IS NOT NULL"
 )

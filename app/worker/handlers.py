@@ -201,6 +201,7 @@ def _mediation_config(options: MediationOptions, boundary: int | None, batch_siz
         fit_fraction=options.fit_fraction,
         split_seed=options.split_seed,
         n_random_seeds=options.n_random_seeds,
+        neighbours=options.neighbours,
         boundary=boundary,
         batch_size=batch_size,
     )
@@ -238,15 +239,41 @@ def _mediate_pair(
             "WARNING",
         )
     cfg = _mediation_config(options, boundary, batch_size)
-    result = run_mediation(pair, events, [BranchView(dictionary, "it")], cfg, on_progress=ctx.log)
+    view = BranchView(dictionary, "it")
+    result = run_mediation(pair, events, [view], cfg, on_progress=ctx.log)
     _record_noop(ctx, pair, "mediation", result.noop)
     ctx.provenance.setdefault("mediation_splits", {})[pair.pair_id] = {
         "fit": result.fit_ids,
         "test": result.test_ids,
         "config": result.config,
+        "k_labels": result.k_labels,
+        "controls": result.controls,
     }
+    ctx.provenance["dictionaries"][pair.pair_id]["causal_checks"] = result.checks
+    ctx.write_part(f"gate_checks.{tag}all", _gate_checks(result, pair, view.id, gate))
     ctx.write_part(f"feature_acts.{tag}all", result.feature_acts)
     ctx.write_part(f"feature_effects.{tag}all", result.effects)
+
+
+def _gate_checks(result: Any, pair: Any, dictionary_id: str, gate: dict) -> Any:
+    """The job's gate_checks rows: mediation's causal checks plus the dictionary's own gate status."""
+    import pyarrow as pa
+
+    from crosspatch.engine.results import GATE_CHECKS_SCHEMA
+
+    status = gate["gate_status"]
+    own = {
+        "family": pair.family,
+        "pair_id": pair.pair_id,
+        "dictionary_id": dictionary_id,
+        "check_name": "dictionary_gate",
+        "value": None,
+        "threshold": None,
+        "passed": status == "passed",
+        "detail": status + (" (used by override)" if gate["overridden"] else ""),
+    }
+    own_table = pa.Table.from_pylist([own], schema=GATE_CHECKS_SCHEMA)
+    return pa.concat_tables([result.checks_table(pair), own_table])
 
 
 def _train(pair: Any, prompts: Sequence[Any], opts: DictionaryOptions, role: str, out: Path) -> Any:

@@ -72,7 +72,9 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
             "batch_size": 128,
             "lr": 3e-3,
         },
-        "mediation": {"top_k": 4, "ks": [4], "n_random_seeds": 2, "allow_failed_gate": False},
+        # width 16: the 4 planted latents fill the top set and most others score > 0 or never fire, so the
+        # matched-random pool cannot give even 2 candidates per draw: the control is unavailable
+        "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "allow_failed_gate": False},
     }
     with client(env["server"], env["keys"]["ada"]) as c:
         r = c.post("/jobs", json={"spec": spec})
@@ -88,7 +90,12 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         summaries = c.get(f"/jobs/{job_id}/results/summaries", params={"limit": 1000}).json()["data"]
         cells = c.get(f"/jobs/{job_id}/results/cells", params={"limit": 10_000}).json()["data"]
         effects = c.get(f"/jobs/{job_id}/results/feature_effects", params={"limit": 10_000}).json()["data"]
-        top = c.get("/features/top", params={"family": "llama", "limit": 4}).json()["data"]
+        gated = c.get("/features/top", params={"family": "llama", "limit": 4}).json()["data"]
+        top = c.get(
+            "/features/top", params={"family": "llama", "limit": 4, "include_failed_gate": "true"}
+        ).json()["data"]
+        provenance = c.get(f"/jobs/{job_id}/provenance").json()
+        checks = c.get(f"/jobs/{job_id}/results/gate_checks", params={"limit": 100}).json()["data"]
         dicts = c.get("/dictionaries").json()["data"]
         curve = c.get("/features/curve", params={"family": "llama"}).json()["data"]
         families = c.get("/features/families").json()["data"]
@@ -129,8 +136,23 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
 
     got = {(r["intervention"], r["statistic"]): r for r in effects if r["k"] == 4 and r["latent"] is None}
     assert got[("ablate_topk", "share")]["effect"] >= 0.8
-    assert abs(got[("ablate_matched_random", "share")]["effect"]) < 0.1
     assert got[("rescue_topk", "rescue_fraction")]["effect"] >= 0.5
+    # the matched-random control could not be drawn without touching the signal: unavailable, not a number
+    assert got[("ablate_matched_random", "share")]["effect"] is None
+    assert got[("ablate_matched_random", "interaction_drop")]["n"] == 0
+    status = provenance["provenance"]["mediation_splits"][ORGANISM]["controls"]["matched_random"]["by_k"]["4"]
+    assert not status["available"] and "pool too small" in status["reason"]
+    by_name = {r["check_name"]: r for r in checks}
+    assert by_name["causal_drop_positive"]["passed"] and by_name["causal_drop_positive"]["value"] > 0
+    assert not by_name["matched_random_drop"]["passed"] and by_name["matched_random_drop"]["value"] is None
+    assert by_name["dictionary_gate"]["passed"]
+    causal = provenance["provenance"]["dictionaries"][ORGANISM]["causal_checks"]
+    assert [c["name"] for c in causal] == ["causal_drop_positive", "matched_random_drop"]
+    # so top-features leaves the dictionary out unless asked, and then shows why, with held-out evidence
+    assert gated == []
+    assert all(r["gate_status"] == "failed" and r["failed_checks"] == "matched_random_drop" for r in top)
+    assert all(r["heldout_n"] == got[("ablate_topk", "share")]["n"] for r in top)
+    assert sum(r["heldout_drop"] for r in top) > 0
 
     # the dictionary was registered with its gate, and its top latents point along the planted directions
     (d,) = [d for d in dicts if d["pair_id"] == ORGANISM]
@@ -185,7 +207,7 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
                     "dictionary_id": d["id"],
                     "prompts": prompts,
                     "max_new_tokens": 16,
-                    "mediation": {"top_k": 4, "ks": [4], "n_random_seeds": 1},
+                    "mediation": {"top_k": 4, "ks": [4], "neighbours": 2},
                 }
             },
         )

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import random_prompts, tiny_pair
 
+from crosspatch.engine.controls import control_pool, matched_status, random_directions
 from crosspatch.engine.divergence import find_divergences
 from crosspatch.engine.errors import CrosspatchError
-from crosspatch.engine.mediation import DirectionDictionary, MediationConfig, mediate, splice
+from crosspatch.engine.mediation import (
+    DirectionDictionary,
+    FeatureRanking,
+    MediationConfig,
+    _labelled_sets,
+    mediate,
+    splice,
+)
 from crosspatch.engine.organisms import load_expected, organism_path
 from crosspatch.engine.organisms.tiny import FAMILIES
 from crosspatch.engine.pairs import load_pair
@@ -62,7 +71,7 @@ def test_mediated_organism_planted_features_carry_the_interaction(name):
     planted = torch.tensor(med["directions"], dtype=torch.float32)
     d = _oracle(planted, med["layer"], pair.it_adapter.d_model)
     k = len(planted)
-    res = mediate(pair, events, [d], MediationConfig(top_k=k, ks=(k,), n_resamples=500))
+    res = mediate(pair, events, [d], MediationConfig(top_k=k, ks=(k,), n_resamples=500, neighbours=10))
     assert sorted(res.ranking.top(k)) == list(range(k))  # the planted latents rank first
     eff = {(r["intervention"], r["statistic"]): r for r in res.effects.to_pylist() if r["k"] == k}
     share = eff[("ablate_topk", "share")]
@@ -83,7 +92,7 @@ def test_self_contained_late_bias_has_no_interaction_to_remove():
     planted = torch.eye(pair.it_adapter.d_model)[4:8]
     d = _oracle(planted, pair.n_layers - 1, pair.it_adapter.d_model)
     cfg = MediationConfig(
-        top_k=4, ks=(4,), n_resamples=300, n_random_seeds=1, features=tuple(("oracle", i) for i in range(4))
+        top_k=4, ks=(4,), n_resamples=300, neighbours=10, features=tuple(("oracle", i) for i in range(4))
     )
     res = mediate(pair, events, [d], cfg)
     eff = {(r["intervention"], r["statistic"]): r for r in res.effects.to_pylist() if r["k"] == 4}
@@ -93,6 +102,11 @@ def test_self_contained_late_bias_has_no_interaction_to_remove():
     assert eff[("ablate_topk", "it_late_drop")]["effect"] > 5.0
     # ... but no interaction: there was none to remove
     assert abs(eff[("ablate_topk", "interaction_drop")]["effect"]) < 0.05
+    # and a share of an interaction whose CI covers 0 is not a number: null, with its CI
+    lo, hi = baseline["interaction"]["ci_low"], baseline["interaction"]["ci_high"]
+    assert lo <= 0.0 <= hi
+    shares = [r for r in res.effects.to_pylist() if r["statistic"] == "share"]
+    assert shares and all(r["effect"] is None and r["ci_low"] is None for r in shares)
 
 
 def test_bad_inputs():
@@ -108,3 +122,126 @@ def test_bad_inputs():
         mediate(pair, events[:0], [late], MediationConfig(top_k=2, ks=(2,)))
     with pytest.raises(CrosspatchError, match="at least one dictionary"):
         mediate(pair, events, [])
+
+
+@pytest.mark.slow
+def test_matched_random_never_draws_a_planted_latent_and_removes_nothing():
+    """llama_mediated: 4 planted mediators; at every k, 5 seeds of matched-random sets avoid all of them."""
+    pair, events, expected = _organism("llama_mediated")
+    med = expected["mediators"]
+    planted = torch.tensor(med["directions"], dtype=torch.float32)
+    d = _oracle(planted, med["layer"], pair.it_adapter.d_model)
+    cfg = MediationConfig(top_k=4, ks=(1, 2, 3, 4), n_resamples=200, neighbours=10, batch_size=64)
+    res = mediate(pair, events, [d], cfg)
+    assert [lab["size"] for lab in res.k_labels] == [1, 2, 3, 4]
+    drawn = {key: feats for key, feats in res.sets.items() if key[0] == "matched_random"}
+    assert sorted({(k, s) for _, k, s in drawn}) == [(k, s) for k in (1, 2, 3, 4) for s in range(5)]
+    for (_, k, _s), feats in drawn.items():
+        assert len(feats) == k and len(set(feats)) == k
+        assert all(latent >= 4 for _, latent in feats), feats  # oracle latents 0..3 are the planted ones
+    # the pool: not the largest top set, no positive score, fired on the fit split
+    score = dict(zip(res.ranking.keys, res.ranking.score, strict=True))
+    assert all(score[f] <= 0 for feats in drawn.values() for f in feats)
+    assert res.controls["matched_random"]["excluded"]["largest_top_set"] == 4
+    rows = {
+        (r["intervention"], r["statistic"], r["k"]): r for r in res.effects.to_pylist() if r["latent"] is None
+    }
+    interaction = rows[("baseline", "interaction", 0)]["effect"]
+    for k in (1, 2, 3, 4):
+        drop = rows[("ablate_matched_random", "interaction_drop", k)]["effect"]
+        assert abs(drop) <= 0.05 * abs(interaction), (k, drop, interaction)
+        assert abs(rows[("ablate_matched_random", "share", k)]["effect"]) <= 0.05
+    assert rows[("ablate_topk", "share", 4)]["effect"] >= 0.8
+    # the causal gate checks, by name, measured at the largest set
+    checks = {c["name"]: c for c in res.checks}
+    assert checks["causal_drop_positive"]["passed"] and checks["causal_drop_positive"]["k"] == 4
+    assert checks["causal_drop_positive"]["value"] == pytest.approx(
+        rows[("ablate_topk", "interaction_drop", 4)]["effect"]
+    )
+    assert checks["matched_random_drop"]["passed"]
+    assert checks["matched_random_drop"]["value"] == pytest.approx(
+        rows[("ablate_matched_random", "interaction_drop", 4)]["effect"]
+    )
+    table = res.checks_table(pair).to_pylist()
+    assert {(r["dictionary_id"], r["check_name"], r["passed"]) for r in table} == {
+        ("oracle", "causal_drop_positive", True),
+        ("oracle", "matched_random_drop", True),
+    }
+    # held-out single-feature ablations: each planted latent fires for its own answer word only, so the
+    # four single drops add up to the top-4 drop, event by event
+    single = {r["latent"]: r for r in res.effects.to_pylist() if r["intervention"] == "ablate_single"}
+    assert sorted(single) == [0, 1, 2, 3]
+    assert all(
+        r["effect"] > 0 and r["n"] == len(res.test_ids) and r["layer"] == med["layer"]
+        for r in single.values()
+    )
+    total = sum(r["effect"] for r in single.values())
+    assert total == pytest.approx(rows[("ablate_topk", "interaction_drop", 4)]["effect"], rel=1e-3)
+    assert sorted(r["k"] for r in single.values()) == [1, 2, 3, 4]  # their attribution ranks
+    assert not any(r["statistic"] == "gate" for r in res.effects.to_pylist())
+
+
+@pytest.mark.slow
+def test_a_pool_too_small_reports_the_matched_control_unavailable():
+    pair, events, expected = _organism("llama_mediated")
+    med = expected["mediators"]
+    d = _oracle(torch.tensor(med["directions"], dtype=torch.float32), med["layer"], pair.it_adapter.d_model)
+    res = mediate(
+        pair, events, [d], MediationConfig(top_k=4, ks=(4,), n_resamples=200, neighbours=1000, batch_size=64)
+    )
+    status = res.controls["matched_random"]["by_k"][4]
+    assert (
+        not status["available"] and "pool too small" in status["reason"] and "needs 1003" in status["reason"]
+    )
+    assert not any(key[0] == "matched_random" for key in res.sets)
+    rows = [r for r in res.effects.to_pylist() if r["intervention"].endswith("matched_random")]
+    assert {r["statistic"] for r in rows} == {
+        "interaction_drop",
+        "share",
+        "it_late_drop",
+        "rescue_gain",
+        "rescue_fraction",
+    }
+    assert all(r["effect"] is None and r["ci_low"] is None and r["n"] == 0 for r in rows)
+    check = next(c for c in res.checks if c["name"] == "matched_random_drop")
+    assert check["value"] is None and check["passed"] is False and "unavailable" in check["detail"]
+    # the same-delta control does not depend on the pool: 5 seeds, measured
+    assert len(res.controls["same_delta_random"]["seeds"][4]) == 5
+    sd = next(
+        r
+        for r in res.effects.to_pylist()
+        if r["intervention"] == "ablate_same_delta_random" and r["statistic"] == "interaction_drop"
+    )
+    assert sd["effect"] is not None and sd["n"] == len(res.test_ids)
+
+
+def test_random_directions_are_independent_per_event_and_seed_and_batch_free():
+    ids = [f"p{i}" for i in range(6)]
+    r = random_directions(ids, seed=11, layer=4, d_model=64)  # [6, 64]
+    assert r.shape == (6, 64) and torch.allclose(r.norm(dim=-1), torch.ones(6))
+    cos = r @ r.T
+    assert (cos - torch.eye(6)).abs().max() < 0.6  # no two events share a direction
+    # a function of (seed, prompt id, layer) only: the same in another batch, different for other seeds/layers
+    again = random_directions(["p3", "x", "p0"], seed=11, layer=4, d_model=64)
+    assert torch.equal(again[0], r[3]) and torch.equal(again[2], r[0])
+    seeds = torch.stack([random_directions(["p0"], seed=s, layer=4, d_model=64)[0] for s in range(5)])
+    assert ((seeds @ seeds.T) - torch.eye(5)).abs().max() < 0.6
+    assert not torch.equal(random_directions(["p0"], seed=11, layer=3, d_model=64), r[:1])
+
+
+def test_sets_are_labelled_by_their_real_size():
+    keys = [("d", i) for i in range(6)]
+    score = np.array([3.0, 2.0, 1.0, -1.0, 0.0, -2.0])
+    ranking = FeatureRanking(keys=keys, score=score, active_rate=np.full(6, 0.5), n_events=10)
+    sets, labels = _labelled_sets(ranking, MediationConfig(top_k=5, ks=(2, 4, 5)))
+    assert labels == [{"requested": 2, "size": 2}, {"requested": 4, "size": 3}, {"requested": 5, "size": 3}]
+    assert sets == {2: [0, 1], 3: [0, 1, 2]}
+    pool = control_pool(keys, score, np.array([0.5, 0.5, 0.5, 0.5, 0.0, 0.5]), sets[3])
+    assert pool.by_dict == {"d": [3, 5]}  # 4 never fired; 0..2 are the largest set
+    assert (pool.excluded_top, pool.excluded_positive, pool.excluded_silent) == (3, 0, 1)
+    assert matched_status(keys, [0, 1], pool, neighbours=1, k=2).available
+    assert not matched_status(keys, [0, 1], pool, neighbours=2, k=2).available  # second draw: 1 left
+    with pytest.raises(CrosspatchError, match="n_random_seeds 3 must be >= 5"):
+        MediationConfig(n_random_seeds=3).validate(
+            [DirectionDictionary("x", 4, torch.eye(4))], tiny_pair("llama")
+        )

@@ -71,7 +71,7 @@ def test_tampered_late_stack_fails_with_the_noop_reason():
 def test_mediation_records_the_splice_check_and_refuses_an_unstable_splice():
     pair = tiny_pair("llama", it_scale=0.05)
     events = _events(pair, n=8)
-    cfg = MediationConfig(top_k=2, ks=(2,), n_random_seeds=1, n_resamples=50, batch_size=4)
+    cfg = MediationConfig(top_k=2, ks=(2,), n_resamples=50, batch_size=4)
     result = mediate(pair, events, [_dictionary(pair)], cfg)
     assert result.noop["passed"] and result.noop["max_abs_diff"]["it_splice"] <= 1e-4
     # decoder rows of norm 1e12: x = recon + (x - recon) loses x entirely in fp32
