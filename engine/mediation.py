@@ -33,6 +33,7 @@ import torch
 from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.guards import check_dictionaries
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA
 from crosspatch.engine.stats import bootstrap_means
@@ -131,6 +132,7 @@ class MediationConfig:
     features: tuple[tuple[str, int], ...] | None = (
         None  # explicit (dictionary id, latent) set to test instead of top-k
     )
+    allow_failed_gate: bool = False  # use trained dictionaries below the quality gate (engine/guards.py)
 
     def validate(self, dictionaries: Sequence[FeatureDictionary], pair: ModelPair) -> None:
         if not dictionaries:
@@ -448,6 +450,7 @@ class MediationResult:
     config: dict
     fit_ids: list[str]
     test_ids: list[str]
+    dictionary_checks: list[dict] = field(default_factory=list)  # gate status / override, prompt disjointness
 
 
 def mediate(
@@ -462,6 +465,7 @@ def mediate(
     cfg.validate(dictionaries, pair)
     b = pair.resolve_boundaries(cfg.boundary)[0]
     fit, test = split_events(events, cfg.fit_fraction, cfg.split_seed)
+    dictionary_checks = check_dictionaries(dictionaries, [e.prompt_id for e in test], cfg.allow_failed_gate)
     ranking = rank_features(pair, fit, dictionaries, cfg)
     if on_progress:
         on_progress(f"ranked {len(ranking.keys)} latents on {len(fit)} fit events")
@@ -556,6 +560,7 @@ def mediate(
         config=asdict(cfg),
         fit_ids=[e.prompt_id for e in fit],
         test_ids=[e.prompt_id for e in test],
+        dictionary_checks=dictionary_checks,
     )
 
 
