@@ -182,6 +182,7 @@ def _mediation_config(options: MediationOptions, boundary: int | None, batch_siz
         n_random_seeds=options.n_random_seeds,
         boundary=boundary,
         batch_size=batch_size,
+        allow_failed_gate=options.allow_failed_gate,
     )
 
 
@@ -205,12 +206,12 @@ def _mediate_pair(
         ctx.log(f"resumed: mediation of {pair.pair_id} already done")
         return
     gate = require_gate(dictionary, override=options.allow_failed_gate, reason=f"job {ctx.job_id}")
-    ctx.provenance.setdefault("dictionaries", {})[pair.pair_id] = {
-        "id": dictionary.id,
-        "path": str(dictionary.path),
-        "gate": gate,
-        "metrics": dictionary.meta.get("metrics"),
-    }
+    ctx.provenance.setdefault("dictionaries", {}).setdefault(pair.pair_id, {}).update(
+        id=dictionary.id,
+        path=str(dictionary.path),
+        gate=gate,  # status, every check by name, and the override record when overridden
+        metrics=dictionary.meta.get("metrics"),
+    )
     if gate["overridden"]:
         ctx.log(
             f"dictionary {dictionary.id} is below the quality gate ({gate['gate_status']}); used by override",
@@ -222,14 +223,28 @@ def _mediate_pair(
         "fit": result.fit_ids,
         "test": result.test_ids,
         "config": result.config,
+        "dictionary_checks": result.dictionary_checks,  # gate / override, no test prompt trained it
     }
     ctx.write_part(f"feature_acts.{tag}all", result.feature_acts)
     ctx.write_part(f"feature_effects.{tag}all", result.effects)
 
 
-def _train(pair: Any, prompts: Sequence[Any], opts: DictionaryOptions, role: str, out: Path) -> Any:
+def _train(
+    pair: Any,
+    prompts: Sequence[Any],
+    opts: DictionaryOptions,
+    role: str,
+    out: Path,
+    *,
+    events: Sequence[Any] | None = None,
+    mediation: MediationOptions | None = None,
+    max_new_tokens: int = 32,
+) -> Any:
+    """Train (or reload) the pair's dictionary on the prompts outside the mediation test split."""
     from crosspatch.saes.for_pair import train_for_pair
+    from crosspatch.saes.quality import GateConfig
 
+    mediation = mediation or MediationOptions()
     return train_for_pair(
         pair,
         prompts,
@@ -244,19 +259,38 @@ def _train(pair: Any, prompts: Sequence[Any], opts: DictionaryOptions, role: str
         batch_size=opts.batch_size,
         lr=opts.lr,
         seed=opts.seed,
+        training_prompts=opts.training_prompts,
+        events=events,
+        fit_fraction=mediation.fit_fraction,
+        split_seed=mediation.split_seed,
+        max_new_tokens=max_new_tokens,
+        gate=GateConfig(
+            min_heldout_tokens=opts.min_heldout_tokens, alive_range=(0.01, opts.max_alive_fraction)
+        ),
     )
 
 
 def _record_dictionary(ctx: JobContext, dictionary: Any, pair: Any) -> None:
+    from crosspatch.saes.quality import describe_check
+
     ctx.register_dictionary(dictionary, pair)
     fve = (dictionary.meta.get("metrics") or {}).get("fve_min")
+    gate = dictionary.meta.get("gate") or {}
+    split = dictionary.training_split
+    ids = dictionary.training_prompt_ids
     ctx.provenance.setdefault("dictionaries", {})[pair.pair_id] = {
         "id": dictionary.id,
         "path": str(dictionary.path),
         "gate": dictionary.gate_status,
+        "gate_checks": gate.get("checks", []),  # every check by name; causal ones pending until mediation
+        "gate_config": gate.get("config"),
         "metrics": dictionary.meta.get("metrics"),
+        "training_prompt_ids": None if ids is None else sorted(ids),
+        "training_split": split,
     }
     ctx.log(f"{pair.pair_id}: dictionary {dictionary.id} (FVE {fve}) gate {dictionary.gate_status}")
+    for c in gate.get("checks", []):
+        ctx.log(f"{pair.pair_id}: gate check {describe_check(c)}")
 
 
 @register("train_dictionary")
@@ -267,7 +301,13 @@ def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
     ctx.progress(0.05, f"{pair.pair_id}: training dictionary ({spec.dictionary.architecture})")
     role = {"IT": "it", "PT": "pt", "paired": "paired"}[spec.model_role]
     dictionary = _train(
-        pair, load_prompt_records(spec), spec.dictionary, role, ctx.checkpoint_dir / "dictionary"
+        pair,
+        load_prompt_records(spec),
+        spec.dictionary,
+        role,
+        ctx.checkpoint_dir / "dictionary",
+        mediation=MediationOptions(fit_fraction=spec.fit_fraction, split_seed=spec.split_seed),
+        max_new_tokens=spec.max_new_tokens,
     )
     _record_dictionary(ctx, dictionary, pair)
     ctx.progress(1.0, "train_dictionary: done")
@@ -330,12 +370,21 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
         _crosspatch_chunks(pair, prompts, spec, ctx, boundaries, tag, (lo, lo + 0.4 * span))
         ctx.check_cancel()
         opts = spec.dictionary
-        ctx.progress(lo + 0.45 * span, f"{pair_id}: training dictionary ({opts.architecture})")
-        dictionary = _train(pair, prompts, opts, "it", ctx.checkpoint_dir / f"dictionary-{tag.rstrip('.')}")
-        _record_dictionary(ctx, dictionary, pair)
-        ctx.check_cancel()
         events_tbl = ctx.read_parts("events", prefix=tag)
         events = events_from_table(events_tbl) if events_tbl is not None else []
+        ctx.progress(lo + 0.45 * span, f"{pair_id}: training dictionary ({opts.architecture})")
+        dictionary = _train(
+            pair,
+            prompts,
+            opts,
+            "it",
+            ctx.checkpoint_dir / f"dictionary-{tag.rstrip('.')}",
+            events=events,  # the events mediation tests below: their test split never trains it
+            mediation=spec.mediation,
+            max_new_tokens=spec.max_new_tokens,
+        )
+        _record_dictionary(ctx, dictionary, pair)
+        ctx.check_cancel()
         ctx.progress(lo + 0.7 * span, f"{pair_id}: mediation")
         _mediate_pair(pair, events, dictionary, spec.mediation, boundaries[0], spec.batch_size, ctx, tag)
         ctx.progress(lo + span, f"{pair_id}: done")
