@@ -67,9 +67,13 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
             "width": 16,
             "k": 0.5,
             "training_tokens": 60_000,
-            "continuation_tokens": 48,
+            "continuation_tokens": 160,
             "batch_size": 128,
             "lr": 3e-3,
+            # the dictionary trains only on the mediation fit split (about a quarter of 48 prompts): an
+            # explicit, lowered held-out minimum, and 4 planted features in 16 latents (alive 0.25)
+            "min_heldout_tokens": 100,
+            "max_alive_fraction": 0.5,
         },
         "mediation": {"top_k": 4, "ks": [4], "n_random_seeds": 2, "allow_failed_gate": False},
     }
@@ -91,6 +95,7 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         dicts = c.get("/dictionaries").json()["data"]
         curve = c.get("/features/curve", params={"family": "llama"}).json()["data"]
         families = c.get("/features/families").json()["data"]
+        prov = c.get(f"/jobs/{job_id}/provenance").json()["provenance"]
 
     # the service's cells equal the library's for the same inputs (one chunk, same batch size)
     from crosspatch.engine.crosspatch import crosspatch
@@ -120,6 +125,16 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
     assert got[("ablate_topk", "share")]["effect"] >= 0.8
     assert abs(got[("ablate_matched_random", "share")]["effect"]) < 0.1
     assert got[("rescue_topk", "rescue_fraction")]["effect"] >= 0.5
+
+    # the dictionary trained only on prompts outside the events mediation tested (recorded split)
+    trained = set(prov["dictionaries"][ORGANISM]["training_prompt_ids"])
+    tested = set(prov["mediation_splits"][ORGANISM]["test"])
+    assert tested and trained.isdisjoint(tested) and trained == {p["id"] for p in prompts} - tested
+    assert set(prov["mediation_splits"][ORGANISM]["fit"]) <= trained
+    assert prov["mediation_splits"][ORGANISM]["dictionary_checks"][0]["test_overlap"] == 0
+    gate = {c["name"]: c for c in prov["dictionaries"][ORGANISM]["gate"]["checks"]}
+    assert gate["heldout_tokens"]["value"] >= 100 and gate["heldout_tokens"]["threshold"] == ">= 100"
+    assert gate["topk_causal_drop"]["status"] == "pending"
 
     # the dictionary was registered with its gate, and its top latents point along the planted directions
     (d,) = [d for d in dicts if d["pair_id"] == ORGANISM]
