@@ -21,12 +21,13 @@ from crosspatch.app.cli import cli
 
 # The tiny organisms have 64 prompts; the dictionary sees only the mediation fit split (about 17 prompts
 # with 192 PT-greedy tokens each, about 3,500 tokens, 3 sequences held out). That cannot reach the method's
-# 10,000 held-out tokens, so the demo lowers that one threshold explicitly (and prints it). A wide
+# 10,000 held-out tokens, so the demo lowers that one threshold explicitly (and prints it). A wide (1024)
 # dictionary keeps the alive fraction inside the method's [0.01, 0.20] band.
 DEMO_DICTIONARY: dict[str, Any] = {
     "architecture": "topk",
     "k": 8,
-    "width": 4096,
+    "width": 1024,
+    "training_tokens": 60_000,
     "continuation_tokens": 192,
     "min_heldout_tokens": 300,
 }
