@@ -12,7 +12,7 @@ Method (docs/method.md, "Feature mediation"; paper §5.1, §5.3):
 - **Same-delta random** vectors: per event, one random unit direction (a function of the seed, the event's
   prompt id and the layer only, so independent across events and seeds and the same whatever the batching),
   scaled per cell to the norm of the decoded edit it replaces.
-- **Causal gate checks** (paper §5.1): `causal_drop_positive` (mean top-k interaction drop > 0) and
+- **Causal gate checks** (paper §5.1): `topk_causal_drop` (mean top-k interaction drop > 0) and
   `matched_random_drop` (mean matched-random interaction drop <= 0.05, logit units, signed as the paper
   states it), measured at the largest tested set.
 """
@@ -145,7 +145,7 @@ def causal_checks(
     i_mean = float(np.mean(interaction)) if len(interaction) else 0.0
     if topk_drop is None:
         causal = dict(
-            name="causal_drop_positive",
+            name="topk_causal_drop",
             value=None,
             threshold=0.0,
             passed=False,
@@ -155,7 +155,7 @@ def causal_checks(
     else:
         v = float(np.mean(topk_drop))
         causal = dict(
-            name="causal_drop_positive",
+            name="topk_causal_drop",
             value=v,
             threshold=0.0,
             passed=v > 0.0,

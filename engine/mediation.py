@@ -50,6 +50,7 @@ from crosspatch.engine.controls import (
 from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.guards import check_dictionaries
 from crosspatch.engine.noop import check_mediation_noop
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA, GATE_CHECKS_SCHEMA
@@ -150,6 +151,7 @@ class MediationConfig:
     features: tuple[tuple[str, int], ...] | None = (
         None  # explicit (dictionary id, latent) set to test instead of top-k
     )
+    allow_failed_gate: bool = False  # use trained dictionaries below the quality gate (engine/guards.py)
 
     def validate(self, dictionaries: Sequence[FeatureDictionary], pair: ModelPair) -> None:
         if not dictionaries:
@@ -446,6 +448,7 @@ class MediationResult:
     fit_ids: list[str]
     test_ids: list[str]
     noop: dict | None = None  # runtime no-op check on the first batch (engine.noop), incl. the splice
+    dictionary_checks: list[dict] = field(default_factory=list)  # gate status / override, prompt disjointness
     k_labels: list[dict] = field(default_factory=list)  # {"requested": k, "size": real set size}
     sets: dict[tuple[str, int, int], list[tuple[str, int]]] = field(
         default_factory=dict
@@ -509,6 +512,7 @@ def mediate(
     cfg.validate(dictionaries, pair)
     b = pair.resolve_boundaries(cfg.boundary)[0]
     fit, test = split_events(events, cfg.fit_fraction, cfg.split_seed)
+    dictionary_checks = check_dictionaries(dictionaries, [e.prompt_id for e in test], cfg.allow_failed_gate)
     noop = check_mediation_noop(pair, events, dictionaries, b, cfg.batch_size)  # raises NoopCheckError
     ranking = rank_features(pair, fit, dictionaries, cfg)
     if on_progress:
@@ -626,6 +630,7 @@ def mediate(
         config=asdict(cfg),
         fit_ids=[e.prompt_id for e in fit],
         test_ids=[e.prompt_id for e in test],
+        dictionary_checks=dictionary_checks,
         noop=noop.to_dict() if noop else None,
         k_labels=k_labels,
         sets={

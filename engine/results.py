@@ -148,7 +148,10 @@ GATE_CHECKS_SCHEMA = pa.schema(
         ("family", pa.string()),
         ("pair_id", pa.string()),
         ("dictionary_id", pa.string()),
-        ("check_name", pa.string()),  # causal_drop_positive, matched_random_drop, dictionary_gate, ...
+        (
+            "check_name",
+            pa.string(),
+        ),  # heldout_tokens, fve_it, l0_target, alive_fraction, topk_causal_drop, matched_random_drop, ...
         ("value", pa.float64()),  # measured value; null when it could not be measured
         ("threshold", pa.float64()),
         ("passed", pa.bool_()),

@@ -135,6 +135,8 @@ class TokenSource:
     path: Path | None = None
     ids: list[list[int]] | None = None
     text_column: str = "text"
+    prompt_ids: list[str] | None = None  # prompts: keep only these ids; ids: the prompt id of each sequence
+    split: dict[str, Any] | None = None  # how the training prompts were chosen (recorded, see `describe`)
 
     def fingerprint(self) -> str:
         """A hash of the source's content, stored in the manifest so a resume cannot mix sources."""
@@ -150,7 +152,40 @@ class TokenSource:
         return _sha256_file(self.path)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path) if self.path else None, "hash": self.fingerprint()}
+        """What the manifest (and so every dictionary trained on the cache) records about the source.
+
+        `prompt_ids` lists the prompt ids whose tokens were cached (prompt sources, or id sources built
+        from prompts), so mediation can check that no test event's prompt trained the dictionary; `split`
+        says how they were chosen (e.g. the mediation fit split). Other sources have `prompt_ids` None
+        (a separate corpus, not keyed by prompt id)."""
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "path": str(self.path) if self.path else None,
+            "hash": self.fingerprint(),
+        }
+        ids = self.prompt_ids
+        if ids is None and self.kind == "prompts":
+            ids = [str(r.get("id")) for r in self._records() if r.get("id") is not None]
+        if ids is not None:
+            out["prompt_ids"] = list(ids)
+        if self.split is not None:
+            out["split"] = dict(self.split)
+        return out
+
+    def _records(self) -> Iterator[dict[str, Any]]:
+        """Prompt records of a `prompts` source, filtered to `prompt_ids` when given."""
+        assert self.path is not None
+        keep = set(self.prompt_ids) if self.prompt_ids is not None and self.kind == "prompts" else None
+        with open(self.path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PromptFileError(f"{self.path}:{i}: not valid JSON ({e.msg})") from None
+                if keep is None or str(rec.get("id")) in keep:
+                    yield rec
 
     def texts(self) -> Iterator[str]:
         """Raw texts (not for `ids` sources)."""
@@ -161,15 +196,8 @@ class TokenSource:
                     if line.strip():
                         yield line.rstrip("\n")
         elif self.kind == "prompts":
-            with open(self.path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise PromptFileError(f"{self.path}:{i}: not valid JSON ({e.msg})") from None
-                    yield raw_prompt(rec)
+            for rec in self._records():
+                yield raw_prompt(rec)
         elif self.kind == "dataset":
             try:
                 import datasets  # optional dependency

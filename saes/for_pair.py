@@ -1,8 +1,13 @@
 """Train a dictionary for one PT/IT pair end to end: token source, activation cache, training, gate.
 
 The token source follows the method: each prompt followed by greedy PT continuations (EOS disabled), so
-the dictionary sees the states the first-divergence events come from. Used by the pipeline job and the
-demo; the pieces (`saes.cache`, `saes.train`) stay usable on their own.
+the dictionary sees the states the first-divergence events come from. Dictionaries never see evaluation
+prompts (method section 5.1): by default (`training_prompts="mediation_fit"`) the prompts whose events
+mediation will test (the test side of `engine.mediation.split_events` with the same fit fraction and seed)
+are dropped before caching; `"all"` says the prompts are a separate corpus. The kept prompt ids and the
+split are recorded in the cache manifest's source, hence in the dictionary's metadata, and mediation
+refuses test events among them (`engine.guards`). Used by the pipeline job and the demo; the pieces
+(`saes.cache`, `saes.train`) stay usable on their own.
 """
 
 from __future__ import annotations
@@ -13,14 +18,53 @@ from typing import Any
 
 import torch
 
-from crosspatch.engine.divergence import eos_ids, left_pad, real_token_mask
+from crosspatch.engine.divergence import DivergenceEvent, eos_ids, find_divergences, left_pad, real_token_mask
+from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.mediation import split_events
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.prompts import PromptRecord
-from crosspatch.saes.cache import build_cache
+from crosspatch.saes.cache import TokenSource, build_cache
 from crosspatch.saes.load import Dictionary, load_dictionary
+from crosspatch.saes.quality import GateConfig
 from crosspatch.saes.train import make_config, train_dictionary
 
 ROLE_MODELS = {"it": ("it",), "pt": ("pt",), "paired": ("pt", "it")}
+TRAINING_PROMPTS = ("mediation_fit", "all")
+
+
+def mediation_training_prompts(
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
+    events: Sequence[DivergenceEvent] | None = None,
+    *,
+    fit_fraction: float = 0.27,
+    split_seed: int = 0,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+) -> tuple[list[PromptRecord], dict[str, Any]]:
+    """The prompts a dictionary may train on: all but those whose events mediation tests, and the split.
+
+    `events` are the prompts' first-divergence events (computed with `max_new_tokens` if not given); the
+    test side is `engine.mediation.split_events(events, fit_fraction, split_seed)`, exactly what a mediation
+    run with the same fit fraction and seed tests. Prompts without a scored event are never tested and stay.
+    """
+    if events is None:
+        events = find_divergences(pair, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    fit, test = split_events(events, fit_fraction, split_seed)
+    test_ids = {e.prompt_id for e in test}
+    keep = [p for p in prompts if p.id not in test_ids]
+    fit_ids = {e.prompt_id for e in fit}
+    split = {
+        "kind": "mediation_fit",
+        "fit_fraction": fit_fraction,
+        "split_seed": split_seed,
+        "max_new_tokens": max_new_tokens,
+        "n_prompts": len(prompts),
+        "n_fit": len(fit_ids),
+        "n_without_event": sum(p.id not in fit_ids for p in keep),
+        "excluded_test_prompt_ids": sorted(test_ids),
+    }
+    return keep, split
 
 
 @torch.no_grad()
@@ -69,16 +113,40 @@ def train_for_pair(
     lr: float = 3e-4,
     seed: int = 0,
     progress: Callable[[Any], None] | None = None,
+    training_prompts: str = "mediation_fit",
+    events: Sequence[DivergenceEvent] | None = None,
+    fit_fraction: float = 0.27,
+    split_seed: int = 0,
+    max_new_tokens: int = 128,
+    gate: GateConfig | None = None,
 ) -> Dictionary:
     """Cache `role`'s MLP activations at `layer` (default: the last) and train an `architecture` dictionary.
 
+    `training_prompts="mediation_fit"` trains only on prompts outside the mediation test split of
+    `events` (see `mediation_training_prompts`); `"all"` uses every prompt (a separate corpus). `gate` is
+    the quality gate applied after training (default: the method's, 10,000 held-out tokens minimum).
     Resumes: an existing finished dictionary in `out_dir/dictionary` is loaded instead of retrained, and
     the cache and training resume from their own checkpoints.
     """
+    if training_prompts not in TRAINING_PROMPTS:
+        raise CrosspatchError(
+            f"unknown training_prompts {training_prompts!r}; valid: {', '.join(TRAINING_PROMPTS)}"
+        )
     out = Path(out_dir)
     final = out / "dictionary"
     if (final / "cfg.json").is_file():
         return load_dictionary(final)
+    if training_prompts == "mediation_fit":
+        prompts, split = mediation_training_prompts(
+            pair,
+            prompts,
+            events,
+            fit_fraction=fit_fraction,
+            split_seed=split_seed,
+            max_new_tokens=max_new_tokens,
+        )
+    else:
+        split = {"kind": "all", "n_prompts": len(prompts), "note": "the prompts are a separate corpus"}
     layer = pair.n_layers - 1 if layer is None else layer
     width = width or 8 * pair.it_adapter.d_model
     crosscoder = architecture.endswith("crosscoder")
@@ -86,8 +154,9 @@ def train_for_pair(
     models = {r: pair.it if r == "it" else pair.pt for r in roles}
     hooks = ("mlp_in", "mlp_out") if "transcoder" in architecture else ("mlp_out",)
     sequences = greedy_continuations(pair, prompts, continuation_tokens)
+    source = TokenSource(kind="ids", ids=sequences, prompt_ids=[p.id for p in prompts], split=split)
     cache = build_cache(
-        out / "cache", models, sequences, layers=[layer], hook_points=hooks, tokenizer=pair.tokenizer
+        out / "cache", models, source, layers=[layer], hook_points=hooks, tokenizer=pair.tokenizer
     )
     n_rows = int(cache.manifest["n_tokens"])
     batch_size = min(batch_size, max(8, n_rows // 8))
@@ -105,4 +174,4 @@ def train_for_pair(
     if not crosscoder:
         options["model_role"] = roles[0]
     cfg = make_config(architecture, **options)
-    return train_dictionary(cfg, cache, final, models=models, progress=progress)
+    return train_dictionary(cfg, cache, final, models=models, progress=progress, gate=gate)

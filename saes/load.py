@@ -121,6 +121,18 @@ class Dictionary:
         return str(self.meta.get("gate", {}).get("status", "not_evaluated"))
 
     @property
+    def training_prompt_ids(self) -> frozenset[str] | None:
+        """Prompt ids whose tokens trained this dictionary (from its cache's source); None if unknown
+        (a separate corpus not keyed by prompt id, or a dictionary crosspatch did not train)."""
+        ids = ((self.meta.get("cache") or {}).get("source") or {}).get("prompt_ids")
+        return None if ids is None else frozenset(str(i) for i in ids)
+
+    @property
+    def training_split(self) -> dict[str, Any] | None:
+        """How the training prompts were chosen (e.g. the mediation fit split), as recorded by the cache."""
+        return ((self.meta.get("cache") or {}).get("source") or {}).get("split")
+
+    @property
     def W_dec(self) -> dict[str, torch.Tensor]:
         w = self.sae.W_dec.detach()
         if isinstance(self.sae, Crosscoder):

@@ -24,7 +24,20 @@ ROW_FIELDS = (
 def registry_row(meta: dict[str, Any]) -> dict[str, Any]:
     """The registry/table row of a dictionary's metadata (what app/store persists)."""
     row = {f: meta.get(f) for f in ROW_FIELDS}
-    row["gate_status"] = meta.get("gate", {}).get("status", "not_evaluated")
+    gate = meta.get("gate") or {}
+    row["gate_status"] = gate.get("status", "not_evaluated")
+    row["gate_checks"] = [
+        {k: c.get(k) for k in ("name", "value", "threshold", "passed", "status")}
+        for c in gate.get("checks") or []
+        if isinstance(c, dict)
+    ]  # every check by name (method section 5.1); causal ones "pending" until mediation fills them
+    row["gate_overrides"] = list(gate.get("overrides") or [])
+    source = (meta.get("cache") or {}).get("source") or {}
+    ids = source.get("prompt_ids")
+    row["training_prompts"] = {
+        "n": None if ids is None else len(ids),
+        "split": source.get("split"),
+    }  # which prompts trained it: mediation refuses test events among them
     row["metrics"] = meta.get("metrics", {})
     row["pair"] = {r: (m or {}).get("path") for r, m in (meta.get("cache", {}).get("models") or {}).items()}
     return row

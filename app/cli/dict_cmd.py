@@ -58,9 +58,23 @@ def cache_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     max_seq_len: Annotated[int, typer.Option(min=1)] = 512,
     max_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    training_prompts: Annotated[
+        str,
+        typer.Option(
+            help="Prompt JSONL sources: 'mediation_fit' drops the prompts whose events mediation tests "
+            "(needs --pt and --it); 'all' caches every prompt (the file is a separate corpus)."
+        ),
+    ] = "mediation_fit",
+    fit_fraction: Annotated[float, typer.Option(help="Mediation fit fraction (as `mediate`).")] = 0.27,
+    split_seed: Annotated[int, typer.Option(help="Mediation split seed (as `mediate`).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Divergence budget (as `mediate`).")] = 128,
 ) -> None:
-    """Cache MLP inputs/outputs of PT and/or IT on a token source (sharded, resumable)."""
-    from crosspatch.saes.cache import build_cache, load_model
+    """Cache MLP inputs/outputs of PT and/or IT on a token source (sharded, resumable).
+
+    A prompt JSONL source is first split as mediation will split it: only prompts outside the mediation
+    test split are cached, and their ids and the split are recorded (dictionaries never see evaluation
+    prompts; `crosspatch mediate` refuses test events among them)."""
+    from crosspatch.saes.cache import build_cache, load_model, token_source
 
     if organism:
         from crosspatch.engine.organisms import organism_path
@@ -76,12 +90,45 @@ def cache_cmd(
         raise CrosspatchError("give --pt and/or --it (or --organism NAME)")
     if source is None:
         raise CrosspatchError("missing --source (prompt JSONL, text file, ids JSONL or datasets dir)")
-    loaded = {r: load_model(p) for r, p in paths.items()}
+    if training_prompts not in ("mediation_fit", "all"):
+        raise CrosspatchError(f"unknown --training-prompts {training_prompts!r}; valid: mediation_fit, all")
+    src = token_source(source)
+    if src.kind == "prompts" and training_prompts == "mediation_fit":
+        if set(paths) != {"pt", "it"}:
+            raise CrosspatchError(
+                "--training-prompts mediation_fit needs --pt and --it (to find the events mediation tests); "
+                "pass --training-prompts all if the prompt file is a separate corpus"
+            )
+        from crosspatch.engine.pairs import load_pair
+        from crosspatch.engine.prompts import load_prompts
+        from crosspatch.saes.for_pair import mediation_training_prompts
+
+        pair = load_pair(paths["pt"], paths["it"], pair_id=organism)
+        keep, split = mediation_training_prompts(
+            pair,
+            load_prompts(src.path),
+            fit_fraction=fit_fraction,
+            split_seed=split_seed,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
+        src.prompt_ids, src.split = [p.id for p in keep], split
+        typer.echo(
+            f"training prompts: {len(keep)} of {split['n_prompts']} ({split['n_fit']} in the mediation fit "
+            f"split, {split['n_without_event']} without an event); "
+            f"{len(split['excluded_test_prompt_ids'])} test prompts excluded",
+            err=True,
+        )
+        loaded = {"pt": (pair.pt, pair.tokenizer), "it": (pair.it, pair.tokenizer)}
+    else:
+        kind = "all" if src.kind == "prompts" else "separate_corpus"
+        src.split = {"kind": kind, "note": "not the mediation prompts (the caller's responsibility)"}
+        loaded = {r: load_model(p) for r, p in paths.items()}
     tok = next(iter(loaded.values()))[1]
     c = build_cache(
         out,
         {r: m for r, (m, _) in loaded.items()},
-        source,
+        src,
         layers,
         hooks,
         tok,
@@ -134,11 +181,14 @@ def train_cmd(
         bool, typer.Option(help="Also measure CE/KL with the reconstruction spliced in.")
     ] = False,
     min_fve: Annotated[float, typer.Option(help="Quality gate: minimum held-out FVE per branch.")] = 0.75,
+    min_heldout_tokens: Annotated[
+        int, typer.Option(min=1, help="Quality gate: minimum held-out tokens (fewer: the gate fails).")
+    ] = 10_000,
+    max_alive: Annotated[float, typer.Option(help="Quality gate: maximum alive fraction.")] = 0.20,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Extra config option key=value.")] = None,
 ) -> None:
     """Train one dictionary on a cache (resumes from its checkpoint), evaluate it, apply the gate."""
     from crosspatch.saes.cache import ActivationCache
-    from crosspatch.saes.quality import GateConfig
     from crosspatch.saes.train import CONFIGS, Progress, make_config, train_dictionary
 
     kwargs: dict[str, Any] = dict(
@@ -177,9 +227,29 @@ def train_cmd(
         progress=report,
         checkpoint_every=checkpoint_every,
         models=models,
-        gate=GateConfig(min_fve=min_fve),
+        gate=_gate(min_fve, min_heldout_tokens, max_alive),
     )
+    _print_gate(d.meta)
     typer.echo(json.dumps(_summary(d.meta)))
+
+
+def _gate(min_fve: float, min_heldout_tokens: int, max_alive: float) -> Any:
+    """The gate from CLI options (the method's defaults unless lowered explicitly)."""
+    from crosspatch.saes.quality import GateConfig
+
+    try:
+        return GateConfig(
+            min_fve=min_fve, min_heldout_tokens=min_heldout_tokens, alive_range=(0.01, max_alive)
+        )
+    except ValueError as e:
+        raise CrosspatchError(str(e)) from None
+
+
+def _print_gate(meta: dict[str, Any]) -> None:
+    """Every gate check by name on stderr (stdout stays one JSON line)."""
+    from crosspatch.saes.quality import format_gate
+
+    typer.echo(format_gate(meta.get("gate") or {}), err=True)
 
 
 def _models_for(c: Any, role: str) -> dict[str, Any]:
@@ -208,9 +278,16 @@ def _summary(meta: dict[str, Any]) -> dict[str, Any]:
         "training_tokens",
         "path",
     )
+    source = (meta.get("cache") or {}).get("source") or {}
     return {
         **{k: meta.get(k) for k in keys},
         "gate": meta.get("gate", {}).get("status"),
+        "gate_checks": [
+            {k: c.get(k) for k in ("name", "value", "threshold", "passed", "status")}
+            for c in meta.get("gate", {}).get("checks") or []
+        ],
+        "training_prompts": None if source.get("prompt_ids") is None else len(source["prompt_ids"]),
+        "training_split": (source.get("split") or {}).get("kind"),
         "metrics": {k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))},
     }
 
@@ -233,10 +310,14 @@ def eval_cmd(
         bool, typer.Option(help="Also measure CE/KL with the reconstruction spliced in.")
     ] = False,
     min_fve: Annotated[float, typer.Option()] = 0.75,
+    min_heldout_tokens: Annotated[
+        int, typer.Option(min=1, help="Minimum held-out tokens (fewer: the gate fails).")
+    ] = 10_000,
+    max_alive: Annotated[float, typer.Option(help="Maximum alive fraction.")] = 0.20,
 ) -> None:
     """Re-evaluate a dictionary on held-out tokens and rewrite its gate status."""
     from crosspatch.saes.cache import ActivationCache
-    from crosspatch.saes.quality import GateConfig, evaluate_dictionary
+    from crosspatch.saes.quality import evaluate_dictionary
 
     d = _resolve(ref, registry)
     c = ActivationCache(cache)
@@ -245,9 +326,10 @@ def eval_cmd(
         d,
         c,
         models=models,
-        gate=GateConfig(min_fve=min_fve),
+        gate=_gate(min_fve, min_heldout_tokens, max_alive),
         heldout_fraction=d.meta.get("train_config", {}).get("heldout_fraction", 0.1),
     )
+    _print_gate(d.meta)
     typer.echo(json.dumps(_summary(d.meta)))
 
 

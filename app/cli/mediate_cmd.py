@@ -73,6 +73,7 @@ def mediate(
         n_random_seeds=n_random_seeds,
         neighbours=neighbours,
         batch_size=batch_size,
+        allow_failed_gate=allow_failed_gate,
     )
     result = run_mediation(model_pair, events, dicts, cfg, on_progress=lambda m: typer.echo(f"  {m}"))
     out.mkdir(parents=True, exist_ok=True)
@@ -87,8 +88,10 @@ def mediate(
     typer.echo(format_checks(result.checks, result.controls))
     for g in gates:
         if g["overridden"]:
+            failed = ", ".join(g["override"]["failed"]) or "not evaluated"
             typer.echo(
-                f"note: dictionary {g['dictionary']} is below the quality gate ({g['gate_status']}); used by override"
+                f"note: dictionary {g['dictionary']} is below the quality gate ({g['gate_status']}: {failed}); "
+                "used by override, recorded in its crosspatch_meta.json"
             )
     typer.echo(
         f"\nwrote {out}/feature_effects.parquet and feature_acts.parquet in {time.perf_counter() - t0:.1f}s"

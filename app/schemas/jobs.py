@@ -119,6 +119,17 @@ class DictionaryOptions(_Spec):
     batch_size: int = Field(default=256, ge=8, le=65_536)
     lr: float = Field(default=3e-4, gt=0, le=1.0)
     seed: int = Field(default=0, ge=0)
+    training_prompts: Literal["mediation_fit", "all"] = Field(
+        default="mediation_fit",
+        description="mediation_fit: train only on prompts outside the mediation test split (method 5.1); "
+        "all: every prompt (they are a separate corpus, not the mediation prompts).",
+    )
+    min_heldout_tokens: int = Field(
+        default=10_000, ge=1, le=10**9, description="Quality gate: fewer held-out tokens fail the gate."
+    )
+    max_alive_fraction: float = Field(
+        default=0.20, ge=0.01, le=1.0, description="Quality gate: alive fraction must lie in [0.01, this]."
+    )
 
     @model_validator(mode="after")
     def _k_width(self) -> DictionaryOptions:
@@ -137,6 +148,11 @@ class TrainDictionarySpec(_PromptsSpec):
         default="IT", description="Whose activations; crosscoders are always paired."
     )
     dictionary: DictionaryOptions = Field(default_factory=DictionaryOptions)
+    # the mediation split the dictionary must not train on (dictionary.training_prompts="mediation_fit"):
+    # what a mediation job with these settings on the same prompts would test
+    max_new_tokens: int = Field(default=32, ge=1, le=1024, description="Divergence budget of that mediation.")
+    fit_fraction: float = Field(default=0.27, gt=0.0, lt=1.0, description="Its fit fraction.")
+    split_seed: int = Field(default=0, ge=0, description="Its split seed.")
 
 
 class LoadDictionarySpec(_Spec):

@@ -204,6 +204,7 @@ def _mediation_config(options: MediationOptions, boundary: int | None, batch_siz
         neighbours=options.neighbours,
         boundary=boundary,
         batch_size=batch_size,
+        allow_failed_gate=options.allow_failed_gate,
     )
 
 
@@ -220,19 +221,19 @@ def _mediate_pair(
     """Gate check, then mediation -> `feature_effects.<tag>all` / `feature_acts.<tag>all` parts."""
     from crosspatch.engine.mediation import BranchView
     from crosspatch.engine.mediation import mediate as run_mediation
-    from crosspatch.saes.quality import require_gate
+    from crosspatch.saes.quality import record_causal_checks, require_gate
 
     done = ctx.completed_parts()
     if f"feature_effects.{tag}all" in done and f"feature_acts.{tag}all" in done:
         ctx.log(f"resumed: mediation of {pair.pair_id} already done")
         return
     gate = require_gate(dictionary, override=options.allow_failed_gate, reason=f"job {ctx.job_id}")
-    ctx.provenance.setdefault("dictionaries", {})[pair.pair_id] = {
-        "id": dictionary.id,
-        "path": str(dictionary.path),
-        "gate": gate,
-        "metrics": dictionary.meta.get("metrics"),
-    }
+    ctx.provenance.setdefault("dictionaries", {}).setdefault(pair.pair_id, {}).update(
+        id=dictionary.id,
+        path=str(dictionary.path),
+        gate=gate,  # status, every check by name, and the override record when overridden
+        metrics=dictionary.meta.get("metrics"),
+    )
     if gate["overridden"]:
         ctx.log(
             f"dictionary {dictionary.id} is below the quality gate ({gate['gate_status']}); used by override",
@@ -248,37 +249,55 @@ def _mediate_pair(
         "config": result.config,
         "k_labels": result.k_labels,
         "controls": result.controls,
+        "dictionary_checks": result.dictionary_checks,  # gate / override, no test prompt trained it
     }
-    ctx.provenance["dictionaries"][pair.pair_id]["causal_checks"] = result.checks
-    ctx.write_part(f"gate_checks.{tag}all", _gate_checks(result, pair, view.id, gate))
+    # the causal checks complete the dictionary's gate for this job (kept in provenance and DuckDB; the
+    # dictionary's files are not rewritten by a worker)
+    full_gate = record_causal_checks(dictionary, result.checks, source=f"job {ctx.job_id}", save=False)
+    ctx.provenance["dictionaries"][pair.pair_id]["gate_after_mediation"] = full_gate
+    ctx.write_part(f"gate_checks.{tag}all", _gate_checks(pair, view.id, full_gate))
     ctx.write_part(f"feature_acts.{tag}all", result.feature_acts)
     ctx.write_part(f"feature_effects.{tag}all", result.effects)
 
 
-def _gate_checks(result: Any, pair: Any, dictionary_id: str, gate: dict) -> Any:
-    """The job's gate_checks rows: mediation's causal checks plus the dictionary's own gate status."""
+def _gate_checks(pair: Any, dictionary_id: str, gate: dict) -> Any:
+    """The job's gate_checks rows: every named check of the dictionary's gate, causal ones included."""
     import pyarrow as pa
 
     from crosspatch.engine.results import GATE_CHECKS_SCHEMA
 
-    status = gate["gate_status"]
-    own = {
-        "family": pair.family,
-        "pair_id": pair.pair_id,
-        "dictionary_id": dictionary_id,
-        "check_name": "dictionary_gate",
-        "value": None,
-        "threshold": None,
-        "passed": status == "passed",
-        "detail": status + (" (used by override)" if gate["overridden"] else ""),
-    }
-    own_table = pa.Table.from_pylist([own], schema=GATE_CHECKS_SCHEMA)
-    return pa.concat_tables([result.checks_table(pair), own_table])
+    rows = [
+        {
+            "family": pair.family,
+            "pair_id": pair.pair_id,
+            "dictionary_id": dictionary_id,
+            "check_name": c["name"],
+            "value": c.get("value") if isinstance(c.get("value"), int | float) else None,
+            "threshold": None,
+            "passed": c["status"] in ("passed", "not_applicable"),
+            "detail": f"{c['status']} ({c['threshold']}): {c.get('detail') or ''}",
+        }
+        for c in gate["checks"]
+    ]
+    return pa.Table.from_pylist(rows, schema=GATE_CHECKS_SCHEMA)
 
 
-def _train(pair: Any, prompts: Sequence[Any], opts: DictionaryOptions, role: str, out: Path) -> Any:
+def _train(
+    pair: Any,
+    prompts: Sequence[Any],
+    opts: DictionaryOptions,
+    role: str,
+    out: Path,
+    *,
+    events: Sequence[Any] | None = None,
+    mediation: MediationOptions | None = None,
+    max_new_tokens: int = 32,
+) -> Any:
+    """Train (or reload) the pair's dictionary on the prompts outside the mediation test split."""
     from crosspatch.saes.for_pair import train_for_pair
+    from crosspatch.saes.quality import GateConfig
 
+    mediation = mediation or MediationOptions()
     return train_for_pair(
         pair,
         prompts,
@@ -293,19 +312,38 @@ def _train(pair: Any, prompts: Sequence[Any], opts: DictionaryOptions, role: str
         batch_size=opts.batch_size,
         lr=opts.lr,
         seed=opts.seed,
+        training_prompts=opts.training_prompts,
+        events=events,
+        fit_fraction=mediation.fit_fraction,
+        split_seed=mediation.split_seed,
+        max_new_tokens=max_new_tokens,
+        gate=GateConfig(
+            min_heldout_tokens=opts.min_heldout_tokens, alive_range=(0.01, opts.max_alive_fraction)
+        ),
     )
 
 
 def _record_dictionary(ctx: JobContext, dictionary: Any, pair: Any) -> None:
+    from crosspatch.saes.quality import describe_check
+
     ctx.register_dictionary(dictionary, pair)
     fve = (dictionary.meta.get("metrics") or {}).get("fve_min")
+    gate = dictionary.meta.get("gate") or {}
+    split = dictionary.training_split
+    ids = dictionary.training_prompt_ids
     ctx.provenance.setdefault("dictionaries", {})[pair.pair_id] = {
         "id": dictionary.id,
         "path": str(dictionary.path),
         "gate": dictionary.gate_status,
+        "gate_checks": gate.get("checks", []),  # every check by name; causal ones pending until mediation
+        "gate_config": gate.get("config"),
         "metrics": dictionary.meta.get("metrics"),
+        "training_prompt_ids": None if ids is None else sorted(ids),
+        "training_split": split,
     }
     ctx.log(f"{pair.pair_id}: dictionary {dictionary.id} (FVE {fve}) gate {dictionary.gate_status}")
+    for c in gate.get("checks", []):
+        ctx.log(f"{pair.pair_id}: gate check {describe_check(c)}")
 
 
 @register("train_dictionary")
@@ -316,7 +354,13 @@ def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
     ctx.progress(0.05, f"{pair.pair_id}: training dictionary ({spec.dictionary.architecture})")
     role = {"IT": "it", "PT": "pt", "paired": "paired"}[spec.model_role]
     dictionary = _train(
-        pair, load_prompt_records(spec), spec.dictionary, role, ctx.checkpoint_dir / "dictionary"
+        pair,
+        load_prompt_records(spec),
+        spec.dictionary,
+        role,
+        ctx.checkpoint_dir / "dictionary",
+        mediation=MediationOptions(fit_fraction=spec.fit_fraction, split_seed=spec.split_seed),
+        max_new_tokens=spec.max_new_tokens,
     )
     _record_dictionary(ctx, dictionary, pair)
     ctx.progress(1.0, "train_dictionary: done")
@@ -381,12 +425,21 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
         _crosspatch_chunks(pair, prompts, spec, ctx, boundaries, tag, (lo, lo + 0.4 * span))
         ctx.check_cancel()
         opts = spec.dictionary
-        ctx.progress(lo + 0.45 * span, f"{pair_id}: training dictionary ({opts.architecture})")
-        dictionary = _train(pair, prompts, opts, "it", ctx.checkpoint_dir / f"dictionary-{tag.rstrip('.')}")
-        _record_dictionary(ctx, dictionary, pair)
-        ctx.check_cancel()
         events_tbl = ctx.read_parts("events", prefix=tag)
         events = events_from_table(events_tbl) if events_tbl is not None else []
+        ctx.progress(lo + 0.45 * span, f"{pair_id}: training dictionary ({opts.architecture})")
+        dictionary = _train(
+            pair,
+            prompts,
+            opts,
+            "it",
+            ctx.checkpoint_dir / f"dictionary-{tag.rstrip('.')}",
+            events=events,  # the events mediation tests below: their test split never trains it
+            mediation=spec.mediation,
+            max_new_tokens=spec.max_new_tokens,
+        )
+        _record_dictionary(ctx, dictionary, pair)
+        ctx.check_cancel()
         ctx.progress(lo + 0.7 * span, f"{pair_id}: mediation")
         _mediate_pair(pair, events, dictionary, spec.mediation, headline, spec.batch_size, ctx, tag)
         ctx.progress(lo + span, f"{pair_id}: done")

@@ -165,7 +165,7 @@ def _mediation_job(
 def _evidence_store(tmp_path: Path) -> ResultsStore:
     """Two jobs on dictionary 'good' (gate passed), one on 'bad' (matched_random_drop failed)."""
     store = ResultsStore(tmp_path / "r.duckdb")
-    passed = [_check("good", "causal_drop_positive", True), _check("good", "matched_random_drop", True)]
+    passed = [_check("good", "topk_causal_drop", True), _check("good", "matched_random_drop", True)]
     _mediation_job(
         store,
         tmp_path,
@@ -195,7 +195,7 @@ def _evidence_store(tmp_path: Path) -> ResultsStore:
             _row("bad", "attribution", 7, 5.0, 10),
             _row("bad", "ablate_single", 7, 0.1, 20, ci_low=-0.1, ci_high=0.3),
         ],
-        [_check("bad", "causal_drop_positive", True), _check("bad", "matched_random_drop", False)],
+        [_check("bad", "topk_causal_drop", True), _check("bad", "matched_random_drop", False)],
     )
     return store
 
@@ -235,7 +235,7 @@ def test_top_features_carry_held_out_evidence_and_leave_out_failed_gates(tmp_pat
         tmp_path,
         "c",
         [_row("bad", "attribution", 7, 5.0, 10)],
-        [_check("bad", "causal_drop_positive", True), _check("bad", "matched_random_drop", True)],
+        [_check("bad", "topk_causal_drop", True), _check("bad", "matched_random_drop", True)],
     )
     assert store.query("top_features", limit=1).to_pylist()[0]["gate_status"] == "passed"
     store.close()

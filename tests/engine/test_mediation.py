@@ -154,8 +154,8 @@ def test_matched_random_never_draws_a_planted_latent_and_removes_nothing():
     assert rows[("ablate_topk", "share", 4)]["effect"] >= 0.8
     # the causal gate checks, by name, measured at the largest set
     checks = {c["name"]: c for c in res.checks}
-    assert checks["causal_drop_positive"]["passed"] and checks["causal_drop_positive"]["k"] == 4
-    assert checks["causal_drop_positive"]["value"] == pytest.approx(
+    assert checks["topk_causal_drop"]["passed"] and checks["topk_causal_drop"]["k"] == 4
+    assert checks["topk_causal_drop"]["value"] == pytest.approx(
         rows[("ablate_topk", "interaction_drop", 4)]["effect"]
     )
     assert checks["matched_random_drop"]["passed"]
@@ -164,7 +164,7 @@ def test_matched_random_never_draws_a_planted_latent_and_removes_nothing():
     )
     table = res.checks_table(pair).to_pylist()
     assert {(r["dictionary_id"], r["check_name"], r["passed"]) for r in table} == {
-        ("oracle", "causal_drop_positive", True),
+        ("oracle", "topk_causal_drop", True),
         ("oracle", "matched_random_drop", True),
     }
     # held-out single-feature ablations: each planted latent fires for its own answer word only, so the

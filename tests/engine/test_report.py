@@ -54,15 +54,14 @@ def test_shares_print_only_where_the_interaction_ci_excludes_zero_and_unavailabl
 
 def test_checks_are_printed_by_name_with_the_unavailable_reason():
     checks = [
-        dict(
-            name="causal_drop_positive", value=1.0, threshold=0.0, passed=True, k=4, detail="mean top-4 drop"
-        ),
+        dict(name="topk_causal_drop", value=1.0, threshold=0.0, passed=True, k=4, detail="mean top-4 drop"),
         dict(
             name="matched_random_drop", value=None, threshold=0.05, passed=False, k=4, detail="unavailable: x"
         ),
     ]
     controls = {"matched_random": {"by_k": {4: {"available": False, "reason": "pool too small at k=4"}}}}
     text = format_checks(checks, controls)
-    assert "  causal_drop_positive           +1  threshold 0  passed: mean top-4 drop" in text
-    assert "  matched_random_drop             -  threshold 0.05  FAILED: unavailable: x" in text
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    assert "topk_causal_drop +1 threshold 0 passed: mean top-4 drop" in lines
+    assert "matched_random_drop - threshold 0.05 FAILED: unavailable: x" in lines
     assert "matched-random control unavailable at k=4: pool too small at k=4" in text

@@ -87,7 +87,20 @@ def test_dict_cli_end_to_end(tmp_path: Path, model_dir: Path, capsys: pytest.Cap
     assert code == 0 and out.count("\n") == 1 and summary["id"] in out
     code, out, _ = _run(capsys, "dict", "show", summary["id"], "--registry", str(reg))
     assert code == 0 and json.loads(out)["width"] == 16
-    code, out, _ = _run(capsys, "dict", "eval", summary["path"], "--cache", str(cache), "--min-fve", "-10")
+    code, out, _ = _run(
+        capsys,
+        "dict",
+        "eval",
+        summary["path"],
+        "--cache",
+        str(cache),
+        "--min-fve",
+        "-10",
+        "--min-heldout-tokens",
+        "1",
+        "--max-alive",
+        "1.0",
+    )
     assert code == 0 and json.loads(out)["gate"] == "passed"
 
 

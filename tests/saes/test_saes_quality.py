@@ -38,14 +38,18 @@ def test_mediated_sae_passes_gate_and_finds_planted_directions(tmp_path: Path, m
         lr=3e-3,
         dead_feature_window=50,
     )
-    d = train_dictionary(cfg, cache, tmp_path, models={"it": it})
+    # explicit, lowered gate settings for a 10k-token organism cache with 4 planted features in 16 latents
+    gate = GateConfig(min_heldout_tokens=500, alive_range=(0.01, 0.5))
+    d = train_dictionary(cfg, cache, tmp_path, models={"it": it}, gate=gate)
     cos = (dirs @ _unit(d.W_dec["it"]).T).max(-1).values
     assert cos.min() >= 0.9, cos
     m = d.meta["metrics"]
     assert d.gate_status == "passed" and m["fve_it"] >= 0.75
     assert m["kl_it"] < 0.05 and abs(m["delta_ce_it"]) < 0.1  # splicing the reconstruction barely moves IT
     assert m["n_splice_tokens_it"] > 0
-    assert require_gate(d) == {"dictionary": d.id, "gate_status": "passed", "overridden": False}
+    rec = require_gate(d)
+    assert rec["gate_status"] == "passed" and not rec["overridden"]
+    assert {c["name"]: c["status"] for c in rec["checks"]}["l0_target"] == "passed"
 
 
 @pytest.mark.slow
@@ -79,7 +83,8 @@ def test_mediated_crosscoder_finds_it_only_latents(tmp_path: Path, mediated) -> 
     m = x.meta["metrics"]
     assert m["fve_it"] >= 0.75
     # PT's final MLP output is dense noise the crosscoder cannot explain: gate fails honestly on PT.
-    assert x.meta["gate"]["checks"]["fve_pt"]["ok"] is (m["fve_pt"] >= 0.75)
+    checks = {c["name"]: c for c in x.meta["gate"]["checks"]}
+    assert checks["fve_pt"]["passed"] is (m["fve_pt"] >= 0.75)
 
 
 def test_gate_failure_is_kept_refused_and_overridable(tmp_path: Path, planted_source) -> None:
@@ -88,17 +93,21 @@ def test_gate_failure_is_kept_refused_and_overridable(tmp_path: Path, planted_so
     d = train_dictionary(cfg, src, tmp_path)  # 2 latents for 12 directions: far below the gate
     assert d.gate_status == "failed" and d.meta["metrics"]["fve_it"] < 0.75
     assert (tmp_path / "sae_weights.safetensors").exists()  # kept
-    with pytest.raises(GateFailedError, match=r"gate status 'failed' \(FVE min -?\d\.\d+ < 0.75\)"):
+    with pytest.raises(
+        GateFailedError, match=r"gate status 'failed': .*fve_it -?\d\.\d+ \(>= 0.75\): failed"
+    ):
         require_gate(d)
     rec = require_gate(d, override=True, reason="ablation study")
     assert rec["overridden"] and rec["gate_status"] == "failed"
     again = load_dictionary(tmp_path)
     assert again.meta["gate"]["overrides"][0]["reason"] == "ablation study"
     # a looser gate passes the same dictionary; the status is rewritten on disk
-    evaluate_dictionary(again, src, gate=GateConfig(min_fve=-1.0))
+    loose = GateConfig(min_fve=-1.0, min_heldout_tokens=1000, alive_range=None)
+    evaluate_dictionary(again, src, gate=loose)
     assert json.loads((tmp_path / "crosspatch_meta.json").read_text())["gate"]["status"] == "passed"
-    evaluate_dictionary(again, src, gate=GateConfig(min_fve=-1.0, alive_range=(0.01, 0.2)))
-    assert again.gate_status == "failed" and not again.meta["gate"]["checks"]["alive_fraction"]["ok"]
+    evaluate_dictionary(again, src, gate=GateConfig(min_fve=-1.0, min_heldout_tokens=1000))
+    alive = {c["name"]: c for c in again.meta["gate"]["checks"]}["alive_fraction"]
+    assert again.gate_status == "failed" and alive["status"] == "failed" and alive["value"] == 1.0
 
 
 def test_splice_leaves_no_hooks_and_zero_reconstruction_is_zero_ablation(

@@ -17,6 +17,7 @@ from helpers import wait_for_file
 
 from crosspatch.saes.cache import TensorSource
 from crosspatch.saes.errors import CacheError, DictionaryConfigError
+from crosspatch.saes.quality import GateConfig
 from crosspatch.saes.train import (
     CONFIGS,
     Progress,
@@ -27,6 +28,12 @@ from crosspatch.saes.train import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+# The synthetic sources hold 12,000 rows (about 1,200 held out) and 12 planted features in 24 latents:
+# an explicit gate with a lowered held-out minimum and no upper alive bound (the method's defaults are
+# 10,000 tokens and [0.01, 0.20], tested in test_saes_gate.py).
+SYNTH_GATE = GateConfig(min_heldout_tokens=1000, alive_range=(0.01, 1.0))
 
 
 def _max_cos(dirs: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -47,7 +54,7 @@ def test_planted_directions_recovered(tmp_path: Path, planted_source, arch: str,
         **extra,
     )
     seen: list[Progress] = []
-    d = train_dictionary(cfg, src, tmp_path, progress=seen.append, log_every=50)
+    d = train_dictionary(cfg, src, tmp_path, progress=seen.append, log_every=50, gate=SYNTH_GATE)
     cos = _max_cos(dirs, d.W_dec["it"])
     assert cos.min() >= 0.9, cos
     assert d.meta["metrics"]["fve_it"] >= 0.9 and d.gate_status == "passed"
@@ -81,7 +88,7 @@ def test_crosscoder_recovers_shared_and_it_only(tmp_path: Path) -> None:
         auxk=8,
         threshold_beta=0.99,
     )
-    x = train_dictionary(cfg, src, tmp_path)
+    x = train_dictionary(cfg, src, tmp_path, gate=SYNTH_GATE)
     W_pt, W_it = x.W_dec["pt"], x.W_dec["it"]
     rel_pt = W_pt.norm(dim=-1) / (W_pt.norm(dim=-1) + W_it.norm(dim=-1))  # [F]: ~0.5 shared, ~0 IT-only
     for v in shared:
