@@ -394,6 +394,12 @@ def build_cache(
             for role, m in models.items()
         },
         "paired": len(models) > 1,
+        # HF module path of each cached layer's MLP per role (e.g. "model.layers.31.mlp"): hook_point
+        # mlp_out is that module's output, mlp_in its input. Not compared on resume.
+        "hf_modules": {
+            role: {str(layer): _module_name(m, adapters[role].mlp(layer)) for layer in layer_list}
+            for role, m in models.items()
+        },
         "layers": layer_list,
         "hook_points": hooks,
         "dtype": dtype,
@@ -492,6 +498,11 @@ def build_cache(
     manifest["complete"] = True
     _atomic_json(mpath, manifest)
     return ActivationCache(out)
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
+    """The dotted path of `module` inside `model` (as `named_modules` spells it)."""
+    return next((name for name, m in model.named_modules() if m is module), None)
 
 
 def _default_drop_ids(config: Any, tokenizer: Any | None) -> set[int]:

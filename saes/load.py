@@ -163,9 +163,16 @@ class Dictionary:
 
     # ---- persistence ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> tuple[Path, Path, Path]:
-        """Save in sae_lens format plus crosspatch_meta.json; returns (weights, cfg, meta) paths."""
+        """Save in sae_lens format plus crosspatch_meta.json; returns (weights, cfg, meta) paths.
+
+        Crosscoders also write each branch as a plain sae_lens SAE under `branches/<branch>/` (saes.export).
+        """
         path = Path(path)
         weights, cfg = self.sae.save_model(path)
+        if isinstance(self.sae, Crosscoder):
+            from crosspatch.saes.export import export_crosscoder_branches
+
+            export_crosscoder_branches(self.sae, path)
         self.meta["path"] = str(path.resolve())
         self.path = path
         return weights, cfg, write_meta(path, self.meta)
