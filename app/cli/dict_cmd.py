@@ -216,9 +216,12 @@ def _summary(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(ref: str, registry: Path | None) -> Any:
-    from crosspatch.saes.load import load_dictionary
+    """A dictionary dir, `sae_lens:RELEASE/SAE_ID` (local Hugging Face cache), or a registry id."""
+    from crosspatch.saes.load import load_dictionary, parse_pretrained_ref, resolve_dictionary
     from crosspatch.saes.registry import DictionaryRegistry
 
+    if parse_pretrained_ref(ref) is not None:
+        return resolve_dictionary(ref)
     if Path(ref).is_dir():
         return load_dictionary(ref)
     return DictionaryRegistry(_registry_root(registry)).load(ref)
@@ -226,7 +229,9 @@ def _resolve(ref: str, registry: Path | None) -> Any:
 
 @dict_app.command("eval")
 def eval_cmd(
-    ref: Annotated[str, typer.Argument(help="Dictionary directory or registry id.")],
+    ref: Annotated[
+        str, typer.Argument(help="Dictionary directory, registry id, or sae_lens:RELEASE/SAE_ID.")
+    ],
     cache: Annotated[Path, typer.Option(help="Activation cache with held-out tokens.")],
     registry: Annotated[Path | None, typer.Option()] = None,
     splice: Annotated[
@@ -274,7 +279,9 @@ def list_cmd(
 
 @dict_app.command("show")
 def show_cmd(
-    ref: Annotated[str, typer.Argument(help="Dictionary directory or registry id.")],
+    ref: Annotated[
+        str, typer.Argument(help="Dictionary directory, registry id, or sae_lens:RELEASE/SAE_ID.")
+    ],
     registry: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     """The full crosspatch metadata of one dictionary (JSON)."""

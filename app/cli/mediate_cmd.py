@@ -16,7 +16,12 @@ from crosspatch.app.cli.run_cmd import _resolve_pair_args
 @cli.command("mediate")
 def mediate(
     dictionary: Annotated[
-        list[Path], typer.Option("--dict", help="sae_lens-format dictionary dir (repeatable).")
+        list[str],
+        typer.Option(
+            "--dict",
+            help="sae_lens-format dictionary dir, or sae_lens:RELEASE/SAE_ID from the local Hugging Face "
+            "cache (repeatable).",
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Directory for feature_effects / feature_acts Parquet.")],
     pt: Annotated[str | None, typer.Option(help="PT model id or path.")] = None,
@@ -44,14 +49,14 @@ def mediate(
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
     from crosspatch.engine.report import format_effects
-    from crosspatch.saes.load import load_dictionary
+    from crosspatch.saes.load import resolve_dictionary
     from crosspatch.saes.quality import require_gate
 
     pt, it, prompts, organism = _resolve_pair_args(pt, it, pair, prompts)
     t0 = time.perf_counter()
     dicts, gates = [], []
-    for path in dictionary:
-        d = load_dictionary(path, device=device)
+    for ref in dictionary:
+        d = resolve_dictionary(ref, device=device)
         gates.append(
             require_gate(d, override=allow_failed_gate, reason="crosspatch mediate --allow-failed-gate")
         )
