@@ -132,13 +132,26 @@ class TrainDictionarySpec(_PromptsSpec):
 
 
 class LoadDictionarySpec(_Spec):
-    """Register a sae_lens-format dictionary saved under the dictionary roots (its gate status comes from
-    its crosspatch metadata; dictionaries without one are 'not_evaluated')."""
+    """Register a dictionary: a sae_lens-format directory under the dictionary roots (`source: "path"`), or
+    a pretrained SAE by sae_lens release id from the worker's local Hugging Face cache (`source:
+    "sae_lens"`, `release`, `sae_id`; allow-listed by `CROSSPATCH_PRETRAINED_DICTIONARIES`). Its gate
+    status comes from its crosspatch metadata; dictionaries without one are 'not_evaluated'."""
 
     kind: Literal["load_dictionary"] = "load_dictionary"
     pair_id: Name
-    path: str = Field(min_length=1, max_length=1024)
+    source: Literal["path", "sae_lens"] = "path"
+    path: str | None = Field(default=None, min_length=1, max_length=1024)
+    release: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^/\s]+$")
+    sae_id: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^\S+$")
     model_role: Literal["PT", "IT", "paired"] = "IT"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoadDictionarySpec:
+        if self.source == "path" and (self.path is None or self.release or self.sae_id):
+            raise ValueError("source 'path' needs 'path' (and no 'release' / 'sae_id')")
+        if self.source == "sae_lens" and (self.path is not None or not self.release or not self.sae_id):
+            raise ValueError("source 'sae_lens' needs 'release' and 'sae_id' (and no 'path')")
+        return self
 
 
 class MediationSpec(_PromptsSpec):

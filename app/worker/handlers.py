@@ -275,11 +275,16 @@ def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
 
 @register("load_dictionary")
 def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
-    """Load a sae_lens-format dictionary from an allowed path, check it fits the pair, register it."""
-    from crosspatch.saes.load import load_dictionary
+    """Load a dictionary (an allowed path, or a pretrained sae_lens id from the local HF cache, saved into
+    the job's directory so later jobs load it by path), check it fits the pair, register it."""
+    from crosspatch.saes.load import load_dictionary, load_pretrained
 
     pair = ctx.load_pair(spec.pair_id)
-    dictionary = load_dictionary(spec.path, device=ctx.device)
+    if spec.source == "sae_lens":
+        dictionary = load_pretrained(str(spec.release), str(spec.sae_id), device=ctx.device)
+        dictionary.save(ctx.checkpoint_dir / "pretrained")
+    else:
+        dictionary = load_dictionary(str(spec.path), device=ctx.device)
     if dictionary.d_in != pair.it_adapter.d_model:
         raise ValueError(
             f"dictionary d_in {dictionary.d_in} does not match the pair's d_model {pair.it_adapter.d_model}"
