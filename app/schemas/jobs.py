@@ -16,6 +16,13 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+CHAT_TEMPLATE_HELP = (
+    "Wrap each prompt in IT's chat template (both models then see the same templated token ids). Off by "
+    "default: the method's headline is raw-shared (method §1.1: raw text, identical token ids, no chat "
+    "template); a templated run is a native-chat variant, not the headline estimate. Recorded in provenance."
+)
+
+
 class PromptIn(_Spec):
     """One prompt sent inline."""
 
@@ -44,6 +51,7 @@ class DivergenceSpec(_PromptsSpec):
 
     kind: Literal["divergence"] = "divergence"
     pair_id: Name
+    chat_template: bool = Field(default=False, description=CHAT_TEMPLATE_HELP)
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
     chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")
@@ -160,6 +168,7 @@ class MediationSpec(_PromptsSpec):
     kind: Literal["mediation"] = "mediation"
     pair_id: Name
     dictionary_id: Name
+    chat_template: bool = Field(default=False, description=CHAT_TEMPLATE_HELP)
     boundary: int | None = Field(default=None, ge=0)
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
@@ -171,6 +180,7 @@ class PipelineSpec(_PromptsSpec):
 
     kind: Literal["pipeline"] = "pipeline"
     pair_ids: list[Name] = Field(min_length=1, max_length=32)
+    chat_template: bool = Field(default=False, description=CHAT_TEMPLATE_HELP)
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
     chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")

@@ -72,7 +72,13 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 def _events_for(pair: Any, chunk: Sequence[Any], spec: DivergenceSpec) -> list[Any]:
     from crosspatch.engine.divergence import find_divergences
 
-    return find_divergences(pair, chunk, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
+    return find_divergences(
+        pair,
+        chunk,
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size,
+        chat_template=getattr(spec, "chat_template", False),
+    )
 
 
 def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
@@ -83,6 +89,7 @@ def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
         max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size,
         chunk_size=getattr(spec, "chunk_size", None),
+        chat_template=getattr(spec, "chat_template", False),
     )
 
 
@@ -321,7 +328,13 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
 
     prompts = load_prompt_records(spec)
     n = len(spec.pair_ids)
-    ctx.provenance.update(pairs={}, seed=spec.seed, n_resamples=spec.n_resamples, readouts=spec.readouts)
+    ctx.provenance.update(
+        pairs={},
+        seed=spec.seed,
+        n_resamples=spec.n_resamples,
+        readouts=spec.readouts,
+        chat_template=spec.chat_template,
+    )
     for i, pair_id in enumerate(spec.pair_ids):
         lo, span = i / n, 1 / n
         tag = f"{_part_tag(pair_id)}."

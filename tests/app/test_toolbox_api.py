@@ -19,6 +19,22 @@ from tests.saes.test_saes_pretrained import RELEASE, SAE_ID, _hf_cache
 ORGANISM = "trained_gpt2"
 
 
+# a template made of words the organism's tokenizer knows: "Q : <prompt> A :"
+CHAT_TEMPLATE = "Q : {{ messages[0]['content'] }}{% if add_generation_prompt %} A :{% endif %}"
+
+
+def _with_chat_template(org: Path, dest: Path) -> Path:
+    """A copy of the organism whose IT tokenizer has a chat template."""
+    import json
+    import shutil
+
+    shutil.copytree(org, dest)
+    cfg_path = dest / "it" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "chat_template": CHAT_TEMPLATE}))
+    return dest
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("toolbox")
@@ -31,14 +47,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         poll_seconds=0.2,
         _env_file=None,  # type: ignore[call-arg]
     )
+    chat = _with_chat_template(org, root / "models" / "gpt2_chat")
+    settings.model_roots.append(root / "models")
     keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher"})
     server = LiveServer(settings).start()
     with client(server, keys["root"]) as admin:
-        r = admin.post(
-            "/pairs",
-            json={"pair_id": ORGANISM, "family": "gpt2", "pt": str(org / "pt"), "it": str(org / "it")},
-        )
-        assert r.status_code == 201, r.text
+        for pair_id, d in ((ORGANISM, org), ("gpt2_chat", chat)):
+            r = admin.post(
+                "/pairs",
+                json={"pair_id": pair_id, "family": "gpt2", "pt": str(d / "pt"), "it": str(d / "it")},
+            )
+            assert r.status_code == 201, r.text
     yield {"server": server, "keys": keys, "settings": settings, "root": root}
     server.stop()
 
@@ -105,3 +124,36 @@ def test_worker_registers_a_pretrained_dictionary_from_the_local_cache(
     assert (d["layer"], d["hook_point"], d["width"], d["pair_id"]) == (3, "mlp_out", 32, ORGANISM)
     assert Path(d["path"]).is_relative_to(env["settings"].data_dir.resolve()) or Path(d["path"]).is_dir()
     assert (Path(d["path"]) / "cfg.json").exists()
+
+
+def test_chat_template_option_is_applied_and_recorded(env: dict) -> None:
+    from transformers import AutoTokenizer
+
+    text = "black is 5 , green is 6 . Q : what is green ?"
+    with Client(env["server"].url, env["keys"]["ada"], timeout=30) as c:
+        jobs = {
+            flag: c.submit(
+                {
+                    "kind": "divergence",
+                    "pair_id": "gpt2_chat",
+                    "chat_template": flag,
+                    "prompts": [{"id": "a", "text": text}],
+                    "max_new_tokens": 4,
+                }
+            )
+            for flag in (False, True)
+        }
+        assert Worker(env["settings"]).run(max_jobs=2, exit_when_idle=True) == 2
+        ids = {}
+        for flag, job in jobs.items():
+            done = c.wait(job["id"], timeout=60)
+            assert done["status"] == "succeeded", done.get("error")
+            prov = c.request("GET", f"/jobs/{job['id']}/provenance").json()
+            assert prov["provenance"]["chat_template"] is flag and prov["spec"]["chat_template"] is flag
+            rows = c.request("GET", f"/jobs/{job['id']}/results/events").json()["data"]
+            ids[flag] = rows[0]["prompt_ids"]
+    tok = AutoTokenizer.from_pretrained(env["root"] / "models" / "gpt2_chat" / "it")
+    assert ids[False] == tok.encode(text, add_special_tokens=True)
+    templated = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    templated = list(templated["input_ids"] if hasattr(templated, "keys") else templated)
+    assert ids[True] == templated == tok.encode("Q : " + text + " A :", add_special_tokens=False)
