@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from crosspatch.app.cli import cli
+from crosspatch.app.cli.progress import progress_bar
 from crosspatch.engine.errors import CrosspatchError
 
 dict_app = typer.Typer(
@@ -58,6 +59,11 @@ def cache_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     max_seq_len: Annotated[int, typer.Option(min=1)] = 512,
     max_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (accelerate device map).")] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option(help="Model dtype: float32, bfloat16 or float16 (activations are stored as float32)."),
+    ] = "float32",
 ) -> None:
     """Cache MLP inputs/outputs of PT and/or IT on a token source (sharded, resumable)."""
     from crosspatch.saes.cache import build_cache, load_model
@@ -76,22 +82,32 @@ def cache_cmd(
         raise CrosspatchError("give --pt and/or --it (or --organism NAME)")
     if source is None:
         raise CrosspatchError("missing --source (prompt JSONL, text file, ids JSONL or datasets dir)")
-    loaded = {r: load_model(p) for r, p in paths.items()}
+    loaded = {r: load_model(p, device=device, dtype=dtype) for r, p in paths.items()}
     tok = next(iter(loaded.values()))[1]
-    c = build_cache(
-        out,
-        {r: m for r, (m, _) in loaded.items()},
-        source,
-        layers,
-        hooks,
-        tok,
-        model_paths=paths,
-        shard_tokens=shard_tokens,
-        batch_size=batch_size,
-        max_seq_len=max_seq_len,
-        max_tokens=max_tokens,
-        on_shard=lambda rec: typer.echo(f"shard {rec['file']}: {rec['n_tokens']} tokens", err=True),
-    )
+    with progress_bar("caching activations (tokens)", max_tokens) as bar:
+        seen = [0]
+
+        def on_shard(rec: dict[str, Any]) -> None:
+            seen[0] += rec["n_tokens"]
+            if bar.enabled:
+                bar.update(seen[0], note=rec["file"])
+            else:
+                typer.echo(f"shard {rec['file']}: {rec['n_tokens']} tokens", err=True)
+
+        c = build_cache(
+            out,
+            {r: m for r, (m, _) in loaded.items()},
+            source,
+            layers,
+            hooks,
+            tok,
+            model_paths=paths,
+            shard_tokens=shard_tokens,
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            max_tokens=max_tokens,
+            on_shard=on_shard,
+        )
     typer.echo(
         json.dumps(
             {
@@ -135,6 +151,8 @@ def train_cmd(
     ] = False,
     min_fve: Annotated[float, typer.Option(help="Quality gate: minimum held-out FVE per branch.")] = 0.75,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Extra config option key=value.")] = None,
+    device: Annotated[str, typer.Option(help="Training device (and of the models --splice loads).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="dtype of the models --splice loads.")] = "float32",
 ) -> None:
     """Train one dictionary on a cache (resumes from its checkpoint), evaluate it, apply the gate."""
     from crosspatch.saes.cache import ActivationCache
@@ -149,8 +167,9 @@ def train_cmd(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        **_parse_sets(set_),
+        device=device,
     )
+    kwargs.update(_parse_sets(set_))  # --set wins
     if role is not None:
         kwargs["model_role"] = role
     if k is not None:
@@ -161,28 +180,31 @@ def train_cmd(
     c = ActivationCache(cache)
     if out is None:
         out = _registry_root(registry) / f"{cfg.model_role}-L{layer}-{hook}-{arch}-w{width}-s{seed}"
-    models = _models_for(c, cfg.model_role) if splice else None
+    models = _models_for(c, cfg.model_role, device, dtype) if splice else None
 
-    def report(p: Progress) -> None:
-        typer.echo(
-            f"step {p.step}/{p.total_steps} tok/s {p.tokens_per_s:,.0f} loss {p.loss:.4g} "
-            f"L0 {p.l0:.1f} dead {p.dead_fraction:.2%}",
-            err=True,
+    with progress_bar(f"training {arch}", cfg.total_steps) as bar:
+
+        def report(p: Progress) -> None:
+            line = f"loss {p.loss:.4g} L0 {p.l0:.1f} dead {p.dead_fraction:.2%} tok/s {p.tokens_per_s:,.0f}"
+            if bar.enabled:
+                bar.update(p.step, note=line)
+            else:
+                typer.echo(f"step {p.step}/{p.total_steps} {line}", err=True)
+
+        d = train_dictionary(
+            cfg,
+            c,
+            out,
+            progress=report,
+            log_every=10 if bar.enabled else 100,
+            checkpoint_every=checkpoint_every,
+            models=models,
+            gate=GateConfig(min_fve=min_fve),
         )
-
-    d = train_dictionary(
-        cfg,
-        c,
-        out,
-        progress=report,
-        checkpoint_every=checkpoint_every,
-        models=models,
-        gate=GateConfig(min_fve=min_fve),
-    )
     typer.echo(json.dumps(_summary(d.meta)))
 
 
-def _models_for(c: Any, role: str) -> dict[str, Any]:
+def _models_for(c: Any, role: str, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     from crosspatch.saes.cache import load_model
 
     roles = ["pt", "it"] if role == "paired" else [role]
@@ -191,7 +213,7 @@ def _models_for(c: Any, role: str) -> dict[str, Any]:
         path = c.manifest["models"].get(r, {}).get("path")
         if not path:
             raise CrosspatchError(f"the cache manifest has no model path for {r!r}; cannot splice")
-        out[r] = load_model(path)[0]
+        out[r] = load_model(path, device=device, dtype=dtype)[0]
     return out
 
 
@@ -238,6 +260,8 @@ def eval_cmd(
         bool, typer.Option(help="Also measure CE/KL with the reconstruction spliced in.")
     ] = False,
     min_fve: Annotated[float, typer.Option()] = 0.75,
+    device: Annotated[str, typer.Option(help="Device of the models --splice loads.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="dtype of the models --splice loads.")] = "float32",
 ) -> None:
     """Re-evaluate a dictionary on held-out tokens and rewrite its gate status."""
     from crosspatch.saes.cache import ActivationCache
@@ -245,7 +269,7 @@ def eval_cmd(
 
     d = _resolve(ref, registry)
     c = ActivationCache(cache)
-    models = _models_for(c, d.meta.get("model_role") or d.branches[0]) if splice else None
+    models = _models_for(c, d.meta.get("model_role") or d.branches[0], device, dtype) if splice else None
     evaluate_dictionary(
         d,
         c,

@@ -37,3 +37,78 @@ def test_demo_writes_under_the_data_dir_by_default(
     assert cells.num_rows > 0 and set(cells.column("pair_id").to_pylist()) == {"trained_llama"}
     assert str(data_dir / "demo" / "cells.parquet") in out
     assert not (data_dir.parent / ".crosspatch").exists()  # nothing in ./.crosspatch any more
+
+
+def test_progress_bar_draws_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from crosspatch.app.cli.progress import progress_bar, progress_enabled
+
+    monkeypatch.delenv("CROSSPATCH_PROGRESS", raising=False)
+    assert progress_enabled(io.StringIO()) is False  # a pipe / file: no bar
+    tty = io.StringIO()
+    tty.isatty = lambda: True  # type: ignore[method-assign]
+    assert progress_enabled(tty) is True
+    monkeypatch.setenv("CROSSPATCH_PROGRESS", "0")
+    assert progress_enabled(tty) is False
+    with progress_bar("x", 4) as bar:  # disabled: a no-op that says so
+        bar.update(3)
+        assert bar.enabled is False
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=100)
+    with progress_bar("first divergence", 4, enabled=True, console=console) as bar:
+        bar.update(3, note="batch 3")
+    out = buf.getvalue()
+    assert "first divergence" in out and "3/4" in out and "batch 3" in out
+
+
+def test_run_shows_progress_when_forced_and_stays_plain_otherwise(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["run", "--organism", "trained_llama", "--limit", "6", "--max-new-tokens", "8"]
+    monkeypatch.setenv("CROSSPATCH_PROGRESS", "1")
+    try:
+        main([*args, "--out", str(data_dir / "a.parquet")])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    err = capsys.readouterr().err
+    assert "first divergence" in err and "6/6" in err and "2x2 cross-patch" in err
+    monkeypatch.setenv("CROSSPATCH_PROGRESS", "0")
+    try:
+        main([*args, "--out", str(data_dir / "b.parquet")])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    captured = capsys.readouterr()
+    assert captured.err == "" and "wrote" in captured.out
+
+
+def test_dict_cache_loads_models_with_device_and_dtype(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import torch
+
+    from crosspatch.saes.cache import ActivationCache
+
+    monkeypatch.setenv("CROSSPATCH_PROGRESS", "0")
+    common = ["dict", "cache", "--organism", "trained_llama", "--layers", "last:1", "--hooks", "mlp_out"]
+    common += ["--max-tokens", "200", "--shard-tokens", "100"]
+    caches = {}
+    for dtype in ("bfloat16", "float32"):
+        out = json.loads(
+            _run(capsys, *common, "--dtype", dtype, "--device", "cpu", "--out", str(data_dir / dtype))
+        )
+        caches[dtype] = ActivationCache(out["cache"])
+    bf16, fp32 = caches["bfloat16"], caches["float32"]
+    assert bf16.manifest["model_load"]["it"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert fp32.manifest["model_load"]["pt"] == {"device": "cpu", "dtype": "float32"}
+    key = f"it.L{bf16.layers[0]}.mlp_out"
+    a, b = bf16.load([key]), fp32.load([key])  # stored as float32 either way
+    assert a.dtype == torch.float32 and a.shape == b.shape
+    # the bf16 model's activations are exactly bf16 values; the fp32 model's are not
+    assert torch.equal(a, a.bfloat16().float())
+    assert not torch.equal(b, b.bfloat16().float())
+    assert torch.allclose(a, b, atol=0.1, rtol=0.05)
