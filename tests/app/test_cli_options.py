@@ -112,3 +112,21 @@ def test_dict_cache_loads_models_with_device_and_dtype(
     assert torch.equal(a, a.bfloat16().float())
     assert not torch.equal(b, b.bfloat16().float())
     assert torch.allclose(a, b, atol=0.1, rtol=0.05)
+
+
+def test_worker_healthcheck(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from crosspatch.app.config import Settings
+    from crosspatch.app.worker.__main__ import healthcheck
+
+    ok = Settings(data_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
+    assert healthcheck(ok, "cpu") == 0
+    assert "healthy: job store reachable, device cpu" in capsys.readouterr().out
+    assert healthcheck(ok, "cuda:99") == 1
+    assert "device cuda:99 is not available" in capsys.readouterr().err
+    bad = Settings(
+        data_dir=tmp_path,
+        database_url="postgresql+psycopg://u:p@127.0.0.1:1/x",
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    assert healthcheck(bad, "cpu") == 1
+    assert "job store unreachable" in capsys.readouterr().err
