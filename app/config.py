@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     dictionary_roots: list[Path] = Field(
         default_factory=list, description="Directories under which dictionaries may be registered."
     )
+    pretrained_dictionaries: list[str] = Field(
+        default_factory=list,
+        description="Pretrained SAEs researchers may load by sae_lens id, as 'RELEASE/SAE_ID' glob patterns "
+        "(e.g. 'gemma-scope-2b-pt-res-canonical/*'); empty: none. Workers read them from their local "
+        "Hugging Face cache only.",
+    )
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import anyio
 import anyio.to_thread
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, defer
 
 from crosspatch.app import auth
@@ -94,13 +95,30 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 
 
+# Declared as OpenAPI security schemes, so /docs "Authorize" sends the key either way.
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="APIKeyBearer",
+    bearerFormat="crosspatch API key (cpk_...)",
+    description="An API key from `crosspatch admin create-key`, sent as `Authorization: Bearer <key>`.",
+)
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="APIKeyHeader",
+    description="The same API key in an `X-API-Key` header.",
+)
+
+
 def get_current_user(
     session: ReadSessionDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
+    x_api_key: Annotated[str | None, Security(API_KEY_HEADER)] = None,
 ) -> User:
     """The user of the API key in `Authorization: Bearer <key>` or `X-API-Key`."""
     key = x_api_key
+    authorization = request.headers.get("authorization")  # raw: a wrong scheme gets a clear 401
     if authorization:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "bearer" or not value:

@@ -103,7 +103,7 @@ def encode_prompt(pair: ModelPair, text: str, chat_template: bool = False) -> li
         ids = pair.it_tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
         )
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: a BatchEncoding
     return pair.tokenizer.encode(text, add_special_tokens=True)
 
 

@@ -13,7 +13,8 @@ the norms folded in and a JumpReLU threshold (the EMA of the BatchTopK cutoff).
   `W_dec[F, branch, d]`, input-mean centering, BatchTopK on `relu(pre) * sum_b ||W_dec[f, b]||`, k annealed
   from `k_start`, AuxK on dead latents, EMA threshold for inference. The batch is `[B, n_branches * d]`.
   sae_lens has no crosscoder class; `Crosscoder` below is registered with sae_lens under "crosscoder"
-  when crosspatch is imported, so `SAE.load_from_disk` opens it then.
+  when crosspatch is imported, so `SAE.load_from_disk` opens it then. Without crosspatch, use the
+  per-branch copies saved beside it (`branches/pt/`, `branches/it/`: plain JumpReLU SAEs; saes/export.py).
 """
 
 from __future__ import annotations

@@ -281,11 +281,13 @@ def weight_hash(model: torch.nn.Module, full_below: int = 50_000_000) -> str:
     return ("sha256:" if n_params <= full_below else "sha256-sampled:") + h.hexdigest()
 
 
-def load_model(path: str | Path, revision: str | None = None) -> tuple[PreTrainedModel, Any | None]:
-    """Load a causal LM (fp32, eval) and its tokenizer if it has one; `ModelLoadError` on failure."""
+def load_model(
+    path: str | Path, revision: str | None = None, *, device: str = "cpu", dtype: str = "float32"
+) -> tuple[PreTrainedModel, Any | None]:
+    """Load a causal LM (eval; fp32 on CPU unless told) and its tokenizer if it has one; `ModelLoadError`."""
     from crosspatch.engine.pairs import load_model as load
 
-    return load(path, revision=revision, require_tokenizer=False)
+    return load(path, device=device, dtype=dtype, revision=revision, require_tokenizer=False)
 
 
 # ---- capture --------------------------------------------------------------------------------------------
@@ -422,6 +424,17 @@ def build_cache(
             for role, m in models.items()
         },
         "paired": len(models) > 1,
+        # how the models ran (device, dtype of their weights); not compared on resume
+        "model_load": {
+            role: {"device": str(ad.device), "dtype": str(next(m.parameters()).dtype).removeprefix("torch.")}
+            for (role, m), ad in zip(models.items(), adapters.values(), strict=True)
+        },
+        # HF module path of each cached layer's MLP per role (e.g. "model.layers.31.mlp"): hook_point
+        # mlp_out is that module's output, mlp_in its input. Not compared on resume.
+        "hf_modules": {
+            role: {str(layer): _module_name(m, adapters[role].mlp(layer)) for layer in layer_list}
+            for role, m in models.items()
+        },
         "layers": layer_list,
         "hook_points": hooks,
         "dtype": dtype,
@@ -520,6 +533,11 @@ def build_cache(
     manifest["complete"] = True
     _atomic_json(mpath, manifest)
     return ActivationCache(out)
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
+    """The dotted path of `module` inside `model` (as `named_modules` spells it)."""
+    return next((name for name, m in model.named_modules() if m is module), None)
 
 
 def _default_drop_ids(config: Any, tokenizer: Any | None) -> set[int]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +177,16 @@ class Dictionary:
 
     # ---- persistence ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> tuple[Path, Path, Path]:
-        """Save in sae_lens format plus crosspatch_meta.json; returns (weights, cfg, meta) paths."""
+        """Save in sae_lens format plus crosspatch_meta.json; returns (weights, cfg, meta) paths.
+
+        Crosscoders also write each branch as a plain sae_lens SAE under `branches/<branch>/` (saes.export).
+        """
         path = Path(path)
         weights, cfg = self.sae.save_model(path)
+        if isinstance(self.sae, Crosscoder):
+            from crosspatch.saes.export import export_crosscoder_branches
+
+            export_crosscoder_branches(self.sae, path)
         self.meta["path"] = str(path.resolve())
         self.path = path
         return weights, cfg, write_meta(path, self.meta)
@@ -236,17 +245,85 @@ def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
     return Dictionary(sae, meta, p)
 
 
-def load_pretrained(release: str, sae_id: str, device: str = "cpu") -> Dictionary:
-    """Load from sae_lens's pretrained registry (needs the Hugging Face hub; clear error when offline)."""
-    from sae_lens import SAE
+SAE_LENS_PREFIX = "sae_lens:"
 
+
+def parse_pretrained_ref(ref: str) -> tuple[str, str] | None:
+    """`sae_lens:RELEASE/SAE_ID` -> (release, sae_id); None for anything else (a path or registry id).
+
+    The release is everything before the first `/` (sae_lens release names have none); the SAE id may
+    contain slashes (`gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical`).
+    """
+    if not ref.startswith(SAE_LENS_PREFIX):
+        return None
+    release, _, sae_id = ref[len(SAE_LENS_PREFIX) :].partition("/")
+    if not release or not sae_id:
+        raise DictionaryLoadError(f"bad pretrained dictionary {ref!r}; use sae_lens:RELEASE/SAE_ID")
+    return release, sae_id
+
+
+def pretrained_id(release: str, sae_id: str) -> str:
+    """A registry-safe id for a pretrained SAE (no '/', at most 64 characters)."""
+    import hashlib
+
+    full = f"sae_lens:{release}~{sae_id.replace('/', '~')}"
+    if len(full) <= 64:
+        return full
+    return full[:55] + "-" + hashlib.sha256(full.encode()).hexdigest()[:8]
+
+
+@contextmanager
+def _hub_offline() -> Iterator[str]:
+    """Hugging Face hub in offline mode (local cache only) for the block; yields the cache directory."""
+    from huggingface_hub import constants
+
+    before, env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        sae = SAE.from_pretrained(release, sae_id, device=device)
-    except Exception as e:  # hub errors come in many types (OSError, LocalEntryNotFoundError, HTTPError, ...)
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1: the hub is unreachable)" if offline else ""
-        raise DictionaryLoadError(
-            f"could not load pretrained dictionary {release}/{sae_id}{hint}: {str(e).splitlines()[0][:200]}"
-        ) from None
-    meta = {"source": {"kind": "sae_lens_pretrained", "release": release, "sae_id": sae_id}}
+        yield str(constants.HF_HUB_CACHE)
+    finally:
+        constants.HF_HUB_OFFLINE = before
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
+
+
+def load_pretrained(release: str, sae_id: str, device: str = "cpu") -> Dictionary:
+    """Load an SAE by sae_lens release id from the LOCAL Hugging Face cache only (never the network).
+
+    Download it once beforehand (`hf download REPO --include 'FOLDER/*'`, or `SAE.from_pretrained` on a
+    machine with network access); the error names the repo, the folder and the cache directory.
+    """
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
+
+    with _hub_offline() as cache:
+        try:
+            repo_id, folder = get_repo_id_and_folder_name(release, sae_id)
+        except ValueError as e:
+            raise DictionaryLoadError(f"pretrained dictionary {release}/{sae_id}: {e}") from None
+        try:
+            sae = SAE.from_pretrained(release, sae_id, device=device)
+        except Exception as e:  # hub errors come in many types (LocalEntryNotFoundError, OSError, ...)
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise DictionaryLoadError(
+                f"could not load pretrained dictionary {release}/{sae_id} from the local Hugging Face cache "
+                f"{cache} (offline: crosspatch never downloads dictionaries; fetch it once with "
+                f"`hf download {repo_id} --include '{folder}/*'`, or point HF_HUB_CACHE at a cache that "
+                f"has it): {detail}"
+            ) from None
+    meta = {
+        "id": pretrained_id(release, sae_id),
+        "source": {"kind": "sae_lens_pretrained", "release": release, "sae_id": sae_id, "repo_id": repo_id},
+    }
     return Dictionary(sae, meta, None)
+
+
+def resolve_dictionary(ref: str | Path, device: str = "cpu") -> Dictionary:
+    """A dictionary directory, or `sae_lens:RELEASE/SAE_ID` from the local Hugging Face cache."""
+    parsed = parse_pretrained_ref(str(ref))
+    if parsed is not None:
+        return load_pretrained(*parsed, device=device)
+    return load_dictionary(ref, device=device)

@@ -37,6 +37,7 @@ from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from crosspatch.saes import arch
 from crosspatch.saes.cache import HOOK_POINTS, ActivationCache, TensorSource
 from crosspatch.saes.errors import CacheError, DictionaryConfigError
+from crosspatch.saes.export import export_crosscoder_branches, hf_module, sae_lens_metadata
 from crosspatch.saes.load import Dictionary, load_dictionary, write_meta
 
 WRITTEN_BY = "crosspatch"
@@ -598,8 +599,12 @@ def train_dictionary(
     seconds = time.perf_counter() - t0
     _fold_scaling(trainer, sae)
     trainer.set_final_sae_metadata()
+    for key, value in _sae_lens_metadata(cfg, source).items():
+        sae.cfg.metadata[key] = value
     sae.save_inference_model(out)
     dictionary = load_dictionary(out)
+    if dictionary.kind == "crosscoder":
+        export_crosscoder_branches(dictionary.sae, out)
     dictionary.meta.update(
         _meta(cfg, source, out, dictionary, trainer, seconds, samples0, resumed_from, out_step)
     )
@@ -666,6 +671,23 @@ def _progress(
     )
 
 
+def _sae_lens_metadata(cfg: TrainConfig, source: Any) -> dict[str, Any]:
+    """sae_lens metadata (hook_name, model_name, context_size, dataset_path, ...) from the cache."""
+    cache_path = str(source.path.resolve()) if getattr(source, "path", None) else None
+    md = sae_lens_metadata(
+        kind=cfg.KIND,
+        layer=cfg.layer,
+        hook_point=cfg.hook_point,
+        role=cfg.model_role,
+        manifest=source.manifest,
+        cache_path=cache_path,
+    )
+    if cfg.KIND == "crosscoder":  # one model per branch: named per branch (and per exported branch SAE)
+        models = source.manifest.get("models") or {}
+        md["branch_models"] = {b: (models.get(b) or {}).get("path") for b in getattr(cfg, "branches", [])}
+    return md
+
+
 def _meta(
     cfg: TrainConfig,
     source: Any,
@@ -688,6 +710,8 @@ def _meta(
         "layer": cfg.layer,
         "hook_point": cfg.hook_point,
         "input_hook": "mlp_in" if cfg.KIND == "transcoder" else cfg.hook_point,
+        "hook_name": d.sae.cfg.metadata.hook_name,
+        "hf_module": hf_module(m, cfg.model_role if cfg.KIND != "crosscoder" else d.branches[-1], cfg.layer),
         "width": cfg.width,
         "k": cfg.k_value,
         "training_tokens": trainer.n_training_samples,

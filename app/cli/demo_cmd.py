@@ -139,22 +139,32 @@ def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str])
             typer.echo(f"    trained on {n_trained} prompts outside the mediation test split")
 
 
+def demo_data_dir() -> Path:
+    """`<data_dir>/demo`: the demo keeps its files under the same data dir as every other command."""
+    from crosspatch.app.config import get_settings
+
+    return get_settings().data_dir / "demo"
+
+
 @cli.command("demo")
 def demo(
     organism: Annotated[
         list[str] | None, typer.Option(help="Organism(s) to run (default: every bundled trained pair).")
     ] = None,
-    data_dir: Annotated[Path, typer.Option(help="Service data dir (job store, DuckDB, parts).")] = Path(
-        ".crosspatch/demo"
-    ),
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Service data dir (job store, DuckDB, parts); default <CROSSPATCH_DATA_DIR>/demo."),
+    ] = None,
     prompts_limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Top feature set size for mediation.")] = 20,
     library: Annotated[bool, typer.Option(help="Run the 2x2 in this process, without the service.")] = False,
 ) -> None:
     """Start the embedded service, run a pipeline job on the bundled organisms over HTTP, print the results."""
     names = _demo_organisms(organism)
+    if data_dir is None:
+        data_dir = demo_data_dir()
     if library:
-        return _library_demo(names, data_dir)
+        return _library_demo(names, data_dir, prompts_limit)
     from crosspatch.app.client import Client
     from crosspatch.app.config import Settings
     from crosspatch.app.embedded import ServiceThread
@@ -212,7 +222,7 @@ def _fail(job: dict[str, Any], logs: list[dict[str, Any]]) -> int:
     return 1
 
 
-def _library_demo(names: list[str], out_dir: Path) -> None:
+def _library_demo(names: list[str], out_dir: Path, limit: int | None = None) -> None:
     """The 2x2 on each organism in this process (no server, no dictionaries)."""
     from crosspatch.engine.crosspatch import crosspatch
     from crosspatch.engine.divergence import find_divergences
@@ -227,7 +237,7 @@ def _library_demo(names: list[str], out_dir: Path) -> None:
     for name in names:
         root = organism_path(name)
         pair = load_pair(root / "pt", root / "it", family=_family(name), pair_id=name)
-        events = find_divergences(pair, load_prompts(root / "prompts.jsonl"), batch_size=32)
+        events = find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=limit), batch_size=32)
         typer.echo(f"  {name}: {sum(e.diverged for e in events)}/{len(events)} prompts diverged")
         tables.append(crosspatch(pair, events, batch_size=32))
     cells = pa.concat_tables(tables)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from crosspatch.app.cli import cli
+from crosspatch.app.cli.progress import progress_bar
 from crosspatch.engine.errors import CrosspatchError
 
 dict_app = typer.Typer(
@@ -68,6 +69,11 @@ def cache_cmd(
     fit_fraction: Annotated[float, typer.Option(help="Mediation fit fraction (as `mediate`).")] = 0.27,
     split_seed: Annotated[int, typer.Option(help="Mediation split seed (as `mediate`).")] = 0,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Divergence budget (as `mediate`).")] = 128,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (accelerate device map).")] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option(help="Model dtype: float32, bfloat16 or float16 (activations are stored as float32)."),
+    ] = "float32",
 ) -> None:
     """Cache MLP inputs/outputs of PT and/or IT on a token source (sharded, resumable).
 
@@ -103,7 +109,7 @@ def cache_cmd(
         from crosspatch.engine.prompts import load_prompts
         from crosspatch.saes.for_pair import mediation_training_prompts
 
-        pair = load_pair(paths["pt"], paths["it"], pair_id=organism)
+        pair = load_pair(paths["pt"], paths["it"], device=device, dtype=dtype, pair_id=organism)
         keep, split = mediation_training_prompts(
             pair,
             load_prompts(src.path),
@@ -123,22 +129,32 @@ def cache_cmd(
     else:
         kind = "all" if src.kind == "prompts" else "separate_corpus"
         src.split = {"kind": kind, "note": "not the mediation prompts (the caller's responsibility)"}
-        loaded = {r: load_model(p) for r, p in paths.items()}
+        loaded = {r: load_model(p, device=device, dtype=dtype) for r, p in paths.items()}
     tok = next(iter(loaded.values()))[1]
-    c = build_cache(
-        out,
-        {r: m for r, (m, _) in loaded.items()},
-        src,
-        layers,
-        hooks,
-        tok,
-        model_paths=paths,
-        shard_tokens=shard_tokens,
-        batch_size=batch_size,
-        max_seq_len=max_seq_len,
-        max_tokens=max_tokens,
-        on_shard=lambda rec: typer.echo(f"shard {rec['file']}: {rec['n_tokens']} tokens", err=True),
-    )
+    with progress_bar("caching activations (tokens)", max_tokens) as bar:
+        seen = [0]
+
+        def on_shard(rec: dict[str, Any]) -> None:
+            seen[0] += rec["n_tokens"]
+            if bar.enabled:
+                bar.update(seen[0], note=rec["file"])
+            else:
+                typer.echo(f"shard {rec['file']}: {rec['n_tokens']} tokens", err=True)
+
+        c = build_cache(
+            out,
+            {r: m for r, (m, _) in loaded.items()},
+            src,
+            layers,
+            hooks,
+            tok,
+            model_paths=paths,
+            shard_tokens=shard_tokens,
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            max_tokens=max_tokens,
+            on_shard=on_shard,
+        )
     typer.echo(
         json.dumps(
             {
@@ -186,6 +202,8 @@ def train_cmd(
     ] = 10_000,
     max_alive: Annotated[float, typer.Option(help="Quality gate: maximum alive fraction.")] = 0.20,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Extra config option key=value.")] = None,
+    device: Annotated[str, typer.Option(help="Training device (and of the models --splice loads).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="dtype of the models --splice loads.")] = "float32",
 ) -> None:
     """Train one dictionary on a cache (resumes from its checkpoint), evaluate it, apply the gate."""
     from crosspatch.saes.cache import ActivationCache
@@ -199,8 +217,9 @@ def train_cmd(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        **_parse_sets(set_),
+        device=device,
     )
+    kwargs.update(_parse_sets(set_))  # --set wins
     if role is not None:
         kwargs["model_role"] = role
     if k is not None:
@@ -211,24 +230,27 @@ def train_cmd(
     c = ActivationCache(cache)
     if out is None:
         out = _registry_root(registry) / f"{cfg.model_role}-L{layer}-{hook}-{arch}-w{width}-s{seed}"
-    models = _models_for(c, cfg.model_role) if splice else None
+    models = _models_for(c, cfg.model_role, device, dtype) if splice else None
 
-    def report(p: Progress) -> None:
-        typer.echo(
-            f"step {p.step}/{p.total_steps} tok/s {p.tokens_per_s:,.0f} loss {p.loss:.4g} "
-            f"L0 {p.l0:.1f} dead {p.dead_fraction:.2%}",
-            err=True,
+    with progress_bar(f"training {arch}", cfg.total_steps) as bar:
+
+        def report(p: Progress) -> None:
+            line = f"loss {p.loss:.4g} L0 {p.l0:.1f} dead {p.dead_fraction:.2%} tok/s {p.tokens_per_s:,.0f}"
+            if bar.enabled:
+                bar.update(p.step, note=line)
+            else:
+                typer.echo(f"step {p.step}/{p.total_steps} {line}", err=True)
+
+        d = train_dictionary(
+            cfg,
+            c,
+            out,
+            progress=report,
+            log_every=10 if bar.enabled else 100,
+            checkpoint_every=checkpoint_every,
+            models=models,
+            gate=_gate(min_fve, min_heldout_tokens, max_alive),
         )
-
-    d = train_dictionary(
-        cfg,
-        c,
-        out,
-        progress=report,
-        checkpoint_every=checkpoint_every,
-        models=models,
-        gate=_gate(min_fve, min_heldout_tokens, max_alive),
-    )
     _print_gate(d.meta)
     typer.echo(json.dumps(_summary(d.meta)))
 
@@ -252,7 +274,7 @@ def _print_gate(meta: dict[str, Any]) -> None:
     typer.echo(format_gate(meta.get("gate") or {}), err=True)
 
 
-def _models_for(c: Any, role: str) -> dict[str, Any]:
+def _models_for(c: Any, role: str, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     from crosspatch.saes.cache import load_model
 
     roles = ["pt", "it"] if role == "paired" else [role]
@@ -261,7 +283,7 @@ def _models_for(c: Any, role: str) -> dict[str, Any]:
         path = c.manifest["models"].get(r, {}).get("path")
         if not path:
             raise CrosspatchError(f"the cache manifest has no model path for {r!r}; cannot splice")
-        out[r] = load_model(path)[0]
+        out[r] = load_model(path, device=device, dtype=dtype)[0]
     return out
 
 
@@ -293,9 +315,12 @@ def _summary(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(ref: str, registry: Path | None) -> Any:
-    from crosspatch.saes.load import load_dictionary
+    """A dictionary dir, `sae_lens:RELEASE/SAE_ID` (local Hugging Face cache), or a registry id."""
+    from crosspatch.saes.load import load_dictionary, parse_pretrained_ref, resolve_dictionary
     from crosspatch.saes.registry import DictionaryRegistry
 
+    if parse_pretrained_ref(ref) is not None:
+        return resolve_dictionary(ref)
     if Path(ref).is_dir():
         return load_dictionary(ref)
     return DictionaryRegistry(_registry_root(registry)).load(ref)
@@ -303,7 +328,9 @@ def _resolve(ref: str, registry: Path | None) -> Any:
 
 @dict_app.command("eval")
 def eval_cmd(
-    ref: Annotated[str, typer.Argument(help="Dictionary directory or registry id.")],
+    ref: Annotated[
+        str, typer.Argument(help="Dictionary directory, registry id, or sae_lens:RELEASE/SAE_ID.")
+    ],
     cache: Annotated[Path, typer.Option(help="Activation cache with held-out tokens.")],
     registry: Annotated[Path | None, typer.Option()] = None,
     splice: Annotated[
@@ -314,6 +341,8 @@ def eval_cmd(
         int, typer.Option(min=1, help="Minimum held-out tokens (fewer: the gate fails).")
     ] = 10_000,
     max_alive: Annotated[float, typer.Option(help="Maximum alive fraction.")] = 0.20,
+    device: Annotated[str, typer.Option(help="Device of the models --splice loads.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="dtype of the models --splice loads.")] = "float32",
 ) -> None:
     """Re-evaluate a dictionary on held-out tokens and rewrite its gate status."""
     from crosspatch.saes.cache import ActivationCache
@@ -321,7 +350,7 @@ def eval_cmd(
 
     d = _resolve(ref, registry)
     c = ActivationCache(cache)
-    models = _models_for(c, d.meta.get("model_role") or d.branches[0]) if splice else None
+    models = _models_for(c, d.meta.get("model_role") or d.branches[0], device, dtype) if splice else None
     evaluate_dictionary(
         d,
         c,
@@ -356,7 +385,9 @@ def list_cmd(
 
 @dict_app.command("show")
 def show_cmd(
-    ref: Annotated[str, typer.Argument(help="Dictionary directory or registry id.")],
+    ref: Annotated[
+        str, typer.Argument(help="Dictionary directory, registry id, or sae_lens:RELEASE/SAE_ID.")
+    ],
     registry: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     """The full crosspatch metadata of one dictionary (JSON)."""

@@ -10,13 +10,19 @@ import pyarrow.parquet as pq
 import typer
 
 from crosspatch.app.cli import cli
+from crosspatch.app.cli.progress import progress_bar
 from crosspatch.app.cli.run_cmd import _resolve_pair_args
 
 
 @cli.command("mediate")
 def mediate(
     dictionary: Annotated[
-        list[Path], typer.Option("--dict", help="sae_lens-format dictionary dir (repeatable).")
+        list[str],
+        typer.Option(
+            "--dict",
+            help="sae_lens-format dictionary dir, or sae_lens:RELEASE/SAE_ID from the local Hugging Face "
+            "cache (repeatable).",
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Directory for feature_effects / feature_acts Parquet.")],
     pt: Annotated[str | None, typer.Option(help="PT model id or path.")] = None,
@@ -37,33 +43,51 @@ def mediate(
     allow_failed_gate: Annotated[bool, typer.Option(help="Use dictionaries below the quality gate.")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (accelerate device map).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     limit: Annotated[int, typer.Option(help="Show this many top features.")] = 20,
+    chat_template: Annotated[
+        bool,
+        typer.Option(
+            help="Wrap prompts in IT's chat template. Off by default: the method's headline is raw-shared "
+            "(identical raw token ids); templated runs are a native-chat variant."
+        ),
+    ] = False,
 ) -> None:
     """Rank final-layer features by attribution, ablate / rescue the top-k with controls, print effects."""
-    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.divergence import iter_divergences
     from crosspatch.engine.mediation import BranchView, MediationConfig
     from crosspatch.engine.mediation import mediate as run_mediation
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
     from crosspatch.engine.report import format_checks, format_effects
-    from crosspatch.saes.load import load_dictionary
+    from crosspatch.saes.load import resolve_dictionary
     from crosspatch.saes.quality import require_gate
 
     pt, it, prompts, organism = _resolve_pair_args(pt, it, pair, prompts)
     t0 = time.perf_counter()
     dicts, gates = [], []
-    for path in dictionary:
-        d = load_dictionary(path, device=device)
+    for ref in dictionary:
+        d = resolve_dictionary(ref, device=device)
         gates.append(
             require_gate(d, override=allow_failed_gate, reason="crosspatch mediate --allow-failed-gate")
         )
         dicts.append(BranchView(d, "it"))
     model_pair = load_pair(pt, it, device=device, dtype=dtype, pair_id=organism)
-    events = find_divergences(
-        model_pair, load_prompts(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size
-    )
+    records = load_prompts(prompts)
+    with progress_bar("first divergence", len(records)) as bar:
+        events = [
+            e
+            for batch in iter_divergences(
+                model_pair,
+                records,
+                max_new_tokens,
+                batch_size,
+                chat_template,
+                on_batch=lambda d, n: bar.update(d, n),
+            )
+            for e in batch
+        ]
     cfg = MediationConfig(
         top_k=top_k,
         ks=tuple(int(k) for k in ks.split(",") if k.strip()),
@@ -75,7 +99,14 @@ def mediate(
         batch_size=batch_size,
         allow_failed_gate=allow_failed_gate,
     )
-    result = run_mediation(model_pair, events, dicts, cfg, on_progress=lambda m: typer.echo(f"  {m}"))
+    with progress_bar("mediation") as bar:
+        steps = [0]
+
+        def note(message: str) -> None:
+            steps[0] += 1
+            bar.update(steps[0], note=message) if bar.enabled else typer.echo(f"  {message}")
+
+        result = run_mediation(model_pair, events, dicts, cfg, on_progress=note)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.effects, out / "feature_effects.parquet")
     pq.write_table(result.feature_acts, out / "feature_acts.parquet")

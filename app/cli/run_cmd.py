@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import typer
 
 from crosspatch.app.cli import cli
+from crosspatch.app.cli.progress import progress_bar
 from crosspatch.engine.errors import CrosspatchError
 
 log = logging.getLogger("crosspatch.run")
@@ -72,7 +73,7 @@ def run(
     """Find first divergences, run the 2x2 cross-patch, print the per-family table with 95% CIs."""
     from crosspatch.app.cli.summarize_cmd import print_summary, write_summary
     from crosspatch.engine.crosspatch import iter_crosspatch
-    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.divergence import iter_divergences
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
     from crosspatch.engine.report import format_event_counts
@@ -88,13 +89,33 @@ def run(
     typer.echo(
         f"pair {pair.pair_id} ({pair.family}, {pair.n_layers} layers), {len(records)} prompts, boundary {boundary}"
     )
-    events = find_divergences(
-        pair, records, max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template
-    )
+    with progress_bar("first divergence", len(records)) as bar:
+        events = [
+            e
+            for batch in iter_divergences(
+                pair,
+                records,
+                max_new_tokens,
+                batch_size,
+                chat_template,
+                on_batch=lambda d, n: bar.update(d, n),
+            )
+            for e in batch
+        ]
     typer.echo(format_event_counts(events))
-    parts = list(
-        iter_crosspatch(pair, events, bounds, readout, batch_size, on_noop=lambda r: typer.echo(r.summary()))
-    )
+    n_div = sum(e.diverged for e in events)
+    with progress_bar("2x2 cross-patch", n_div) as bar:
+        parts = list(
+            iter_crosspatch(
+                pair,
+                events,
+                bounds,
+                readout,
+                batch_size,
+                on_batch=lambda d, n: bar.update(d, n),
+                on_noop=lambda r: typer.echo(r.summary()),
+            )
+        )
     cells = pa.concat_tables(parts) if parts else CELLS_SCHEMA.empty_table()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

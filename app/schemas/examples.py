@@ -49,6 +49,18 @@ JOB_CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
             "spec": {"kind": "load_dictionary", "pair_id": "gemma3-1b", "path": "gemma3-1b/it-l25-16k"}
         },
     },
+    "load_pretrained_dictionary": {
+        "summary": "Register a pretrained SAE by sae_lens id (allow-listed; from the workers' local HF cache)",
+        "value": {
+            "spec": {
+                "kind": "load_dictionary",
+                "pair_id": "gemma3-1b",
+                "source": "sae_lens",
+                "release": "gemma-scope-2-1b-it-mlp-all",
+                "sae_id": "layer_25_width_16k_l0_small",
+            }
+        },
+    },
     "mediation": {
         "summary": "Rank, ablate and rescue a registered dictionary's features",
         "value": {

@@ -16,6 +16,13 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+CHAT_TEMPLATE_HELP = (
+    "Wrap each prompt in IT's chat template (both models then see the same templated token ids). Off by "
+    "default: the method's headline is raw-shared (method §1.1: raw text, identical token ids, no chat "
+    "template); a templated run is a native-chat variant, not the headline estimate. Recorded in provenance."
+)
+
+
 class PromptIn(_Spec):
     """One prompt sent inline."""
 
@@ -44,6 +51,7 @@ class DivergenceSpec(_PromptsSpec):
 
     kind: Literal["divergence"] = "divergence"
     pair_id: Name
+    chat_template: bool = Field(default=False, description=CHAT_TEMPLATE_HELP)
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
     chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")
@@ -156,13 +164,26 @@ class TrainDictionarySpec(_PromptsSpec):
 
 
 class LoadDictionarySpec(_Spec):
-    """Register a sae_lens-format dictionary saved under the dictionary roots (its gate status comes from
-    its crosspatch metadata; dictionaries without one are 'not_evaluated')."""
+    """Register a dictionary: a sae_lens-format directory under the dictionary roots (`source: "path"`), or
+    a pretrained SAE by sae_lens release id from the worker's local Hugging Face cache (`source:
+    "sae_lens"`, `release`, `sae_id`; allow-listed by `CROSSPATCH_PRETRAINED_DICTIONARIES`). Its gate
+    status comes from its crosspatch metadata; dictionaries without one are 'not_evaluated'."""
 
     kind: Literal["load_dictionary"] = "load_dictionary"
     pair_id: Name
-    path: str = Field(min_length=1, max_length=1024)
+    source: Literal["path", "sae_lens"] = "path"
+    path: str | None = Field(default=None, min_length=1, max_length=1024)
+    release: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^/\s]+$")
+    sae_id: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^\S+$")
     model_role: Literal["PT", "IT", "paired"] = "IT"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoadDictionarySpec:
+        if self.source == "path" and (self.path is None or self.release or self.sae_id):
+            raise ValueError("source 'path' needs 'path' (and no 'release' / 'sae_id')")
+        if self.source == "sae_lens" and (self.path is not None or not self.release or not self.sae_id):
+            raise ValueError("source 'sae_lens' needs 'release' and 'sae_id' (and no 'path')")
+        return self
 
 
 class MediationSpec(_PromptsSpec):
@@ -171,6 +192,7 @@ class MediationSpec(_PromptsSpec):
     kind: Literal["mediation"] = "mediation"
     pair_id: Name
     dictionary_id: Name
+    chat_template: bool = Field(default=False, description=CHAT_TEMPLATE_HELP)
     boundary: int | None = Field(default=None, ge=0)
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
@@ -182,6 +204,7 @@ class PipelineSpec(_PromptsSpec):
 
     kind: Literal["pipeline"] = "pipeline"
     pair_ids: list[Name] = Field(min_length=1, max_length=32)
+    chat_template: bool = Field(default=False, description=CHAT_TEMPLATE_HELP)
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
     chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")

@@ -115,9 +115,24 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
                         "spec.dictionary.layer",
                         f"layer {spec.dictionary.layer} out of range for {p.pair_id!r}",
                     )
-    if spec.kind == "load_dictionary":
+    if spec.kind == "load_dictionary" and spec.source == "sae_lens":
+        _check_pretrained_allowed(settings, f"{spec.release}/{spec.sae_id}")
+    elif spec.kind == "load_dictionary":
         spec.path = str(resolve_under(spec.path, settings.dictionary_roots, "spec.path"))
     return pairs[0].pair_id, max(p.estimated_memory_bytes for p in pairs)
+
+
+def _check_pretrained_allowed(settings: Settings, ref: str) -> None:
+    """A pretrained SAE `RELEASE/SAE_ID` must match one of the server's allow-list patterns."""
+    from fnmatch import fnmatchcase
+
+    if not any(fnmatchcase(ref, pattern) for pattern in settings.pretrained_dictionaries):
+        allowed = ", ".join(settings.pretrained_dictionaries) or "none"
+        raise Invalid(
+            "spec.sae_id",
+            f"pretrained dictionary {ref!r} is not allow-listed on this server (allowed: {allowed}); "
+            "an admin adds it to CROSSPATCH_PRETRAINED_DICTIONARIES",
+        )
 
 
 def submit(session: Session, settings: Settings, user: User, body: JobCreate) -> Job:

@@ -34,6 +34,12 @@ from crosspatch.app.store.result_tables import (
 )
 from crosspatch.engine.errors import CrosspatchError
 
+# The results file is written in the storage format of DuckDB 1.1 (readable by every DuckDB >= 1.1, the 1.x
+# CLI included), not the running library's newest format. DuckDB applies this only when it creates a file;
+# tests/app/test_duckdb_compat.py opens a demo-style file with duckdb==OLDEST_READER.
+STORAGE_COMPATIBILITY = "v1.1.0"
+OLDEST_READER = "1.1.0"
+
 
 class ResultsError(CrosspatchError):
     """The results store failed (locked file, bad part, DuckDB error)."""
@@ -47,7 +53,9 @@ class ResultsStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._con = duckdb.connect(self.path)
+            self._con = duckdb.connect(
+                self.path, config={"storage_compatibility_version": STORAGE_COMPATIBILITY}
+            )
         except duckdb.Error as e:
             raise ResultsError(
                 f"cannot open results file {self.path!r}: {e}. Another process (a running "

@@ -72,7 +72,13 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 def _events_for(pair: Any, chunk: Sequence[Any], spec: DivergenceSpec) -> list[Any]:
     from crosspatch.engine.divergence import find_divergences
 
-    return find_divergences(pair, chunk, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
+    return find_divergences(
+        pair,
+        chunk,
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size,
+        chat_template=getattr(spec, "chat_template", False),
+    )
 
 
 def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
@@ -83,6 +89,7 @@ def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
         max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size,
         chunk_size=getattr(spec, "chunk_size", None),
+        chat_template=getattr(spec, "chat_template", False),
     )
 
 
@@ -368,11 +375,16 @@ def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
 
 @register("load_dictionary")
 def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
-    """Load a sae_lens-format dictionary from an allowed path, check it fits the pair, register it."""
-    from crosspatch.saes.load import load_dictionary
+    """Load a dictionary (an allowed path, or a pretrained sae_lens id from the local HF cache, saved into
+    the job's directory so later jobs load it by path), check it fits the pair, register it."""
+    from crosspatch.saes.load import load_dictionary, load_pretrained
 
     pair = ctx.load_pair(spec.pair_id)
-    dictionary = load_dictionary(spec.path, device=ctx.device)
+    if spec.source == "sae_lens":
+        dictionary = load_pretrained(str(spec.release), str(spec.sae_id), device=ctx.device)
+        dictionary.save(ctx.checkpoint_dir / "pretrained")
+    else:
+        dictionary = load_dictionary(str(spec.path), device=ctx.device)
     if dictionary.d_in != pair.it_adapter.d_model:
         raise ValueError(
             f"dictionary d_in {dictionary.d_in} does not match the pair's d_model {pair.it_adapter.d_model}"
@@ -409,7 +421,13 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
 
     prompts = load_prompt_records(spec)
     n = len(spec.pair_ids)
-    ctx.provenance.update(pairs={}, seed=spec.seed, n_resamples=spec.n_resamples, readouts=spec.readouts)
+    ctx.provenance.update(
+        pairs={},
+        seed=spec.seed,
+        n_resamples=spec.n_resamples,
+        readouts=spec.readouts,
+        chat_template=spec.chat_template,
+    )
     for i, pair_id in enumerate(spec.pair_ids):
         lo, span = i / n, 1 / n
         tag = f"{_part_tag(pair_id)}."

@@ -1,0 +1,78 @@
+"""Progress bars for long CLI work (`run`, `dict cache`, `dict train`, `mediate`), on stderr, terminals only.
+
+A bar is drawn only when stderr is a terminal (or `CROSSPATCH_PROGRESS=1` forces it; `=0` turns it off), so
+logs, pipes and CI output stay plain. Commands get a `Bar` with `update(done, total=None, note=None)` and
+`enabled` (to keep their plain progress lines when there is no bar).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def progress_enabled(stream: Any = None) -> bool:
+    """True when progress bars should draw: `CROSSPATCH_PROGRESS` if set, else whether stderr is a tty."""
+    forced = os.environ.get("CROSSPATCH_PROGRESS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    stream = sys.stderr if stream is None else stream
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+class Bar:
+    """One task of a rich progress display (a no-op when disabled)."""
+
+    def __init__(self, progress: Any | None, task: Any | None) -> None:
+        self._progress, self._task = progress, task
+
+    @property
+    def enabled(self) -> bool:
+        return self._progress is not None
+
+    def update(self, done: float, total: float | None = None, note: str | None = None) -> None:
+        """Set the completed amount (and total / trailing note when given)."""
+        if self._progress is None:
+            return
+        kw: dict[str, Any] = {"completed": done}
+        if total is not None:
+            kw["total"] = total
+        if note is not None:
+            kw["note"] = note
+        self._progress.update(self._task, **kw)
+
+
+@contextmanager
+def progress_bar(
+    description: str, total: float | None = None, *, enabled: bool | None = None, console: Any = None
+) -> Iterator[Bar]:
+    """A rich progress bar on stderr for the block; `total=None` until known (an indeterminate bar)."""
+    if not (progress_enabled() if enabled is None else enabled):
+        yield Bar(None, None)
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=console or Console(stderr=True),
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total, note="")
+        yield Bar(progress, task)
