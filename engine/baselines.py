@@ -12,6 +12,10 @@ Each condition's interaction is reported with its prompt-bootstrap CI and as a s
 first-divergence interaction (ratio of means over shared prompt resamples). The method's Core-small values:
 first divergence +1.794 (100%), source-balanced random +1.005 (56%), pre-divergence +0.059 (3%).
 
+The native-history check (section 4.6) reuses the rollouts: after h tokens (default 4, 8, 16) of one
+model's own greedy history, the events where PT and IT disagree get the same 2x2, averaged within prompt.
+Its diagonal no-op deltas come from `engine.noop` (not recomputed here).
+
 Forward work: one cached greedy rollout per model and prompt (`max_new_tokens`, default 64), one plain
 forward of each model over each rollout (top-1s at every prefix length at once), then the 2x2 per condition.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -33,9 +37,11 @@ from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.divergence import DIVERGED, DivergenceEvent, eos_ids, left_pad, real_token_mask
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.results import CELLS_SCHEMA
+from crosspatch.engine.stats import bootstrap_ci
 
 CONDITIONS: tuple[str, ...] = ("first_divergence", "random_pt_rollout", "random_it_rollout", "pre_divergence")
 BALANCED = "random_balanced"  # summary-only row: mean of the two rollout arms
+DEFAULT_HORIZONS: tuple[int, ...] = (4, 8, 16)
 
 # baseline cells: the cells table (engine.results.CELLS_SCHEMA) plus
 #   condition   one of CONDITIONS; `position` is the scored prefix length in generated tokens
@@ -142,6 +148,28 @@ def _rng(seed: int, prompt_id: str, arm: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(f"{arm}\0{prompt_id}".encode())])
 
 
+def _rollout_tops(
+    pair: ModelPair, events: Sequence[DivergenceEvent], source: str, max_new_tokens: int, batch_size: int
+) -> Iterator[tuple[DivergenceEvent, list[int], list[int], list[int]]]:
+    """(event, `source`'s greedy rollout, PT top-1s, IT top-1s after each prefix length) per non-empty rollout."""
+    if source not in ("pt", "it"):
+        raise ValueError(f"source must be 'pt' or 'it', not {source!r}")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+    model = pair.pt if source == "pt" else pair.it
+    tok = pair.tokenizer if source == "pt" else pair.it_tokenizer
+    allowed, eos = real_token_mask(model, tok), set(eos_ids(model, tok))
+    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(events), batch_size):
+        batch = list(events[start : start + batch_size])
+        prompts = [e.prompt_ids for e in batch]
+        rollouts = greedy_rollouts(model, allowed, eos, prompts, max_new_tokens, pad)
+        keep = [i for i, r in enumerate(rollouts) if r]
+        tops = rollout_top1(pair, [prompts[i] for i in keep], [rollouts[i] for i in keep], pad)
+        for i, (top_pt, top_it) in zip(keep, tops, strict=True):
+            yield batch[i], rollouts[i], top_pt, top_it
+
+
 def random_disagreements(
     pair: ModelPair,
     events: Sequence[DivergenceEvent],
@@ -152,30 +180,69 @@ def random_disagreements(
     batch_size: int = 16,
 ) -> list[DivergenceEvent]:
     """At most one random local disagreement per prompt from `source`'s ("pt" or "it") greedy rollout."""
-    if source not in ("pt", "it"):
-        raise ValueError(f"source must be 'pt' or 'it', not {source!r}")
-    if n_tries < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError("n_tries, max_new_tokens and batch_size must be >= 1")
-    model = pair.pt if source == "pt" else pair.it
-    tok = pair.tokenizer if source == "pt" else pair.it_tokenizer
-    allowed, eos = real_token_mask(model, tok), set(eos_ids(model, tok))
-    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
+    if n_tries < 1:
+        raise ValueError("n_tries must be >= 1")
     found: list[DivergenceEvent] = []
-    for start in range(0, len(events), batch_size):
-        batch = list(events[start : start + batch_size])
-        prompts = [e.prompt_ids for e in batch]
-        rollouts = greedy_rollouts(model, allowed, eos, prompts, max_new_tokens, pad)
-        keep = [i for i, r in enumerate(rollouts) if r]
-        tops = rollout_top1(pair, [prompts[i] for i in keep], [rollouts[i] for i in keep], pad)
-        for i, (top_pt, top_it) in zip(keep, tops, strict=True):
-            e, r = batch[i], rollouts[i]
-            candidates = [k for k in range(1, len(r) + 1) if not (e.diverged and k == e.position)]
-            rng = _rng(seed, e.prompt_id, source)
-            for k in rng.permutation(candidates)[:n_tries].tolist():
-                if top_pt[k - 1] != top_it[k - 1]:
-                    found.append(_event(pair, e, r[:k], top_pt[k - 1], top_it[k - 1]))
-                    break
+    for e, r, top_pt, top_it in _rollout_tops(pair, events, source, max_new_tokens, batch_size):
+        candidates = [k for k in range(1, len(r) + 1) if not (e.diverged and k == e.position)]
+        for k in _rng(seed, e.prompt_id, source).permutation(candidates)[:n_tries].tolist():
+            if top_pt[k - 1] != top_it[k - 1]:
+                found.append(_event(pair, e, r[:k], top_pt[k - 1], top_it[k - 1]))
+                break
     return found
+
+
+def native_history_events(
+    pair: ModelPair,
+    events: Sequence[DivergenceEvent],
+    source: str,
+    horizons: Sequence[int] = DEFAULT_HORIZONS,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[DivergenceEvent]:
+    """Native-history check (section 4.6): after h tokens of `source`'s own greedy history, keep the events
+    where PT's and IT's next tokens differ (one per prompt and horizon; no shared-history requirement)."""
+    if not horizons or min(horizons) < 1:
+        raise ValueError(f"horizons must be positive token counts, got {list(horizons)}")
+    found: list[DivergenceEvent] = []
+    budget = max(max_new_tokens, max(horizons))
+    for e, r, top_pt, top_it in _rollout_tops(pair, events, source, budget, batch_size):
+        for h in sorted(set(horizons)):
+            if h <= len(r) and top_pt[h - 1] != top_it[h - 1]:
+                found.append(_event(pair, e, r[:h], top_pt[h - 1], top_it[h - 1]))
+    return found
+
+
+def native_history_cells(
+    pair: ModelPair,
+    events: Sequence[DivergenceEvent],
+    source: str,
+    horizons: Sequence[int] = DEFAULT_HORIZONS,
+    boundary: int | None = None,
+    readout: str = "it",
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> pa.Table:
+    """The 2x2 on native-history disagreements; `condition` = 'native_<source>_history', position = horizon."""
+    scored = native_history_events(pair, events, source, horizons, max_new_tokens, batch_size)
+    cells = crosspatch(pair, scored, boundary, (readout,), batch_size)
+    condition = pa.array([f"native_{source}_history"] * cells.num_rows, pa.string())
+    return cells.append_column("condition", condition).cast(BASELINE_CELLS_SCHEMA)
+
+
+def clustered_interaction(
+    cells: pa.Table, n_resamples: int = 2000, seed: int = 23
+) -> tuple[float, float, float, int, int]:
+    """(mean, lo, hi, n_events, n_prompts): events averaged within prompt, then a bootstrap over prompts."""
+    d = cells.select(["prompt_id", "interaction"]).to_pydict()
+    if not d["prompt_id"]:
+        raise ValueError("no events to summarize")
+    per_prompt: dict[str, list[float]] = {}
+    for p, v in zip(d["prompt_id"], d["interaction"], strict=True):
+        per_prompt.setdefault(p, []).append(v)
+    means = np.array([np.mean(v) for v in per_prompt.values()])  # [prompts]
+    mean, lo, hi = bootstrap_ci(means, n_resamples, seed)
+    return mean, lo, hi, len(d["prompt_id"]), len(means)
 
 
 def pre_divergence_events(

@@ -17,6 +17,8 @@ from crosspatch.engine.baselines import (
     BASELINE_SUMMARY_SCHEMA,
     CONDITIONS,
     baseline_cells,
+    clustered_interaction,
+    native_history_cells,
     pre_divergence_events,
     random_disagreements,
     summarize_baselines,
@@ -97,3 +99,22 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="one first-divergence event per prompt"):
         baseline_cells(pair, [events[0], events[0]])
     assert set(cells["condition"].to_pylist()) == set(CONDITIONS)
+
+
+@pytest.mark.parametrize("source", ["it", "pt"])
+def test_native_history_disagreements_carry_the_planted_interaction(source: str) -> None:
+    """Disagreements after h native tokens sit on classed words: each matches its class's nominal."""
+    pair, events, _ = _run()
+    classes = load_expected(NAME)["classes"]
+    answer_class = {c["answer_word"]: j for j, c in classes.items()}
+    cells = native_history_cells(pair, events, source, horizons=(4, 8, 16), max_new_tokens=16, batch_size=8)
+    assert cells.schema == BASELINE_CELLS_SCHEMA and cells.num_rows > 0
+    assert set(cells["condition"].to_pylist()) == {f"native_{source}_history"}
+    assert set(cells["position"].to_pylist()) <= {4, 8, 16}
+    for t_it, value in zip(cells["t_it"].to_pylist(), cells["interaction"].to_pylist(), strict=True):
+        nominal = classes[answer_class[pair.tokenizer.convert_ids_to_tokens(t_it)]]["cells"]["interaction"]
+        assert abs(value - nominal) <= 0.1 * abs(nominal) + 0.5
+    mean, lo, _, n_events, n_prompts = clustered_interaction(cells)
+    assert mean > lo > 0 and n_prompts <= n_events <= 3 * n_prompts
+    with pytest.raises(ValueError, match="horizons"):
+        native_history_cells(pair, events, source, horizons=(0, 4))
