@@ -26,6 +26,7 @@ from crosspatch.engine.adapters import positions_from_mask
 from crosspatch.engine.crosspatch import event_batches, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.recipe import single_boundary
 from crosspatch.engine.stats import bootstrap_ci, bootstrap_means
 
 # boundary_margins: one row per event.
@@ -99,7 +100,7 @@ def boundary_margins(
     """IT's boundary logit-lens margin for each diverged event (runs IT's blocks before the boundary only)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    (b,) = pair.resolve_boundaries(boundary)
+    b = single_boundary(pair, boundary)
     adapter = pair.it_adapter
     parts = []
     for batch, ids, mask, tokens in event_batches(pair, events, batch_size):

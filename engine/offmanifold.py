@@ -33,7 +33,7 @@ import torch
 from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.pairs import READOUTS, ModelPair
-from crosspatch.engine.recipe import Ratio, ratio_of_means
+from crosspatch.engine.recipe import Ratio, ratio_of_means, single_boundary
 from crosspatch.engine.stats import bootstrap_ci
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -184,7 +184,7 @@ def iter_offmanifold(
     if not seeds:
         raise ValueError("seeds must name at least one signed-permutation draw")
     grid = _check_alphas(alphas)
-    (b,) = pair.resolve_boundaries(boundary)
+    b = single_boundary(pair, boundary)
     n_scored, done = sum(e.diverged for e in events), 0
     for batch, ids, mask, tokens in event_batches(pair, events, batch_size):
         interp, rand, late0, interaction = offmanifold_batch(pair, ids, mask, tokens, b, readout, grid, seeds)

@@ -68,6 +68,14 @@ def ratio_of_means(
     return Ratio(estimate, float(lo), float(hi), n_mean, d_mean, len(num))
 
 
+def single_boundary(pair: ModelPair, boundary: int | float | str | None) -> int:
+    """The one boundary a control runs at (`None` = the pair's default); a list or a sweep is refused."""
+    resolved = pair.resolve_boundaries(boundary)
+    if len(resolved) != 1:
+        raise ValueError(f"this control runs at one boundary, got {resolved}; run it once per boundary")
+    return resolved[0]
+
+
 def _column(cells: pa.Table, name: str) -> np.ndarray:
     return np.asarray(cells.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
 
@@ -259,7 +267,7 @@ def lineage_sweep(
         it_tok = (stage_tokenizers or {}).get(name, tokenizer)
         pair = ModelPair.from_models(base, model, tokenizer, it_tok, pair_id=f"{base_id}~{name}")
         check_labels(pair, events, name)
-        (b,) = pair.resolve_boundaries(boundary)
+        b = single_boundary(pair, boundary)
         parts.append(_stage_cells(pair, events, b, readout, name, batch_size))
     return pa.concat_tables(parts)
 

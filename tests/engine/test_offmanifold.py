@@ -117,5 +117,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
         offmanifold(pair, events[:2], alphas=[0.0, 1.5])
     with pytest.raises(ValueError, match="readout"):
         offmanifold(pair, events[:2], readout="mine")
+    with pytest.raises(ValueError, match="one boundary"):
+        offmanifold(pair, events[:2], boundary="sweep")
     with pytest.raises(ValueError, match="no events"):
         summarize_offmanifold(interp.slice(0, 0), perm.slice(0, 0))
