@@ -39,11 +39,15 @@ EXACT: dict[str, tuple[str, ...]] = {
     "self_contained": ("interaction",),
     "upstream_only": ("pt_late_effect", "it_late_effect", "interaction"),
 }
+# `paper_sized` first divergences fall at generated position 0 or 3..8 (most at >= 3).
+PAPER_POSITIONS: tuple[int, ...] = (0, 3, 4, 5, 6, 7, 8)
 INTERACTION_CI: dict[str, str] = {
     "upstream_dependent": "excludes_zero",
     "mediated": "excludes_zero",
     "self_contained": "covers_zero",
     "upstream_only": "covers_zero",
+    "paper_sized": "excludes_zero",
+    "lineage": "excludes_zero",
 }
 
 
@@ -71,21 +75,39 @@ def divergence_step(con: cons.Construction, last_word: int) -> tuple[int, int]:
     return position, word
 
 
+def _walk_starts(con: cons.Construction, words: list[int]) -> dict[tuple[int, int], list[int]]:
+    """(generated position, class of the first classed word) -> the words whose walk starts there.
+
+    Most kinds use every class at positions 0..MAX_POSITION (class key -1); `paper_sized` uses its strong
+    classes only, at `PAPER_POSITIONS` (one combination per available (position, class), classes alternating).
+    """
+    out: dict[tuple[int, int], list[int]] = {}
+    for w in words:
+        pos, classed = divergence_step(con, w)
+        if con.kind == "paper_sized":
+            j = con.word_class[classed]
+            if pos in PAPER_POSITIONS and j in con.strong_classes:
+                out.setdefault((pos, j), []).append(w)
+        elif pos <= MAX_POSITION:
+            out.setdefault((pos, -1), []).append(w)
+    if con.kind == "paper_sized":  # keep positions where every strong class has a start (balanced classes)
+        full = {p for p, _ in out if all((p, j) in out for j in con.strong_classes)}
+        out = {k: v for k, v in out.items() if k[0] in full}
+    return out
+
+
 def constructed_prompts(con: cons.Construction, n: int, seed: int, id_prefix: str) -> list[dict[str, Any]]:
     """`n` word-sequence prompts whose walk meets a classed word within `MAX_POSITION` generated steps."""
     vocab = vocabulary()
     rng = random.Random(seed)
     words = sorted(con.succ)
-    by_position: dict[int, list[int]] = {}
-    for w in words:
-        pos, _ = divergence_step(con, w)
-        if pos <= MAX_POSITION:
-            by_position.setdefault(pos, []).append(w)
-    positions = sorted(by_position)
+    by_start = _walk_starts(con, words)
+    starts = sorted(by_start)
     records = []
     for i in range(n):
-        pos = positions[i % len(positions)]  # cycle through positions so every one is represented
-        last = rng.choice(by_position[pos])
+        start = starts[i % len(starts)]  # cycle through positions (and classes) so every one is represented
+        pos = start[0]
+        last = rng.choice(by_start[start])
         body = [rng.choice(words) for _ in range(rng.randint(3, 8))] + [last]
         _, classed = divergence_step(con, last)
         answer = ANSWER_WORDS[con.word_class[classed]]
@@ -111,12 +133,20 @@ def _band(kind: str, quantity: str, nominal: float) -> dict[str, Any]:
     return {"nominal": nominal, "lo": nominal - tol, "hi": nominal + tol, "exact": exact}
 
 
+def _support_nominal(con: cons.Construction, neurons: list[cons.Neuron] | None = None) -> dict[str, float]:
+    """Nominal 2x2 averaged over the classes the prompt set's first divergences meet (equal shares)."""
+    classes = con.strong_classes or (0,)
+    per_class = [cons.nominal_cells(con, word_class=j, neurons=neurons) for j in classes]
+    return {q: sum(c[q] for c in per_class) / len(per_class) for q in per_class[0]}
+
+
 def constructed_expected(con: cons.Construction, name: str) -> dict[str, Any]:
     """expected.json of a constructed organism: nominal 2x2 (noise-free), bounds and mediator metadata."""
-    nominal = cons.nominal_cells(con)
-    for j in sorted(set(con.word_class.values()) - {0}):  # the construction is symmetric across classes
-        other = cons.nominal_cells(con, word_class=j)
-        assert all(math.isclose(other[k], v, abs_tol=1e-9) for k, v in nominal.items())
+    nominal = _support_nominal(con)
+    if not con.strong_classes:  # the construction is symmetric across classes
+        for j in sorted(set(con.word_class.values()) - {0}):
+            other = cons.nominal_cells(con, word_class=j)
+            assert all(math.isclose(other[k], v, abs_tol=1e-9) for k, v in nominal.items())
     out: dict[str, Any] = {
         "name": name,
         "kind": "constructed",
@@ -146,6 +176,32 @@ def constructed_expected(con: cons.Construction, name: str) -> dict[str, Any]:
             "interaction_after_ablation": ablated["interaction"],
             "min_interaction_share_removed": 0.9,
         }
+    if con.kind == "paper_sized":
+        out["classes"] = {
+            str(j): {
+                "strong": j in con.strong_classes,
+                "answer_word": ANSWER_WORDS[j],
+                "cells": cons.nominal_cells(con, word_class=j),
+                "boundary_margin": cons.nominal_boundary_margin(con, word_class=j),
+            }
+            for j in range(cons.N_CLASSES)
+        }
+        out["word_class"] = {vocabulary()[t]: j for t, j in sorted(con.word_class.items())}
+        out["positions"] = list(PAPER_POSITIONS)
+    if con.stages:
+        out["stages"] = {
+            stage: {
+                "path": f"stages/{stage}",
+                # the portable descendant is self-contained: its upstream is the base's (interaction exactly 0)
+                "cells": {
+                    q: _band("self_contained" if stage == cons.LINEAGE_PORTABLE else con.kind, q, v)
+                    for q, v in _support_nominal(con, neurons).items()
+                },
+            }
+            for stage, neurons in con.stages.items()
+        }
+        out["stage_order"] = list(cons.LINEAGE_STAGES)
+        out["portable_stage"] = cons.LINEAGE_PORTABLE
     return out
 
 
@@ -158,7 +214,12 @@ def build_constructed(kind: str, family: str, seed: int, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True)
     con = cons.make_construction(kind, family, seed)
     pt, it = cons.build_models(con)
-    write_pair(pt, it, build_tokenizer(), out_dir)
+    tokenizer = build_tokenizer()
+    write_pair(pt, it, tokenizer, out_dir)
+    for stage, neurons in con.stages.items():  # lineage descendants of the same base (PT)
+        _, model = cons.build_models(con, neurons)
+        model.save_pretrained(out_dir / "stages" / stage)
+        tokenizer.save_pretrained(out_dir / "stages" / stage)
     name = f"{family}_{kind}"
     write_jsonl(out_dir / "prompts.jsonl", constructed_prompts(con, N_PROMPTS, seed, f"{name}-"))
     write_jsonl(

@@ -36,7 +36,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from crosspatch.engine.organisms.tiny import tiny_config
 from crosspatch.engine.organisms.tokenizer import ANSWER_WORDS, SPECIAL_TOKENS, vocabulary
 
-CONSTRUCTED_KINDS: tuple[str, ...] = ("upstream_dependent", "self_contained", "upstream_only", "mediated")
+CONSTRUCTED_KINDS: tuple[str, ...] = (
+    "upstream_dependent",
+    "self_contained",
+    "upstream_only",
+    "mediated",
+    "paper_sized",
+    "lineage",
+)
 CONSTRUCTED_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gpt2")
 # GPT-2's MLP has no gate, so a neuron cannot be exactly "u AND class j": its organisms use one answer word
 # for every word (all divergences at position 0) and have no `mediated` kind (its neurons would co-fire).
@@ -89,6 +96,10 @@ class Construction:
     succ: dict[int, int]  # token id -> PT's next word (a single cycle over the cycle words)
     it_neurons: list[Neuron] = field(default_factory=list)
     mediators: list[Neuron] = field(default_factory=list)  # the known final-MLP mediators (`mediated`)
+    # `lineage`: descendants of the same base (PT), name -> their neurons; `it_neurons` is the last stage.
+    stages: dict[str, list[Neuron]] = field(default_factory=dict)
+    strong_classes: tuple[int, ...] = ()  # `paper_sized`: classes whose late effect needs IT's upstream u
+    beta_pt: float = BETA_PT  # scale of PT's cycle readout (the new kinds halve it: |Y(PT, PT)| ~ 3.7)
 
     @property
     def answer_ids(self) -> list[int]:
@@ -134,7 +145,9 @@ def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Constr
     # Half the cycle words get a class; the walk from any word meets a classed word within a few steps.
     classed = order[:]
     rng.shuffle(classed)
-    word_class = {t: i % N_CLASSES for i, t in enumerate(classed[: len(classed) // 2])}
+    # `paper_sized` classes only a quarter of the words, so most walks meet one later (positions >= 3).
+    n_classed = len(classed) // (4 if kind == "paper_sized" else 2)
+    word_class = {t: i % N_CLASSES for i, t in enumerate(classed[:n_classed])}
     if family == "gpt2":
         return _gpt2_construction(kind, seed, succ, {t: 0 for t in order})
 
@@ -165,7 +178,85 @@ def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Constr
     elif kind == "upstream_only":
         for j in range(N_CLASSES):
             neurons.append(Neuron(1, j, gate=always_on, up={C[j]: 1.0}, down={K[j]: 1.2}))
+    elif kind == "paper_sized":
+        con = Construction(kind, family, seed, word_class, succ, _paper_sized_neurons(), mediators)
+        con.strong_classes, con.beta_pt = PAPER_STRONG_CLASSES, SMALL_BETA_PT
+        return con
+    elif kind == "lineage":
+        stages = {name: _lineage_neurons(scale) for name, scale in LINEAGE_STAGES.items()}
+        stages[LINEAGE_PORTABLE] = _lineage_neurons(0.0, portable=LINEAGE_PORTABLE_WEIGHT, write_u=False)
+        con = Construction(kind, family, seed, word_class, succ, stages[LINEAGE_FINAL], mediators)
+        con.stages, con.beta_pt = stages, SMALL_BETA_PT
+        return con
     return Construction(kind, family, seed, word_class, succ, neurons, mediators)
+
+
+# `paper_sized`: effects of the size the method reports (interaction ~ +2, portable part ~ +0.8), later
+# divergences, and two kinds of classed words. At a *strong* class (0, 1) IT's late stack adds an
+# upstream-dependent push (neurons gated on u) on top of a portable one; at a *weak* class (2, 3) only the
+# portable push acts. The prompt set puts every first divergence on a strong class; later disagreements in
+# either rollout meet both kinds, so random local disagreements carry about half the interaction.
+# Upstream, a class-gated block-1 neuron writes K[j] (weak for class 0, strong for class 1), so IT's boundary
+# logit lens does not yet favour t_IT at class-0 events and already does at class-1 events.
+SMALL_BETA_PT = 0.5
+# A small u (~1) read by a steep gate: u barely changes the residual's norm, so the portable pushes act
+# (almost) alike under either upstream and the interaction comes from the u-gated neurons alone.
+SMALL_U_WRITE, SMALL_U_GATE = 0.13, 6.0
+PAPER_STRONG_CLASSES: tuple[int, ...] = (0, 1)
+PAPER_UPSTREAM_K: tuple[float, ...] = (0.15, 0.45, 0.15, 0.15)  # block-1 write on K[j], per class
+PAPER_LATE_U = 0.065  # per late block, u-gated write on K[j] (strong classes)
+PAPER_PORTABLE = 0.06  # block-4 always-on write on K[j] (every class)
+PAPER_WEAK_LATE_U = 0.02  # weak classes: a small u-gated push
+PAPER_WEAK_PORTABLE = 0.25  # weak classes get a larger portable push so IT still departs from PT there
+
+
+def _paper_sized_neurons() -> list[Neuron]:
+    """IT's neurons for `paper_sized` (see the constants above)."""
+    always_on = {CONST: 2.0}
+    neurons = [Neuron(0, 0, gate=always_on, up={CONST: 1.0}, down={U: SMALL_U_WRITE})]  # u ~ 1
+    for j in range(N_CLASSES):
+        neurons.append(Neuron(1, j, gate=always_on, up={C[j]: 1.0}, down={K[j]: PAPER_UPSTREAM_K[j]}))
+        strong = j in PAPER_STRONG_CLASSES
+        portable = PAPER_PORTABLE if strong else PAPER_WEAK_PORTABLE
+        late_u = PAPER_LATE_U if strong else PAPER_WEAK_LATE_U
+        neurons.append(Neuron(N_LAYERS - 1, 4 + j, gate=always_on, up={C[j]: 1.0}, down={K[j]: portable}))
+        for layer in range(BOUNDARY, N_LAYERS):
+            neurons.append(Neuron(layer, j, gate={U: SMALL_U_GATE}, up={C[j]: 1.0}, down={K[j]: late_u}))
+    return neurons
+
+
+# `lineage`: three cumulative descendants of one base (like SFT -> DPO -> final) whose u-gated late push
+# grows by stage, plus a `portable` descendant (like a domain fine-tune) whose late push is always-on and
+# whose upstream equals the base's: a large late effect from either upstream, interaction exactly 0.
+LINEAGE_STAGES: dict[str, float] = {"sft": 0.3, "dpo": 0.7, "final": 1.0}  # scale of the u-gated push
+LINEAGE_FINAL = "final"
+LINEAGE_PORTABLE = "portable"
+LINEAGE_LATE_U = 0.06  # per late block, u-gated write on K[j] at scale 1
+LINEAGE_UPSTREAM_K = 0.25  # block-1 write on K[j] (every instruction stage)
+LINEAGE_STAGE_PORTABLE = 0.06  # block-4 always-on write on K[j] (every instruction stage)
+LINEAGE_PORTABLE_WEIGHT = 0.25  # the portable descendant's block-4 write on K[j]
+
+
+def _lineage_neurons(
+    scale: float, portable: float = LINEAGE_STAGE_PORTABLE, write_u: bool = True
+) -> list[Neuron]:
+    """One lineage descendant: u writer + block-1 K writer (if `write_u`), u-gated late push x `scale`, portable push."""
+    always_on = {CONST: 2.0}
+    neurons: list[Neuron] = []
+    if write_u:
+        neurons.append(Neuron(0, 0, gate=always_on, up={CONST: 1.0}, down={U: SMALL_U_WRITE}))
+    for j in range(N_CLASSES):
+        if write_u:
+            neurons.append(Neuron(1, j, gate=always_on, up={C[j]: 1.0}, down={K[j]: LINEAGE_UPSTREAM_K}))
+        neurons.append(Neuron(N_LAYERS - 1, 4 + j, gate=always_on, up={C[j]: 1.0}, down={K[j]: portable}))
+        if scale > 0:
+            for layer in range(BOUNDARY, N_LAYERS):
+                neurons.append(
+                    Neuron(
+                        layer, j, gate={U: SMALL_U_GATE}, up={C[j]: 1.0}, down={K[j]: scale * LINEAGE_LATE_U}
+                    )
+                )
+    return neurons
 
 
 def _gpt2_construction(
@@ -222,7 +313,7 @@ def unembedding_matrix(con: Construction, token_dirs: torch.Tensor) -> torch.Ten
     """`[vocab, d_model]`: cycle word t reads the identity of its predecessor; answer j reads K[j]."""
     unemb = torch.zeros_like(token_dirs)
     for prev, nxt in con.succ.items():
-        unemb[nxt] = BETA_PT * token_dirs[prev]
+        unemb[nxt] = con.beta_pt * token_dirs[prev]
     for j, t in enumerate(con.answer_ids):
         unemb[t, K[j]] = BETA_IT
     return unemb
@@ -247,8 +338,10 @@ def _set(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     param.data.copy_(value.to(param.dtype))
 
 
-def build_models(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
-    """The PT and IT models of `con` (fp32, eval mode). IT = PT plus `con.it_neurons`."""
+def build_models(
+    con: Construction, neurons: list[Neuron] | None = None
+) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """The PT and IT models of `con` (fp32, eval mode). IT = PT plus `neurons` (default `con.it_neurons`)."""
     if con.family == "gpt2":
         return _build_gpt2(con)
     vocab_size = len(vocabulary())
@@ -280,7 +373,7 @@ def build_models(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
         state[name] = value
         _set(param, value)
     it = _copy_of(config, state)
-    for n in con.it_neurons:
+    for n in con.it_neurons if neurons is None else neurons:
         mlp = it.model.layers[n.layer].mlp
         for coord, w in n.gate.items():
             mlp.gate_proj.weight.data[n.index, coord] = w
@@ -374,7 +467,12 @@ def _run_planted(h: list[float], neurons: list[Neuron], layers: range, eps: floa
     return h
 
 
-def nominal_cells(con: Construction, word_class: int = 0, ablate_mediators: bool = False) -> dict[str, float]:
+def nominal_cells(
+    con: Construction,
+    word_class: int = 0,
+    ablate_mediators: bool = False,
+    neurons: list[Neuron] | None = None,
+) -> dict[str, float]:
     """Noise-free 2x2 at a step whose current word has class `word_class` (float64, from the construction).
 
     The residual is tracked on the planted coordinates plus the identity part, whose direction only enters
@@ -384,10 +482,11 @@ def nominal_cells(con: Construction, word_class: int = 0, ablate_mediators: bool
     r_id = math.sqrt(EMBED_NORM**2 - CONST_VALUE**2 - CLASS_VALUE**2)  # identity scale of a classed word
     h0 = [0.0] * D_MODEL
     h0[CONST], h0[C[word_class]], h0[N_RESERVED] = CONST_VALUE, CLASS_VALUE, r_id
-    it_late_neurons = [n for n in con.it_neurons if not (ablate_mediators and n in con.mediators)]
+    it_neurons = con.it_neurons if neurons is None else neurons
+    it_late_neurons = [n for n in it_neurons if not (ablate_mediators and n in con.mediators)]
     upstream = {
         "pt": _run_planted(h0, [], range(BOUNDARY), eps),
-        "it": _run_planted(h0, con.it_neurons, range(BOUNDARY), eps),
+        "it": _run_planted(h0, it_neurons, range(BOUNDARY), eps),
     }
     late = {"pt": [], "it": it_late_neurons}
     cells: dict[str, float] = {}
@@ -395,9 +494,22 @@ def nominal_cells(con: Construction, word_class: int = 0, ablate_mediators: bool
         for late_name, neurons in late.items():
             x = _rms_norm(_run_planted(h_up, neurons, range(BOUNDARY, N_LAYERS), eps), eps)
             logit_it = BETA_IT * x[K[word_class]]
-            logit_pt = BETA_PT * x[N_RESERVED]  # t_PT's row is the identity direction of the current word
+            logit_pt = con.beta_pt * x[N_RESERVED]  # t_PT's row is the identity direction of the current word
             cells[f"y_{up_name}up_{late_name}late"] = logit_it - logit_pt
     cells["pt_late_effect"] = cells["y_ptup_itlate"] - cells["y_ptup_ptlate"]
     cells["it_late_effect"] = cells["y_itup_itlate"] - cells["y_itup_ptlate"]
     cells["interaction"] = cells["it_late_effect"] - cells["pt_late_effect"]
     return cells
+
+
+def nominal_boundary_margin(
+    con: Construction, word_class: int = 0, neurons: list[Neuron] | None = None
+) -> float:
+    """Noise-free IT logit-lens margin Y at the boundary (IT's residual entering block `BOUNDARY`, IT readout)."""
+    eps = NORM_EPS[con.family]
+    r_id = math.sqrt(EMBED_NORM**2 - CONST_VALUE**2 - CLASS_VALUE**2)
+    h0 = [0.0] * D_MODEL
+    h0[CONST], h0[C[word_class]], h0[N_RESERVED] = CONST_VALUE, CLASS_VALUE, r_id
+    h = _run_planted(h0, con.it_neurons if neurons is None else neurons, range(BOUNDARY), eps)
+    x = _rms_norm(h, eps)
+    return BETA_IT * x[K[word_class]] - con.beta_pt * x[N_RESERVED]
