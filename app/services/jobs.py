@@ -120,9 +120,27 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
     return pairs[0].pair_id, max(p.estimated_memory_bytes for p in pairs)
 
 
+RESEARCHER_PRIORITIES = (-10, 0)
+
+
+def _check_priority(priority: int, user: User) -> None:
+    """Researchers order only their own jobs, within a band at or below the default; admins get all."""
+    lo, hi = RESEARCHER_PRIORITIES
+    if user.role != "admin" and not lo <= priority <= hi:
+        raise Invalid(
+            "priority",
+            f"researchers may set priority {lo}..{hi} (it orders only their own jobs); got {priority}",
+        )
+
+
 def submit(session: Session, settings: Settings, user: User, body: JobCreate) -> Job:
     """Validate and enqueue one job (429 past the researcher's quota of active jobs)."""
     pair_id, memory = validate_spec(session, settings, body)
+    _check_priority(body.priority, user)
+    # Count and insert under one lock per owner, held to the end of this transaction: concurrent submits
+    # of one researcher queue here instead of all counting before any inserts (PostgreSQL row lock;
+    # SQLite's write transactions already begin with the write lock, BEGIN IMMEDIATE).
+    session.execute(select(User.id).where(User.id == user.id).with_for_update())
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.owner_id == user.id, Job.status.in_(ACTIVE_STATUSES))
     )
