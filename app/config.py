@@ -74,6 +74,43 @@ class Settings(BaseSettings):
     worker_memory_bytes: int | None = Field(
         default=None, description="Memory a worker offers; default: the device's total memory."
     )
+    max_prompt_file_bytes: int = Field(
+        default=64 << 20,
+        ge=1,
+        description="Largest prompt file (JSONL under the model roots) a job may name.",
+    )
+    max_prompt_chars: int = Field(
+        default=20_000,
+        ge=1,
+        description="Longest prompt in characters, inline or one line of a prompt file (bounds its tokens).",
+    )
+    max_training_tokens: int = Field(
+        default=10**9, ge=1, description="Most training tokens one dictionary job may ask for."
+    )
+    job_time_limit_seconds: dict[str, float] = Field(
+        default_factory=lambda: {
+            "divergence": 6 * 3600.0,
+            "crosspatch": 12 * 3600.0,
+            "train_dictionary": 24 * 3600.0,
+            "load_dictionary": 600.0,
+            "mediation": 12 * 3600.0,
+            "pipeline": 48 * 3600.0,
+        },
+        description="Per-kind wall-clock budget of one attempt; past it the worker fails the job.",
+    )
+    job_memory_bytes: int | None = Field(
+        default=None,
+        ge=1 << 20,
+        description="Resident memory a job's worker process may reach; past it the job fails. Default: none.",
+    )
+    cancel_grace_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a job that should stop (cancelled, over budget) may take before its process is killed.",
+    )
+    worker_max_losses: int = Field(
+        default=10, ge=1, description="Times a job's worker may be lost (lease expired) before the job fails."
+    )
     dictionary_roots: list[Path] = Field(
         default_factory=list, description="Directories under which dictionaries may be registered."
     )

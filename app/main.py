@@ -67,21 +67,28 @@ class BodySizeLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._refuse(send)
             return
-        seen = 0
+        seen, refused = 0, False
 
         async def limited() -> Message:
-            nonlocal seen
+            # Past the limit: answer 413 here and tell the app the client left (an exception raised
+            # here would reach the app's body parser, which turns any error into a 400).
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    refused = True
+                    await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def guarded_send(message: Message) -> None:
+            if not refused:  # the 413 is the whole answer; drop whatever the app says after it
+                await send(message)
+
+        await self.app(scope, limited, guarded_send)
 
     async def _refuse(self, send: Send) -> None:
         response = JSONResponse(
@@ -89,10 +96,6 @@ class BodySizeLimit:
             status_code=413,
         )
         await response({"type": "http"}, _noop_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _noop_receive() -> Message:
@@ -106,8 +109,12 @@ def _error(status: int, message: str, code: str, errors: list[dict[str, Any]] | 
     return JSONResponse(body, status_code=status)
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
+def _field(error: dict[str, Any]) -> str:
+    """The field an error is about, dotted; a body that is not JSON at all is about `body` (its `loc`
+    holds the character offset of the syntax error, which names no field)."""
+    if error.get("type") == "json_invalid":
+        return "body"
+    parts = [str(p) for p in error.get("loc", ()) if p not in ("body",)]
     return ".".join(parts) or "body"
 
 
@@ -120,10 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": _field(tuple(e.get("loc", ()))), "reason": str(e.get("msg", "invalid"))}
-            for e in exc.errors()
-        ]
+        errors = [{"field": _field(dict(e)), "reason": str(e.get("msg", "invalid"))} for e in exc.errors()]
         message = "; ".join(f"{e['field']}: {e['reason']}" for e in errors[:5]) or "invalid request"
         return _error(422, message, "invalid", errors)
 

@@ -28,11 +28,23 @@ from crosspatch.app.store.models import (
 from crosspatch.app.worker.context import parts_dir
 from crosspatch.app.worker.handlers import available_kinds
 
+# A prompt file's line holds one prompt plus its JSON (id, category, formats): this much room for those.
+LINE_OVERHEAD_CHARS = 1024
 
-def _count_lines(path: Any, stop_after: int) -> int:
+
+def _count_lines(path: Any, stop_after: int, max_chars: int) -> int:
+    """Non-empty lines of a prompt file (stops past `stop_after`); 422 on a line too long to be a prompt
+    of at most `max_chars` (never reads more than one line's cap into memory)."""
+    cap = max_chars + LINE_OVERHEAD_CHARS
     n = 0
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for i, line in enumerate(iter(lambda: f.readline(cap + 2), ""), start=1):
+            if len(line.rstrip("\r\n")) > cap:
+                raise Invalid(
+                    "spec.prompt_file",
+                    f"line {i} is longer than {cap} characters; this server allows prompts of at most "
+                    f"{max_chars} characters",
+                )
             n += bool(line.strip())
             if n > stop_after:
                 break
@@ -45,12 +57,24 @@ def _check_prompts(spec: Any, settings: Settings) -> None:
         raise Invalid(
             "spec.prompts", f"{len(spec.prompts)} prompts; this server allows at most {limit} per job"
         )
+    for i, p in enumerate(getattr(spec, "prompts", None) or []):
+        if len(p.text) > settings.max_prompt_chars:
+            raise Invalid(
+                f"spec.prompts.{i}.text",
+                f"{len(p.text)} characters; this server allows at most {settings.max_prompt_chars}",
+            )
     if getattr(spec, "prompt_file", None) is not None:
         path = resolve_under(spec.prompt_file, settings.model_roots, "spec.prompt_file")
         if not path.is_file():
             raise Invalid("spec.prompt_file", "not a file")
+        size, max_size = path.stat().st_size, settings.max_prompt_file_bytes
+        if size > max_size:
+            raise Invalid(
+                "spec.prompt_file",
+                f"{size} bytes; this server allows prompt files of at most {max_size} bytes",
+            )
         try:
-            n = _count_lines(path, limit)
+            n = _count_lines(path, limit, settings.max_prompt_chars)
         except (OSError, UnicodeDecodeError) as e:
             raise Invalid("spec.prompt_file", f"cannot read it as UTF-8 JSONL: {e}") from e
         if n > limit:
@@ -103,6 +127,12 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
                 f"top_k={spec.mediation.top_k} exceeds the dictionary's width {d.width}",
             )
     if spec.kind in ("pipeline", "train_dictionary"):
+        tokens = spec.dictionary.training_tokens
+        if tokens is not None and tokens > settings.max_training_tokens:
+            raise Invalid(
+                "spec.dictionary.training_tokens",
+                f"{tokens} tokens; this server allows at most {settings.max_training_tokens} per dictionary",
+            )
         width = spec.dictionary.width
         if spec.kind == "pipeline" and width is not None and spec.mediation.top_k > width:
             raise Invalid(
