@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     worker_max_losses: int = Field(
         default=10, ge=1, description="Times a job's worker may be lost (lease expired) before the job fails."
     )
+    worker_lock_dir: Path | None = Field(
+        default=None,
+        description="Where per-device worker locks live (default data_dir/workers); one host-wide directory "
+        "keeps servers with different data dirs off each other's GPU.",
+    )
     dictionary_roots: list[Path] = Field(
         default_factory=list, description="Directories under which dictionaries may be registered."
     )

@@ -27,6 +27,7 @@ from crosspatch.app.services.ingest import Housekeeper
 from crosspatch.app.store.duckdb import ResultsError, ResultsStore
 from crosspatch.app.store.migrate import upgrade
 from crosspatch.app.store.session import Store
+from crosspatch.app.worker.supervisor import PARENT_PID_ENV, DeviceLock
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -46,11 +47,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_worker_process(settings: Settings, device: str | None = None) -> subprocess.Popen[bytes]:
-    """A local `python -m crosspatch.app.worker` subprocess sharing this process's settings."""
-    env = {**os.environ, **settings_env(settings)}
+def start_worker_process(
+    settings: Settings, device: str | None = None, lock: DeviceLock | None = None
+) -> subprocess.Popen[bytes]:
+    """A local, supervised `python -m crosspatch.app.worker` subprocess sharing this process's settings.
+
+    It dies with this process (SIGTERM on parent death) and inherits `lock`, the device's lock, so the
+    device stays taken while any of its processes lives.
+    """
+    env = {**os.environ, **settings_env(settings), PARENT_PID_ENV: str(os.getpid())}
     cmd = [sys.executable, "-m", "crosspatch.app.worker", "--device", device or settings.device]
-    return subprocess.Popen(cmd, env=env)
+    if lock is None:
+        return subprocess.Popen(cmd, env=env)
+    return subprocess.Popen([*cmd, "--lock-fd", str(lock.fd)], env=env, pass_fds=(lock.fd,))
 
 
 class BodySizeLimit:
@@ -162,7 +171,12 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
         app.state.results = ResultsStore(settings.duckdb_path)
         housekeeper = Housekeeper(settings, app.state.store, app.state.results)
         housekeeper.start()
-        worker = start_worker_process(settings) if with_worker else None
+        worker, lock = None, None
+        if with_worker:  # refuses (DeviceBusy) while another server's worker on this device lives
+            lock = DeviceLock.acquire(
+                settings, settings.device, wait_seconds=2 * settings.cancel_grace_seconds
+            )
+            worker = start_worker_process(settings, lock=lock)
         # Everything imported and built so far lives as long as the process: move it out of the
         # collector's view, so a full collection under load scans only new objects (a full pass over
         # the startup heap is a pause of tens of ms that every request in flight waits out).
@@ -174,9 +188,12 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
             if worker is not None:
                 worker.terminate()
                 try:
-                    worker.wait(timeout=30)
+                    worker.wait(timeout=settings.cancel_grace_seconds + 30)
                 except subprocess.TimeoutExpired:
                     worker.kill()
+                    worker.wait()
+            if lock is not None:
+                lock.release()
             housekeeper.stop()
             app.state.results.close()
             app.state.store.dispose()

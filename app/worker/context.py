@@ -63,13 +63,16 @@ class JobContext:
         self._load_pair = load_pair
         self._stopping = stopping
         self._lost = threading.Event()
+        self.budget_exceeded: str | None = None  # why the job must stop, when past its time/memory budget
         self._progress: dict[str, Any] = {"fraction": 0.0, "message": "started"}
         self._lock = threading.Lock()
         self._last_flush = 0.0
 
     # ---- reporting ---------------------------------------------------------------------------
     def progress(self, fraction: float, message: str = "") -> None:
-        """Report progress in [0, 1]; stored with the next heartbeat (at most ~2/s)."""
+        """Report progress in [0, 1]; stored with the next heartbeat (at most ~2/s). Also a cancellation
+        point: raises `JobCancelled` once the job should stop."""
+        self.check_cancel()
         with self._lock:
             self._progress = {"fraction": max(0.0, min(1.0, float(fraction))), "message": message}
         if time.monotonic() - self._last_flush > 0.5:
@@ -104,7 +107,11 @@ class JobContext:
     # ---- cancellation ------------------------------------------------------------------------
     def should_cancel(self) -> bool:
         """True once the job was cancelled, its lease was lost, or the worker is stopping."""
-        return self._lost.is_set() or self._stopping.is_set()
+        return self._lost.is_set() or self._stopping.is_set() or self.budget_exceeded is not None
+
+    def stop_over_budget(self, reason: str) -> None:
+        """Make the handler stop at its next check; the worker then fails the job with `reason`."""
+        self.budget_exceeded = reason
 
     def check_cancel(self) -> None:
         """Raise `JobCancelled` if the handler should stop now."""

@@ -21,6 +21,7 @@ from crosspatch.app.queue import ops
 from crosspatch.app.store.models import Job, Pair
 from crosspatch.app.store.session import Store
 from crosspatch.app.worker.context import JobCancelled, JobContext
+from crosspatch.app.worker.supervisor import budget_reason, resident_bytes
 from crosspatch.engine.errors import CrosspatchError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,13 @@ def device_memory_bytes(device: str) -> int:
 class Worker:
     """One worker on one device; keeps the last pair it loaded warm."""
 
-    def __init__(self, settings: Settings, device: str = "cpu", worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        device: str = "cpu",
+        worker_id: str | None = None,
+        status_fd: int | None = None,
+    ) -> None:
         self.settings = settings
         self.device = device
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}:{uuid.uuid4().hex[:6]}"
@@ -48,6 +55,15 @@ class Worker:
         self.stopping = threading.Event()
         self._pair: Any = None
         self._pair_id: str | None = None
+        self._status_fd = status_fd  # a supervisor reads `job <id> <kind>` / `idle` lines here
+
+    def _report(self, line: str) -> None:
+        if self._status_fd is None:
+            return
+        try:
+            os.write(self._status_fd, f"{line}\n".encode())
+        except OSError:  # the supervisor is gone; the kernel ends us too (PR_SET_PDEATHSIG)
+            self._status_fd = None
 
     # ---- models ------------------------------------------------------------------------------
     def load_pair(self, pair_id: str) -> Any:
@@ -105,12 +121,19 @@ class Worker:
 
     def run_one(self, job_id: uuid.UUID) -> str:
         """Run one claimed job to its next status; returns that status."""
-        from crosspatch.app.worker.handlers import run_job
-
         with self.store.session(write=False) as s:
             job = s.get(Job, job_id)
             assert job is not None
             spec, kind = dict(job.spec), job.kind
+        self._report(f"job {job_id} {kind}")
+        try:
+            return self._run_one(job_id, spec, kind)
+        finally:
+            self._report("idle")
+
+    def _run_one(self, job_id: uuid.UUID, spec: dict[str, Any], kind: str) -> str:
+        from crosspatch.app.worker.handlers import run_job
+
         ctx = JobContext(
             self.store,
             job_id,
@@ -124,7 +147,7 @@ class Worker:
         )
         beat_stop = threading.Event()
         beat = threading.Thread(
-            target=self._beat, args=(ctx, beat_stop), daemon=True, name=f"heartbeat-{job_id}"
+            target=self._beat, args=(ctx, beat_stop, kind), daemon=True, name=f"heartbeat-{job_id}"
         )
         beat.start()
         t0 = time.monotonic()
@@ -163,6 +186,12 @@ class Worker:
         return "ingesting" if ok else (ops.status_of(self.store, job_id) or "lost")
 
     def _after_stop(self, ctx: JobContext) -> str:
+        if not ctx.lost and ctx.budget_exceeded is not None:
+            ctx.log(f"failed: {ctx.budget_exceeded}", level="ERROR")
+            ops.finish_running(
+                self.store, ctx.job_id, self.worker_id, status="failed", error=ctx.budget_exceeded
+            )
+            return "failed"
         if not ctx.lost and self.stopping.is_set():
             ops.finish_running(self.store, ctx.job_id, self.worker_id, status="queued")
             ctx.log("worker stopping: job handed back to the queue", level="WARNING")
@@ -171,9 +200,14 @@ class Worker:
         log.info("job %s stopped (now %s)", ctx.job_id, status)
         return status
 
-    def _beat(self, ctx: JobContext, stop: threading.Event) -> None:
+    def _beat(self, ctx: JobContext, stop: threading.Event, kind: str) -> None:
+        """Renew the lease; stop the job (at its next check) once it is past its time or memory budget."""
         period = min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3)
+        t0 = time.monotonic()
         while not stop.wait(period):
+            reason = budget_reason(self.settings, kind, time.monotonic() - t0, resident_bytes(os.getpid()))
+            if reason is not None:
+                ctx.stop_over_budget(reason)
             if not ctx.heartbeat():
                 log.info("job %s: no longer held (cancelled or lease lost)", ctx.job_id)
                 return
