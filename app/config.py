@@ -69,7 +69,9 @@ class Settings(BaseSettings):
     max_prompts_per_job: int = Field(default=10_000, ge=1, description="Most prompts one job may carry.")
     lease_seconds: float = Field(default=30.0, gt=0, description="A worker's lease on a claimed job.")
     heartbeat_seconds: float = Field(default=2.0, gt=0, description="How often a worker renews its lease.")
-    max_attempts: int = Field(default=3, ge=1, description="Claims of one job before it is failed.")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Unused since worker losses are counted apart (worker_max_losses)."
+    )
     poll_seconds: float = Field(default=1.0, gt=0, description="Idle worker / ingest loop poll interval.")
     worker_memory_bytes: int | None = Field(
         default=None, description="Memory a worker offers; default: the device's total memory."

@@ -234,6 +234,8 @@ class JobPublic(BaseModel):
     spec: dict[str, Any]
     progress: dict[str, Any]
     attempts: int
+    losses: int = Field(description="Times a worker was lost under this job (counted apart from errors).")
+    share: Literal["lab", "owner"] = Field(description="Who may read the job's results.")
     worker_id: str | None
     error: str | None
     estimated_memory_bytes: int

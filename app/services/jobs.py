@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from crosspatch.app.config import Settings
 from crosspatch.app.errors import Conflict, Invalid, QuotaExceeded
+from crosspatch.app.queue import ops
 from crosspatch.app.schemas.jobs import JobCreate, JobPublic
 from crosspatch.app.services.paths import resolve_under
 from crosspatch.app.store.duckdb import ResultsStore
@@ -237,6 +238,7 @@ def cancel(session: Session, job_id: uuid.UUID, user: User) -> Job:
     assert job is not None
     if result is None:
         raise Conflict(f"job {job_id} is already {job.status}")
+    ops.end_attempt(session, job_id, "cancelled", f"cancelled by {user.name}")
     session.add(JobLog(job_id=job_id, message=f"cancelled by {user.name}"))
     return job
 
@@ -250,7 +252,7 @@ def retry(session: Session, job_id: uuid.UUID, user: User) -> Job:
             status="queued",
             error=None,
             finished_at=None,
-            attempts=0,
+            losses=0,  # attempts (and their history in job_attempts) are kept
             worker_id=None,
             progress={"fraction": 0.0, "message": "queued (retry)"},
         )

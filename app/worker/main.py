@@ -101,7 +101,7 @@ class Worker:
         ran = 0
         log.info("worker %s on %s (%.1f GiB) started", self.worker_id, self.device, self.memory_bytes / 2**30)
         while not self.stopping.is_set() and (max_jobs is None or ran < max_jobs):
-            ops.requeue_expired(self.store, max_attempts=self.settings.max_attempts)
+            ops.requeue_expired(self.store, max_losses=self.settings.worker_max_losses)
             job_id = ops.claim(
                 self.store,
                 self.worker_id,
