@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     embedded_worker: bool = Field(
         default=True, description="`crosspatch serve` starts one local worker subprocess itself."
     )
+    job_visibility: Literal["lab", "owner"] = Field(
+        default="owner",
+        description="Who reads a job's spec (inline prompts), logs and provenance: its owner (and admins), or "
+        "the whole lab. Results follow each job's own `share` flag.",
+    )
+    max_streams_per_user: int = Field(
+        default=8, ge=1, description="Concurrent progress streams (SSE) one researcher may hold; more is 429."
+    )
+    max_streams_total: int = Field(
+        default=64, ge=1, description="Concurrent progress streams the whole server holds; more is 429."
+    )
     max_active_jobs_per_user: int = Field(
         default=20, ge=1, description="Quota: a researcher's queued + running jobs; more answers 429."
     )

@@ -217,7 +217,16 @@ class JobCreate(BaseModel):
     )
 
     spec: JobSpec
-    priority: int = Field(default=0, ge=-100, le=100)
+    priority: int = Field(
+        default=0,
+        ge=-100,
+        le=100,
+        description="Orders only your own jobs (fair share between researchers comes first); researchers "
+        "may set -10..0, admins -100..100.",
+    )
+    share: Literal["lab", "owner"] = Field(
+        default="lab", description="Who may read this job's results: the whole lab, or only you (and admins)."
+    )
 
 
 class JobPublic(BaseModel):

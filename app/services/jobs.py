@@ -186,6 +186,7 @@ def submit(session: Session, settings: Settings, user: User, body: JobCreate) ->
         spec=body.spec.model_dump(mode="json"),
         status="queued",
         priority=body.priority,
+        share=body.share,
         pair_id=pair_id,
         estimated_memory_bytes=memory,
         progress={"fraction": 0.0, "message": "queued"},
@@ -196,19 +197,36 @@ def submit(session: Session, settings: Settings, user: User, body: JobCreate) ->
     return job
 
 
-def to_public(session: Session, job: Job) -> JobPublic:
+def may_see_private(job: Job, user: User, settings: Settings) -> bool:
+    """Whether `user` may read `job`'s spec (inline prompts), logs and provenance."""
+    return settings.job_visibility == "lab" or job.owner_id == user.id or user.role == "admin"
+
+
+def to_public(session: Session, job: Job, viewer: User, settings: Settings) -> JobPublic:
+    """The job as `viewer` may see it (spec redacted to its kind when private to someone else)."""
     owner = session.get(User, job.owner_id)
-    return JobPublic.model_validate({**_fields(job), "owner": owner.name if owner else "?"})
+    return JobPublic.model_validate({**_fields(job, viewer, settings), "owner": owner.name if owner else "?"})
 
 
-def _fields(job: Job) -> dict[str, Any]:
-    return {c: getattr(job, c) for c in JobPublic.model_fields if c != "owner"}
+def _fields(job: Job, viewer: User, settings: Settings) -> dict[str, Any]:
+    fields = {c: getattr(job, c) for c in JobPublic.model_fields if c not in ("owner", "spec")}
+    fields["spec"] = (
+        job.spec if may_see_private(job, viewer, settings) else {"kind": job.kind, "redacted": True}
+    )
+    return fields
 
 
 def list_jobs(
-    session: Session, user: User, *, mine: bool, status: str | None, limit: int, offset: int
+    session: Session,
+    user: User,
+    settings: Settings,
+    *,
+    mine: bool,
+    status: str | None,
+    limit: int,
+    offset: int,
 ) -> tuple[list[JobPublic], int]:
-    """Jobs, newest first; everyone may list all jobs, `mine` narrows to the caller's."""
+    """Jobs, newest first; everyone may list all jobs (others' specs redacted under owner visibility)."""
     where = []
     if mine:
         where.append(Job.owner_id == user.id)
@@ -223,7 +241,9 @@ def list_jobs(
         .limit(limit)
         .offset(offset)
     ).all()
-    return [JobPublic.model_validate({**_fields(j), "owner": name}) for j, name in rows], count
+    return [
+        JobPublic.model_validate({**_fields(j, user, settings), "owner": name}) for j, name in rows
+    ], count
 
 
 def cancel(session: Session, job_id: uuid.UUID, user: User) -> Job:
