@@ -18,6 +18,7 @@ from typing import Any
 
 from crosspatch.app.config import Settings
 from crosspatch.app.queue import ops
+from crosspatch.app.services.paths import model_ref_to_open
 from crosspatch.app.store.models import Job, Pair
 from crosspatch.app.store.session import Store
 from crosspatch.app.worker.context import JobCancelled, JobContext
@@ -77,6 +78,9 @@ class Worker:
             if row is None:
                 raise CrosspatchError(f"pair {pair_id!r} is not on the allow-list")
             pt, it, family = row.pt, row.it, row.family
+        # checked here, by the process that opens them, on the real paths (not by the API at registration)
+        pt = model_ref_to_open(pt, self.settings.model_roots, f"pair {pair_id!r} pt")
+        it = model_ref_to_open(it, self.settings.model_roots, f"pair {pair_id!r} it")
         self._pair = self._pair_id = None
         log.info("loading pair %s on %s", pair_id, self.device)
         self._pair = load_pair(
