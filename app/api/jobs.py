@@ -24,8 +24,11 @@ from crosspatch.app.deps import (
     StoreDep,
 )
 from crosspatch.app.errors import QuotaExceeded
+from crosspatch.app.queue import ops
 from crosspatch.app.schemas.examples import JOB_CREATE_EXAMPLES
 from crosspatch.app.schemas.jobs import (
+    JobAttemptPublic,
+    JobAttemptsPublic,
     JobCreate,
     JobLogPublic,
     JobLogsPublic,
@@ -99,6 +102,13 @@ def delete_job(job: OwnedJob, session: SessionDep, settings: SettingsDep, result
     """Delete a finished job and its results (owner or admin)."""
     service.delete(session, settings, results, job.id)
     return Response(status_code=204)
+
+
+@router.get("/{job_id}/attempts", response_model=JobAttemptsPublic)
+def job_attempts(job: ReadableJob, store: StoreDep) -> JobAttemptsPublic:
+    """Every claim of the job, oldest first: its worker, when, and how it ended (kept across retries)."""
+    rows = ops.attempts(store, job.id)
+    return JobAttemptsPublic(data=[JobAttemptPublic.model_validate(r) for r in rows], count=len(rows))
 
 
 @router.get("/{job_id}/logs", response_model=JobLogsPublic)

@@ -280,6 +280,24 @@ class JobStatusPublic(BaseModel):
     finished_at: datetime | None
 
 
+class JobAttemptPublic(BaseModel):
+    """One claim of a job: its worker, when, and how it ended (`None` while it runs)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    attempt: int
+    worker_id: str
+    claimed_at: datetime
+    ended_at: datetime | None
+    outcome: Literal["finished", "failed", "released", "worker_lost", "cancelled"] | None
+    detail: str | None
+
+
+class JobAttemptsPublic(BaseModel):
+    data: list[JobAttemptPublic]
+    count: int
+
+
 class JobsPublic(BaseModel):
     data: list[JobPublic]
     count: int

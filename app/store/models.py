@@ -165,7 +165,7 @@ class JobAttempt(Base):
     worker_id: Mapped[str] = mapped_column(String(128))
     claimed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
-    # finished | failed | released | worker_lost | cancelled | killed; None while it runs
+    # finished | failed | released | worker_lost | cancelled; None while it runs
     outcome: Mapped[str | None] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(Text)
 

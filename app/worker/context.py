@@ -81,8 +81,11 @@ class JobContext:
     def log(self, message: str, level: str = "INFO") -> None:
         """Append a line to the job's log."""
         log.info("job %s: %s", self.job_id, message)
-        with self.store.session() as s:
-            s.execute(insert(JobLog).values(job_id=self.job_id, level=level, message=message[:4000]))
+        try:
+            with self.store.session() as s:
+                s.execute(insert(JobLog).values(job_id=self.job_id, level=level, message=message[:4000]))
+        except Exception as e:  # a log line lost to a job-store outage must not fail the job
+            log.warning("job %s: log line not stored (%s)", self.job_id, e)
 
     def heartbeat(self) -> bool:
         """Renew the lease and store progress; on failure the job is no longer ours."""

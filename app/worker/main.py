@@ -16,6 +16,8 @@ import traceback
 import uuid
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from crosspatch.app.config import Settings
 from crosspatch.app.queue import ops
 from crosspatch.app.services.paths import model_ref_to_open
@@ -26,6 +28,9 @@ from crosspatch.app.worker.supervisor import budget_reason, resident_bytes
 from crosspatch.engine.errors import CrosspatchError
 
 log = logging.getLogger(__name__)
+
+# The job store is unreachable (a PostgreSQL restart, a network cut): no job's fault.
+STORE_DOWN = (OperationalError, InterfaceError)
 
 
 def device_memory_bytes(device: str) -> int:
@@ -105,21 +110,26 @@ class Worker:
         ran = 0
         log.info("worker %s on %s (%.1f GiB) started", self.worker_id, self.device, self.memory_bytes / 2**30)
         while not self.stopping.is_set() and (max_jobs is None or ran < max_jobs):
-            ops.requeue_expired(self.store, max_losses=self.settings.worker_max_losses)
-            job_id = ops.claim(
-                self.store,
-                self.worker_id,
-                lease_seconds=self.settings.lease_seconds,
-                memory_bytes=self.memory_bytes,
-                loaded_pair=self._pair_id,
-            )
-            if job_id is None:
-                if exit_when_idle:
-                    break
+            try:
+                ops.requeue_expired(self.store, max_losses=self.settings.worker_max_losses)
+                job_id = ops.claim(
+                    self.store,
+                    self.worker_id,
+                    lease_seconds=self.settings.lease_seconds,
+                    memory_bytes=self.memory_bytes,
+                    loaded_pair=self._pair_id,
+                )
+                if job_id is not None:
+                    self.run_one(job_id)
+                    ran += 1
+                    continue
+            except STORE_DOWN as e:  # PostgreSQL restarting: wait and ask again (held jobs' leases expire)
+                log.warning("worker %s: job store unreachable (%s); retrying", self.worker_id, e)
                 self.stopping.wait(self.settings.poll_seconds)
                 continue
-            self.run_one(job_id)
-            ran += 1
+            if exit_when_idle:
+                break
+            self.stopping.wait(self.settings.poll_seconds)
         self.store.dispose()
         return ran
 
@@ -161,6 +171,8 @@ class Worker:
             ctx.check_cancel()
         except JobCancelled:
             return self._after_stop(ctx)
+        except STORE_DOWN:
+            raise  # not the job's fault: the job store is unreachable; its lease expires, it is re-queued
         except Exception as e:
             if ctx.should_cancel():
                 return self._after_stop(ctx)

@@ -243,8 +243,12 @@ class Supervisor:
                 if "memory" in run.budget:  # memory does not wait out a grace period
                     return run.budget
         if run.stop_since is None:
-            with self.store.session(write=False) as s:
-                row = s.execute(sql_select(Job.status, Job.worker_id).where(Job.id == run.job_id)).first()
+            try:
+                with self.store.session(write=False) as s:
+                    row = s.execute(sql_select(Job.status, Job.worker_id).where(Job.id == run.job_id)).first()
+            except Exception as e:  # the job store is unreachable: judge again at the next tick
+                log.warning("supervisor: cannot read job %s (%s)", run.job_id, e)
+                return None
             if row is None or row.status != "running" or row.worker_id != self.child_id:
                 run.stop_since = now
         if run.stop_since is not None and now - run.stop_since > grace:
@@ -258,12 +262,16 @@ class Supervisor:
         child.kill()
         child.wait()
         self.replaced += 1
-        if run is not None:
+        if run is None:
+            return
+        try:
             if run.budget is not None:
                 ops.finish_running(self.store, run.job_id, self.child_id, status="failed", error=run.budget)
             message = f"worker {self.child_id} killed by its supervisor: {reason}"
             with self.store.session() as s:
                 s.execute(insert(JobLog).values(job_id=run.job_id, level="WARNING", message=message[:4000]))
+        except Exception as e:  # unreachable store: the job's lease expires and it is re-queued instead
+            log.warning("supervisor: could not record the end of job %s (%s)", run.job_id, e)
 
     def _stop_child(self) -> None:
         """On shutdown: SIGTERM, a grace period, then SIGKILL and hand the job back to the queue."""
@@ -277,7 +285,8 @@ class Supervisor:
             child.kill()
             child.wait()
             if self.running is not None:
-                ops.finish_running(self.store, self.running.job_id, self.child_id, status="queued")
+                with contextlib.suppress(Exception):  # else its lease expires and it is re-queued
+                    ops.finish_running(self.store, self.running.job_id, self.child_id, status="queued")
 
     def run(self) -> int:
         """Supervise until stopped (or until the child exits cleanly: max jobs, idle exit)."""

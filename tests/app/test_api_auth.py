@@ -78,6 +78,7 @@ ROUTES = [
     # spec, prompts, logs and provenance are private to the owner and admins (CROSSPATCH_JOB_VISIBILITY)
     ("GET", "/jobs/{job}/logs", None, {**ANY, "owner": 200, "other": 403, "admin": 200}),
     ("GET", "/jobs/{job}/status", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/jobs/{job}/attempts", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/jobs/{job}/results/cells", None, {**ANY, "owner": 409, "other": 409, "admin": 409}),
     ("GET", "/jobs/{job}/provenance", None, {**ANY, "owner": 409, "other": 403, "admin": 409}),
     ("GET", "/jobs/{job}/figures", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
