@@ -146,7 +146,10 @@ def test_cancel_stops_a_job_that_does_not_look_up_within_seconds(
         # detected at the next supervisor tick (<= 0.1 s), then the grace period, then SIGKILL
         assert took < GRACE + 5.0, took
         assert ops.status_of(store, job) == "cancelled"
-        assert any("killed by its supervisor" in m for m in _messages(store, job))
+        # the supervisor records why, right after the kill
+        _wait_until(
+            lambda: any("killed by its supervisor" in m for m in _messages(store, job)), "the log line"
+        )
         _wait_until(lambda: _pids(settings).get("worker") not in (None, stuck), "a fresh worker")
         assert not _gone(_pids(settings)["worker"]) and proc.poll() is None
     finally:
