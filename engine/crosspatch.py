@@ -195,8 +195,10 @@ def crosspatch(
     boundary: int | float | str | Sequence[int] | None = None,
     readouts: Sequence[str] = ("it",),
     batch_size: int = 16,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> pa.Table:
-    """The whole cells table for `events`, sorted by prompt id, boundary and readout."""
-    parts = list(iter_crosspatch(pair, events, boundary, readouts, batch_size))
+    """The whole cells table for `events`, sorted by prompt id, boundary and readout (`on_batch` as in
+    `iter_crosspatch`: called after each batch, e.g. to stop a cancelled job there)."""
+    parts = list(iter_crosspatch(pair, events, boundary, readouts, batch_size, on_batch))
     table = pa.concat_tables(parts) if parts else CELLS_SCHEMA.empty_table()
     return table.sort_by([("prompt_id", "ascending"), ("boundary", "ascending"), ("readout", "ascending")])

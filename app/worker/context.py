@@ -121,6 +121,13 @@ class JobContext:
         if self.should_cancel():
             raise JobCancelled(str(self.job_id))
 
+    def cancel_point(self, done: int = 0, total: int = 0) -> None:
+        """The engine's per-batch callback (`on_batch(done, total)`): a cancellation point, and the
+        batch count within the current step stored with the progress (`progress.batch`)."""
+        with self._lock:
+            self._progress = {**self._progress, "batch": [done, total]}
+        self.check_cancel()
+
     @property
     def lost(self) -> bool:
         return self._lost.is_set()

@@ -25,7 +25,7 @@ from crosspatch.app.config import Settings
 from crosspatch.app.main import settings_env
 from crosspatch.app.queue import ops
 from crosspatch.app.store.migrate import upgrade
-from crosspatch.app.store.models import Job, JobLog, Pair
+from crosspatch.app.store.models import Job, JobLog, JobPart, Pair
 from crosspatch.app.store.session import Store
 from crosspatch.app.worker.context import HELD_MARKER, HOLD_AFTER_PARTS_ENV, parts_dir
 from crosspatch.app.worker.supervisor import device_lock_path
@@ -46,16 +46,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings(tmp_path: Path, models: Path, **kw: object) -> Settings:
-    return Settings(
+    fields: dict[str, object] = dict(
         data_dir=tmp_path / "data",
         model_roots=[models],
         lease_seconds=30.0,
         heartbeat_seconds=0.2,
         poll_seconds=0.1,
         cancel_grace_seconds=GRACE,
-        _env_file=None,  # type: ignore[call-arg]
-        **kw,
     )
+    return Settings(**{**fields, **kw}, _env_file=None)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -73,7 +72,7 @@ def store_for() -> Iterator[Callable[[Settings], Store]]:
         s.dispose()
 
 
-def _job(store: Store, models: Path) -> uuid.UUID:
+def _job(store: Store, models: Path, n_prompts: int = 6, **spec_fields: object) -> uuid.UUID:
     owner = make_user(store, f"u{uuid.uuid4().hex[:6]}")
     with store.session() as s:
         if s.get(Pair, "tiny-llama") is None:
@@ -88,9 +87,9 @@ def _job(store: Store, models: Path) -> uuid.UUID:
                 )
             )
             s.flush()
-        prompts = [{"id": p.id, "text": p.text} for p in random_prompts(6, seed=1)]
+        prompts = [{"id": p.id, "text": p.text} for p in random_prompts(n_prompts, seed=1)]
         spec = {"kind": "crosspatch", "pair_id": "tiny-llama", "prompts": prompts, "chunk_size": 1}
-        spec |= {"max_new_tokens": 8, "n_resamples": 20}
+        spec |= {"max_new_tokens": 8, "n_resamples": 20, **spec_fields}
         job = Job(owner_id=owner, kind="crosspatch", spec=spec, status="queued", pair_id="tiny-llama")
         s.add(job)
         s.flush()
@@ -152,6 +151,41 @@ def test_cancel_stops_a_job_that_does_not_look_up_within_seconds(
         )
         _wait_until(lambda: _pids(settings).get("worker") not in (None, stuck), "a fresh worker")
         assert not _gone(_pids(settings)["worker"]) and proc.poll() is None
+    finally:
+        _stop(proc)
+
+
+def test_cancel_stops_at_the_next_batch_without_a_kill(
+    tmp_path: Path, models: Path, store_for: Callable[[Settings], Store]
+) -> None:
+    """A cancelled job stops at its next batch (mid-chunk, no part written); the same worker goes on."""
+    settings = _settings(tmp_path, models, cancel_grace_seconds=300.0)  # the supervisor would wait
+    store = store_for(settings)
+    # one chunk of 200 prompts in batches of 1: a cancel must land inside the chunk
+    big = _job(store, models, n_prompts=200, chunk_size=10_000, batch_size=1, max_new_tokens=16)
+    small = _job(store, models)
+    proc = start_worker(settings, tmp_path / "worker.log")
+    try:
+
+        def batches_done() -> int:
+            with store.session(write=False) as s:
+                job = s.get(Job, big)
+                assert job is not None
+                return job.progress.get("batch", [0])[0] if job.status == "running" else 0
+
+        _wait_until(lambda: batches_done() >= 2, "the big job inside its chunk")
+        worker = _pids(settings)["worker"]
+        t0 = time.monotonic()
+        assert ops.cancel(store, big)
+        _wait_until(lambda: ops.status_of(store, small) != "queued", "the next job claimed")
+        took = time.monotonic() - t0
+        # seen by the next heartbeat (0.2 s), raised at the next batch: well under the grace period
+        assert took < 5.0, took
+        assert _pids(settings)["worker"] == worker and not _gone(worker)  # stopped by itself, not killed
+        assert not any("killed by its supervisor" in m for m in _messages(store, big))
+        with store.session(write=False) as s:
+            assert s.query(JobPart).filter(JobPart.job_id == big).count() == 0  # stopped mid-chunk
+        assert batches_done() < 200
     finally:
         _stop(proc)
 
