@@ -69,16 +69,20 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _events_for(pair: Any, chunk: Sequence[Any], spec: DivergenceSpec) -> list[Any]:
-    from crosspatch.engine.divergence import find_divergences
+def _events_for(
+    pair: Any, chunk: Sequence[Any], spec: DivergenceSpec, on_batch: Callable[[int, int], None] | None = None
+) -> list[Any]:
+    from crosspatch.engine.divergence import iter_divergences
 
-    return find_divergences(
+    batches = iter_divergences(
         pair,
         chunk,
         max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size,
         chat_template=getattr(spec, "chat_template", False),
+        on_batch=on_batch,
     )
+    return [e for batch in batches for e in batch]
 
 
 def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
@@ -107,7 +111,10 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
         name = f"events.{i:05d}"
         if name not in done:
             ctx.check_cancel()
-            ctx.write_part(name, events_table(_events_for(pair, chunk, spec), pair.family, pair.pair_id))
+            ctx.write_part(
+                name,
+                events_table(_events_for(pair, chunk, spec, ctx.cancel_point), pair.family, pair.pair_id),
+            )
         ctx.progress((i + 1) / len(chunks), f"divergence: chunk {i + 1}/{len(chunks)}")
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
@@ -146,7 +153,7 @@ def _crosspatch_chunks(
             skipped += 1
         else:
             ctx.check_cancel()
-            events = _events_for(pair, chunk, spec)
+            events = _events_for(pair, chunk, spec, ctx.cancel_point)
             if ev_name not in done:
                 ctx.write_part(ev_name, events_table(events, pair.family, pair.pair_id))
             ctx.check_cancel()
@@ -157,6 +164,7 @@ def _crosspatch_chunks(
                 readouts=tuple(spec.readouts),
                 batch_size=spec.batch_size,
                 check_noop=not checked,
+                on_batch=ctx.cancel_point,
             )
             checked = checked or _record_noop(ctx, pair, "cells", noop_report(cells))
             ctx.write_part(cell_name, cells)
