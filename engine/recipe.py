@@ -226,6 +226,9 @@ def _stage_cells(
                     "t_it": [e.t_it for e in batch],
                     "boundary": [boundary] * n,
                     "readout": [readout] * n,
+                    "pair_label": [pair.pair_label] * n,
+                    "n_layers": [pair.n_layers] * n,
+                    "headline_boundary": [boundary] * n,  # one boundary per stage: it is the headline
                     **y,
                     "pt_late_effect": pt_late,
                     "it_late_effect": it_late,
