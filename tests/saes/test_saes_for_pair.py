@@ -55,7 +55,7 @@ def test_for_pair_trains_only_outside_the_mediation_test_split(setup) -> None:
 
 def test_mediation_refuses_failed_gate_and_training_prompts(setup, tmp_path: Path) -> None:
     pair, prompts, events, d, _ = setup
-    cfg = MediationConfig(top_k=4, ks=(4,), n_random_seeds=1, n_resamples=100)
+    cfg = MediationConfig(top_k=4, ks=(4,), n_resamples=100)
     with pytest.raises(CrosspatchError, match="quality-gate status 'failed'"):
         mediate(pair, events, [BranchView(d, "it")], cfg)
     cfg.allow_failed_gate = True
