@@ -37,52 +37,16 @@ from crosspatch.engine.baselines import greedy_rollouts
 from crosspatch.engine.divergence import DivergenceEvent, eos_ids, left_pad, real_token_mask
 from crosspatch.engine.pairs import READOUTS, ModelPair
 from crosspatch.engine.recipe import single_boundary
+from crosspatch.engine.results import (
+    CONTINUATION_CELL_KEYS,
+    CONTINUATION_SCHEMA,
+    CONTINUATION_SUMMARY_SCHEMA,
+)
 from crosspatch.engine.stats import bootstrap_ci
 
 DEFAULT_NS: tuple[int, ...] = (0, 1, 2, 4, 8)
 VARIANTS: tuple[str, ...] = ("native", "same_forced", "shuffled_tail")
-# (upstream, late) -> suffix of the cell columns
-CELL_KEYS: dict[tuple[str, str], str] = {
-    ("pt", "pt"): "ptup_ptlate",
-    ("pt", "it"): "ptup_itlate",
-    ("it", "pt"): "itup_ptlate",
-    ("it", "it"): "itup_itlate",
-}
-
-CONTINUATION_SCHEMA = pa.schema(
-    [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("category", pa.string()),
-        ("position", pa.int32()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
-        ("variant", pa.string()),  # native | same_forced | shuffled_tail
-        ("n", pa.int32()),  # tail length N
-        *[(f"c_{k}", pa.float64()) for k in CELL_KEYS.values()],  # C_N per cell
-        *[(f"tail_{k}", pa.float64()) for k in CELL_KEYS.values()],  # tail-only C_N per cell
-        ("interaction", pa.float64()),  # 2x2 contrast of C_N
-        ("tail_interaction", pa.float64()),  # 2x2 contrast of tail-only C_N (0 at N = 0)
-        ("it_candidate", pa.list_(pa.int64())),  # t_IT + tail[:N]
-        ("pt_candidate", pa.list_(pa.int64())),  # t_PT + tail[:N]
-        ("it_candidate_text", pa.string()),
-        ("pt_candidate_text", pa.string()),
-    ]
-)
-
-CONTINUATION_SUMMARY_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("variant", pa.string()),
-        ("n", pa.int32()),
-        ("statistic", pa.string()),  # interaction | tail_interaction
-        ("mean", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n_events", pa.int64()),
-    ]
-)
+CELL_KEYS = CONTINUATION_CELL_KEYS
 
 
 @dataclass(frozen=True)

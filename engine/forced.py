@@ -30,47 +30,12 @@ from crosspatch.engine.baselines import greedy_rollouts
 from crosspatch.engine.divergence import DivergenceEvent, eos_ids, left_pad, real_token_mask
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.prompts import PromptRecord
+from crosspatch.engine.results import FORCED_SCHEMA, FORCED_SUMMARY_SCHEMA
 from crosspatch.engine.validators import score
 
 BRANCHES: tuple[str, ...] = ("it", "pt", "rank_matched", "class_matched")
 METHOD_BUDGETS: dict[str, int] = {"CONTENT-REASON": 256, "SAFETY": 128, "GOV-CONV": 128, "GOV-FORMAT": 96}
 DEFAULT_BUDGET = 128
-
-FORCED_SCHEMA = pa.schema(
-    [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("category", pa.string()),
-        ("position", pa.int32()),
-        ("branch", pa.string()),  # it | pt | rank_matched | class_matched
-        ("forced_token", pa.int64()),
-        ("forced_text", pa.string()),
-        ("it_rank", pa.int32()),  # rank of the forced token in IT's masked ranking at the event (1 = top)
-        ("validator", pa.string()),  # exact_answer | format | refusal | null (not objectively scoreable)
-        ("success", pa.bool_()),  # suffix-only (primary); null when not scoreable
-        ("success_with_token", pa.bool_()),  # forced token + suffix
-        ("n_new_tokens", pa.int32()),
-        ("stop", pa.string()),  # eos | budget
-        ("continuation_ids", pa.list_(pa.int64())),
-        ("continuation_text", pa.string()),  # the suffix, decoded with IT's tokenizer
-    ]
-)
-
-FORCED_SUMMARY_SCHEMA = pa.schema(
-    [
-        ("level", pa.string()),  # pair | balanced
-        ("pair_id", pa.string()),  # null on balanced rows
-        ("category", pa.string()),
-        ("statistic", pa.string()),  # contrast (it - pt), or success_<branch>
-        ("view", pa.string()),  # suffix | with_token
-        ("mean", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n_events", pa.int64()),  # events scored in both branches
-        ("n_families", pa.int32()),
-    ]
-)
 
 
 def token_class(text: str) -> str:

@@ -85,6 +85,30 @@ JOB_CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
             "priority": 10,
         },
     },
+    "forced_tokens": {
+        "summary": "Forced-token scoring: does the divergent token change the final answer? (method 6.1)",
+        "value": {
+            "spec": {
+                "kind": "forced_tokens",
+                "pair_id": "llama3.1-8b",
+                "prompt_file": "prompts/holdout_600.jsonl",
+                "max_new_tokens": 128,
+                "branches": ["it", "pt", "rank_matched", "class_matched"],
+            }
+        },
+    },
+    "continuation": {
+        "summary": "Constrained continuation: C_N for N in 0, 1, 2, 4, 8 with its controls (method 6.2)",
+        "value": {
+            "spec": {
+                "kind": "continuation",
+                "pair_id": "llama3.1-8b",
+                "prompt_file": "prompts/holdout_600.jsonl",
+                "ns": [0, 1, 2, 4, 8],
+                "boundary": 19,
+            }
+        },
+    },
 }
 
 ROWS_EXAMPLE: dict[str, Any] = {
