@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -172,8 +173,11 @@ def train_lora_control(
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> LoraControl:
     """Train a LoRA adapter on `train_texts` from `base`, merge it into `out_dir/merged`, verify it."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from peft.utils import get_peft_model_state_dict
+    try:
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict
+    except ImportError as e:
+        raise CrosspatchError("domain-training controls need peft: pip install 'crosspatch[lora]'") from e
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,33 +274,61 @@ def verify(
 
 def control_crosspatch(
     control: LoraControl,
-    base_dir: str | Path,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence,
     boundary: int | float | str | None = None,
     n_resamples: int = 2000,
     seed: int = 23,
     max_new_tokens: int = 32,
     batch_size: int = 16,
-) -> dict:
-    """The 2x2 of base (PT) vs the merged control (IT) on `prompts`, only for a valid control.
+    pair_id: str = "lora-control",
+) -> tuple[dict, pa.Table | None, list]:
+    """The 2x2 of `base` (PT) vs the merged control (IT) on `prompts`, only for a valid control.
 
-    Returns the control's record with `interaction` = {mean, ci_low, ci_high, n} when valid; a control that
-    failed verification gets `interaction: None` and its failed checks (never a null result).
+    Returns (record, cells, events): the control's record with `interaction` = {mean, ci_low, ci_high, n}
+    when valid; a control that failed verification gets `interaction: None`, no cells and no events (its
+    failed checks are in the record; it is never a null result).
     """
     from crosspatch.engine.crosspatch import crosspatch
     from crosspatch.engine.divergence import find_divergences
-    from crosspatch.engine.pairs import load_pair
+    from crosspatch.engine.pairs import ModelPair, load_model
     from crosspatch.engine.stats import bootstrap_ci
 
     record = control.to_dict()
     if control.status != "valid":
         record["interaction"] = None
-        return record
-    pair = load_pair(base_dir, control.merged_dir, pair_id="lora-control")
-    events = [e for e in find_divergences(pair, prompts, max_new_tokens, batch_size) if e.diverged]
-    if not events:
+        return record, None, []
+    merged, _ = load_model(control.merged_dir, device=str(base.device), dtype=base.dtype)
+    pair = ModelPair.from_models(base, merged, tokenizer, pair_id=pair_id)
+    events = find_divergences(pair, prompts, max_new_tokens, batch_size)
+    diverged = [e for e in events if e.diverged]
+    if not diverged:
         raise CrosspatchError("the control never diverges from its base on these prompts: no 2x2 to read")
-    cells = crosspatch(pair, events, boundary=boundary, batch_size=batch_size)
+    cells = crosspatch(pair, diverged, boundary=boundary, batch_size=batch_size)
     mean, lo, hi = bootstrap_ci(cells.column("interaction").to_numpy(), n_resamples, seed)
-    record["interaction"] = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(events)}
-    return record
+    record["interaction"] = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(diverged)}
+    return record, cells, events
+
+
+def control_row(record: dict, family: str, pair_id: str) -> dict:
+    """One `LORA_CONTROL_SCHEMA` row from a control record."""
+    v, inter = record["verification"], record.get("interaction") or {}
+    return {
+        "family": family,
+        "pair_id": pair_id,
+        "status": record["status"],
+        "failed_checks": ",".join(record["failed_checks"]),
+        "nll_before": v["nll_before"],
+        "nll_after": v["nll_after"],
+        "nll_improvement": v["nll_improvement"],
+        "min_nll_improvement": record["config"]["min_nll_improvement"],
+        "merge_max_diff": v["merge_max_diff"],
+        "distinct_share": v["distinct_share"],
+        "max_token_share": v["max_token_share"],
+        "steps": record["steps_done"],
+        "interaction": inter.get("mean"),
+        "ci_low": inter.get("ci_low"),
+        "ci_high": inter.get("ci_high"),
+        "n_events": inter.get("n"),
+    }

@@ -262,3 +262,25 @@ FORCED_SUMMARY_SCHEMA = pa.schema(
         ("n_families", pa.int32()),
     ]
 )
+
+# lora_controls (engine/lora.py, method §4.2): one row per trained control; interaction null unless valid
+LORA_CONTROL_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("status", pa.string()),  # valid | not_valid
+        ("failed_checks", pa.string()),  # comma-separated: domain_nll, merge_equivalence, generation_health
+        ("nll_before", pa.float64()),  # held-out domain NLL (nats/token), base
+        ("nll_after", pa.float64()),  # merged control
+        ("nll_improvement", pa.float64()),  # (before - after) / before
+        ("min_nll_improvement", pa.float64()),  # the gate
+        ("merge_max_diff", pa.float64()),  # max |merged - (base + adapter)| logits
+        ("distinct_share", pa.float64()),
+        ("max_token_share", pa.float64()),
+        ("steps", pa.int64()),
+        ("interaction", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n_events", pa.int64()),
+    ]
+)

@@ -24,6 +24,7 @@ Table = Literal[
     "forced_summaries",
     "continuation",
     "continuation_summaries",
+    "lora_controls",
 ]
 
 

@@ -109,6 +109,18 @@ JOB_CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
             }
         },
     },
+    "lora_control": {
+        "summary": "Domain-training control: LoRA CPT on PT, merge, verify domain learning, then the 2x2 (4.2)",
+        "value": {
+            "spec": {
+                "kind": "lora_control",
+                "pair_id": "llama3.1-8b",
+                "corpus": ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"],
+                "prompt_file": "prompts/code_support.jsonl",
+                "lora": {"rank": 32, "alpha": 64, "lr": 1e-4, "train_tokens": 20000000, "seq_len": 4096},
+            }
+        },
+    },
 }
 
 ROWS_EXAMPLE: dict[str, Any] = {

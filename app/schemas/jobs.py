@@ -254,6 +254,51 @@ class ContinuationSpec(DivergenceSpec):
         return self
 
 
+class LoraOptions(_Spec):
+    """LoRA continued-pretraining settings; defaults are the method's (§4.2)."""
+
+    rank: int = Field(default=32, ge=1, le=1024)
+    alpha: int = Field(default=64, ge=1, le=4096)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        max_length=32,
+    )
+    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_fraction: float = Field(default=0.03, ge=0.0, lt=1.0)
+    grad_clip: float = Field(default=1.0, gt=0.0)
+    train_tokens: int = Field(default=20_000_000, ge=1, le=10_000_000_000)
+    seq_len: int = Field(default=4096, ge=2, le=131_072)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    seed: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=200, ge=0, description="Steps between checkpoints (0: none).")
+    min_nll_improvement: float = Field(
+        default=0.02, ge=0.0, lt=1.0, description="Relative held-out domain-NLL drop the control must reach."
+    )
+    merge_tolerance: float = Field(default=1e-4, gt=0.0)
+    min_distinct: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_token_share: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+class LoraControlSpec(_PromptsSpec):
+    """A domain-training control (method §4.2): LoRA on the pair's PT with a domain corpus, merge, verify
+    (domain NLL, merge equivalence, generation health), then the 2x2 of PT vs the control on the prompts.
+    A control that fails verification is reported not valid, with no interaction."""
+
+    kind: Literal["lora_control"] = "lora_control"
+    pair_id: Name
+    corpus: list[str] = Field(min_length=2, max_length=100_000, description="Domain texts (inline).")
+    heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0, description="Last share of texts held out.")
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    boundary: int | None = Field(default=None, ge=0)
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)
+    batch_size: int = Field(default=16, ge=1, le=512)
+    n_resamples: int = Field(default=2000, ge=10, le=100_000)
+    seed: int = Field(default=23, ge=0)
+
+
 class PipelineSpec(_PromptsSpec):
     """Divergence -> 2x2 cross-patch -> dictionary -> mediation, for one pair or several (families)."""
 
@@ -296,7 +341,8 @@ JobSpec = Annotated[
     | MediationSpec
     | PipelineSpec
     | ForcedTokensSpec
-    | ContinuationSpec,
+    | ContinuationSpec
+    | LoraControlSpec,
     Field(discriminator="kind"),
 ]
 JOB_SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)

@@ -208,6 +208,7 @@ class ResultsStore:
             "forced_summaries": "level, pair_id, category, statistic, view",
             "continuation": "pair_id, prompt_id, variant, n",
             "continuation_summaries": "pair_id, variant, n, statistic",
+            "lora_controls": "pair_id",
         }
         if table not in order:
             raise ResultsError(f"unknown results table {table!r}; choose from {', '.join(order)}")

@@ -16,6 +16,7 @@ schemas (`engine.results`) define every part table; this module adds `job_id`, p
     continuation     one row per event x variant x N: C_N and tail-only C_N per cell, interaction, candidates
                      (engine.continuation.CONTINUATION_SCHEMA)
     continuation_summaries  one row per pair x variant x N x statistic: mean, CI, n events
+    lora_controls    one row per domain-training control: status, failed checks, NLL gate, merge diff, interaction
     provenance       one row per job: kind, spec, models' revisions, tokenizer hash, versions, device
 """
 
@@ -33,6 +34,7 @@ from crosspatch.engine.results import (
     FORCED_SCHEMA,
     FORCED_SUMMARY_SCHEMA,
     GATE_CHECKS_SCHEMA,
+    LORA_CONTROL_SCHEMA,
     SUMMARY_SCHEMA,
 )
 
@@ -56,6 +58,7 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
     "forced_summaries": FORCED_SUMMARY_SCHEMA,
     "continuation": CONTINUATION_SCHEMA,
     "continuation_summaries": CONTINUATION_SUMMARY_SCHEMA,
+    "lora_controls": LORA_CONTROL_SCHEMA,
 }
 TABLES: dict[str, pa.Schema] = {**PART_SCHEMAS, "provenance": PROVENANCE_SCHEMA}
 

@@ -19,6 +19,7 @@ from crosspatch.app.schemas.jobs import (
     DivergenceSpec,
     ForcedTokensSpec,
     LoadDictionarySpec,
+    LoraControlSpec,
     MediationOptions,
     MediationSpec,
     PipelineSpec,
@@ -585,3 +586,57 @@ def continuation(spec: ContinuationSpec, ctx: JobContext) -> None:
     _method_chunks(spec, ctx, "continuation", run)
     _continuation_summaries(ctx, spec)
     ctx.progress(1.0, "continuation: done")
+
+
+@register("lora_control")
+def lora_control(spec: LoraControlSpec, ctx: JobContext) -> None:
+    """Train (resuming from the job's checkpoint), merge and verify a LoRA control on the pair's PT; then,
+    only if valid, the 2x2 of PT vs the control -> `lora_controls` (+ `events`/`cells`/`summaries`) parts."""
+    import copy
+
+    import pyarrow as pa
+
+    from crosspatch.engine.lora import LoraControlConfig, control_crosspatch, control_row, train_lora_control
+    from crosspatch.engine.results import LORA_CONTROL_SCHEMA, events_table
+
+    pair = ctx.load_pair(spec.pair_id)
+    _provenance(ctx, pair, spec)
+    cfg = LoraControlConfig(**{**spec.lora.model_dump(), "targets": tuple(spec.lora.targets)})
+    n_held = max(1, round(spec.heldout_fraction * len(spec.corpus)))
+    train, held = spec.corpus[:-n_held], spec.corpus[-n_held:]
+    if not train:
+        raise ValueError("the corpus needs at least one training text besides the held-out share")
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        ctx.check_cancel()
+        if step % 10 == 0 or step == total:
+            ctx.progress(0.8 * step / total, f"lora: step {step}/{total}, loss {loss:.4f}")
+
+    base = copy.deepcopy(pair.pt)  # peft wraps and merges into its base: the warm pair stays untouched
+    control = train_lora_control(base, pair.tokenizer, train, held, ctx.checkpoint_dir / "lora", cfg, on_step)
+    del base
+    control_id = f"{pair.pair_id}+lora"
+    record, cells, events = control_crosspatch(
+        control,
+        pair.pt,
+        pair.tokenizer,
+        load_prompt_records(spec),
+        boundary=spec.boundary,
+        n_resamples=spec.n_resamples,
+        seed=spec.seed,
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size,
+        pair_id=control_id,
+    )
+    ctx.provenance["lora_control"] = record
+    if cells is not None:
+        ctx.write_part("events.all", events_table(events, pair.family, control_id))
+        ctx.write_part("cells.all", cells)
+        _summaries(ctx, spec)
+    else:
+        ctx.log(
+            f"control not valid (failed: {', '.join(record['failed_checks'])}): no 2x2 reported", "WARNING"
+        )
+    row = control_row(record, pair.family, control_id)
+    ctx.write_part("lora_controls.all", pa.Table.from_pylist([row], schema=LORA_CONTROL_SCHEMA))
+    ctx.progress(1.0, f"lora_control: {record['status']}")

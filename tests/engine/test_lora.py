@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from crosspatch.engine.lora import LoraControlConfig, control_crosspatch, train_lora_control
+from crosspatch.engine.lora import LoraControlConfig, control_crosspatch, control_row, train_lora_control
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.pairs import load_model
 from crosspatch.engine.prompts import PromptRecord
@@ -48,7 +48,9 @@ def test_verified_control_has_no_interaction_and_a_brief_one_is_not_valid(tmp_pa
     assert control.status == "valid" and v.failed == []
     assert v.nll_improvement >= 0.02 and v.nll_improvement == pytest.approx(0.2655, abs=0.02)
     assert v.merge_max_diff < 1e-4
-    record = control_crosspatch(control, organism_path("trained_llama") / "pt", domain, n_resamples=1000)
+    base, tok = load_model(organism_path("trained_llama") / "pt")
+    record, cells, _ = control_crosspatch(control, base, tok, domain, n_resamples=1000)
+    assert cells is not None and cells.num_rows == 40
     inter = record["interaction"]
     assert inter["n"] == 40 and inter["ci_low"] <= 0 <= inter["ci_high"] and abs(inter["mean"]) < 0.05
     saved = json.loads((tmp_path / "ok" / "control.json").read_text())
@@ -57,7 +59,12 @@ def test_verified_control_has_no_interaction_and_a_brief_one_is_not_valid(tmp_pa
     brief = _train(tmp_path / "brief", _cfg(lr=1e-5, train_tokens=16 * 8))
     assert brief.status == "not_valid" and brief.verification.failed == ["domain_nll"]
     assert brief.verification.nll_improvement < 0.02
-    assert control_crosspatch(brief, organism_path("trained_llama") / "pt", domain)["interaction"] is None
+    record, cells, events = control_crosspatch(brief, base, tok, domain)
+    assert record["interaction"] is None and cells is None and events == []
+    row = control_row(record, "llama", "p")
+    assert (
+        row["status"] == "not_valid" and row["failed_checks"] == "domain_nll" and row["interaction"] is None
+    )
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
