@@ -10,6 +10,7 @@ from crosspatch.app.config import Settings
 from crosspatch.app.queue import ops
 from crosspatch.app.schemas.jobs import JOB_SPEC_ADAPTER
 from crosspatch.app.services.ingest import ingest_job
+from crosspatch.app.services.plots import write_job_figures
 from crosspatch.app.store.duckdb import ResultsStore
 from crosspatch.app.store.migrate import upgrade
 from crosspatch.app.store.models import Job
@@ -65,6 +66,8 @@ def test_forced_tokens_job(settings: Settings) -> None:
     assert reason["mean"] == pytest.approx(0.75) and reason["ci_low"] > 0 and reason["n_events"] == 16
     assert got[("balanced", "CONTENT-FACT", "contrast", "suffix")]["mean"] == 0.0
     assert job.provenance["branches"] == ["it", "pt", "rank_matched", "class_matched"]
+    figures = write_job_figures(results, settings.data_dir, job.id)
+    assert "forced_contrasts.png" in {p.name for p in figures}
 
 
 def test_continuation_job(settings: Settings) -> None:
@@ -78,6 +81,8 @@ def test_continuation_job(settings: Settings) -> None:
     n0 = next(r for r in summary if (r["variant"], r["n"], r["statistic"]) == ("native", 0, "interaction"))
     assert n0["n_events"] == 28
     assert job.provenance["ns"] == [0, 1, 2]
+    figures = write_job_figures(results, settings.data_dir, job.id)
+    assert "continuation_by_n.png" in {p.name for p in figures}
 
 
 def test_specs_reject_bad_input() -> None:
