@@ -431,6 +431,16 @@ def run_recipe(
         tables = [pq.read_table(x) for x in paths if x.is_file()]
         if tables and sum(t.num_rows for t in tables):
             written[name] = out / f"{name}.parquet"
-            _write(fn(pa.concat_tables(tables)), written[name])
+            summary = fn(pa.concat_tables(tables))
+            _write(summary, written[name])
             log(f"wrote {written[name]}")
+            log(_format(name, summary))
     return written
+
+
+def _format(name: str, summary: object) -> str:
+    """The plain-text table of one cross-pair summary (engine.report)."""
+    from crosspatch.engine.report import format_continuation, format_forced, format_summary
+
+    render = {"summaries": format_summary, "forced_summaries": format_forced}.get(name, format_continuation)
+    return render(summary)

@@ -18,6 +18,7 @@ from crosspatch.engine.divergence import find_divergences
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.pairs import load_pair
 from crosspatch.engine.prompts import load_prompts
+from crosspatch.engine.report import format_continuation
 
 NAME = "llama_paper_sized"
 
@@ -81,6 +82,8 @@ def test_controls_and_summary() -> None:
     got = {(r["variant"], r["n"], r["statistic"]): r for r in summary}
     assert got[("native", 0, "interaction")]["n_events"] == 16
     assert ("native", 0, "tail_interaction") not in got
+    text = format_continuation(summarize_continuation(table, n_resamples=500))
+    assert "native" in text and "shuffled_tail" in text and len(text.splitlines()) == 1 + 3 * 4
     for variant in ("native", "same_forced", "shuffled_tail"):
         for n in (1, 2, 4):
             r = got[(variant, n, "interaction")]

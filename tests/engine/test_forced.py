@@ -24,6 +24,7 @@ from crosspatch.engine.forced import (
 from crosspatch.engine.organisms.forced import forced_organism_path
 from crosspatch.engine.pairs import load_pair
 from crosspatch.engine.prompts import load_prompts
+from crosspatch.engine.report import format_forced
 
 
 @functools.cache
@@ -63,6 +64,8 @@ def test_contrast_positive_on_reasoning_and_zero_where_the_token_does_not_matter
     balanced = _summary_row(summary, "balanced", "CONTENT-REASON", "contrast")
     assert balanced["mean"] == 0.75 and balanced["n_families"] == 1 and balanced["ci_low"] > 0
     assert not [r for r in summary.to_pylist() if r["category"] == "GOV-CONV"]  # unscored
+    text = format_forced(summary)
+    assert "CONTENT-REASON   forced_answer            +0.750 [" in text and "family-balanced (1)" in text
 
 
 def test_continuations_are_kept_and_read_as_constructed() -> None:
