@@ -230,3 +230,48 @@ def format_event_counts(events: list) -> str:
     return f"events: {scored}/{len(events)} prompts scored" + (
         f"; not scored: {', '.join(parts)}" if parts else ""
     )
+
+
+def format_forced(summary: pa.Table, view: str = "suffix") -> str:
+    """Forced-token contrasts (§6.1): per category, success(IT token) - success(PT token) [95% CI], n events,
+    each branch's success rate; per pair and family-balanced."""
+    rows = [r for r in summary.to_pylist() if r["view"] == view]
+    contrasts = [r for r in rows if r["statistic"] == "contrast"]
+    if not contrasts:
+        return "(forced tokens: no objectively scoreable events)"
+    rates = {(r["level"], r["pair_id"], r["category"], r["statistic"]): r["mean"] for r in rows}
+    branches = sorted({r["statistic"][8:] for r in rows if r["statistic"].startswith("success_")})
+    head = f"{'category':<16} {'pair':<24} {'contrast [95% CI]':<28} {'n':>5}  " + " ".join(
+        f"{b:>13}" for b in branches
+    )
+    lines = [f"forced-token contrast ({view}: IT-token minus PT-token success)", head]
+    for r in sorted(contrasts, key=lambda r: (r["category"], r["level"] == "balanced", r["pair_id"] or "")):
+        who = r["pair_id"] if r["level"] == "pair" else f"family-balanced ({r['n_families']})"
+        ci = f"{r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        success = " ".join(
+            f"{rates.get((r['level'], r['pair_id'], r['category'], 'success_' + b), float('nan')):>13.3f}"
+            for b in branches
+        )
+        lines.append(f"{r['category']:<16} {who:<24} {ci:<28} {r['n_events']:>5}  {success}")
+    return "\n".join(lines)
+
+
+def format_continuation(summary: pa.Table) -> str:
+    """Constrained continuation (§6.2): C_N interaction and tail-only C_N [95% CI] per pair x variant x N."""
+    rows = summary.to_pylist()
+    if not rows:
+        return "(continuation: no events)"
+    get = {(r["pair_id"], r["variant"], r["n"], r["statistic"]): r for r in rows}
+    lines = [f"{'pair':<24} {'variant':<14} {'N':>3} {'C_N interaction':<28} {'tail-only':<28} {'n':>5}"]
+    for pair_id, variant, n in sorted({(r["pair_id"], r["variant"], r["n"]) for r in rows}):
+        full, tail = (
+            get.get((pair_id, variant, n, "interaction")),
+            get.get((pair_id, variant, n, "tail_interaction")),
+        )
+        fmt = "--" if tail is None else f"{tail['mean']:+.3f} [{tail['ci_low']:+.3f}, {tail['ci_high']:+.3f}]"
+        main = (
+            "--" if full is None else f"{full['mean']:+.3f} [{full['ci_low']:+.3f}, {full['ci_high']:+.3f}]"
+        )
+        count = (full or tail)["n_events"]
+        lines.append(f"{pair_id:<24} {variant:<14} {n:>3} {main:<28} {fmt:<28} {count:>5}")
+    return "\n".join(lines)

@@ -27,6 +27,8 @@ Holm-adjusted p over the pair's boundaries, and in a sweep the sweep-wide max-st
 feature_acts (event x dictionary x latent, active latents only) and feature_effects (set-level effects of
 ablation / rescue with CIs, and per-feature attribution scores): see the schemas' column comments.
 
+forced_tokens, forced_summaries, continuation, continuation_summaries: see the schemas at the end (method §6).
+
 gate_checks (job x dictionary x check): quality-gate checks measured by a job (the causal checks of mediation
 and the dictionary's own gate), each with value, threshold and passed.
 """
@@ -179,3 +181,106 @@ def events_from_table(table: pa.Table) -> list:
 
     fields = {f for f in DivergenceEvent.__dataclass_fields__}
     return [DivergenceEvent(**{k: v for k, v in row.items() if k in fields}) for row in table.to_pylist()]
+
+
+# ---- forced-token scoring and constrained continuation (engine/forced.py, engine/continuation.py) ----
+# (upstream, late) -> suffix of the continuation cell columns
+CONTINUATION_CELL_KEYS: dict[tuple[str, str], str] = {
+    ("pt", "pt"): "ptup_ptlate",
+    ("pt", "it"): "ptup_itlate",
+    ("it", "pt"): "itup_ptlate",
+    ("it", "it"): "itup_itlate",
+}
+
+CONTINUATION_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("category", pa.string()),
+        ("position", pa.int32()),
+        ("boundary", pa.int32()),
+        ("readout", pa.string()),
+        ("variant", pa.string()),  # native | same_forced | shuffled_tail
+        ("n", pa.int32()),  # tail length N
+        *[(f"c_{k}", pa.float64()) for k in CONTINUATION_CELL_KEYS.values()],  # C_N per cell
+        *[(f"tail_{k}", pa.float64()) for k in CONTINUATION_CELL_KEYS.values()],  # tail-only C_N per cell
+        ("interaction", pa.float64()),  # 2x2 contrast of C_N
+        ("tail_interaction", pa.float64()),  # 2x2 contrast of tail-only C_N (0 at N = 0)
+        ("it_candidate", pa.list_(pa.int64())),  # t_IT + tail[:N]
+        ("pt_candidate", pa.list_(pa.int64())),  # t_PT + tail[:N]
+        ("it_candidate_text", pa.string()),
+        ("pt_candidate_text", pa.string()),
+    ]
+)
+
+CONTINUATION_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("variant", pa.string()),
+        ("n", pa.int32()),
+        ("statistic", pa.string()),  # interaction | tail_interaction
+        ("mean", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n_events", pa.int64()),
+    ]
+)
+
+FORCED_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("category", pa.string()),
+        ("position", pa.int32()),
+        ("branch", pa.string()),  # it | pt | rank_matched | class_matched
+        ("forced_token", pa.int64()),
+        ("forced_text", pa.string()),
+        ("it_rank", pa.int32()),  # rank of the forced token in IT's masked ranking at the event (1 = top)
+        ("validator", pa.string()),  # exact_answer | format | refusal | null (not objectively scoreable)
+        ("success", pa.bool_()),  # suffix-only (primary); null when not scoreable
+        ("success_with_token", pa.bool_()),  # forced token + suffix
+        ("n_new_tokens", pa.int32()),
+        ("stop", pa.string()),  # eos | budget
+        ("continuation_ids", pa.list_(pa.int64())),
+        ("continuation_text", pa.string()),  # the suffix, decoded with IT's tokenizer
+    ]
+)
+
+FORCED_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("level", pa.string()),  # pair | balanced
+        ("pair_id", pa.string()),  # null on balanced rows
+        ("category", pa.string()),
+        ("statistic", pa.string()),  # contrast (it - pt), or success_<branch>
+        ("view", pa.string()),  # suffix | with_token
+        ("mean", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n_events", pa.int64()),  # events scored in both branches
+        ("n_families", pa.int32()),
+    ]
+)
+
+# lora_controls (engine/lora.py, method §4.2): one row per trained control; interaction null unless valid
+LORA_CONTROL_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("status", pa.string()),  # valid | not_valid
+        ("failed_checks", pa.string()),  # comma-separated: domain_nll, merge_equivalence, generation_health
+        ("nll_before", pa.float64()),  # held-out domain NLL (nats/token), base
+        ("nll_after", pa.float64()),  # merged control
+        ("nll_improvement", pa.float64()),  # (before - after) / before
+        ("min_nll_improvement", pa.float64()),  # the gate
+        ("merge_max_diff", pa.float64()),  # max |merged - (base + adapter)| logits
+        ("distinct_share", pa.float64()),
+        ("max_token_share", pa.float64()),
+        ("steps", pa.int64()),
+        ("interaction", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n_events", pa.int64()),
+    ]
+)

@@ -13,7 +13,19 @@ from crosspatch.app.services import results as service
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["results"])
 
-Table = Literal["cells", "summaries", "events", "feature_acts", "feature_effects", "gate_checks"]
+Table = Literal[
+    "cells",
+    "summaries",
+    "events",
+    "feature_acts",
+    "feature_effects",
+    "gate_checks",
+    "forced_tokens",
+    "forced_summaries",
+    "continuation",
+    "continuation_summaries",
+    "lora_controls",
+]
 
 
 @router.get(

@@ -43,6 +43,7 @@ def _register_commands() -> None:
         demo_cmd,
         dict_cmd,
         mediate_cmd,
+        recipe_cmd,
         run_cmd,
         serve_cmd,
         summarize_cmd,

@@ -85,6 +85,42 @@ JOB_CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
             "priority": 10,
         },
     },
+    "forced_tokens": {
+        "summary": "Forced-token scoring: does the divergent token change the final answer? (method 6.1)",
+        "value": {
+            "spec": {
+                "kind": "forced_tokens",
+                "pair_id": "llama3.1-8b",
+                "prompt_file": "prompts/holdout_600.jsonl",
+                "max_new_tokens": 128,
+                "branches": ["it", "pt", "rank_matched", "class_matched"],
+            }
+        },
+    },
+    "continuation": {
+        "summary": "Constrained continuation: C_N for N in 0, 1, 2, 4, 8 with its controls (method 6.2)",
+        "value": {
+            "spec": {
+                "kind": "continuation",
+                "pair_id": "llama3.1-8b",
+                "prompt_file": "prompts/holdout_600.jsonl",
+                "ns": [0, 1, 2, 4, 8],
+                "boundary": 19,
+            }
+        },
+    },
+    "lora_control": {
+        "summary": "Domain-training control: LoRA CPT on PT, merge, verify domain learning, then the 2x2 (4.2)",
+        "value": {
+            "spec": {
+                "kind": "lora_control",
+                "pair_id": "llama3.1-8b",
+                "corpus": ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"],
+                "prompt_file": "prompts/code_support.jsonl",
+                "lora": {"rank": 32, "alpha": 64, "lr": 1e-4, "train_tokens": 20000000, "seq_len": 4096},
+            }
+        },
+    },
 }
 
 ROWS_EXAMPLE: dict[str, Any] = {

@@ -36,6 +36,10 @@ class PromptIn(_Spec):
     id: str = Field(min_length=1, max_length=128)
     text: str = Field(min_length=1, max_length=20_000)
     category: str = Field(default="uncategorized", max_length=64)
+    expected_answer: str | None = Field(
+        default=None, max_length=1024, description="For exact-answer scoring."
+    )
+    answer_aliases: list[str] = Field(default_factory=list, max_length=64)
 
 
 class _PromptsSpec(_Spec):
@@ -216,6 +220,102 @@ class MediationSpec(_PromptsSpec):
     mediation: MediationOptions = Field(default_factory=MediationOptions)
 
 
+class ForcedTokensSpec(DivergenceSpec):
+    """Divergence, then forced-token scoring (method §6.1): force t_IT, t_PT, a rank-matched and a
+    class-matched token, continue greedily with IT, score the suffix with deterministic validators."""
+
+    kind: Literal["forced_tokens"] = "forced_tokens"  # type: ignore[assignment]
+    branches: list[Literal["it", "pt", "rank_matched", "class_matched"]] = Field(
+        default_factory=lambda: ["it", "pt", "rank_matched", "class_matched"], min_length=2, max_length=4
+    )
+    budgets: dict[str, int] | None = Field(
+        default=None,
+        description="max_new_tokens per category (overrides the method's CONTENT-REASON 256, SAFETY 128, "
+        "GOV-CONV 128, GOV-FORMAT 96; key '*' for every other category, default 128).",
+    )
+    n_resamples: int = Field(default=1000, ge=10, le=100_000)
+    seed: int = Field(default=23, ge=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> ForcedTokensSpec:
+        if (
+            "it" not in self.branches
+            or "pt" not in self.branches
+            or len(set(self.branches)) != len(self.branches)
+        ):
+            raise ValueError("branches must be unique and include 'it' and 'pt'")
+        if self.budgets and any(not 1 <= v <= 4096 for v in self.budgets.values()):
+            raise ValueError("every budget must lie in 1..4096")
+        return self
+
+
+class ContinuationSpec(DivergenceSpec):
+    """Divergence, then constrained continuation (method §6.2): C_N per N, tail-only, and its controls."""
+
+    kind: Literal["continuation"] = "continuation"  # type: ignore[assignment]
+    ns: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8], min_length=1, max_length=16)
+    boundary: int | None = Field(default=None, ge=0, description="First late block; default round(0.6 L).")
+    readout: Readout = "it"
+    variants: list[Literal["native", "same_forced", "shuffled_tail"]] = Field(
+        default_factory=lambda: ["native", "same_forced", "shuffled_tail"], min_length=1, max_length=3
+    )
+    n_resamples: int = Field(default=2000, ge=10, le=100_000)
+    seed: int = Field(default=23, ge=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> ContinuationSpec:
+        if any(not 0 <= n <= 256 for n in self.ns) or len(set(self.ns)) != len(self.ns):
+            raise ValueError("ns must be unique tail lengths in 0..256")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError("variants must be unique")
+        return self
+
+
+class LoraOptions(_Spec):
+    """LoRA continued-pretraining settings; defaults are the method's (§4.2)."""
+
+    rank: int = Field(default=32, ge=1, le=1024)
+    alpha: int = Field(default=64, ge=1, le=4096)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        max_length=32,
+    )
+    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_fraction: float = Field(default=0.03, ge=0.0, lt=1.0)
+    grad_clip: float = Field(default=1.0, gt=0.0)
+    train_tokens: int = Field(default=20_000_000, ge=1, le=10_000_000_000)
+    seq_len: int = Field(default=4096, ge=2, le=131_072)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    seed: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=200, ge=0, description="Steps between checkpoints (0: none).")
+    min_nll_improvement: float = Field(
+        default=0.02, ge=0.0, lt=1.0, description="Relative held-out domain-NLL drop the control must reach."
+    )
+    merge_tolerance: float = Field(default=1e-4, gt=0.0)
+    min_distinct: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_token_share: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+class LoraControlSpec(_PromptsSpec):
+    """A domain-training control (method §4.2): LoRA on the pair's PT with a domain corpus, merge, verify
+    (domain NLL, merge equivalence, generation health), then the 2x2 of PT vs the control on the prompts.
+    A control that fails verification is reported not valid, with no interaction."""
+
+    kind: Literal["lora_control"] = "lora_control"
+    pair_id: Name
+    corpus: list[str] = Field(min_length=2, max_length=100_000, description="Domain texts (inline).")
+    heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0, description="Last share of texts held out.")
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    boundary: int | None = Field(default=None, ge=0)
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)
+    batch_size: int = Field(default=16, ge=1, le=512)
+    n_resamples: int = Field(default=2000, ge=10, le=100_000)
+    seed: int = Field(default=23, ge=0)
+
+
 class PipelineSpec(_PromptsSpec):
     """Divergence -> 2x2 cross-patch -> dictionary -> mediation, for one pair or several (families)."""
 
@@ -236,6 +336,10 @@ class PipelineSpec(_PromptsSpec):
     dictionary: DictionaryOptions = Field(default_factory=DictionaryOptions)
     mediation: MediationOptions = Field(default_factory=MediationOptions)
     figures: bool = Field(default=True, description="Write PNG figures with the results.")
+    forced_tokens: bool = Field(default=False, description="Also run forced-token scoring per pair (§6.1).")
+    continuation: bool = Field(
+        default=False, description="Also run constrained continuation per pair (§6.2)."
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> PipelineSpec:
@@ -247,7 +351,15 @@ class PipelineSpec(_PromptsSpec):
 
 
 JobSpec = Annotated[
-    DivergenceSpec | CrosspatchSpec | TrainDictionarySpec | LoadDictionarySpec | MediationSpec | PipelineSpec,
+    DivergenceSpec
+    | CrosspatchSpec
+    | TrainDictionarySpec
+    | LoadDictionarySpec
+    | MediationSpec
+    | PipelineSpec
+    | ForcedTokensSpec
+    | ContinuationSpec
+    | LoraControlSpec,
     Field(discriminator="kind"),
 ]
 JOB_SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)

@@ -4,6 +4,9 @@
     interaction_by_boundary.png per family: the interaction across boundaries (sweeps and lists)
     top_features.png            per family: the top features' attribution scores
     ablation_curve.png          per family: ablating (or rescuing) the top-k set and its controls over k
+    forced_contrasts.png        per category: forced-token success contrast (IT token - PT token), per pair and
+                                family-balanced, with 95% CI and event counts (method §6.1)
+    continuation_by_n.png       C_N interaction and tail-only C_N over N, per variant (method §6.2)
 
 Each `plot_*` takes a results table (schemas in `engine.results`) and a path, draws with matplotlib's
 object API on an Agg canvas (no display, no pyplot global state, so safe on the service's background
@@ -31,7 +34,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FIGURE_NAMES = ("family_2x2", "interaction_by_boundary", "top_features", "ablation_curve")
+FIGURE_NAMES = (
+    "family_2x2",
+    "interaction_by_boundary",
+    "top_features",
+    "ablation_curve",
+    "forced_contrasts",
+    "continuation_by_n",
+)
 CELL_LABELS = {
     "y_ptup_ptlate": "PT up\nPT late",
     "y_ptup_itlate": "PT up\nIT late",
@@ -242,6 +252,62 @@ def plot_ablation_curve(feature_effects: pa.Table, path: Path, *, statistic: str
     return _save(fig, path)
 
 
+def plot_forced_contrasts(forced_summaries: pa.Table, path: Path, *, view: str = "suffix") -> Path | None:
+    """Per category: the IT-minus-PT forced-token success contrast with CI and n, per pair and balanced."""
+    rows = [r for r in forced_summaries.to_pylist() if r["statistic"] == "contrast" and r["view"] == view]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: (r["category"], r["level"] != "balanced", r["pair_id"] or ""))
+    fig = _new_figure(7, 0.35 * len(rows) + 1.2)
+    ax = fig.subplots()
+    ys = list(range(len(rows)))[::-1]
+    values = [r["mean"] for r in rows]
+    colors = ["#c0504d" if r["level"] == "balanced" else "#5c7fa3" for r in rows]
+    ax.barh(ys, values, color=colors)
+    ax.errorbar(values, ys, xerr=_errors(rows, "mean"), fmt="none", ecolor="k", capsize=2)
+    labels = [f"{r['category']} / {r['pair_id'] or 'family-balanced'} (n={r['n_events']})" for r in rows]
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.axvline(0, color="k", linewidth=0.6)
+    ax.set_xlabel(f"success(IT token) - success(PT token), {view}")
+    ax.set_title("forced-token contrast by category (95% CI)", fontsize=9, loc="left")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_continuation_by_n(continuation_summaries: pa.Table, path: Path) -> Path | None:
+    """C_N interaction (solid) and tail-only C_N (dashed) over N, one line per pair x variant."""
+    rows = continuation_summaries.to_pylist()
+    if not rows:
+        return None
+    fig = _new_figure(7, 4)
+    ax = fig.subplots()
+    for pair_id, variant in sorted({(r["pair_id"], r["variant"]) for r in rows}):
+        for stat, style in (("interaction", "-"), ("tail_interaction", "--")):
+            curve = sorted(
+                (r for r in rows if (r["pair_id"], r["variant"], r["statistic"]) == (pair_id, variant, stat)),
+                key=lambda r: r["n"],
+            )
+            if not curve:
+                continue
+            xs = [r["n"] for r in curve]
+            label = f"{pair_id} {variant}" + (" (tail-only)" if stat == "tail_interaction" else "")
+            (line,) = ax.plot(xs, [r["mean"] for r in curve], style, marker="o", markersize=3, label=label)
+            ax.fill_between(
+                xs,
+                [r["ci_low"] for r in curve],
+                [r["ci_high"] for r in curve],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+    ax.axhline(0, color="k", linewidth=0.6)
+    ax.set_xlabel("N (tail tokens)")
+    ax.set_ylabel("C_N interaction")
+    ax.set_title("constrained continuation: C_N by N (band: 95% CI)", fontsize=9, loc="left")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
 def write_figures(tables: dict[str, pa.Table], out_dir: Path) -> list[Path]:
     """Every figure the tables support (`summaries`, `feature_effects`), written as `out_dir/<name>.png`.
 
@@ -252,6 +318,8 @@ def write_figures(tables: dict[str, pa.Table], out_dir: Path) -> list[Path]:
         ("interaction_by_boundary", "summaries", plot_interaction_by_boundary),
         ("top_features", "feature_effects", plot_top_features),
         ("ablation_curve", "feature_effects", plot_ablation_curve),
+        ("forced_contrasts", "forced_summaries", plot_forced_contrasts),
+        ("continuation_by_n", "continuation_summaries", plot_continuation_by_n),
     ]
     written = []
     for name, table, plot in plan:
@@ -272,7 +340,8 @@ def write_job_figures(results: ResultsStore, data_dir: Path, job_id: uuid.UUID |
     """Figures of one ingested job from its rows in the results store. Never raises."""
     try:
         tables = {
-            t: results.job_table(t, str(job_id), limit=MAX_ROWS) for t in ("summaries", "feature_effects")
+            t: results.job_table(t, str(job_id), limit=MAX_ROWS)
+            for t in ("summaries", "feature_effects", "forced_summaries", "continuation_summaries")
         }
         return write_figures(tables, figures_dir(data_dir, job_id))
     except Exception:

@@ -209,6 +209,11 @@ class ResultsStore:
             "feature_acts": "prompt_id, dictionary_id, latent",
             "feature_effects": "family, dictionary_id, intervention, latent",
             "gate_checks": "family, dictionary_id, check_name",
+            "forced_tokens": "pair_id, prompt_id, branch",
+            "forced_summaries": "level, pair_id, category, statistic, view",
+            "continuation": "pair_id, prompt_id, variant, n",
+            "continuation_summaries": "pair_id, variant, n, statistic",
+            "lora_controls": "pair_id",
         }
         if table not in order:
             raise ResultsError(f"unknown results table {table!r}; choose from {', '.join(order)}")

@@ -10,6 +10,13 @@ schemas (`engine.results`) define every part table; this module adds `job_id`, p
     feature_acts     one row per event x dictionary x latent: activation under PT-up / IT-up, attribution
     feature_effects  one row per family x dictionary x latent-or-set x intervention x k: effect with CI
     gate_checks      one row per dictionary x quality-gate check a job measured: value, threshold, passed
+    forced_tokens    one row per event x forced branch: forced token, IT continuation text, validator, success
+                     (engine.forced.FORCED_SCHEMA)
+    forced_summaries one row per level x category x statistic x view: it - pt success contrast, success rates
+    continuation     one row per event x variant x N: C_N and tail-only C_N per cell, interaction, candidates
+                     (engine.continuation.CONTINUATION_SCHEMA)
+    continuation_summaries  one row per pair x variant x N x statistic: mean, CI, n events
+    lora_controls    one row per domain-training control: status, failed checks, NLL gate, merge diff, interaction
     provenance       one row per job: kind, spec, models' revisions, tokenizer hash, versions, device
 """
 
@@ -19,10 +26,15 @@ import pyarrow as pa
 
 from crosspatch.engine.results import (
     CELLS_SCHEMA,
+    CONTINUATION_SCHEMA,
+    CONTINUATION_SUMMARY_SCHEMA,
     EVENTS_SCHEMA,
     FEATURE_ACTS_SCHEMA,
     FEATURE_EFFECTS_SCHEMA,
+    FORCED_SCHEMA,
+    FORCED_SUMMARY_SCHEMA,
     GATE_CHECKS_SCHEMA,
+    LORA_CONTROL_SCHEMA,
     SUMMARY_SCHEMA,
 )
 
@@ -42,6 +54,11 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
     "feature_acts": FEATURE_ACTS_SCHEMA,
     "feature_effects": FEATURE_EFFECTS_SCHEMA,
     "gate_checks": GATE_CHECKS_SCHEMA,
+    "forced_tokens": FORCED_SCHEMA,
+    "forced_summaries": FORCED_SUMMARY_SCHEMA,
+    "continuation": CONTINUATION_SCHEMA,
+    "continuation_summaries": CONTINUATION_SUMMARY_SCHEMA,
+    "lora_controls": LORA_CONTROL_SCHEMA,
 }
 TABLES: dict[str, pa.Schema] = {**PART_SCHEMAS, "provenance": PROVENANCE_SCHEMA}
 

@@ -13,10 +13,13 @@ from typing import Any
 
 from crosspatch.app.schemas.jobs import (
     JOB_SPEC_ADAPTER,
+    ContinuationSpec,
     CrosspatchSpec,
     DictionaryOptions,
     DivergenceSpec,
+    ForcedTokensSpec,
     LoadDictionarySpec,
+    LoraControlSpec,
     MediationOptions,
     MediationSpec,
     PipelineSpec,
@@ -60,7 +63,16 @@ def load_prompt_records(spec: DivergenceSpec) -> list[Any]:
     from crosspatch.engine.prompts import PromptRecord, load_prompts
 
     if spec.prompts is not None:
-        return [PromptRecord(id=p.id, text=p.text, category=p.category) for p in spec.prompts]
+        return [
+            PromptRecord(
+                id=p.id,
+                text=p.text,
+                category=p.category,
+                expected_answer=getattr(p, "expected_answer", None),
+                answer_aliases=tuple(getattr(p, "answer_aliases", ())),
+            )
+            for p in spec.prompts
+        ]
     assert spec.prompt_file is not None
     return load_prompts(Path(spec.prompt_file))
 
@@ -469,10 +481,170 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
         ctx.progress(lo + 0.7 * span, f"{pair_id}: mediation")
         _mediate_pair(pair, events, dictionary, spec.mediation, headline, spec.batch_size, ctx, tag)
         ctx.progress(lo + span, f"{pair_id}: done")
+        if spec.forced_tokens or spec.continuation:
+            _forced_and_continuation(pair, prompts, events, spec, ctx, tag, headline)
     _summaries(ctx, spec)
+    if spec.forced_tokens:
+        _forced_summaries(ctx, spec)
+    if spec.continuation:
+        _continuation_summaries(ctx, spec)
     ctx.progress(1.0, "pipeline: done")
 
 
 def _part_tag(pair_id: str) -> str:
     """A pair id as a part-name tag (letters, digits, '-', '_')."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in pair_id)
+
+
+# ---- forced-token scoring and constrained continuation (method §6) ----------------------------------
+def _forced_and_continuation(
+    pair: Any, prompts: Sequence[Any], events: list[Any], spec: Any, ctx: JobContext, tag: str, boundary: int
+) -> None:
+    """Pipeline option: forced tokens / continuation on a pair's events (defaults of those job kinds)."""
+    from crosspatch.engine.continuation import continuation_table
+    from crosspatch.engine.forced import forced_table
+
+    done = ctx.completed_parts()
+    if spec.forced_tokens and f"forced_tokens.{tag}all" not in done:
+        ctx.check_cancel()
+        ctx.write_part(
+            f"forced_tokens.{tag}all", forced_table(pair, events, prompts, batch_size=spec.batch_size)
+        )
+    if spec.continuation and f"continuation.{tag}all" not in done:
+        ctx.check_cancel()
+        table = continuation_table(
+            pair, events, boundary=boundary, batch_size=spec.batch_size, seed=spec.seed
+        )
+        ctx.write_part(f"continuation.{tag}all", table)
+
+
+def _forced_summaries(ctx: JobContext, spec: Any) -> None:
+    from crosspatch.engine.forced import summarize_forced
+
+    table = ctx.read_parts("forced_tokens")
+    if table is not None and table.num_rows:
+        ctx.write_part(
+            "forced_summaries.all", summarize_forced(table, n_resamples=spec.n_resamples, seed=spec.seed)
+        )
+
+
+def _continuation_summaries(ctx: JobContext, spec: Any) -> None:
+    from crosspatch.engine.continuation import summarize_continuation
+
+    table = ctx.read_parts("continuation")
+    if table is not None and table.num_rows:
+        summary = summarize_continuation(table, n_resamples=spec.n_resamples, seed=spec.seed)
+        ctx.write_part("continuation_summaries.all", summary)
+
+
+def _method_chunks(
+    spec: Any, ctx: JobContext, table: str, run: Callable[[Any, Sequence[Any], list[Any]], Any]
+) -> Any:
+    """Divergence + `run(pair, chunk, events)` per chunk as `events.NNNNN` / `<table>.NNNNN` parts (resumable)."""
+    from crosspatch.engine.results import events_from_table, events_table
+
+    pair = ctx.load_pair(spec.pair_id)
+    _provenance(ctx, pair, spec)
+    prompts = load_prompt_records(spec)
+    chunks = _chunks(prompts, spec.chunk_size)
+    done = ctx.completed_parts()
+    for i, chunk in enumerate(chunks):
+        ev_name, name = f"events.{i:05d}", f"{table}.{i:05d}"
+        if name not in done:
+            ctx.check_cancel()
+            if ev_name in done:
+                events = events_from_table(ctx.read_parts("events", prefix=f"{i:05d}"))
+            else:
+                events = _events_for(pair, chunk, spec)
+                ctx.write_part(ev_name, events_table(events, pair.family, pair.pair_id))
+            ctx.check_cancel()
+            ctx.write_part(name, run(pair, chunk, events))
+        ctx.progress(0.95 * (i + 1) / len(chunks), f"{table}: chunk {i + 1}/{len(chunks)}")
+    return pair
+
+
+@register("forced_tokens")
+def forced_tokens(spec: ForcedTokensSpec, ctx: JobContext) -> None:
+    """Divergence -> forced-token continuations and scores per chunk -> per-category contrasts."""
+    from crosspatch.engine.forced import forced_table
+
+    ctx.provenance.update(branches=spec.branches, budgets=spec.budgets, n_resamples=spec.n_resamples)
+
+    def run(pair: Any, chunk: Sequence[Any], events: list[Any]) -> Any:
+        return forced_table(pair, events, chunk, tuple(spec.branches), spec.budgets, spec.batch_size)
+
+    _method_chunks(spec, ctx, "forced_tokens", run)
+    _forced_summaries(ctx, spec)
+    ctx.progress(1.0, "forced_tokens: done")
+
+
+@register("continuation")
+def continuation(spec: ContinuationSpec, ctx: JobContext) -> None:
+    """Divergence -> constrained continuation (C_N per N, variants) per chunk -> summaries."""
+    from crosspatch.engine.continuation import continuation_table
+    from crosspatch.engine.recipe import single_boundary
+
+    def run(pair: Any, chunk: Sequence[Any], events: list[Any]) -> Any:
+        b = single_boundary(pair, spec.boundary)
+        ctx.provenance.update(boundary=b, ns=spec.ns, variants=spec.variants, readout=spec.readout)
+        return continuation_table(
+            pair, events, spec.ns, b, spec.readout, tuple(spec.variants), spec.batch_size, spec.seed
+        )
+
+    _method_chunks(spec, ctx, "continuation", run)
+    _continuation_summaries(ctx, spec)
+    ctx.progress(1.0, "continuation: done")
+
+
+@register("lora_control")
+def lora_control(spec: LoraControlSpec, ctx: JobContext) -> None:
+    """Train (resuming from the job's checkpoint), merge and verify a LoRA control on the pair's PT; then,
+    only if valid, the 2x2 of PT vs the control -> `lora_controls` (+ `events`/`cells`/`summaries`) parts."""
+    import copy
+
+    import pyarrow as pa
+
+    from crosspatch.engine.lora import LoraControlConfig, control_crosspatch, control_row, train_lora_control
+    from crosspatch.engine.results import LORA_CONTROL_SCHEMA, events_table
+
+    pair = ctx.load_pair(spec.pair_id)
+    _provenance(ctx, pair, spec)
+    cfg = LoraControlConfig(**{**spec.lora.model_dump(), "targets": tuple(spec.lora.targets)})
+    n_held = max(1, round(spec.heldout_fraction * len(spec.corpus)))
+    train, held = spec.corpus[:-n_held], spec.corpus[-n_held:]
+    if not train:
+        raise ValueError("the corpus needs at least one training text besides the held-out share")
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        ctx.check_cancel()
+        if step % 10 == 0 or step == total:
+            ctx.progress(0.8 * step / total, f"lora: step {step}/{total}, loss {loss:.4f}")
+
+    base = copy.deepcopy(pair.pt)  # peft wraps and merges into its base: the warm pair stays untouched
+    control = train_lora_control(base, pair.tokenizer, train, held, ctx.checkpoint_dir / "lora", cfg, on_step)
+    del base
+    control_id = f"{pair.pair_id}+lora"
+    record, cells, events = control_crosspatch(
+        control,
+        pair.pt,
+        pair.tokenizer,
+        load_prompt_records(spec),
+        boundary=spec.boundary,
+        n_resamples=spec.n_resamples,
+        seed=spec.seed,
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size,
+        pair_id=control_id,
+    )
+    ctx.provenance["lora_control"] = record
+    if cells is not None:
+        ctx.write_part("events.all", events_table(events, pair.family, control_id))
+        ctx.write_part("cells.all", cells)
+        _summaries(ctx, spec)
+    else:
+        ctx.log(
+            f"control not valid (failed: {', '.join(record['failed_checks'])}): no 2x2 reported", "WARNING"
+        )
+    row = control_row(record, pair.family, control_id)
+    ctx.write_part("lora_controls.all", pa.Table.from_pylist([row], schema=LORA_CONTROL_SCHEMA))
+    ctx.progress(1.0, f"lora_control: {record['status']}")

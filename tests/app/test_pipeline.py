@@ -79,6 +79,8 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         # width 16: the 4 planted latents fill the top set and most others score > 0 or never fire, so the
         # matched-random pool cannot give even 2 candidates per draw: the control is unavailable
         "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "allow_failed_gate": False},
+        "forced_tokens": True,  # method 6: forced tokens and constrained continuation per pair
+        "continuation": True,
     }
     with client(env["server"], env["keys"]["ada"]) as c:
         r = c.post("/jobs", json={"spec": spec})
@@ -104,6 +106,8 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         curve = c.get("/features/curve", params={"family": "llama"}).json()["data"]
         families = c.get("/features/families").json()["data"]
         prov = c.get(f"/jobs/{job_id}/provenance").json()["provenance"]
+        forced = c.get(f"/jobs/{job_id}/results/forced_tokens", params={"limit": 10_000}).json()["data"]
+        cont = c.get(f"/jobs/{job_id}/results/continuation", params={"limit": 10_000}).json()["data"]
 
     # the service's cells equal the library's for the same inputs (one chunk, same batch size)
     from crosspatch.engine.crosspatch import crosspatch
@@ -123,6 +127,13 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
     for row in cells:
         for col in ("y_ptup_ptlate", "y_ptup_itlate", "y_itup_ptlate", "y_itup_itlate", "interaction"):
             assert row[col] == pytest.approx(library[row["prompt_id"]][col], abs=1e-9), (col, row)
+
+    # pipeline options: four forced branches per event; continuation at the headline boundary, N=0 = the 2x2
+    assert len(forced) == 4 * len(cells) and {r["branch"] for r in forced} >= {"it", "pt"}
+    n0 = {r["prompt_id"]: r["interaction"] for r in cont if r["n"] == 0 and r["variant"] == "native"}
+    assert {r["boundary"] for r in cont} == {headline} and set(n0) == {r["prompt_id"] for r in cells}
+    for row in cells:
+        assert n0[row["prompt_id"]] == pytest.approx(row["interaction"], abs=1e-5)
 
     # the sweep's mediation ran at the pair's headline boundary round(0.6 L), not at the first swept one
     assert prov["pairs"][ORGANISM]["headline_boundary"] == headline

@@ -98,11 +98,35 @@ def _assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
+def _method6_summaries() -> dict:
+    """Hand-written forced-token and continuation summaries (one pair, two categories, N = 0, 1, 2)."""
+    import pyarrow as pa
+
+    from crosspatch.engine.results import CONTINUATION_SUMMARY_SCHEMA, FORCED_SUMMARY_SCHEMA
+
+    forced = [
+        dict(level=lv, pair_id=pid, category=c, statistic="contrast", view="suffix", mean=m, ci_low=m - 0.1,
+             ci_high=m + 0.1, n_events=16, n_families=1)
+        for lv, pid in (("pair", "p"), ("balanced", None))
+        for c, m in (("CONTENT-REASON", 0.75), ("SAFETY", 0.0))
+    ]  # fmt: skip
+    cont = [
+        dict(pair_id="p", variant="native", n=n, statistic=st, mean=1.0 + n, ci_low=0.5 + n, ci_high=1.5 + n,
+             n_events=10)
+        for n in (0, 1, 2)
+        for st in ("interaction", "tail_interaction")
+        if not (n == 0 and st == "tail_interaction")
+    ]  # fmt: skip
+    return {
+        "forced_summaries": pa.Table.from_pylist(forced, schema=FORCED_SUMMARY_SCHEMA),
+        "continuation_summaries": pa.Table.from_pylist(cont, schema=CONTINUATION_SUMMARY_SCHEMA),
+    }
+
+
 def test_every_figure_from_synthetic_tables(tmp_path: Path) -> None:
     summaries = summarize(synthetic_cells(), n_resamples=50, seed=1, n_permutations=200)
-    written = plots.write_figures(
-        {"summaries": summaries, "feature_effects": synthetic_feature_effects()}, tmp_path / "figures"
-    )
+    tables = {"summaries": summaries, "feature_effects": synthetic_feature_effects(), **_method6_summaries()}
+    written = plots.write_figures(tables, tmp_path / "figures")
     assert sorted(p.stem for p in written) == sorted(plots.FIGURE_NAMES)
     for path in written:
         _assert_png(path)

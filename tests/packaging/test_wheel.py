@@ -30,6 +30,9 @@ def test_wheel_installs_only_crosspatch(tmp_path: Path) -> None:
     assert top == {"crosspatch"}
     assert "crosspatch/migrations/env.py" in names and "crosspatch/alembic.ini" in names
     assert any(n.endswith("trained_llama/it/model.safetensors") for n in names)
+    assert {"crosspatch/engine/data/holdout_600.jsonl", "crosspatch/engine/data/LICENSE-holdout"} <= set(
+        names
+    )
     assert not any(
         n.startswith(("crosspatch/tests/", "crosspatch/bench/", "crosspatch/.venv/")) for n in names
     )
