@@ -177,7 +177,9 @@ def train_lora_control(
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
         from peft.utils import get_peft_model_state_dict
     except ImportError as e:
-        raise CrosspatchError("domain-training controls need peft: pip install 'crosspatch[lora]'") from e
+        raise CrosspatchError(
+            "domain-training controls need peft (a crosspatch dependency): pip install peft"
+        ) from e
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("peft")
-
 from crosspatch.engine.lora import LoraControlConfig, control_crosspatch, control_row, train_lora_control
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.pairs import load_model
