@@ -142,6 +142,114 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
     ),
 }
 
+_CELL_NAMES = {
+    "ptup_ptlate": "PT up, PT late",
+    "ptup_itlate": "PT up, IT late",
+    "itup_ptlate": "IT up, PT late",
+    "itup_itlate": "IT up, IT late",
+}
+TABLE_DOCS.update(
+    {
+        "continuation": (
+            "One row per event x variant x tail length N: the sequence margin C_N of the IT candidate "
+            "(t_IT + tail) over the PT candidate (t_PT + tail), teacher-forced through the four cells "
+            "(docs/method.md §7).",
+            {
+                **_EVENT_KEY,
+                "position": "generated position of the first divergence",
+                "boundary": "first late block of the 2x2",
+                "readout": "'it', 'pt' or 'own' (see cells.readout)",
+                "variant": "native (each model's own greedy tail), same_forced or shuffled_tail (controls)",
+                "n": "tail length N (N = 0 is the one-token 2x2)",
+                **{
+                    f"c_{k}": f"C_N = log p(IT candidate) - log p(PT candidate) in ({v})"
+                    for k, v in _CELL_NAMES.items()
+                },
+                **{
+                    f"tail_{k}": f"tail-only C_N (the first token left out) in ({v})"
+                    for k, v in _CELL_NAMES.items()
+                },
+                "interaction": "the 2x2 interaction of C_N",
+                "tail_interaction": "the 2x2 interaction of tail-only C_N (0 at N = 0)",
+                "it_candidate": "t_IT followed by the tail's first N tokens",
+                "pt_candidate": "t_PT followed by the tail's first N tokens",
+                "it_candidate_text": "the IT candidate decoded",
+                "pt_candidate_text": "the PT candidate decoded",
+            },
+        ),
+        "continuation_summaries": (
+            "One row per pair x variant x N x statistic: the mean over events with a percentile bootstrap CI.",
+            {
+                "pair_id": _EVENT_KEY["pair_id"],
+                "variant": "native, same_forced or shuffled_tail",
+                "n": "tail length N",
+                "statistic": "interaction or tail_interaction",
+                "mean": "mean over events",
+                "ci_low": "lower end of the 95% bootstrap CI",
+                "ci_high": "upper end of the 95% bootstrap CI",
+                "n_events": "events with a tail of at least N tokens",
+            },
+        ),
+        "forced_tokens": (
+            "One row per event x forced branch: the IT model continues greedily after a forced first token; "
+            "the continuation is scored by a deterministic validator (docs/method.md §7).",
+            {
+                **_EVENT_KEY,
+                "position": "generated position of the first divergence",
+                "branch": "it (IT-preferred token), pt (PT-preferred), rank_matched or class_matched",
+                "forced_token": "the forced first token (id)",
+                "forced_text": "the forced token decoded",
+                "it_rank": "rank of the forced token in IT's masked ranking at the event (1 = top)",
+                "validator": "exact_answer, format or refusal; null when the category is not objectively scored",
+                "success": "the validator's verdict on the suffix only (the forced token excluded); null if unscored",
+                "success_with_token": "the verdict on forced token + suffix",
+                "n_new_tokens": "tokens generated after the forced token",
+                "stop": "eos or budget",
+                "continuation_ids": "the generated suffix (token ids)",
+                "continuation_text": "the suffix decoded with IT's tokenizer",
+            },
+        ),
+        "forced_summaries": (
+            "One row per level x pair x category x statistic x view: success rates and the IT-minus-PT contrast "
+            "with bootstrap CIs.",
+            {
+                "level": "pair or balanced (family-balanced)",
+                "pair_id": "the pair; null on balanced rows",
+                "category": "prompt category",
+                "statistic": "contrast (IT-forced minus PT-forced success) or success_<branch>",
+                "view": "suffix (primary) or with_token",
+                "mean": "the estimate",
+                "ci_low": "lower end of the 95% bootstrap CI",
+                "ci_high": "upper end of the 95% bootstrap CI",
+                "n_events": "events scored in both branches",
+                "n_families": "families combined",
+            },
+        ),
+        "lora_controls": (
+            "One row per trained LoRA domain-training control (docs/method.md §7): its verification and, when "
+            "valid, the base-vs-control interaction. A control that fails verification has no interaction.",
+            {
+                "family": _EVENT_KEY["family"],
+                "pair_id": "the base vs control pair",
+                "status": "valid or not_valid",
+                "failed_checks": "comma-separated failed checks: domain_nll, merge_equivalence, generation_health",
+                "nll_before": "held-out domain NLL of the base (nats/token)",
+                "nll_after": "held-out domain NLL of the merged control",
+                "nll_improvement": "(before - after) / before",
+                "min_nll_improvement": "the verification threshold on nll_improvement",
+                "merge_max_diff": "max |merged - (base + adapter)| over logits",
+                "distinct_share": "share of distinct tokens in the control's generations",
+                "max_token_share": "share of the most frequent token in the control's generations",
+                "steps": "training steps",
+                "interaction": "the 2x2 interaction base vs control; null when not valid",
+                "ci_low": "lower end of its 95% CI",
+                "ci_high": "upper end of its 95% CI",
+                "n_events": "events scored",
+            },
+        ),
+    }
+)
+
 DESCRIPTION = b"description"
 
 
