@@ -13,7 +13,25 @@ from crosspatch.app.services import results as service
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["results"])
 
-Table = Literal["cells", "summaries", "events", "feature_acts", "feature_effects", "gate_checks"]
+Table = Literal[
+    "cells",
+    "summaries",
+    "events",
+    "feature_acts",
+    "feature_effects",
+    "gate_checks",
+    # controls of the 2x2
+    "interpolation",
+    "signperm",
+    "offmanifold",
+    "boundary_margins",
+    "commitment",
+    "baseline_cells",
+    "baselines",
+    "lineage_cells",
+    "lineage",
+    "recipe_contrasts",
+]
 
 
 @router.get(

@@ -34,6 +34,7 @@ def test_job_examples_cover_every_kind_and_validate(openapi: dict) -> None:
         "load_dictionary",
         "mediation",
         "pipeline",
+        "lineage",
     }
 
 
