@@ -14,7 +14,9 @@ cells (one row per event x boundary x readout; Y = logit(t_it) - logit(t_pt) at 
     it_late_effect  y_itup_itlate - y_itup_ptlate   (native-context part)
     interaction     it_late_effect - pt_late_effect
 
-events (one row per prompt, diverged or not): the `DivergenceEvent` fields. `diverged` means scored;
+events (one row per prompt, diverged or not): the `DivergenceEvent` fields. `event` names the event
+    definition (first_diff, or first_nonformat_diff / first_assistant_marker_diff: engine.event_kinds).
+    `diverged` means scored;
     reason 'token_mismatch' marks a divergence the token preflight rejected, `token_check` names the
     failed check (prompt_ids, decode, vocab, mask; see engine/preflight.py), null otherwise.
 
@@ -76,6 +78,7 @@ EVENTS_SCHEMA = pa.schema(
         ("prefix_text", pa.string()),
         ("t_pt_text", pa.string()),
         ("t_it_text", pa.string()),
+        ("event", pa.string()),  # event definition: first_diff (headline), first_nonformat_diff, ...
     ]
 )
 

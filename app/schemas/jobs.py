@@ -55,6 +55,11 @@ class DivergenceSpec(_PromptsSpec):
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
     chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")
+    event: Literal["first_diff", "first_nonformat_diff", "first_assistant_marker_diff"] = Field(
+        default="first_diff",
+        description="Event definition (method 1.3): first_diff is the headline; the others scan PT's greedy "
+        "rollout from the first divergence for the first disagreement in content / at a chat marker.",
+    )
 
 
 Control = Literal["offmanifold", "commitment", "baselines", "native_history"]

@@ -79,6 +79,7 @@ def _events_for(pair: Any, chunk: Sequence[Any], spec: DivergenceSpec) -> list[A
         max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size,
         chat_template=getattr(spec, "chat_template", False),
+        event=getattr(spec, "event", "first_diff"),
     )
 
 
@@ -91,6 +92,7 @@ def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
         batch_size=spec.batch_size,
         chunk_size=getattr(spec, "chunk_size", None),
         chat_template=getattr(spec, "chat_template", False),
+        event=getattr(spec, "event", "first_diff"),
     )
 
 
