@@ -92,6 +92,8 @@ def test_crosspatch_job_with_every_control(env: dict) -> None:
         margins = _rows(c, job_id, "boundary_margins")
         prov = c.get(f"/jobs/{job_id}/provenance").json()["provenance"]
         logs = [e["message"] for e in c.get(f"/jobs/{job_id}/logs").json()["data"]]
+        figures = {f["name"] for f in c.get(f"/jobs/{job_id}/figures").json()["data"]}
+        png = c.get(f"/jobs/{job_id}/figures/interpolation.png")
 
     headline = cells[0]["headline_boundary"]
     # off-manifold: the interaction grows along the straight PT -> IT path; random directions do little
@@ -133,6 +135,8 @@ def test_crosspatch_job_with_every_control(env: dict) -> None:
     assert 0 < scales["interaction_share"]["ci_low"] < scales["interaction_share"]["ci_high"] < 1.5
     assert any(m.startswith("off-manifold") and "interpolation slope" in m for m in logs)
     assert any(m.startswith("baselines") and "pre_divergence" in m for m in logs)
+    assert {"family_2x2", "interpolation", "baselines"} <= {f.removesuffix(".png") for f in figures}
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
 
 def test_lineage_job_scores_stages_in_planted_order(env: dict) -> None:
@@ -164,8 +168,11 @@ def test_lineage_job_scores_stages_in_planted_order(env: dict) -> None:
         rows = _rows(c, job_id, "lineage")
         cells = _rows(c, job_id, "lineage_cells")
         contrasts = {(r["stage_a"], r["stage_b"]): r for r in _rows(c, job_id, "recipe_contrasts")}
+        figures = {f["name"].removesuffix(".png") for f in c.get(f"/jobs/{job_id}/figures").json()["data"]}
+        events = _rows(c, job_id, "events")
 
     assert [r["stage"] for r in rows] == ["sft", "dpo", "final", "portable"]
+    assert figures == {"lineage"} and {e["event"] for e in events} == {"first_diff"}
     by = {r["stage"]: r for r in rows}
     sft, dpo, final, port = by["sft"], by["dpo"], by["final"], by["portable"]
     n = final["n"]
