@@ -79,6 +79,9 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         # width 16: the 4 planted latents fill the top set and most others score > 0 or never fire, so the
         # matched-random pool cannot give even 2 candidates per draw: the control is unavailable
         "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "allow_failed_gate": False},
+        # a control by flag: its rows land next to the cells, at the headline boundary
+        "controls": ["offmanifold"],
+        "control_options": {"seeds": [0]},
     }
     with client(env["server"], env["keys"]["ada"]) as c:
         r = c.post("/jobs", json={"spec": spec})
@@ -104,6 +107,7 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         curve = c.get("/features/curve", params={"family": "llama"}).json()["data"]
         families = c.get("/features/families").json()["data"]
         prov = c.get(f"/jobs/{job_id}/provenance").json()["provenance"]
+        offm = c.get(f"/jobs/{job_id}/results/offmanifold", params={"limit": 100}).json()["data"]
 
     # the service's cells equal the library's for the same inputs (one chunk, same batch size)
     from crosspatch.engine.crosspatch import crosspatch
@@ -123,6 +127,11 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
     for row in cells:
         for col in ("y_ptup_ptlate", "y_ptup_itlate", "y_itup_ptlate", "y_itup_itlate", "interaction"):
             assert row[col] == pytest.approx(library[row["prompt_id"]][col], abs=1e-9), (col, row)
+
+    # the off-manifold control ran by flag at the headline boundary: C(a) grows along the PT -> IT path
+    slope = next(r for r in offm if r["statistic"] == "slope")
+    assert slope["pair_id"] == ORGANISM and slope["boundary"] == headline and slope["ci_low"] > 0
+    assert prov["controls"][ORGANISM]["boundary"] == headline
 
     # the sweep's mediation ran at the pair's headline boundary round(0.6 L), not at the first swept one
     assert prov["pairs"][ORGANISM]["headline_boundary"] == headline
