@@ -59,3 +59,24 @@ def test_bad_control_or_event_is_one_line(tmp_path: Path, capsys: pytest.Capture
     assert code == 1 and err.strip().count("\n") == 0 and "unknown control(s) ['nope']" in err
     code, _, err = _run(capsys, "run", "--organism", "llama_paper_sized", "--out", out, "--event", "first")
     assert code == 1 and "unknown event definition 'first'" in err
+
+
+def test_lineage_command_prints_one_row_per_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lineage.parquet"
+    code, text, err = _run(
+        capsys,
+        "lineage",
+        "--organism",
+        "llama_lineage",
+        *("--stage", "sft", "--stage", "dpo", "--stage", "final", "--stage", "portable"),
+        *("--reference", "final", "--contrast", "final:sft", "--limit", "12", "--max-new-tokens", "32"),
+        *("--out", str(out)),
+    )
+    assert code == 0, err
+    rows = {r["stage"]: r for r in pq.read_table(out).to_pylist()}
+    assert list(rows) == ["sft", "dpo", "final", "portable"]
+    assert rows["sft"]["interaction"] < rows["dpo"]["interaction"] < rows["final"]["interaction"]
+    assert rows["final"]["share_of_reference"] == 1.0 and abs(rows["portable"]["interaction"]) < 1e-6
+    assert "lineage of llama_lineage at boundary 3" in text and "contrast final - sft: +" in text
+    code, _, err = _run(capsys, "lineage", "--organism", "llama_lineage", "--stage", "a", "--contrast", "a:b")
+    assert code == 1 and "--contrast 'a:b'" in err
