@@ -554,44 +554,50 @@ def lineage(spec: LineageSpec, ctx: JobContext) -> None:
     stage (`lineage`), per-event cells (`lineage_cells`), contrasts (`recipe_contrasts`), `events`."""
     from crosspatch.engine.pairs import weights_fingerprint
     from crosspatch.engine.recipe import contrast_table, lineage_sweep, single_boundary, summarize_lineage
-    from crosspatch.engine.results import events_table
+    from crosspatch.engine.results import events_from_table, events_table
 
     support = ctx.load_pair(spec.pair_id)
     _provenance(ctx, support, spec)
     boundary = single_boundary(support, spec.boundary)
     base, tokenizer, family = support.pt, support.tokenizer, support.family
     base_fp = weights_fingerprint(base)
-    events = _events_for(support, load_prompt_records(spec), spec)
-    ctx.write_part("events.all", events_table(events, family, support.pair_id))
+    done = ctx.completed_parts()
+    if "events.all" in done:  # resumed: the same support as before
+        events = events_from_table(ctx.read_parts("events"))
+    else:
+        events = _events_for(support, load_prompt_records(spec), spec)
+        ctx.write_part("events.all", events_table(events, family, support.pair_id))
     if not any(e.diverged for e in events):
         raise CrosspatchError(f"no prompt diverged on the support pair {support.pair_id!r}: nothing to sweep")
     ctx.progress(0.2, f"{support.pair_id}: {sum(e.diverged for e in events)} events on the support")
-    stages, tokenizers = {}, {}
-    for i, stage in enumerate(spec.stages):
-        ctx.check_cancel()
-        model, tok = _stage_model(ctx, stage, base_fp)
-        stages[stage.name], tokenizers[stage.name] = model, tok or tokenizer
-        ctx.progress(0.2 + 0.3 * (i + 1) / len(spec.stages), f"loaded stage {stage.name}")
-    cells = lineage_sweep(
-        base,
-        stages,
-        tokenizer,
-        events,
-        boundary,
-        spec.readout,
-        spec.reference,
-        base_id=support.pair_id,
-        stage_tokenizers=tokenizers,
-        batch_size=spec.batch_size,
-        family=family,
-    )
+    done = ctx.completed_parts()
+    for i, stage in enumerate(spec.stages):  # one stage in memory at a time; a part per stage (resumable)
+        name = f"lineage_cells.{i:05d}"
+        if name not in done:
+            ctx.check_cancel()
+            model, tok = _stage_model(ctx, stage, base_fp)
+            part = lineage_sweep(
+                base,
+                {stage.name: model},
+                tokenizer,
+                events,
+                boundary,
+                spec.readout,
+                base_id=support.pair_id,
+                stage_tokenizers={stage.name: tok or tokenizer},
+                batch_size=spec.batch_size,
+                family=family,
+            )
+            ctx.write_part(name, part)
+            del model
+        ctx.progress(0.2 + 0.7 * (i + 1) / len(spec.stages), f"lineage: stage {stage.name} scored")
+    cells = ctx.read_parts("lineage_cells")
     ctx.provenance.update(
         boundary=boundary,
         readout=spec.readout,
         stages=[s.model_dump() for s in spec.stages],
         reference=spec.reference or spec.stages[-1].name,
     )
-    ctx.write_part("lineage_cells.all", cells)
     rows = summarize_lineage(cells, spec.reference, spec.n_resamples, spec.n_permutations, spec.seed)
     ctx.write_part("lineage.all", rows)
     if spec.contrasts:
@@ -602,7 +608,7 @@ def lineage(spec: LineageSpec, ctx: JobContext) -> None:
     for r in rows.to_pylist():
         ctx.log(
             f"lineage {r['stage']}: interaction {r['interaction']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
-            f" share of {spec.reference or spec.stages[-1].name} {r['share_of_reference']:.0%}"
+            f" share of {spec.reference or spec.stages[-1].name} {r['share_of_reference']:.1%}"
             f" portable share {r['portable_share']:.2f}"
         )
     ctx.progress(1.0, "lineage: done")
