@@ -112,6 +112,7 @@ _BACKFILL = {
         "WHERE level IS NULL",
         "UPDATE summaries SET family = NULL, pair_id = NULL WHERE level = 'balanced' AND family = '__mean__'",
     ],
+    "events": ["UPDATE events SET event = 'first_diff' WHERE event IS NULL"],  # before event kinds: headline
 }
 
 
