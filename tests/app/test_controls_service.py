@@ -94,6 +94,10 @@ def test_crosspatch_job_with_every_control(env: dict) -> None:
         logs = [e["message"] for e in c.get(f"/jobs/{job_id}/logs").json()["data"]]
         figures = {f["name"] for f in c.get(f"/jobs/{job_id}/figures").json()["data"]}
         png = c.get(f"/jobs/{job_id}/figures/interpolation.png")
+        parquet = {  # as the demo and the client download them
+            t: c.get(f"/jobs/{job_id}/results/{t}", params={"format": "parquet"}).content
+            for t in ("offmanifold", "commitment")
+        }
 
     headline = cells[0]["headline_boundary"]
     # off-manifold: the interaction grows along the straight PT -> IT path; random directions do little
@@ -137,6 +141,17 @@ def test_crosspatch_job_with_every_control(env: dict) -> None:
     assert any(m.startswith("baselines") and "pre_divergence" in m for m in logs)
     assert {"family_2x2", "interpolation", "baselines"} <= {f.removesuffix(".png") for f in figures}
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    import io
+
+    import pyarrow.parquet as pq
+
+    from crosspatch.engine.control_suite import format_controls
+
+    printed = format_controls({t: pq.read_table(io.BytesIO(b)) for t, b in parquet.items()})
+    assert printed.splitlines()[0].startswith(
+        f"off-manifold  {PAPER} (b={headline}, n=12): interpolation slope +"
+    )
+    assert "uncommitted (margin <= 0)" in printed
 
 
 def test_lineage_job_scores_stages_in_planted_order(env: dict) -> None:
