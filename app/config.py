@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     embedded_worker: bool = Field(
         default=True, description="`crosspatch serve` starts one local worker subprocess itself."
     )
+    job_visibility: Literal["lab", "owner"] = Field(
+        default="owner",
+        description="Who reads a job's spec (inline prompts), logs and provenance: its owner (and admins), or "
+        "the whole lab. Results follow each job's own `share` flag.",
+    )
+    max_streams_per_user: int = Field(
+        default=8, ge=1, description="Concurrent progress streams (SSE) one researcher may hold; more is 429."
+    )
+    max_streams_total: int = Field(
+        default=64, ge=1, description="Concurrent progress streams the whole server holds; more is 429."
+    )
     max_active_jobs_per_user: int = Field(
         default=20, ge=1, description="Quota: a researcher's queued + running jobs; more answers 429."
     )
@@ -69,10 +80,54 @@ class Settings(BaseSettings):
     max_prompts_per_job: int = Field(default=10_000, ge=1, description="Most prompts one job may carry.")
     lease_seconds: float = Field(default=30.0, gt=0, description="A worker's lease on a claimed job.")
     heartbeat_seconds: float = Field(default=2.0, gt=0, description="How often a worker renews its lease.")
-    max_attempts: int = Field(default=3, ge=1, description="Claims of one job before it is failed.")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Unused since worker losses are counted apart (worker_max_losses)."
+    )
     poll_seconds: float = Field(default=1.0, gt=0, description="Idle worker / ingest loop poll interval.")
     worker_memory_bytes: int | None = Field(
         default=None, description="Memory a worker offers; default: the device's total memory."
+    )
+    max_prompt_file_bytes: int = Field(
+        default=64 << 20,
+        ge=1,
+        description="Largest prompt file (JSONL under the model roots) a job may name.",
+    )
+    max_prompt_chars: int = Field(
+        default=20_000,
+        ge=1,
+        description="Longest prompt in characters, inline or one line of a prompt file (bounds its tokens).",
+    )
+    max_training_tokens: int = Field(
+        default=10**9, ge=1, description="Most training tokens one dictionary job may ask for."
+    )
+    job_time_limit_seconds: dict[str, float] = Field(
+        default_factory=lambda: {
+            "divergence": 6 * 3600.0,
+            "crosspatch": 12 * 3600.0,
+            "train_dictionary": 24 * 3600.0,
+            "load_dictionary": 600.0,
+            "mediation": 12 * 3600.0,
+            "pipeline": 48 * 3600.0,
+        },
+        description="Per-kind wall-clock budget of one attempt; past it the worker fails the job.",
+    )
+    job_memory_bytes: int | None = Field(
+        default=None,
+        ge=1 << 20,
+        description="Resident memory a job's worker process may reach; past it the job fails. Default: none.",
+    )
+    cancel_grace_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a job that should stop (cancelled, over budget) may take before its process is killed.",
+    )
+    worker_max_losses: int = Field(
+        default=10, ge=1, description="Times a job's worker may be lost (lease expired) before the job fails."
+    )
+    worker_lock_dir: Path | None = Field(
+        default=None,
+        description="Where per-device worker locks live (default data_dir/workers); one host-wide directory "
+        "keeps servers with different data dirs off each other's GPU.",
     )
     dictionary_roots: list[Path] = Field(
         default_factory=list, description="Directories under which dictionaries may be registered."

@@ -144,16 +144,31 @@ def get_admin(user: CurrentUser) -> User:
 AdminUser = Annotated[User, Depends(get_admin)]
 
 
-def get_job(job_id: Annotated[uuid.UUID, Path()], session: ReadSessionDep, _user: CurrentUser) -> Job:
-    """Any job, for any authenticated user (everyone in the lab reads all results)."""
+def get_job(job_id: Annotated[uuid.UUID, Path()], session: ReadSessionDep, user: CurrentUser) -> Job:
+    """A job whose status and results the caller may read: any job shared with the lab (the default),
+    else only the owner's or an admin's."""
     # spec and provenance (large JSON: inline prompts) load only if the route reads them
     job = session.get(Job, job_id, options=[defer(Job.spec), defer(Job.provenance)])
     if job is None:
         raise NotFound(f"no job {job_id}")
+    if job.share == "owner" and job.owner_id != user.id and user.role != "admin":
+        raise Forbidden("this job's results are shared with its owner only")
     return job
 
 
 ReadableJob = Annotated[Job, Depends(get_job)]
+
+
+def get_private_job(job: ReadableJob, user: CurrentUser, settings: SettingsDep) -> Job:
+    """A job whose spec, prompts and logs the caller may read (CROSSPATCH_JOB_VISIBILITY)."""
+    from crosspatch.app.services.jobs import may_see_private
+
+    if not may_see_private(job, user, settings):
+        raise Forbidden("this server shows a job's spec, prompts and logs only to its owner and admins")
+    return job
+
+
+PrivateJob = Annotated[Job, Depends(get_private_job)]
 
 
 def get_owned_job(job: ReadableJob, user: CurrentUser) -> Job:

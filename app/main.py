@@ -27,6 +27,7 @@ from crosspatch.app.services.ingest import Housekeeper
 from crosspatch.app.store.duckdb import ResultsError, ResultsStore
 from crosspatch.app.store.migrate import upgrade
 from crosspatch.app.store.session import Store
+from crosspatch.app.worker.supervisor import PARENT_PID_ENV, DeviceLock
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -46,11 +47,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_worker_process(settings: Settings, device: str | None = None) -> subprocess.Popen[bytes]:
-    """A local `python -m crosspatch.app.worker` subprocess sharing this process's settings."""
-    env = {**os.environ, **settings_env(settings)}
+def start_worker_process(
+    settings: Settings, device: str | None = None, lock: DeviceLock | None = None
+) -> subprocess.Popen[bytes]:
+    """A local, supervised `python -m crosspatch.app.worker` subprocess sharing this process's settings.
+
+    It dies with this process (SIGTERM on parent death) and inherits `lock`, the device's lock, so the
+    device stays taken while any of its processes lives.
+    """
+    env = {**os.environ, **settings_env(settings), PARENT_PID_ENV: str(os.getpid())}
     cmd = [sys.executable, "-m", "crosspatch.app.worker", "--device", device or settings.device]
-    return subprocess.Popen(cmd, env=env)
+    if lock is None:
+        return subprocess.Popen(cmd, env=env)
+    return subprocess.Popen([*cmd, "--lock-fd", str(lock.fd)], env=env, pass_fds=(lock.fd,))
 
 
 class BodySizeLimit:
@@ -67,21 +76,28 @@ class BodySizeLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._refuse(send)
             return
-        seen = 0
+        seen, refused = 0, False
 
         async def limited() -> Message:
-            nonlocal seen
+            # Past the limit: answer 413 here and tell the app the client left (an exception raised
+            # here would reach the app's body parser, which turns any error into a 400).
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    refused = True
+                    await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def guarded_send(message: Message) -> None:
+            if not refused:  # the 413 is the whole answer; drop whatever the app says after it
+                await send(message)
+
+        await self.app(scope, limited, guarded_send)
 
     async def _refuse(self, send: Send) -> None:
         response = JSONResponse(
@@ -89,10 +105,6 @@ class BodySizeLimit:
             status_code=413,
         )
         await response({"type": "http"}, _noop_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _noop_receive() -> Message:
@@ -106,8 +118,12 @@ def _error(status: int, message: str, code: str, errors: list[dict[str, Any]] | 
     return JSONResponse(body, status_code=status)
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
+def _field(error: dict[str, Any]) -> str:
+    """The field an error is about, dotted; a body that is not JSON at all is about `body` (its `loc`
+    holds the character offset of the syntax error, which names no field)."""
+    if error.get("type") == "json_invalid":
+        return "body"
+    parts = [str(p) for p in error.get("loc", ()) if p not in ("body",)]
     return ".".join(parts) or "body"
 
 
@@ -120,10 +136,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": _field(tuple(e.get("loc", ()))), "reason": str(e.get("msg", "invalid"))}
-            for e in exc.errors()
-        ]
+        errors = [{"field": _field(dict(e)), "reason": str(e.get("msg", "invalid"))} for e in exc.errors()]
         message = "; ".join(f"{e['field']}: {e['reason']}" for e in errors[:5]) or "invalid request"
         return _error(422, message, "invalid", errors)
 
@@ -158,7 +171,12 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
         app.state.results = ResultsStore(settings.duckdb_path)
         housekeeper = Housekeeper(settings, app.state.store, app.state.results)
         housekeeper.start()
-        worker = start_worker_process(settings) if with_worker else None
+        worker, lock = None, None
+        if with_worker:  # refuses (DeviceBusy) while another server's worker on this device lives
+            lock = DeviceLock.acquire(
+                settings, settings.device, wait_seconds=2 * settings.cancel_grace_seconds
+            )
+            worker = start_worker_process(settings, lock=lock)
         # Everything imported and built so far lives as long as the process: move it out of the
         # collector's view, so a full collection under load scans only new objects (a full pass over
         # the startup heap is a pause of tens of ms that every request in flight waits out).
@@ -170,9 +188,12 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
             if worker is not None:
                 worker.terminate()
                 try:
-                    worker.wait(timeout=30)
+                    worker.wait(timeout=settings.cancel_grace_seconds + 30)
                 except subprocess.TimeoutExpired:
                     worker.kill()
+                    worker.wait()
+            if lock is not None:
+                lock.release()
             housekeeper.stop()
             app.state.results.close()
             app.state.store.dispose()

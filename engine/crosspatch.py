@@ -226,11 +226,13 @@ def crosspatch(
     batch_size: int = 16,
     check_noop: bool = True,
     headline: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> pa.Table:
     """The whole cells table for `events`, sorted by prompt id, boundary and readout.
 
     With `check_noop` (default) the first batch is no-op checked; the report rides in the table's schema
-    metadata (`engine.noop.noop_report(table)`), and a failed check raises `NoopCheckError`.
+    metadata (`engine.noop.noop_report(table)`), and a failed check raises `NoopCheckError`. `on_batch` as in
+    `iter_crosspatch`: called after each batch (e.g. to stop a cancelled job there).
     """
     reports: list[NoopReport] = []
     parts = list(
@@ -243,6 +245,7 @@ def crosspatch(
             check_noop=check_noop,
             on_noop=reports.append,
             headline=headline,
+            on_batch=on_batch,
         )
     )
     table = pa.concat_tables(parts) if parts else CELLS_SCHEMA.empty_table()

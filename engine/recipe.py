@@ -193,7 +193,7 @@ def _stage_cells(
                     "readout": [readout] * n,
                     "pair_label": [pair.pair_label] * n,
                     "n_layers": [pair.n_layers] * n,
-                    "headline_boundary": [boundary] * n,  # the sweep's one boundary
+                    "headline_boundary": [boundary] * n,  # one boundary per stage: it is the headline
                     **y,
                     "pt_late_effect": pt_late,
                     "it_late_effect": it_late,

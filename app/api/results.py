@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 
 from crosspatch.app.api.params import Offset
-from crosspatch.app.deps import ReadableJob, ResultsDep
+from crosspatch.app.deps import PrivateJob, ReadableJob, ResultsDep
 from crosspatch.app.schemas.results import ProvenancePublic, Rows
 from crosspatch.app.services import results as service
 
@@ -56,6 +56,6 @@ def job_results(
 
 
 @router.get("/provenance", response_model=ProvenancePublic)
-def job_provenance(job: ReadableJob, results: ResultsDep) -> ProvenancePublic:
-    """The provenance stored beside the job's results."""
+def job_provenance(job: PrivateJob, results: ResultsDep) -> ProvenancePublic:
+    """The provenance stored beside the job's results (it holds the spec: private like the spec)."""
     return service.provenance(results, job)

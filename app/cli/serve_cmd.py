@@ -43,11 +43,11 @@ def worker(
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.")] = None,
     exit_when_idle: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
 ) -> None:
-    """Run one worker on one device: claim jobs from the job store and run them."""
-    from crosspatch.app.worker.main import Worker
+    """Run one worker on one device: claim jobs from the job store and run them (under a supervisor that
+    replaces it when a job does not stop: see app/worker/supervisor.py)."""
+    from crosspatch.app.worker.__main__ import _run_cli
 
-    settings = get_settings()
-    configure_logging(settings.log_level)
-    w = Worker(settings, device=device or settings.device)
-    w.install_signal_handlers()
-    w.run(max_jobs=max_jobs, exit_when_idle=exit_when_idle)
+    argv = ["--device", device or get_settings().device]
+    argv += ["--max-jobs", str(max_jobs)] if max_jobs is not None else []
+    argv += ["--exit-when-idle"] if exit_when_idle else []
+    raise typer.Exit(_run_cli(argv))

@@ -15,10 +15,11 @@ from typing import Any
 from sqlalchemy import CursorResult, and_, insert, select, update
 
 from crosspatch.app.queue.policy import candidate
-from crosspatch.app.store.models import ACTIVE_STATUSES, Job, JobLog, utcnow
+from crosspatch.app.store.models import ACTIVE_STATUSES, Job, JobAttempt, JobLog, utcnow
 from crosspatch.app.store.session import Store
 
 jobs = Job.__table__
+attempts_ = JobAttempt.__table__
 
 
 def claim(
@@ -47,13 +48,36 @@ def claim(
             started_at=now,
             error=None,
         )
-        .returning(jobs.c.id)
+        .returning(jobs.c.id, jobs.c.attempts)
     )
     with store.session() as s:
-        job_id = s.execute(stmt).scalar_one_or_none()
-        if job_id is not None:
-            s.execute(insert(JobLog).values(job_id=job_id, message=f"claimed by worker {worker_id}"))
+        row = s.execute(stmt).first()
+        if row is None:
+            return None
+        job_id, attempt = row
+        s.execute(insert(JobLog).values(job_id=job_id, message=f"claimed by worker {worker_id}"))
+        s.execute(
+            insert(attempts_).values(job_id=job_id, attempt=attempt, worker_id=worker_id, claimed_at=now)
+        )
     return job_id
+
+
+def end_attempt(
+    session: Any, job_id: uuid.UUID, outcome: str, detail: str | None = None, worker_id: str | None = None
+) -> None:
+    """Close the job's open attempt (its history row) with how it ended, in the caller's transaction."""
+    where = [attempts_.c.job_id == job_id, attempts_.c.ended_at.is_(None)]
+    if worker_id is not None:
+        where.append(attempts_.c.worker_id == worker_id)
+    values = dict(ended_at=utcnow(), outcome=outcome, detail=detail[:4000] if detail else None)
+    session.execute(update(attempts_).where(*where).values(**values))
+
+
+def attempts(store: Store, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The job's attempts, oldest first: attempt, worker_id, claimed_at, ended_at, outcome, detail."""
+    with store.session(write=False) as s:
+        rows = s.execute(select(attempts_).where(attempts_.c.job_id == job_id).order_by(attempts_.c.id))
+        return [dict(r._mapping) for r in rows]
 
 
 def _held(job_id: uuid.UUID, worker_id: str) -> Any:
@@ -103,14 +127,20 @@ def finish_running(
         values["provenance"] = provenance
     if progress is not None:
         values["progress"] = progress
+    outcome = {"ingesting": "finished", "failed": "failed", "queued": "released"}[status]
     with store.session() as s:
-        return _rowcount(s.execute(update(jobs).where(_held(job_id, worker_id)).values(**values))) == 1
+        held = _rowcount(s.execute(update(jobs).where(_held(job_id, worker_id)).values(**values))) == 1
+        if held:
+            end_attempt(s, job_id, outcome, error, worker_id=worker_id)
+        return held
 
 
-def requeue_expired(store: Store, *, max_attempts: int, now: datetime | None = None) -> list[uuid.UUID]:
-    """Re-queue running jobs whose lease expired (their worker died); fail those out of attempts.
+def requeue_expired(store: Store, *, max_losses: int, now: datetime | None = None) -> list[uuid.UUID]:
+    """Re-queue running jobs whose lease expired (their worker died); fail those lost `max_losses` times.
 
-    `now` defaults to the clock; tests pass a time to check expiry without waiting.
+    Losses are counted apart from attempts: a worker killed under a job is seldom the job's fault, so
+    the cap is higher than for job errors (which fail at once). `now` defaults to the clock; tests pass
+    a time to check expiry without waiting.
     """
     now = now or utcnow()
     expired = and_(jobs.c.status == "running", jobs.c.lease_expires_at < now)
@@ -118,13 +148,14 @@ def requeue_expired(store: Store, *, max_attempts: int, now: datetime | None = N
         failed = list(
             s.execute(
                 update(jobs)
-                .where(expired, jobs.c.attempts >= max_attempts)
+                .where(expired, jobs.c.losses + 1 >= max_losses)
                 .values(
                     status="failed",
                     worker_id=None,
                     lease_expires_at=None,
                     finished_at=now,
-                    error=f"worker lost {max_attempts} times (lease expired); giving up",
+                    losses=jobs.c.losses + 1,
+                    error=f"worker lost {max_losses} times (lease expired); giving up",
                 )
                 .returning(jobs.c.id)
             ).scalars()
@@ -133,13 +164,15 @@ def requeue_expired(store: Store, *, max_attempts: int, now: datetime | None = N
             s.execute(
                 update(jobs)
                 .where(expired)
-                .values(status="queued", worker_id=None, lease_expires_at=None)
+                .values(status="queued", worker_id=None, lease_expires_at=None, losses=jobs.c.losses + 1)
                 .returning(jobs.c.id)
             ).scalars()
         )
         for job_id in failed:
+            end_attempt(s, job_id, "worker_lost", "lease expired; the job failed")
             s.execute(insert(JobLog).values(job_id=job_id, level="ERROR", message="lease expired; failed"))
         for job_id in requeued:
+            end_attempt(s, job_id, "worker_lost", "lease expired; re-queued")
             s.execute(
                 insert(JobLog).values(job_id=job_id, level="WARNING", message="lease expired; re-queued")
             )
@@ -155,6 +188,7 @@ def cancel(store: Store, job_id: uuid.UUID) -> bool:
             .values(status="cancelled", finished_at=utcnow(), lease_expires_at=None)
         )
         if _rowcount(result) == 1:
+            end_attempt(s, job_id, "cancelled")
             s.execute(insert(JobLog).values(job_id=job_id, message="cancelled"))
             return True
     return False

@@ -1,8 +1,8 @@
 """Scheduling policy: which queued job a worker gets next, as one SQL ordering.
 
-1. higher `priority` first;
-2. fair share: the owner whose last claim is oldest (or who never had one) goes next, so owners take
-   turns (round-robin) however many jobs each has queued;
+1. fair share: the owner whose last claim is oldest (or who never had one) goes next, so owners take
+   turns (round-robin) however many jobs each has queued, whatever priorities they set;
+2. higher `priority` first (so it orders an owner's own jobs; researchers may only lower theirs);
 3. a job on the pair this worker already has loaded, before one that needs a reload;
 4. oldest first.
 A job whose estimated memory exceeds the worker's is never offered to it.
@@ -31,7 +31,7 @@ def candidate(memory_bytes: int | None, loaded_pair: str | None) -> tuple[Select
     if memory_bytes is not None:
         where.append(or_(cand.c.estimated_memory_bytes <= memory_bytes, cand.c.estimated_memory_bytes == 0))
     pair_first = case((cand.c.pair_id == loaded_pair, 0), else_=1) if loaded_pair else None
-    order = [cand.c.priority.desc(), func.coalesce(owner_last_claim, NEVER)]
+    order = [func.coalesce(owner_last_claim, NEVER), cand.c.priority.desc()]
     if pair_first is not None:
         order.append(pair_first)
     order += [cand.c.created_at, cand.c.id]

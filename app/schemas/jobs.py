@@ -6,9 +6,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, model_validator
 
 Readout = Literal["it", "pt", "own"]
+# Seeds fit a signed 64-bit column and torch/numpy generators; larger ones used to fail in the worker.
+MAX_SEED = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+# A boundary is a block index: JSON `true` is not 1 (strict ints refuse booleans and numeric strings).
+# (Range checks against the pair's layer count are the service's: 422 on `spec.boundary`.)
+Boundary = StrictInt
+DEFAULT_KS = (25, 50, 100, 200)
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._~:+-]*$")]
 
 
@@ -117,12 +124,12 @@ class CrosspatchSpec(DivergenceSpec):
     """Divergence, then the 2x2 cross-patch at one boundary, a list, or a sweep; then summaries."""
 
     kind: Literal["crosspatch"] = "crosspatch"  # type: ignore[assignment]
-    boundary: int | list[int] | Literal["sweep"] | None = Field(
+    boundary: Boundary | list[Boundary] | Literal["sweep"] | None = Field(
         default=None, description="First late block; default: the pair's default boundary."
     )
     readouts: list[Readout] = Field(default_factory=lambda: ["it"], min_length=1, max_length=3)
     n_resamples: int = Field(default=2000, ge=10, le=100_000)
-    seed: int = Field(default=23, ge=0)
+    seed: Seed = 23
     controls: list[Control] = Field(default_factory=list, max_length=4, description=CONTROLS_HELP)
     control_options: ControlOptions = Field(default_factory=ControlOptions)
 
@@ -140,10 +147,15 @@ class MediationOptions(_Spec):
     """How features are ranked and tested (defaults follow the method)."""
 
     top_k: int = Field(default=200, ge=1, le=100_000, description="Size of the top feature set.")
-    ks: list[int] = Field(default_factory=lambda: [25, 50, 100, 200], min_length=1, max_length=16)
+    ks: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_KS),
+        min_length=1,
+        max_length=16,
+        description="Top-set sizes to test, each <= top_k; default: 25, 50, 100, 200 below top_k, and top_k.",
+    )
     ablation: Literal["zero", "pt_value"] = "zero"
     fit_fraction: float = Field(default=0.27, gt=0.0, lt=1.0, description="Share of events used for ranking.")
-    split_seed: int = Field(default=0, ge=0)
+    split_seed: Seed = 0
     n_random_seeds: int = Field(
         default=5, ge=5, le=20, description="Seeds per control (matched-random sets, same-delta directions)."
     )
@@ -157,8 +169,13 @@ class MediationOptions(_Spec):
 
     @model_validator(mode="after")
     def _ks(self) -> MediationOptions:
+        if "ks" not in self.model_fields_set:
+            self.ks = [k for k in DEFAULT_KS if k < self.top_k] + [self.top_k]
         if any(k < 1 for k in self.ks):
             raise ValueError("every k must be >= 1")
+        too_big = [k for k in self.ks if k > self.top_k]
+        if too_big:
+            raise ValueError(f"ks {too_big} exceed top_k={self.top_k}; every k must be <= top_k")
         return self
 
 
@@ -185,7 +202,7 @@ class DictionaryOptions(_Spec):
     )
     batch_size: int = Field(default=256, ge=8, le=65_536)
     lr: float = Field(default=3e-4, gt=0, le=1.0)
-    seed: int = Field(default=0, ge=0)
+    seed: Seed = 0
     training_prompts: Literal["mediation_fit", "all"] = Field(
         default="mediation_fit",
         description="mediation_fit: train only on prompts outside the mediation test split (method 5.1); "
@@ -252,7 +269,7 @@ class MediationSpec(_PromptsSpec):
     pair_id: Name
     dictionary_id: Name
     chat_template: bool = Field(default=False, description=CHAT_TEMPLATE_HELP)
-    boundary: int | None = Field(default=None, ge=0)
+    boundary: Boundary | None = None
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
     mediation: MediationOptions = Field(default_factory=MediationOptions)
@@ -267,14 +284,14 @@ class PipelineSpec(_PromptsSpec):
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
     chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")
-    boundary: int | list[int] | Literal["sweep"] | None = Field(
+    boundary: Boundary | list[Boundary] | Literal["sweep"] | None = Field(
         default=None,
         description="2x2 boundary, list or sweep (default: each pair's round(0.6 L)); mediation runs at "
         "each pair's headline boundary (the default for a sweep).",
     )
     readouts: list[Readout] = Field(default_factory=lambda: ["it"], min_length=1, max_length=3)
     n_resamples: int = Field(default=2000, ge=10, le=100_000)
-    seed: int = Field(default=23, ge=0)
+    seed: Seed = 23
     dictionary: DictionaryOptions = Field(default_factory=DictionaryOptions)
     mediation: MediationOptions = Field(default_factory=MediationOptions)
     figures: bool = Field(default=True, description="Write PNG figures with the results.")
@@ -378,7 +395,16 @@ class JobCreate(BaseModel):
     )
 
     spec: JobSpec
-    priority: int = Field(default=0, ge=-100, le=100)
+    priority: int = Field(
+        default=0,
+        ge=-100,
+        le=100,
+        description="Orders only your own jobs (fair share between researchers comes first); researchers "
+        "may set -10..0, admins -100..100.",
+    )
+    share: Literal["lab", "owner"] = Field(
+        default="lab", description="Who may read this job's results: the whole lab, or only you (and admins)."
+    )
 
 
 class JobPublic(BaseModel):
@@ -395,6 +421,8 @@ class JobPublic(BaseModel):
     spec: dict[str, Any]
     progress: dict[str, Any]
     attempts: int
+    losses: int = Field(description="Times a worker was lost under this job (counted apart from errors).")
+    share: Literal["lab", "owner"] = Field(description="Who may read the job's results.")
     worker_id: str | None
     error: str | None
     estimated_memory_bytes: int
@@ -428,6 +456,24 @@ class JobStatusPublic(BaseModel):
     attempts: int
     error: str | None
     finished_at: datetime | None
+
+
+class JobAttemptPublic(BaseModel):
+    """One claim of a job: its worker, when, and how it ended (`None` while it runs)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    attempt: int
+    worker_id: str
+    claimed_at: datetime
+    ended_at: datetime | None
+    outcome: Literal["finished", "failed", "released", "worker_lost", "cancelled"] | None
+    detail: str | None
+
+
+class JobAttemptsPublic(BaseModel):
+    data: list[JobAttemptPublic]
+    count: int
 
 
 class JobsPublic(BaseModel):

@@ -100,7 +100,7 @@ class Housekeeper:
                 ingest_ready(self.store, self.results, self.settings.data_dir)
                 if time.monotonic() - last_requeue > self.settings.lease_seconds / 3:
                     last_requeue = time.monotonic()
-                    for job_id in ops.requeue_expired(self.store, max_attempts=self.settings.max_attempts):
+                    for job_id in ops.requeue_expired(self.store, max_losses=self.settings.worker_max_losses):
                         log.warning("job %s: lease expired, re-queued", job_id)
             except Exception:
                 log.exception("housekeeping failed; retrying")

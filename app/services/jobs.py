@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from crosspatch.app.config import Settings
 from crosspatch.app.errors import Conflict, Invalid, QuotaExceeded
+from crosspatch.app.queue import ops
 from crosspatch.app.schemas.jobs import JobCreate, JobPublic
 from crosspatch.app.services.paths import resolve_under
 from crosspatch.app.store.duckdb import ResultsStore
@@ -28,11 +29,23 @@ from crosspatch.app.store.models import (
 from crosspatch.app.worker.context import parts_dir
 from crosspatch.app.worker.handlers import available_kinds
 
+# A prompt file's line holds one prompt plus its JSON (id, category, formats): this much room for those.
+LINE_OVERHEAD_CHARS = 1024
 
-def _count_lines(path: Any, stop_after: int) -> int:
+
+def _count_lines(path: Any, stop_after: int, max_chars: int) -> int:
+    """Non-empty lines of a prompt file (stops past `stop_after`); 422 on a line too long to be a prompt
+    of at most `max_chars` (never reads more than one line's cap into memory)."""
+    cap = max_chars + LINE_OVERHEAD_CHARS
     n = 0
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for i, line in enumerate(iter(lambda: f.readline(cap + 2), ""), start=1):
+            if len(line.rstrip("\r\n")) > cap:
+                raise Invalid(
+                    "spec.prompt_file",
+                    f"line {i} is longer than {cap} characters; this server allows prompts of at most "
+                    f"{max_chars} characters",
+                )
             n += bool(line.strip())
             if n > stop_after:
                 break
@@ -45,12 +58,24 @@ def _check_prompts(spec: Any, settings: Settings) -> None:
         raise Invalid(
             "spec.prompts", f"{len(spec.prompts)} prompts; this server allows at most {limit} per job"
         )
+    for i, p in enumerate(getattr(spec, "prompts", None) or []):
+        if len(p.text) > settings.max_prompt_chars:
+            raise Invalid(
+                f"spec.prompts.{i}.text",
+                f"{len(p.text)} characters; this server allows at most {settings.max_prompt_chars}",
+            )
     if getattr(spec, "prompt_file", None) is not None:
         path = resolve_under(spec.prompt_file, settings.model_roots, "spec.prompt_file")
         if not path.is_file():
             raise Invalid("spec.prompt_file", "not a file")
+        size, max_size = path.stat().st_size, settings.max_prompt_file_bytes
+        if size > max_size:
+            raise Invalid(
+                "spec.prompt_file",
+                f"{size} bytes; this server allows prompt files of at most {max_size} bytes",
+            )
         try:
-            n = _count_lines(path, limit)
+            n = _count_lines(path, limit, settings.max_prompt_chars)
         except (OSError, UnicodeDecodeError) as e:
             raise Invalid("spec.prompt_file", f"cannot read it as UTF-8 JSONL: {e}") from e
         if n > limit:
@@ -103,6 +128,12 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
                 f"top_k={spec.mediation.top_k} exceeds the dictionary's width {d.width}",
             )
     if spec.kind in ("pipeline", "train_dictionary"):
+        tokens = spec.dictionary.training_tokens
+        if tokens is not None and tokens > settings.max_training_tokens:
+            raise Invalid(
+                "spec.dictionary.training_tokens",
+                f"{tokens} tokens; this server allows at most {settings.max_training_tokens} per dictionary",
+            )
         width = spec.dictionary.width
         if spec.kind == "pipeline" and width is not None and spec.mediation.top_k > width:
             raise Invalid(
@@ -141,9 +172,27 @@ def _check_pretrained_allowed(settings: Settings, ref: str) -> None:
         )
 
 
+RESEARCHER_PRIORITIES = (-10, 0)
+
+
+def _check_priority(priority: int, user: User) -> None:
+    """Researchers order only their own jobs, within a band at or below the default; admins get all."""
+    lo, hi = RESEARCHER_PRIORITIES
+    if user.role != "admin" and not lo <= priority <= hi:
+        raise Invalid(
+            "priority",
+            f"researchers may set priority {lo}..{hi} (it orders only their own jobs); got {priority}",
+        )
+
+
 def submit(session: Session, settings: Settings, user: User, body: JobCreate) -> Job:
     """Validate and enqueue one job (429 past the researcher's quota of active jobs)."""
     pair_id, memory = validate_spec(session, settings, body)
+    _check_priority(body.priority, user)
+    # Count and insert under one lock per owner, held to the end of this transaction: concurrent submits
+    # of one researcher queue here instead of all counting before any inserts (PostgreSQL row lock;
+    # SQLite's write transactions already begin with the write lock, BEGIN IMMEDIATE).
+    session.execute(select(User.id).where(User.id == user.id).with_for_update())
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.owner_id == user.id, Job.status.in_(ACTIVE_STATUSES))
     )
@@ -158,6 +207,7 @@ def submit(session: Session, settings: Settings, user: User, body: JobCreate) ->
         spec=body.spec.model_dump(mode="json"),
         status="queued",
         priority=body.priority,
+        share=body.share,
         pair_id=pair_id,
         estimated_memory_bytes=memory,
         progress={"fraction": 0.0, "message": "queued"},
@@ -168,19 +218,36 @@ def submit(session: Session, settings: Settings, user: User, body: JobCreate) ->
     return job
 
 
-def to_public(session: Session, job: Job) -> JobPublic:
+def may_see_private(job: Job, user: User, settings: Settings) -> bool:
+    """Whether `user` may read `job`'s spec (inline prompts), logs and provenance."""
+    return settings.job_visibility == "lab" or job.owner_id == user.id or user.role == "admin"
+
+
+def to_public(session: Session, job: Job, viewer: User, settings: Settings) -> JobPublic:
+    """The job as `viewer` may see it (spec redacted to its kind when private to someone else)."""
     owner = session.get(User, job.owner_id)
-    return JobPublic.model_validate({**_fields(job), "owner": owner.name if owner else "?"})
+    return JobPublic.model_validate({**_fields(job, viewer, settings), "owner": owner.name if owner else "?"})
 
 
-def _fields(job: Job) -> dict[str, Any]:
-    return {c: getattr(job, c) for c in JobPublic.model_fields if c != "owner"}
+def _fields(job: Job, viewer: User, settings: Settings) -> dict[str, Any]:
+    fields = {c: getattr(job, c) for c in JobPublic.model_fields if c not in ("owner", "spec")}
+    fields["spec"] = (
+        job.spec if may_see_private(job, viewer, settings) else {"kind": job.kind, "redacted": True}
+    )
+    return fields
 
 
 def list_jobs(
-    session: Session, user: User, *, mine: bool, status: str | None, limit: int, offset: int
+    session: Session,
+    user: User,
+    settings: Settings,
+    *,
+    mine: bool,
+    status: str | None,
+    limit: int,
+    offset: int,
 ) -> tuple[list[JobPublic], int]:
-    """Jobs, newest first; everyone may list all jobs, `mine` narrows to the caller's."""
+    """Jobs, newest first; everyone may list all jobs (others' specs redacted under owner visibility)."""
     where = []
     if mine:
         where.append(Job.owner_id == user.id)
@@ -195,7 +262,9 @@ def list_jobs(
         .limit(limit)
         .offset(offset)
     ).all()
-    return [JobPublic.model_validate({**_fields(j), "owner": name}) for j, name in rows], count
+    return [
+        JobPublic.model_validate({**_fields(j, user, settings), "owner": name}) for j, name in rows
+    ], count
 
 
 def cancel(session: Session, job_id: uuid.UUID, user: User) -> Job:
@@ -210,6 +279,7 @@ def cancel(session: Session, job_id: uuid.UUID, user: User) -> Job:
     assert job is not None
     if result is None:
         raise Conflict(f"job {job_id} is already {job.status}")
+    ops.end_attempt(session, job_id, "cancelled", f"cancelled by {user.name}")
     session.add(JobLog(job_id=job_id, message=f"cancelled by {user.name}"))
     return job
 
@@ -223,7 +293,7 @@ def retry(session: Session, job_id: uuid.UUID, user: User) -> Job:
             status="queued",
             error=None,
             finished_at=None,
-            attempts=0,
+            losses=0,  # attempts (and their history in job_attempts) are kept
             worker_id=None,
             progress={"fraction": 0.0, "message": "queued (retry)"},
         )

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from crosspatch.app.config import Settings
 from crosspatch.app.errors import Conflict, Invalid, NotFound
-from crosspatch.app.services.paths import resolve_under
+from crosspatch.app.services.paths import HUB_ID, is_local_ref, resolve_under
 from crosspatch.app.store.models import Pair
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -33,19 +33,13 @@ def _local_info(path: Path, field: str) -> tuple[int | None, int]:
     return n_layers, size
 
 
-def _exists(raw: str) -> bool:
-    try:
-        return Path(raw).exists()
-    except (OSError, ValueError):  # a name too long or with a NUL is no local directory
-        return False
-
-
 def _model_ref(raw: str, settings: Settings, field: str) -> tuple[str, int | None, int]:
     """A local path (checked under the model roots) or a hub id; with n_layers and size if local."""
-    looks_local = raw.startswith(("/", ".", "~")) or _exists(raw)
-    if not looks_local:
-        if raw.count("/") != 1 or any(c in raw for c in " \\:"):
-            raise Invalid(field, "a hub id looks like 'org/name'; local paths must be under the model roots")
+    if not is_local_ref(raw):  # a hub id by its syntax, whatever this process's working directory holds
+        if not HUB_ID.match(raw):
+            raise Invalid(
+                field, "a hub id looks like 'org/name'; local paths are absolute and under the model roots"
+            )
         return raw, None, 0
     path = resolve_under(raw, settings.model_roots, field)
     if not (path / "config.json").is_file():

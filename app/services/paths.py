@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
@@ -33,3 +35,34 @@ def resolve_under(raw: str, roots: Sequence[Path], field: str, *, must_exist: bo
     if outside:
         raise Invalid(field, f"path is outside the allowed roots ({allowed})")
     raise Invalid(field, f"no such path under the allowed roots ({allowed})")
+
+
+# A Hugging Face hub id: `org/name`, each part starting with a letter or digit (no `..`, no slashes more).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def is_local_ref(raw: str) -> bool:
+    """A model reference names a local path only when it says so (`/...`, `./...`, `~...`); anything else
+    is a hub id, judged by its own syntax and never looked up on disk."""
+    return raw.startswith(("/", ".", "~"))
+
+
+def model_ref_to_open(raw: str, roots: Sequence[Path], field: str) -> str:
+    """What to hand the model loader, checked by the process that opens it, at the time it opens it.
+
+    A local path: its real path (symlinks resolved) inside `roots`. A hub id: valid syntax, and naming
+    nothing in this process's working directory (a loader would read such a directory instead of the hub).
+    """
+    if is_local_ref(raw):
+        return str(resolve_under(raw, roots, field))
+    if not HUB_ID.match(raw):
+        raise Invalid(
+            field, f"{raw!r} is neither a hub id ('org/name') nor a local path under the model roots"
+        )
+    if os.path.lexists(raw):
+        raise Invalid(
+            field,
+            f"hub id {raw!r} names a path in this process's working directory ({os.getcwd()}); refusing to "
+            "load a local directory by a hub id (register local models by their absolute path)",
+        )
+    return raw

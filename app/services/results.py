@@ -11,6 +11,7 @@ from crosspatch.app.errors import Conflict, NotFound
 from crosspatch.app.schemas.results import ProvenancePublic, Rows
 from crosspatch.app.store.duckdb import ResultsStore, to_parquet_bytes
 from crosspatch.app.store.models import Job
+from crosspatch.app.store.result_tables import with_descriptions
 
 
 def _finished(job: Job) -> None:
@@ -38,7 +39,8 @@ def table_rows(results: ResultsStore, job: Job, table: str, *, limit: int, offse
 
 def table_parquet(results: ResultsStore, job: Job, table: str, *, limit: int, offset: int) -> bytes:
     _finished(job)
-    return to_parquet_bytes(results.job_table(table, str(job.id), limit=limit, offset=offset))
+    rows = results.job_table(table, str(job.id), limit=limit, offset=offset)
+    return to_parquet_bytes(with_descriptions(table, rows))  # column meanings travel with the file
 
 
 def provenance(results: ResultsStore, job: Job) -> ProvenancePublic:

@@ -28,6 +28,7 @@ from crosspatch.app.store.result_tables import (
     TABLES,
     TOUCHED_ALL,
     TOUCHED_BY_JOB,
+    comment_statements,
     conform,
     ddl,
     upgrade_columns,
@@ -69,6 +70,10 @@ class ResultsStore:
                 for stmt in upgrade_columns(table, existing):  # a file from an older crosspatch
                     self._con.execute(stmt)
             self._upgrade_feature_scores()
+            for table in (*TABLES, "feature_scores"):  # what every table and column means, for DESCRIBE
+                columns = [r[0] for r in self._con.execute(f"DESCRIBE {table}").fetchall()]
+                for stmt in comment_statements(table, columns):
+                    self._con.execute(stmt)
 
     def _upgrade_feature_scores(self) -> None:
         """Create `feature_scores`; a file written by an older version gets it rebuilt from feature_effects."""

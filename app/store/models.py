@@ -50,6 +50,7 @@ JOB_KINDS = (
     "lineage",
 )
 MODEL_ROLES = ("PT", "IT", "paired")
+SHARES = ("lab", "owner")
 
 
 def utcnow() -> datetime:
@@ -119,6 +120,7 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(_in("status", JOB_STATUSES), name="status"),
         CheckConstraint(_in("kind", JOB_KINDS), name="kind"),
+        CheckConstraint(_in("share", SHARES), name="share"),
         Index("ix_jobs_status_priority", "status", "priority"),
         Index("ix_jobs_owner_status", "owner_id", "status"),
     )
@@ -136,6 +138,10 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    losses: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0"
+    )  # leases expired (worker lost)
+    share: Mapped[str] = mapped_column(String(8), default="lab", server_default="lab")  # who reads results
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -154,6 +160,22 @@ class JobLog(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     level: Mapped[str] = mapped_column(String(8), default="INFO")
     message: Mapped[str] = mapped_column(Text)
+
+
+class JobAttempt(Base):
+    """One claim of a job: which worker held it, when, and how that attempt ended (history survives retries)."""
+
+    __tablename__ = "job_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str] = mapped_column(String(128))
+    claimed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # finished | failed | released | worker_lost | cancelled; None while it runs
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class JobPart(Base):

@@ -199,3 +199,89 @@ TOUCHED_ALL = (
     "SELECT DISTINCT family, dictionary_id FROM feature_effects "
     "WHERE intervention = 'attribution' AND latent IS NOT NULL"
 )
+
+
+# ---- what the tables and columns mean (DuckDB COMMENT ON, Parquet field metadata, docs/results.md) ----
+JOB_ID_DOC = "the job that wrote the row (the ingest key: a rerun replaces the job's rows)"
+APP_TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
+    "provenance": (
+        "One row per job: what ran and on what (written at ingest).",
+        {
+            "kind": "the job kind (crosspatch, pipeline, mediation, ...)",
+            "spec": "the job spec as submitted (JSON)",
+            "provenance": "models, revisions, tokenizer and weight hashes, versions, device, no-op checks, "
+            "splits, gates (JSON)",
+        },
+    ),
+    "feature_scores": (
+        "Derived at ingest, one row per family x dictionary x latent: the top-features scan "
+        "(app/store/queries.py top_features).",
+        {
+            "family": "model family",
+            "dictionary_id": "the dictionary",
+            "layer": "the layer whose MLP output the dictionary reads",
+            "latent": "latent index",
+            "score": "event-weighted mean fit-split attribution over every job that scored the latent",
+            "n_events": "fit-split events behind the score",
+            "n_jobs": "jobs behind the score",
+            "heldout_drop": "held-out single-feature ablation drop of the interaction (event-weighted mean)",
+            "heldout_ci_low": "lower end of its 95% CI (one job: its bootstrap CI; several: normal approx.)",
+            "heldout_ci_high": "upper end of its 95% CI",
+            "heldout_n": "held-out events behind the drop",
+        },
+    ),
+}
+
+
+def table_doc(table: str) -> tuple[str, dict[str, str]]:
+    """(what one row is, {column: meaning}) of a results table, `job_id` included."""
+    from crosspatch.engine.result_docs import TABLE_DOCS
+
+    what, cols = TABLE_DOCS.get(table) or APP_TABLE_DOCS[table]
+    return what, {"job_id": JOB_ID_DOC, **cols}
+
+
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def comment_statements(table: str, columns: list[str]) -> list[str]:
+    """COMMENT ON TABLE / COLUMN statements for `table`'s existing `columns` (DuckDB `DESCRIBE` reads them)."""
+    what, cols = table_doc(table)
+    stmts = [f"COMMENT ON TABLE {table} IS {_sql_text(what)}"]
+    stmts += [f"COMMENT ON COLUMN {table}.{c} IS {_sql_text(cols[c])}" for c in columns if c in cols]
+    return stmts
+
+
+def with_descriptions(table: str, data: pa.Table) -> pa.Table:
+    """`data` (rows of `table`) with each column's meaning as Arrow field metadata, for Parquet downloads."""
+    from crosspatch.engine.result_docs import DESCRIPTION
+
+    what, cols = table_doc(table)
+    fields = [
+        f.with_metadata({**(f.metadata or {}), DESCRIPTION: cols[f.name].encode()}) if f.name in cols else f
+        for f in data.schema
+    ]
+    schema = pa.schema(fields, metadata={**(data.schema.metadata or {}), DESCRIPTION: what.encode()})
+    return pa.Table.from_arrays(data.columns, schema=schema)
+
+
+def documented_tables() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+    """Every DuckDB results table as (name, what a row is, [(column, type, meaning)]) for docs/results.md."""
+    out = []
+    for table, schema in TABLES.items():
+        what, cols = table_doc(table)
+        columns = [("job_id", "VARCHAR", cols["job_id"])]
+        columns += [(f.name, duck_type(f.type), cols[f.name]) for f in schema]
+        out.append((table, what, columns))
+    what, cols = table_doc("feature_scores")
+    out.append(("feature_scores", what, [(n, k.split()[0], cols[n]) for n, k in FEATURE_SCORES_COLUMNS]))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from crosspatch.engine.result_docs import markdown
+
+    sys.stdout.write(markdown(documented_tables()))

@@ -63,13 +63,16 @@ class JobContext:
         self._load_pair = load_pair
         self._stopping = stopping
         self._lost = threading.Event()
+        self.budget_exceeded: str | None = None  # why the job must stop, when past its time/memory budget
         self._progress: dict[str, Any] = {"fraction": 0.0, "message": "started"}
         self._lock = threading.Lock()
         self._last_flush = 0.0
 
     # ---- reporting ---------------------------------------------------------------------------
     def progress(self, fraction: float, message: str = "") -> None:
-        """Report progress in [0, 1]; stored with the next heartbeat (at most ~2/s)."""
+        """Report progress in [0, 1]; stored with the next heartbeat (at most ~2/s). Also a cancellation
+        point: raises `JobCancelled` once the job should stop."""
+        self.check_cancel()
         with self._lock:
             self._progress = {"fraction": max(0.0, min(1.0, float(fraction))), "message": message}
         if time.monotonic() - self._last_flush > 0.5:
@@ -78,8 +81,11 @@ class JobContext:
     def log(self, message: str, level: str = "INFO") -> None:
         """Append a line to the job's log."""
         log.info("job %s: %s", self.job_id, message)
-        with self.store.session() as s:
-            s.execute(insert(JobLog).values(job_id=self.job_id, level=level, message=message[:4000]))
+        try:
+            with self.store.session() as s:
+                s.execute(insert(JobLog).values(job_id=self.job_id, level=level, message=message[:4000]))
+        except Exception as e:  # a log line lost to a job-store outage must not fail the job
+            log.warning("job %s: log line not stored (%s)", self.job_id, e)
 
     def heartbeat(self) -> bool:
         """Renew the lease and store progress; on failure the job is no longer ours."""
@@ -100,12 +106,23 @@ class JobContext:
     # ---- cancellation ------------------------------------------------------------------------
     def should_cancel(self) -> bool:
         """True once the job was cancelled, its lease was lost, or the worker is stopping."""
-        return self._lost.is_set() or self._stopping.is_set()
+        return self._lost.is_set() or self._stopping.is_set() or self.budget_exceeded is not None
+
+    def stop_over_budget(self, reason: str) -> None:
+        """Make the handler stop at its next check; the worker then fails the job with `reason`."""
+        self.budget_exceeded = reason
 
     def check_cancel(self) -> None:
         """Raise `JobCancelled` if the handler should stop now."""
         if self.should_cancel():
             raise JobCancelled(str(self.job_id))
+
+    def cancel_point(self, done: int = 0, total: int = 0) -> None:
+        """The engine's per-batch callback (`on_batch(done, total)`): a cancellation point, and the
+        batch count within the current step stored with the progress (`progress.batch`)."""
+        with self._lock:
+            self._progress = {**self._progress, "batch": [done, total]}
+        self.check_cancel()
 
     @property
     def lost(self) -> bool:

@@ -70,17 +70,21 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _events_for(pair: Any, chunk: Sequence[Any], spec: DivergenceSpec) -> list[Any]:
-    from crosspatch.engine.divergence import find_divergences
+def _events_for(
+    pair: Any, chunk: Sequence[Any], spec: DivergenceSpec, on_batch: Callable[[int, int], None] | None = None
+) -> list[Any]:
+    from crosspatch.engine.divergence import iter_divergences
 
-    return find_divergences(
+    batches = iter_divergences(
         pair,
         chunk,
         max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size,
         chat_template=getattr(spec, "chat_template", False),
         event=getattr(spec, "event", "first_diff"),
+        on_batch=on_batch,
     )
+    return [e for batch in batches for e in batch]
 
 
 def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
@@ -110,7 +114,10 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
         name = f"events.{i:05d}"
         if name not in done:
             ctx.check_cancel()
-            ctx.write_part(name, events_table(_events_for(pair, chunk, spec), pair.family, pair.pair_id))
+            ctx.write_part(
+                name,
+                events_table(_events_for(pair, chunk, spec, ctx.cancel_point), pair.family, pair.pair_id),
+            )
         ctx.progress((i + 1) / len(chunks), f"divergence: chunk {i + 1}/{len(chunks)}")
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
@@ -149,7 +156,7 @@ def _crosspatch_chunks(
             skipped += 1
         else:
             ctx.check_cancel()
-            events = _events_for(pair, chunk, spec)
+            events = _events_for(pair, chunk, spec, ctx.cancel_point)
             if ev_name not in done:
                 ctx.write_part(ev_name, events_table(events, pair.family, pair.pair_id))
             ctx.check_cancel()
@@ -160,6 +167,7 @@ def _crosspatch_chunks(
                 readouts=tuple(spec.readouts),
                 batch_size=spec.batch_size,
                 check_noop=not checked,
+                on_batch=ctx.cancel_point,
             )
             checked = checked or _record_noop(ctx, pair, "cells", noop_report(cells))
             ctx.write_part(cell_name, cells)
@@ -545,7 +553,13 @@ def _stage_model(ctx: JobContext, stage: Any, base_fingerprint: str) -> tuple[An
                 "a lineage scores descendants of one base"
             )
         return pair.it, pair.it_tokenizer
-    return load_model(stage.path, device=ctx.device, dtype=ctx.dtype)
+    from crosspatch.app.config import get_settings
+    from crosspatch.app.services.paths import model_ref_to_open
+
+    path = model_ref_to_open(
+        stage.path, get_settings().model_roots, f"stage {stage.name!r}"
+    )  # checked at open
+    return load_model(path, device=ctx.device, dtype=ctx.dtype)
 
 
 @register("lineage")

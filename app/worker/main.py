@@ -16,14 +16,21 @@ import traceback
 import uuid
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from crosspatch.app.config import Settings
 from crosspatch.app.queue import ops
+from crosspatch.app.services.paths import model_ref_to_open
 from crosspatch.app.store.models import Job, Pair
 from crosspatch.app.store.session import Store
 from crosspatch.app.worker.context import JobCancelled, JobContext
+from crosspatch.app.worker.supervisor import budget_reason, resident_bytes
 from crosspatch.engine.errors import CrosspatchError
 
 log = logging.getLogger(__name__)
+
+# The job store is unreachable (a PostgreSQL restart, a network cut): no job's fault.
+STORE_DOWN = (OperationalError, InterfaceError)
 
 
 def device_memory_bytes(device: str) -> int:
@@ -39,7 +46,13 @@ def device_memory_bytes(device: str) -> int:
 class Worker:
     """One worker on one device; keeps the last pair it loaded warm."""
 
-    def __init__(self, settings: Settings, device: str = "cpu", worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        device: str = "cpu",
+        worker_id: str | None = None,
+        status_fd: int | None = None,
+    ) -> None:
         self.settings = settings
         self.device = device
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}:{uuid.uuid4().hex[:6]}"
@@ -48,6 +61,15 @@ class Worker:
         self.stopping = threading.Event()
         self._pair: Any = None
         self._pair_id: str | None = None
+        self._status_fd = status_fd  # a supervisor reads `job <id> <kind>` / `idle` lines here
+
+    def _report(self, line: str) -> None:
+        if self._status_fd is None:
+            return
+        try:
+            os.write(self._status_fd, f"{line}\n".encode())
+        except OSError:  # the supervisor is gone; the kernel ends us too (PR_SET_PDEATHSIG)
+            self._status_fd = None
 
     # ---- models ------------------------------------------------------------------------------
     def load_pair(self, pair_id: str) -> Any:
@@ -61,6 +83,9 @@ class Worker:
             if row is None:
                 raise CrosspatchError(f"pair {pair_id!r} is not on the allow-list")
             pt, it, family = row.pt, row.it, row.family
+        # checked here, by the process that opens them, on the real paths (not by the API at registration)
+        pt = model_ref_to_open(pt, self.settings.model_roots, f"pair {pair_id!r} pt")
+        it = model_ref_to_open(it, self.settings.model_roots, f"pair {pair_id!r} it")
         self._pair = self._pair_id = None
         log.info("loading pair %s on %s", pair_id, self.device)
         self._pair = load_pair(
@@ -85,32 +110,44 @@ class Worker:
         ran = 0
         log.info("worker %s on %s (%.1f GiB) started", self.worker_id, self.device, self.memory_bytes / 2**30)
         while not self.stopping.is_set() and (max_jobs is None or ran < max_jobs):
-            ops.requeue_expired(self.store, max_attempts=self.settings.max_attempts)
-            job_id = ops.claim(
-                self.store,
-                self.worker_id,
-                lease_seconds=self.settings.lease_seconds,
-                memory_bytes=self.memory_bytes,
-                loaded_pair=self._pair_id,
-            )
-            if job_id is None:
-                if exit_when_idle:
-                    break
+            try:
+                ops.requeue_expired(self.store, max_losses=self.settings.worker_max_losses)
+                job_id = ops.claim(
+                    self.store,
+                    self.worker_id,
+                    lease_seconds=self.settings.lease_seconds,
+                    memory_bytes=self.memory_bytes,
+                    loaded_pair=self._pair_id,
+                )
+                if job_id is not None:
+                    self.run_one(job_id)
+                    ran += 1
+                    continue
+            except STORE_DOWN as e:  # PostgreSQL restarting: wait and ask again (held jobs' leases expire)
+                log.warning("worker %s: job store unreachable (%s); retrying", self.worker_id, e)
                 self.stopping.wait(self.settings.poll_seconds)
                 continue
-            self.run_one(job_id)
-            ran += 1
+            if exit_when_idle:
+                break
+            self.stopping.wait(self.settings.poll_seconds)
         self.store.dispose()
         return ran
 
     def run_one(self, job_id: uuid.UUID) -> str:
         """Run one claimed job to its next status; returns that status."""
-        from crosspatch.app.worker.handlers import run_job
-
         with self.store.session(write=False) as s:
             job = s.get(Job, job_id)
             assert job is not None
             spec, kind = dict(job.spec), job.kind
+        self._report(f"job {job_id} {kind}")
+        try:
+            return self._run_one(job_id, spec, kind)
+        finally:
+            self._report("idle")
+
+    def _run_one(self, job_id: uuid.UUID, spec: dict[str, Any], kind: str) -> str:
+        from crosspatch.app.worker.handlers import run_job
+
         ctx = JobContext(
             self.store,
             job_id,
@@ -124,7 +161,7 @@ class Worker:
         )
         beat_stop = threading.Event()
         beat = threading.Thread(
-            target=self._beat, args=(ctx, beat_stop), daemon=True, name=f"heartbeat-{job_id}"
+            target=self._beat, args=(ctx, beat_stop, kind), daemon=True, name=f"heartbeat-{job_id}"
         )
         beat.start()
         t0 = time.monotonic()
@@ -134,6 +171,8 @@ class Worker:
             ctx.check_cancel()
         except JobCancelled:
             return self._after_stop(ctx)
+        except STORE_DOWN:
+            raise  # not the job's fault: the job store is unreachable; its lease expires, it is re-queued
         except Exception as e:
             if ctx.should_cancel():
                 return self._after_stop(ctx)
@@ -163,6 +202,12 @@ class Worker:
         return "ingesting" if ok else (ops.status_of(self.store, job_id) or "lost")
 
     def _after_stop(self, ctx: JobContext) -> str:
+        if not ctx.lost and ctx.budget_exceeded is not None:
+            ctx.log(f"failed: {ctx.budget_exceeded}", level="ERROR")
+            ops.finish_running(
+                self.store, ctx.job_id, self.worker_id, status="failed", error=ctx.budget_exceeded
+            )
+            return "failed"
         if not ctx.lost and self.stopping.is_set():
             ops.finish_running(self.store, ctx.job_id, self.worker_id, status="queued")
             ctx.log("worker stopping: job handed back to the queue", level="WARNING")
@@ -171,9 +216,14 @@ class Worker:
         log.info("job %s stopped (now %s)", ctx.job_id, status)
         return status
 
-    def _beat(self, ctx: JobContext, stop: threading.Event) -> None:
+    def _beat(self, ctx: JobContext, stop: threading.Event, kind: str) -> None:
+        """Renew the lease; stop the job (at its next check) once it is past its time or memory budget."""
         period = min(self.settings.heartbeat_seconds, self.settings.lease_seconds / 3)
+        t0 = time.monotonic()
         while not stop.wait(period):
+            reason = budget_reason(self.settings, kind, time.monotonic() - t0, resident_bytes(os.getpid()))
+            if reason is not None:
+                ctx.stop_over_budget(reason)
             if not ctx.heartbeat():
                 log.info("job %s: no longer held (cancelled or lease lost)", ctx.job_id)
                 return

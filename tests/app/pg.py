@@ -51,6 +51,16 @@ class PgServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def restart(self) -> None:
+        """Stop the server abruptly (as a crash would) and start it again on the same data and port."""
+        ctl = [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir)]
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True, check=True)
+        root = self.data_dir.parent
+        opts = f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        subprocess.run(
+            [*ctl, "-o", opts, "-l", str(root / "log"), "-w", "start"], capture_output=True, check=True
+        )
+
     def stop(self) -> None:
         subprocess.run(
             [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "stop"],

@@ -49,12 +49,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     server.stop()
 
 
-def _job(env: dict) -> str:
+def _job(env: dict, share: str = "lab") -> str:
     with client(env["server"], env["keys"]["owner"]) as c:
         r = c.post(
             "/jobs",
             json={
-                "spec": {"kind": "crosspatch", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1 w2"}]}
+                "spec": {"kind": "crosspatch", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1 w2"}]},
+                "share": share,
             },
         )
         assert r.status_code == 201, r.text
@@ -74,10 +75,12 @@ ROUTES = [
     ("GET", "/me", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/jobs", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/jobs/{job}", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
-    ("GET", "/jobs/{job}/logs", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    # spec, prompts, logs and provenance are private to the owner and admins (CROSSPATCH_JOB_VISIBILITY)
+    ("GET", "/jobs/{job}/logs", None, {**ANY, "owner": 200, "other": 403, "admin": 200}),
     ("GET", "/jobs/{job}/status", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/jobs/{job}/attempts", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/jobs/{job}/results/cells", None, {**ANY, "owner": 409, "other": 409, "admin": 409}),
-    ("GET", "/jobs/{job}/provenance", None, {**ANY, "owner": 409, "other": 409, "admin": 409}),
+    ("GET", "/jobs/{job}/provenance", None, {**ANY, "owner": 409, "other": 403, "admin": 409}),
     ("GET", "/jobs/{job}/figures", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     ("GET", "/jobs/{job}/figures/family_2x2.png", None, {**ANY, "owner": 404, "other": 404, "admin": 404}),
     ("POST", "/jobs/{job}/cancel", None, {**ANY, "owner": 200, "other": 403, "admin": 200}),
@@ -222,3 +225,59 @@ def test_figures_are_served(env: dict) -> None:
         422,
     )
     assert _call(env, "other", "GET", f"/jobs/{job}/figures/Family.png").status_code == 422
+
+
+# A job shared with its owner only: results, figures, status and progress too (the owner and admins only).
+PRIVATE_RESULTS = [
+    ("GET", "/jobs/{job}", {"owner": 200, "other": 403, "admin": 200}),
+    ("GET", "/jobs/{job}/status", {"owner": 200, "other": 403, "admin": 200}),
+    ("GET", "/jobs/{job}/results/cells", {"owner": 409, "other": 403, "admin": 409}),
+    ("GET", "/jobs/{job}/figures", {"owner": 200, "other": 403, "admin": 200}),
+    ("GET", "/jobs/{job}/logs", {"owner": 200, "other": 403, "admin": 200}),
+]
+
+
+def test_share_owner_keeps_results_private(env: dict) -> None:
+    job = _job(env, share="owner")
+    for method, template, expected in PRIVATE_RESULTS:
+        for who, status in expected.items():
+            r = _call(env, who, method, template.replace("{job}", job))
+            assert r.status_code == status, f"{who} {template}: {r.status_code} {r.text}"
+    assert _call(env, "other", "GET", f"/jobs/{job}/progress").status_code == 403
+
+
+def test_others_see_a_jobs_state_but_not_its_prompts(env: dict) -> None:
+    job = _job(env)
+    mine = _call(env, "owner", "GET", f"/jobs/{job}").json()
+    theirs = _call(env, "other", "GET", f"/jobs/{job}").json()
+    assert mine["spec"]["prompts"] == [{"id": "a", "text": "w1 w2", "category": "uncategorized"}]
+    assert theirs["spec"] == {"kind": "crosspatch", "redacted": True}
+    assert theirs["status"] == mine["status"] and theirs["share"] == "lab"
+    listed = {j["id"]: j for j in _call(env, "other", "GET", "/jobs?limit=1000").json()["data"]}
+    assert listed[job]["spec"] == {"kind": "crosspatch", "redacted": True}
+    assert _call(env, "admin", "GET", f"/jobs/{job}").json()["spec"] == mine["spec"]
+
+
+def test_lab_visibility_shows_specs_and_logs_to_everyone(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    for d in ("pt", "it"):
+        (models / d).mkdir(parents=True)
+        (models / d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 5}')
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_roots=[models],
+        job_visibility="lab",
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher", "bob": "researcher"})
+    with LiveServer(settings) as server:
+        with client(server, keys["root"]) as admin:
+            pair = {"pair_id": "tiny", "family": "llama", "pt": str(models / "pt"), "it": str(models / "it")}
+            assert admin.post("/pairs", json=pair).status_code == 201
+        spec = {"kind": "crosspatch", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1 w2"}]}
+        with client(server, keys["ada"]) as ada, client(server, keys["bob"]) as bob:
+            job = ada.post("/jobs", json={"spec": spec}).json()["id"]
+            assert bob.get(f"/jobs/{job}").json()["spec"]["prompts"][0]["text"] == "w1 w2"
+            assert bob.get(f"/jobs/{job}/logs").status_code == 200
+            private = ada.post("/jobs", json={"spec": spec, "share": "owner"}).json()["id"]
+            assert bob.get(f"/jobs/{private}/results/cells").status_code == 403

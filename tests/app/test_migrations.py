@@ -26,3 +26,20 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
             assert MigrationContext.configure(conn).get_current_revision() is not None
     finally:
         s.dispose()
+
+
+def test_downgrade_and_upgrade_again(db_url: str) -> None:
+    """The newest revision reverts cleanly (named constraints, batch mode on SQLite) and reapplies."""
+    from alembic import command
+
+    from crosspatch.app.store.migrate import alembic_config
+
+    upgrade(db_url)
+    command.downgrade(alembic_config(db_url), "0002")
+    upgrade(db_url)
+    s = Store(db_url)
+    try:
+        with s.engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() == "0004"  # 0004 and 0003 reverted
+    finally:
+        s.dispose()

@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from crosspatch.app.queue import ops
-from crosspatch.app.store.models import Job, utcnow
+from crosspatch.app.services import jobs as jobs_service
+from crosspatch.app.store.models import Job, User, utcnow
 from crosspatch.app.store.session import Store
 from tests.app.builders import make_job, make_pair, make_user
 
@@ -61,24 +62,22 @@ def test_claims_are_exclusive_under_concurrency(store: Store) -> None:
     assert sorted(claimed) == sorted(ids)
 
 
-def test_expired_lease_requeues_then_fails_after_max_attempts(store: Store) -> None:
+def test_expired_lease_requeues_then_fails_after_max_losses(store: Store) -> None:
     alice = make_user(store, "alice")
     job = make_job(store, alice)
     assert ops.claim(store, "w1", lease_seconds=30) == job
     claimed = utcnow()
     # the clock is passed in: no sleeping, no race with a tiny lease on a loaded machine
-    assert (
-        ops.requeue_expired(store, max_attempts=2, now=claimed + timedelta(seconds=20)) == []
-    )  # still valid
-    assert ops.requeue_expired(store, max_attempts=2, now=claimed + timedelta(seconds=31)) == [job]
+    assert ops.requeue_expired(store, max_losses=2, now=claimed + timedelta(seconds=20)) == []  # still valid
+    assert ops.requeue_expired(store, max_losses=2, now=claimed + timedelta(seconds=31)) == [job]
     assert not ops.heartbeat(store, job, "w1", lease_seconds=30)  # the dead worker lost it
     assert ops.claim(store, "w2", lease_seconds=30) == job
     reclaimed = utcnow()
-    assert ops.requeue_expired(store, max_attempts=2, now=reclaimed + timedelta(seconds=31)) == []
+    assert ops.requeue_expired(store, max_losses=2, now=reclaimed + timedelta(seconds=31)) == []
     with store.session() as s:
         row = s.get(Job, job)
         assert row is not None
-        assert (row.status, row.attempts) == ("failed", 2)
+        assert (row.status, row.attempts, row.losses) == ("failed", 2, 2)
         assert "lease expired" in (row.error or "")
 
 
@@ -102,3 +101,41 @@ def test_release_returns_job_without_spending_an_attempt(store: Store) -> None:
     assert _claim(store, "w2") == job
     with store.session() as s:
         assert s.get(Job, job).attempts == 1  # type: ignore[union-attr]
+
+
+def test_attempts_history_survives_retry_and_losses_are_counted_apart(store: Store) -> None:
+    """Each claim is a history row with its worker and end; a retry keeps them; losses have their own cap."""
+    alice = make_user(store, "alice")
+    job = make_job(store, alice)
+    assert _claim(store, "w1") == job
+    lost_at = utcnow() + timedelta(seconds=31)
+    assert ops.requeue_expired(store, max_losses=3, now=lost_at) == [job]  # loss 1 of 3: re-queued
+    assert _claim(store, "w2") == job
+    assert ops.finish_running(store, job, "w2", status="failed", error="boom")
+    with store.session() as s:
+        user = s.get(User, alice)
+        assert user is not None
+        jobs_service.retry(s, job, user)
+    assert _claim(store, "w3") == job
+    assert ops.finish_running(store, job, "w3", status="ingesting")
+    history = [(a["attempt"], a["worker_id"], a["outcome"], a["detail"]) for a in ops.attempts(store, job)]
+    assert history == [
+        (1, "w1", "worker_lost", "lease expired; re-queued"),
+        (2, "w2", "failed", "boom"),
+        (3, "w3", "finished", None),
+    ]
+    with store.session() as s:
+        row = s.get(Job, job)
+        assert row is not None and (row.attempts, row.losses) == (3, 0)  # the retry reset losses only
+
+
+def test_three_worker_losses_do_not_fail_a_job_under_a_higher_loss_cap(store: Store) -> None:
+    alice = make_user(store, "alice")
+    job = make_job(store, alice)
+    for i in range(3):
+        assert _claim(store, f"w{i}") == job
+        assert ops.requeue_expired(store, max_losses=10, now=utcnow() + timedelta(seconds=31)) == [job]
+    assert ops.status_of(store, job) == "queued"
+    with store.session() as s:
+        row = s.get(Job, job)
+        assert row is not None and (row.attempts, row.losses) == (3, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -33,16 +34,21 @@ def test_wheel_installs_only_crosspatch(tmp_path: Path) -> None:
         n.startswith(("crosspatch/tests/", "crosspatch/bench/", "crosspatch/.venv/")) for n in names
     )
 
+    # the fresh venv sees only what it installed: no PYTHONPATH from the caller's environment
+    clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     site = subprocess.run(
         [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        env=clean_env,
         check=True,
         capture_output=True,
         text=True,
     ).stdout.strip()
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True)
+    subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], env=clean_env, check=True
+    )
     installed = {p.name for p in Path(site).iterdir() if not p.name.endswith(".dist-info")}
     assert "crosspatch" in installed
     assert not installed & {"app", "engine", "saes", "migrations", "tests"}
@@ -52,6 +58,7 @@ def test_wheel_installs_only_crosspatch(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=clean_env,
     ).stdout
     assert out.splitlines()[0].startswith(site)
     assert "load_pair" in out and "mediate" in out

@@ -1,0 +1,334 @@
+"""What every result table and column means, in one place, for people and for other tools.
+
+The schemas live in `engine.results` (and the control modules); this module says what each table and
+column means. `describe(schema, table)` attaches the descriptions as Arrow field metadata
+(`b"description"`), which Parquet files keep; the service turns the same text into DuckDB
+`COMMENT ON` statements, and `docs/results.md` is generated from it (`python -m
+crosspatch.app.store.result_tables > docs/results.md`; a test keeps the file in step).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+_EVENT_KEY = {
+    "family": "model family of the pair (llama, qwen3, gemma3, ...)",
+    "pair_id": "unique pair id: folder names + a hash of the resolved paths and revisions (or the allow-list key)",
+    "prompt_id": "the prompt's id in its JSONL file (unique within a pair)",
+    "category": "the prompt's category from its JSONL record",
+}
+
+# table -> (what one row is, {column: meaning})
+TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
+    "cells": (
+        "One row per scored event x boundary x readout: the 2x2 cells Y = logit(t_IT) - logit(t_PT) at the "
+        "scored position and their effects (docs/method.md §2).",
+        {
+            **_EVENT_KEY,
+            "position": "generated position of the first divergence (0 = first token after the prompt)",
+            "t_pt": "PT's greedy token at the divergence (token id)",
+            "t_it": "IT's greedy token at the divergence (token id)",
+            "boundary": "index of the first late block; the upstream state is the residual entering it",
+            "readout": "'it' (common-IT final norm + unembedding, the headline), 'pt' (common-PT) or 'own'",
+            "pair_label": "the pair's human label (not unique; pair_id is the key)",
+            "n_layers": "the pair's depth L, so depth = boundary / n_layers",
+            "headline_boundary": "the pair's headline boundary: round(0.6 L) unless the job named one",
+            "y_ptup_ptlate": "Y with PT upstream and PT late stack (PT's clean pass)",
+            "y_ptup_itlate": "Y with PT upstream and IT late stack (IT host, PT residual patched in)",
+            "y_itup_ptlate": "Y with IT upstream and PT late stack (PT host, IT residual patched in)",
+            "y_itup_itlate": "Y with IT upstream and IT late stack (IT's clean pass)",
+            "pt_late_effect": "y_ptup_itlate - y_ptup_ptlate: the IT late stack's effect from PT upstream",
+            "it_late_effect": "y_itup_itlate - y_itup_ptlate: the IT late stack's effect from IT upstream",
+            "interaction": "it_late_effect - pt_late_effect: how much the late effect depends on upstream",
+        },
+    ),
+    "events": (
+        "One row per prompt, diverged or not: where PT and IT first disagree under greedy decoding, with "
+        "the texts (docs/method.md §1).",
+        {
+            **_EVENT_KEY,
+            "diverged": "true when the event is scored (a first divergence that passed the token preflight)",
+            "reason": "'diverged', or why not: no divergence in the budget, both EOS, token_mismatch, ...",
+            "token_check": "the token-preflight check that failed (prompt_ids, decode, vocab, mask); else null",
+            "position": "generated position of the first divergence (0 = first token after the prompt)",
+            "t_pt": "PT's greedy token at the divergence (token id)",
+            "t_it": "IT's greedy token at the divergence (token id)",
+            "n_prompt_tokens": "tokens in the prompt (BOS included where the tokenizer adds one)",
+            "prompt_ids": "the prompt's token ids (equal under both tokenizers)",
+            "prefix_ids": "the shared greedy prefix generated before the divergence",
+            "prompt_text": "the raw prompt text",
+            "prefix_text": "the shared prefix decoded",
+            "event": "event definition: first_diff (the headline), first_nonformat_diff or "
+            "first_assistant_marker_diff (engine/event_kinds.py)",
+            "t_pt_text": "PT's divergent token decoded with PT's tokenizer",
+            "t_it_text": "IT's divergent token decoded with IT's tokenizer",
+        },
+    ),
+    "summaries": (
+        "One row per level x pair-or-family x boundary-or-depth x readout x subset x statistic: estimates "
+        "with 95% CIs and p-values from engine.stats.summarize (docs/method.md §3).",
+        {
+            "level": "'pair' (mean over prompts, percentile bootstrap CI), 'family' (unweighted mean of "
+            "its pairs, normal CI) or 'balanced' (unweighted mean over families, normal CI)",
+            "family": "model family; null on balanced rows",
+            "pair_id": "the pair; null on family and balanced rows",
+            "pair_label": "the pair's human label; null where several pairs are combined",
+            "boundary": "first late block; null where the combined pairs' boundaries differ",
+            "n_layers": "depth L; null where the combined pairs' depths differ",
+            "depth": "boundary / n_layers; null where they differ",
+            "headline": "true at each pair's headline boundary; false on swept or depth-matched rows",
+            "readout": "'it', 'pt' or 'own' (see cells.readout)",
+            "subset": "'all', 'position>=k', 'category=c', ...: which events",
+            "statistic": "a cell (y_*), an effect (pt_late_effect, it_late_effect, interaction), or a share: "
+            "portable_share (PT-up / IT-up late effect) or interaction_share (interaction / diagonal shift), "
+            "ratios of means",
+            "estimate": "the mean (pair), mean of pair means (family) or of family means (balanced)",
+            "ci_low": "lower end of the 95% CI",
+            "ci_high": "upper end of the 95% CI",
+            "n": "prompts (summed over pairs on family and balanced rows)",
+            "n_pairs": "pairs combined in the row",
+            "p_value": "one-sided sign-flip (label-swap) p of interaction > 0; floor 1/(n_permutations+1); "
+            "balanced rows: the pooled across-family null (one flip per prompt id; exact when enumerable)",
+            "p_adjusted": "Holm-adjusted p over the pair's boundaries (= p_value for one boundary)",
+            "p_sweep": "sweep-wide p: the max statistic over boundaries under the same sign flips",
+            "n_permutations": "sign flips drawn; p-values are >= 1/(n_permutations + 1) (exact pooled p: the "
+            "2^P patterns enumerated)",
+        },
+    ),
+    "feature_acts": (
+        "One row per event x dictionary x active latent: the latent's activation at the scored position in "
+        "the two IT-late cells, and its attribution on the fit split (docs/method.md §5).",
+        {
+            "family": _EVENT_KEY["family"],
+            "pair_id": _EVENT_KEY["pair_id"],
+            "prompt_id": _EVENT_KEY["prompt_id"],
+            "dictionary_id": "the dictionary (registry id or path)",
+            "layer": "the layer whose MLP output the dictionary reads",
+            "latent": "latent index in the dictionary",
+            "act_ptup": "activation in (PT upstream, IT late)",
+            "act_itup": "activation in (IT upstream, IT late)",
+            "attribution": "gradient x activation attr(II) - attr(PI) for this event (fit split; null on test)",
+            "split": "'fit' (ranking) or 'test' (held-out mediation)",
+        },
+    ),
+    "feature_effects": (
+        "One row per dictionary x latent-or-set x intervention x k x statistic: ablation / rescue effects "
+        "on held-out events with 95% CIs, and per-feature attribution scores (docs/method.md §5).",
+        {
+            "family": _EVENT_KEY["family"],
+            "pair_id": _EVENT_KEY["pair_id"],
+            "dictionary_id": "one dictionary id, or comma-joined ids for a multi-layer feature set",
+            "layer": "the latent's layer on per-feature rows; null on set-level rows",
+            "intervention": "ablate_topk, ablate_matched_random, ablate_same_delta_random, rescue_*, "
+            "ablate_single (one feature, held out), attribution (per-feature score), baseline",
+            "k": "the set's real size; on attribution and ablate_single rows the feature's rank",
+            "latent": "latent index on per-feature rows; null on set-level rows",
+            "statistic": "interaction_drop, share, it_late_drop, rescue_gain, rescue_fraction, "
+            "attribution_score, interaction, missing_margin",
+            "effect": "the estimate; null for a share whose denominator CI covers 0 or an unavailable control",
+            "ci_low": "lower end of the 95% bootstrap CI",
+            "ci_high": "upper end of the 95% bootstrap CI",
+            "n": "held-out events; 0 for an unavailable control",
+        },
+    ),
+    "gate_checks": (
+        "One row per dictionary x quality-gate check a job measured (docs/method.md §4): the dictionary's "
+        "own checks and mediation's causal checks.",
+        {
+            "family": _EVENT_KEY["family"],
+            "pair_id": _EVENT_KEY["pair_id"],
+            "dictionary_id": "the dictionary (registry id or path)",
+            "check_name": "heldout_tokens, fve_<branch>, l0_target, alive_fraction, topk_causal_drop, "
+            "matched_random_drop",
+            "value": "the measured value; null when it could not be measured (the detail says why)",
+            "threshold": "the numeric threshold where one applies (the detail states the rule)",
+            "passed": "true when the check passed (or does not apply to this architecture)",
+            "detail": "status, rule and how it was measured",
+        },
+    ),
+}
+
+_KEYS = {
+    "family": _EVENT_KEY["family"],
+    "pair_id": _EVENT_KEY["pair_id"],
+    "boundary": "index of the first late block the control ran at (the pair's headline boundary)",
+    "readout": "readout of Y: 'it' (common-IT, the headline), 'pt' or 'own'",
+}
+_PER_EVENT = {
+    **_KEYS,
+    "prompt_id": _EVENT_KEY["prompt_id"],
+    "category": _EVENT_KEY["category"],
+    "position": "generated position of the scored event",
+}
+_CI = {
+    "ci_low": "lower end of the 95% percentile prompt-bootstrap CI",
+    "ci_high": "upper end of the 95% CI",
+}
+
+# the controls of the 2x2 (docs/method.md §4.3-4.7; schemas in engine/control_schemas.py)
+CONTROL_TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
+    "interpolation": (
+        "One row per event x alpha: the upstream state U(a) = (1 - a) U_PT + a U_IT run through both late "
+        "stacks (off-manifold check, §4.4).",
+        {
+            **_PER_EVENT,
+            "alpha": "interpolation weight a of U_IT",
+            "y_itlate": "Y(U(a), IT late stack)",
+            "y_ptlate": "Y(U(a), PT late stack)",
+            "late_effect": "L(a) = y_itlate - y_ptlate",
+            "contrast": "C(a) = L(a) - L(0): 0 at a = 0, the event's interaction at a = 1",
+        },
+    ),
+    "signperm": (
+        "One row per event x seed: U_PT + a signed permutation of (U_IT - U_PT) through both late stacks (§4.4).",
+        {
+            **_PER_EVENT,
+            "seed": "the draw of the signed coordinate permutation",
+            "y_itlate": "Y(U_rand, IT late stack)",
+            "y_ptlate": "Y(U_rand, PT late stack)",
+            "random_interaction": "(y_itlate - y_ptlate) - the PT-upstream late effect",
+            "observed_interaction": "the event's 2x2 interaction (same for every seed)",
+        },
+    ),
+    "offmanifold": (
+        "One row per pair x statistic of the off-manifold checks (§4.4).",
+        {
+            **_KEYS,
+            "statistic": "'slope' (mean per-event slope of C(a)), 'curve' (mean C(a) at alpha), 'interaction', "
+            "'random_interaction', 'signperm_ratio' (random / observed, ratio of means)",
+            "alpha": "the grid point of a 'curve' row; null otherwise",
+            "estimate": "the statistic's value",
+            **_CI,
+            "n": "events",
+        },
+    ),
+    "boundary_margins": (
+        "One row per event: IT's logit-lens margin at the boundary (pre-late commitment, §4.5).",
+        {
+            **{k: v for k, v in _PER_EVENT.items() if k != "readout"},
+            "boundary_margin": "IT final norm + unembedding on IT's boundary residual: t_IT minus t_PT logit",
+            "favours_it": "boundary_margin > 0: IT's boundary readout already prefers t_IT",
+        },
+    ),
+    "commitment": (
+        "One row per pair x view of the interaction by boundary margin (§4.5).",
+        {
+            **_KEYS,
+            "view": "'all', 'uncommitted' (margin <= 0), 'committed', 'bin' (a margin bin) or 'intercept' "
+            "(interaction at margin 0 from a linear fit)",
+            "margin_low": "lower end of the view's margin range (null where unbounded)",
+            "margin_high": "upper end of the view's margin range (null where unbounded)",
+            "estimate": "mean interaction of the view (or the intercept)",
+            **_CI,
+            "n": "events in the view",
+        },
+    ),
+    "baseline_cells": (
+        "One row per scored event x condition: the 2x2 on first divergences, random rollout disagreements, "
+        "pre-divergence prefixes and native-history disagreements (§4.3, §4.6).",
+        {
+            **{c: d for c, d in TABLE_DOCS["cells"][1].items()},
+            "position": "scored prefix length in generated tokens (native history: the horizon)",
+            "condition": "first_divergence, random_pt_rollout, random_it_rollout, pre_divergence, "
+            "native_pt_history or native_it_history",
+        },
+    ),
+    "baselines": (
+        "One row per pair x condition: the interaction and its share of the first-divergence interaction (§4.3).",
+        {
+            **_KEYS,
+            "condition": "a condition of baseline_cells, or random_balanced (mean of the two rollout arms)",
+            "n": "events scored (random_balanced: prompts with either arm)",
+            "interaction": "mean interaction (native history: events averaged within prompt first)",
+            **_CI,
+            "share": "interaction / first-divergence interaction (ratio of means; null for native history)",
+            "share_ci_low": "lower end of the share's 95% CI (shared prompt resamples)",
+            "share_ci_high": "upper end of the share's 95% CI",
+        },
+    ),
+    "lineage_cells": (
+        "One row per stage x event: each descendant scored as IT against the base on one fixed support (§4.7).",
+        {
+            **{c: d for c, d in TABLE_DOCS["cells"][1].items()},
+            "pair_id": "'<support pair id>~<stage>'",
+            "stage": "the descendant's name (e.g. sft, dpo, final)",
+            "native_top1_it": "the stage's own greedy token at the event is the support's t_IT",
+        },
+    ),
+    "lineage": (
+        "One row per stage of a lineage sweep (§4.7): cumulative comparisons, not causal stage attribution.",
+        {
+            "family": _EVENT_KEY["family"],
+            "base_id": "the support pair's id (base -> final)",
+            "boundary": _KEYS["boundary"],
+            "readout": _KEYS["readout"],
+            "stage": "the descendant's name",
+            "n": "events scored",
+            "interaction": "mean interaction",
+            **_CI,
+            "p_value": "one-sided sign-flip p of the interaction",
+            "pt_late_effect": "mean PT-upstream late effect",
+            "it_late_effect": "mean IT-upstream late effect",
+            "portable_share": "pt_late_effect / it_late_effect",
+            "share_of_reference": "interaction / the reference stage's (ratio of means)",
+            "share_ci_low": "lower end of the share's 95% CI (shared prompt resamples)",
+            "share_ci_high": "upper end of the share's 95% CI",
+            "native_top1_rate": "share of events where the stage's own greedy token is t_IT",
+        },
+    ),
+    "recipe_contrasts": (
+        "One row per (stage_a, stage_b): interaction of A minus B per prompt on the same support (§4.1).",
+        {
+            "family": _EVENT_KEY["family"],
+            "base_id": "the support pair's id",
+            "boundary": _KEYS["boundary"],
+            "readout": _KEYS["readout"],
+            "stage_a": "the first descendant",
+            "stage_b": "the second descendant",
+            "estimate": "mean per-prompt interaction difference A - B",
+            **_CI,
+            "p_value": "one-sided sign-flip (label-swap) p of estimate > 0",
+            "n": "prompts on the shared support",
+            "n_permutations": "sign flips drawn (p >= 1 / (n_permutations + 1))",
+        },
+    ),
+}
+TABLE_DOCS.update(CONTROL_TABLE_DOCS)
+
+DESCRIPTION = b"description"
+
+
+def column_doc(table: str, column: str) -> str:
+    """The meaning of `table.column`; KeyError names what is undocumented."""
+    try:
+        return TABLE_DOCS[table][1][column]
+    except KeyError:
+        raise KeyError(f"column {table}.{column} has no description in engine/result_docs.py") from None
+
+
+def describe(schema: pa.Schema, table: str) -> pa.Schema:
+    """`schema` with each field's description as field metadata (kept by Parquet)."""
+    fields = [
+        f.with_metadata({**(f.metadata or {}), DESCRIPTION: column_doc(table, f.name).encode()})
+        for f in schema
+    ]
+    return pa.schema(fields, metadata={**(schema.metadata or {}), DESCRIPTION: TABLE_DOCS[table][0].encode()})
+
+
+def markdown(tables: list[tuple[str, str, list[tuple[str, str, str]]]]) -> str:
+    """docs/results.md from (table, what a row is, [(column, type, meaning)]) entries."""
+    lines = [
+        "# Result tables",
+        "",
+        "Generated from `engine/result_docs.py` and `app/store/result_tables.py`",
+        "(`python -m crosspatch.app.store.result_tables > docs/results.md`; a test keeps this file in step).",
+        "The same text is in the results DuckDB file (`COMMENT ON`, so `duckdb_columns()` and `duckdb_tables()`",
+        "explain themselves) and in every Parquet file the service serves (Arrow field metadata `description`).",
+        "The file is written with DuckDB's storage compatibility v1.1.0: any DuckDB from 1.1 on opens it.",
+        "",
+    ]
+    for table, what, columns in tables:
+        lines += [f"## `{table}`", "", what, "", "| column | type | meaning |", "|---|---|---|"]
+        lines += [f"| `{name}` | {kind} | {doc} |" for name, kind, doc in columns]
+        lines.append("")
+    return "\n".join(lines)
