@@ -33,40 +33,15 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from crosspatch.engine.adapters import positions_from_mask
+from crosspatch.engine.control_schemas import BASELINE_CELLS_SCHEMA, BASELINE_SUMMARY_SCHEMA
 from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.divergence import DIVERGED, DivergenceEvent, eos_ids, left_pad, real_token_mask
 from crosspatch.engine.pairs import ModelPair
-from crosspatch.engine.results import CELLS_SCHEMA
 from crosspatch.engine.stats import bootstrap_ci
 
 CONDITIONS: tuple[str, ...] = ("first_divergence", "random_pt_rollout", "random_it_rollout", "pre_divergence")
 BALANCED = "random_balanced"  # summary-only row: mean of the two rollout arms
 DEFAULT_HORIZONS: tuple[int, ...] = (4, 8, 16)
-
-# baseline cells: the cells table (engine.results.CELLS_SCHEMA) plus
-#   condition   one of CONDITIONS; `position` is the scored prefix length in generated tokens
-BASELINE_CELLS_SCHEMA = CELLS_SCHEMA.append(pa.field("condition", pa.string()))
-
-# baseline summary: one row per condition (and `random_balanced`).
-#   interaction, ci_low, ci_high   mean interaction with its prompt-bootstrap CI
-#   share, share_ci_low, share_ci_high   interaction / first-divergence interaction (shared resamples)
-#   n   events scored in the condition (for random_balanced: prompts with either arm)
-BASELINE_SUMMARY_SCHEMA = pa.schema(
-    [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
-        ("condition", pa.string()),
-        ("n", pa.int64()),
-        ("interaction", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("share", pa.float64()),
-        ("share_ci_low", pa.float64()),
-        ("share_ci_high", pa.float64()),
-    ]
-)
 
 
 @dataclass(frozen=True)

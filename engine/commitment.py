@@ -23,50 +23,12 @@ import pyarrow as pa
 import torch
 
 from crosspatch.engine.adapters import positions_from_mask
+from crosspatch.engine.control_schemas import BOUNDARY_MARGIN_SCHEMA, COMMITMENT_SCHEMA
 from crosspatch.engine.crosspatch import event_batches, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.recipe import single_boundary
 from crosspatch.engine.stats import bootstrap_ci, bootstrap_means
-
-# boundary_margins: one row per event.
-#   boundary         index of the first late block
-#   boundary_margin  IT logit lens at the boundary: t_IT minus t_PT logit (IT final norm + unembedding)
-#   favours_it       boundary_margin > 0 (IT's boundary readout already prefers t_IT)
-BOUNDARY_MARGIN_SCHEMA = pa.schema(
-    [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("category", pa.string()),
-        ("position", pa.int32()),
-        ("boundary", pa.int32()),
-        ("boundary_margin", pa.float64()),
-        ("favours_it", pa.bool_()),
-    ]
-)
-
-# commitment: one row per view of the interaction.
-#   view          'all', 'uncommitted' (margin <= 0), 'committed' (margin > 0), 'bin' (margin in
-#                 [margin_low, margin_high), the last bin closed) or 'intercept' (a of the linear fit)
-#   margin_low, margin_high   the view's margin range (null for all / intercept)
-#   estimate, ci_low, ci_high mean interaction (or the intercept) with its percentile bootstrap CI
-#   n             events in the view
-COMMITMENT_SCHEMA = pa.schema(
-    [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
-        ("view", pa.string()),
-        ("margin_low", pa.float64()),
-        ("margin_high", pa.float64()),
-        ("estimate", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n", pa.int64()),
-    ]
-)
 
 
 @dataclass(frozen=True)

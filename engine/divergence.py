@@ -54,6 +54,7 @@ class DivergenceEvent:
     t_pt_text: str = ""
     t_it_text: str = ""
     token_check: str | None = None
+    event: str = "first_diff"  # the event definition (engine.event_kinds.EVENT_KINDS)
 
     @property
     def input_ids(self) -> list[int]:
@@ -230,8 +231,15 @@ def iter_divergences(
     batch_size: int = 16,
     chat_template: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    event: str = "first_diff",
 ) -> Iterator[list[DivergenceEvent]]:
-    """Yield one list of events per batch of prompts (in input order), for streaming and checkpoints."""
+    """Yield one list of events per batch of prompts (in input order), for streaming and checkpoints.
+
+    `event`: first_diff (the headline), first_nonformat_diff or first_assistant_marker_diff (see
+    engine.event_kinds)."""
+    from crosspatch.engine.event_kinds import check_kind, refine_events
+
+    check_kind(event)
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     if batch_size < 1:
@@ -248,6 +256,8 @@ def iter_divergences(
             _describe(pair, preflight.apply(next(decoded))) if s else _prompt_mismatch(pair, r)
             for r, s in zip(batch, same, strict=True)
         ]
+        if event != "first_diff":
+            events = refine_events(pair, events, event, max_new_tokens, batch_size)
         if on_batch:
             on_batch(start + len(batch), len(prompts))
         yield events
@@ -259,10 +269,11 @@ def find_divergences(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     chat_template: bool = False,
+    event: str = "first_diff",
 ) -> list[DivergenceEvent]:
     """One `DivergenceEvent` per prompt, in input order (non-divergent prompts carry their reason)."""
     return [
         e
-        for batch in iter_divergences(pair, prompts, max_new_tokens, batch_size, chat_template)
+        for batch in iter_divergences(pair, prompts, max_new_tokens, batch_size, chat_template, event=event)
         for e in batch
     ]

@@ -30,6 +30,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from crosspatch.engine.control_schemas import (
+    INTERPOLATION_SCHEMA,
+    OFFMANIFOLD_SUMMARY_SCHEMA,
+    SIGNPERM_SCHEMA,
+)
 from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.pairs import READOUTS, ModelPair
@@ -38,48 +43,6 @@ from crosspatch.engine.stats import bootstrap_ci
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
-
-_EVENT_FIELDS = [
-    ("family", pa.string()),
-    ("pair_id", pa.string()),
-    ("prompt_id", pa.string()),
-    ("category", pa.string()),
-    ("position", pa.int32()),
-    ("boundary", pa.int32()),
-    ("readout", pa.string()),
-]
-
-# interpolation: one row per event x alpha.
-#   alpha        interpolation weight a of U_IT in U(a) = (1 - a) U_PT + a U_IT
-#   y_itlate     Y(U(a), L_IT);  y_ptlate  Y(U(a), L_PT)
-#   late_effect  L(a) = y_itlate - y_ptlate
-#   contrast     C(a) = L(a) - L(0): 0 at a = 0, the event's interaction at a = 1
-INTERPOLATION_SCHEMA = pa.schema(
-    [
-        *_EVENT_FIELDS,
-        ("alpha", pa.float64()),
-        ("y_itlate", pa.float64()),
-        ("y_ptlate", pa.float64()),
-        ("late_effect", pa.float64()),
-        ("contrast", pa.float64()),
-    ]
-)
-
-# signperm: one row per event x seed.
-#   seed                  the draw of the signed permutation P_s
-#   y_itlate, y_ptlate    Y(U_rand, L_IT), Y(U_rand, L_PT) with U_rand = U_PT + P_s(U_IT - U_PT)
-#   random_interaction    (y_itlate - y_ptlate) - PT-upstream late effect
-#   observed_interaction  the event's 2x2 interaction (same for every seed)
-SIGNPERM_SCHEMA = pa.schema(
-    [
-        *_EVENT_FIELDS,
-        ("seed", pa.int64()),
-        ("y_itlate", pa.float64()),
-        ("y_ptlate", pa.float64()),
-        ("random_interaction", pa.float64()),
-        ("observed_interaction", pa.float64()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -297,3 +260,20 @@ def summarize_offmanifold(
         random_interaction=float(per_event_rand.mean()),
         ratio=ratio_of_means(per_event_rand, observed[:, 0], n_resamples, seed),
     )
+
+
+def offmanifold_table(summary: OffManifoldSummary, interpolation: pa.Table) -> pa.Table:
+    """`summary` as OFFMANIFOLD_SUMMARY_SCHEMA rows (keys from the interpolation table it summarises)."""
+    keys = {k: interpolation.column(k)[0].as_py() for k in ("family", "pair_id", "boundary", "readout")}
+    nan = float("nan")
+
+    def row(statistic: str, estimate: float, lo: float = nan, hi: float = nan, alpha: float | None = None):
+        return {**keys, "statistic": statistic, "alpha": alpha, "estimate": estimate, "ci_low": lo,
+                "ci_high": hi, "n": summary.n_events}  # fmt: skip
+
+    rows = [row("slope", summary.slope, summary.slope_ci_low, summary.slope_ci_high)]
+    rows += [row("curve", c, alpha=a) for a, c in zip(summary.alphas, summary.curve, strict=True)]
+    rows += [row("interaction", summary.interaction), row("random_interaction", summary.random_interaction)]
+    r = summary.ratio
+    rows.append(row("signperm_ratio", r.estimate, r.ci_low, r.ci_high))
+    return pa.Table.from_pylist(rows, schema=OFFMANIFOLD_SUMMARY_SCHEMA)

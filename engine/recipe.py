@@ -22,10 +22,10 @@ import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from crosspatch.engine.control_schemas import LINEAGE_CELLS_SCHEMA, LINEAGE_SCHEMA, RECIPE_CONTRAST_SCHEMA
 from crosspatch.engine.crosspatch import CELLS, clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent, real_token_mask
 from crosspatch.engine.pairs import READOUTS, ModelPair
-from crosspatch.engine.results import CELLS_SCHEMA
 from crosspatch.engine.stats import bootstrap_ci, bootstrap_means, sign_flip_pvalue
 
 
@@ -138,41 +138,6 @@ def recipe_contrast(
 
 # ---- fixed-support lineage sweep (section 4.7) -------------------------------------------------------
 
-# lineage: one row per stage, every stage scored as "IT" against the base on the same events and labels.
-#   stage                 the descendant's name (e.g. sft, dpo, final)
-#   n                     events scored
-#   interaction, ci_low, ci_high   mean interaction with its prompt-bootstrap CI
-#   p_value               one-sided sign-flip p of the interaction
-#   pt_late_effect, it_late_effect, portable_share   the secondary scales (means; share = PT-up / IT-up)
-#   share_of_reference, share_ci_low, share_ci_high  interaction / the reference stage's (shared resamples)
-#   native_top1_rate      share of events where the stage's own greedy token (native pass) is t_IT
-LINEAGE_SCHEMA = pa.schema(
-    [
-        ("family", pa.string()),
-        ("base_id", pa.string()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
-        ("stage", pa.string()),
-        ("n", pa.int64()),
-        ("interaction", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("p_value", pa.float64()),
-        ("pt_late_effect", pa.float64()),
-        ("it_late_effect", pa.float64()),
-        ("portable_share", pa.float64()),
-        ("share_of_reference", pa.float64()),
-        ("share_ci_low", pa.float64()),
-        ("share_ci_high", pa.float64()),
-        ("native_top1_rate", pa.float64()),
-    ]
-)
-# lineage cells: the cells table (engine.results.CELLS_SCHEMA; pair_id = '<base_id>~<stage>') plus
-#   stage, native_top1_it (the stage's own masked argmax at the event equals t_IT)
-LINEAGE_CELLS_SCHEMA = CELLS_SCHEMA.append(pa.field("stage", pa.string())).append(
-    pa.field("native_top1_it", pa.bool_())
-)
-
 
 def check_labels(pair: ModelPair, events: Sequence[DivergenceEvent], stage: str) -> None:
     """Preflight: every label must be a token both the base and the stage can read out (shared vocabulary)."""
@@ -254,6 +219,7 @@ def lineage_sweep(
     base_id: str = "base",
     stage_tokenizers: Mapping[str, PreTrainedTokenizerBase] | None = None,
     batch_size: int = 16,
+    family: str | None = None,
 ) -> pa.Table:
     """Score every stage as "IT" against `base` on one fixed support and labels; one cells table for all stages.
 
@@ -268,7 +234,9 @@ def lineage_sweep(
     parts = []
     for name, model in stages.items():
         it_tok = (stage_tokenizers or {}).get(name, tokenizer)
-        pair = ModelPair.from_models(base, model, tokenizer, it_tok, pair_id=f"{base_id}~{name}")
+        pair = ModelPair.from_models(
+            base, model, tokenizer, it_tok, family=family, pair_id=f"{base_id}~{name}"
+        )
         check_labels(pair, events, name)
         b = single_boundary(pair, boundary)
         parts.append(_stage_cells(pair, events, b, readout, name, batch_size))
@@ -325,3 +293,39 @@ def summarize_lineage(
             }
         )
     return pa.Table.from_pylist(rows, schema=LINEAGE_SCHEMA)
+
+
+def contrast_table(
+    cells: pa.Table,
+    contrasts: Sequence[tuple[str, str]],
+    n_resamples: int = 2000,
+    n_permutations: int = 20000,
+    seed: int = 23,
+) -> pa.Table:
+    """RECIPE_CONTRAST_SCHEMA rows for (stage_a, stage_b) pairs of a lineage cells table (LINEAGE_CELLS_SCHEMA)."""
+    stages = set(cells.column("stage").to_pylist())
+    rows = []
+    for a, b in contrasts:
+        for s in (a, b):
+            if s not in stages:
+                raise ValueError(f"contrast stage {s!r} is not one of the swept stages {sorted(stages)}")
+        sub_a = cells.filter(pc.equal(cells.column("stage"), a))
+        sub_b = cells.filter(pc.equal(cells.column("stage"), b))
+        c = recipe_contrast(sub_a, sub_b, n_resamples, n_permutations, seed)
+        rows.append(
+            {
+                "family": sub_a.column("family")[0].as_py(),
+                "base_id": sub_a.column("pair_id")[0].as_py().rsplit("~", 1)[0],
+                "boundary": sub_a.column("boundary")[0].as_py(),
+                "readout": sub_a.column("readout")[0].as_py(),
+                "stage_a": a,
+                "stage_b": b,
+                "estimate": c.estimate,
+                "ci_low": c.ci_low,
+                "ci_high": c.ci_high,
+                "p_value": c.p_value,
+                "n": c.n,
+                "n_permutations": n_permutations,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=RECIPE_CONTRAST_SCHEMA)

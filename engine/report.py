@@ -64,11 +64,50 @@ def format_summary(summary: pa.Table, subset: str = "all") -> str:
                 f"{cells}  {effects}  {p}"
             )
         lines.append("")
+    lines += _secondary_lines(rows)
     lines.append(
         "b* = each pair's headline boundary (round(0.6 L) unless the job named one); family rows: mean of "
         "its pairs, family-balanced: mean of families (normal-approximation CIs)"
     )
     return "\n".join(lines).rstrip()
+
+
+def _share(r: dict | None) -> str:
+    if r is None or r["estimate"] != r["estimate"]:
+        return "n/a"
+    ci = "" if r["ci_low"] != r["ci_low"] else f" [{r['ci_low']:.1%}, {r['ci_high']:.1%}]"
+    return f"{r['estimate']:.1%}{ci}"
+
+
+def _secondary_lines(rows: list[dict]) -> list[str]:
+    """Portable share and interaction share (ratios of means, method 2.2) per headline row, and the pooled
+    across-family sign-flip p of the family-balanced interaction."""
+    by: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        key = (
+            r["readout"],
+            {"pair": 0, "family": 1, "balanced": 2}[r["level"]],
+            r["family"] or "",
+            r["pair_id"] or "",
+        )
+        by.setdefault(key, {})[r["statistic"]] = r
+    out = []
+    for (readout, *_), stats in sorted(by.items()):
+        if "portable_share" not in stats and "interaction_share" not in stats:
+            continue
+        first = stats.get("interaction") or next(iter(stats.values()))
+        line = (
+            f"  [{readout}] {_name(first)}: portable share (PT-up/IT-up late) "
+            f"{_share(stats.get('portable_share'))}; interaction share (interaction/diagonal) "
+            f"{_share(stats.get('interaction_share'))}"
+        )
+        if first["level"] == "balanced" and first.get("p_value") is not None:
+            line += f"; pooled sign-flip p {format_p(first['p_value'], first['n_permutations'])}"
+        out.append(line)
+    if not out:
+        return []
+    head = "secondary scales (ratios of means, bootstrap CIs; balanced = ratio of the family-balanced means)"
+    return [head, *out, ""]
 
 
 def format_sweep(summary: pa.Table, readout: str = "it", subset: str = "all") -> str:

@@ -58,6 +58,8 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "prefix_ids": "the shared greedy prefix generated before the divergence",
             "prompt_text": "the raw prompt text",
             "prefix_text": "the shared prefix decoded",
+            "event": "event definition: first_diff (the headline), first_nonformat_diff or "
+            "first_assistant_marker_diff (engine/event_kinds.py)",
             "t_pt_text": "PT's divergent token decoded with PT's tokenizer",
             "t_it_text": "IT's divergent token decoded with IT's tokenizer",
         },
@@ -77,16 +79,20 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "headline": "true at each pair's headline boundary; false on swept or depth-matched rows",
             "readout": "'it', 'pt' or 'own' (see cells.readout)",
             "subset": "'all', 'position>=k', 'category=c', ...: which events",
-            "statistic": "a cell (y_*), an effect (pt_late_effect, it_late_effect, interaction), or a share",
+            "statistic": "a cell (y_*), an effect (pt_late_effect, it_late_effect, interaction), or a share: "
+            "portable_share (PT-up / IT-up late effect) or interaction_share (interaction / diagonal shift), "
+            "ratios of means",
             "estimate": "the mean (pair), mean of pair means (family) or of family means (balanced)",
             "ci_low": "lower end of the 95% CI",
             "ci_high": "upper end of the 95% CI",
             "n": "prompts (summed over pairs on family and balanced rows)",
             "n_pairs": "pairs combined in the row",
-            "p_value": "one-sided sign-flip (label-swap) p of interaction > 0; floor 1/(n_permutations+1)",
+            "p_value": "one-sided sign-flip (label-swap) p of interaction > 0; floor 1/(n_permutations+1); "
+            "balanced rows: the pooled across-family null (one flip per prompt id; exact when enumerable)",
             "p_adjusted": "Holm-adjusted p over the pair's boundaries (= p_value for one boundary)",
             "p_sweep": "sweep-wide p: the max statistic over boundaries under the same sign flips",
-            "n_permutations": "sign flips drawn; p-values are >= 1/(n_permutations + 1)",
+            "n_permutations": "sign flips drawn; p-values are >= 1/(n_permutations + 1) (exact pooled p: the "
+            "2^P patterns enumerated)",
         },
     ),
     "feature_acts": (
@@ -249,6 +255,153 @@ TABLE_DOCS.update(
         ),
     }
 )
+
+_KEYS = {
+    "family": _EVENT_KEY["family"],
+    "pair_id": _EVENT_KEY["pair_id"],
+    "boundary": "index of the first late block the control ran at (the pair's headline boundary)",
+    "readout": "readout of Y: 'it' (common-IT, the headline), 'pt' or 'own'",
+}
+_PER_EVENT = {
+    **_KEYS,
+    "prompt_id": _EVENT_KEY["prompt_id"],
+    "category": _EVENT_KEY["category"],
+    "position": "generated position of the scored event",
+}
+_CI = {
+    "ci_low": "lower end of the 95% percentile prompt-bootstrap CI",
+    "ci_high": "upper end of the 95% CI",
+}
+
+# the controls of the 2x2 (docs/method.md §4.3-4.7; schemas in engine/control_schemas.py)
+CONTROL_TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
+    "interpolation": (
+        "One row per event x alpha: the upstream state U(a) = (1 - a) U_PT + a U_IT run through both late "
+        "stacks (off-manifold check, §4.4).",
+        {
+            **_PER_EVENT,
+            "alpha": "interpolation weight a of U_IT",
+            "y_itlate": "Y(U(a), IT late stack)",
+            "y_ptlate": "Y(U(a), PT late stack)",
+            "late_effect": "L(a) = y_itlate - y_ptlate",
+            "contrast": "C(a) = L(a) - L(0): 0 at a = 0, the event's interaction at a = 1",
+        },
+    ),
+    "signperm": (
+        "One row per event x seed: U_PT + a signed permutation of (U_IT - U_PT) through both late stacks (§4.4).",
+        {
+            **_PER_EVENT,
+            "seed": "the draw of the signed coordinate permutation",
+            "y_itlate": "Y(U_rand, IT late stack)",
+            "y_ptlate": "Y(U_rand, PT late stack)",
+            "random_interaction": "(y_itlate - y_ptlate) - the PT-upstream late effect",
+            "observed_interaction": "the event's 2x2 interaction (same for every seed)",
+        },
+    ),
+    "offmanifold": (
+        "One row per pair x statistic of the off-manifold checks (§4.4).",
+        {
+            **_KEYS,
+            "statistic": "'slope' (mean per-event slope of C(a)), 'curve' (mean C(a) at alpha), 'interaction', "
+            "'random_interaction', 'signperm_ratio' (random / observed, ratio of means)",
+            "alpha": "the grid point of a 'curve' row; null otherwise",
+            "estimate": "the statistic's value",
+            **_CI,
+            "n": "events",
+        },
+    ),
+    "boundary_margins": (
+        "One row per event: IT's logit-lens margin at the boundary (pre-late commitment, §4.5).",
+        {
+            **{k: v for k, v in _PER_EVENT.items() if k != "readout"},
+            "boundary_margin": "IT final norm + unembedding on IT's boundary residual: t_IT minus t_PT logit",
+            "favours_it": "boundary_margin > 0: IT's boundary readout already prefers t_IT",
+        },
+    ),
+    "commitment": (
+        "One row per pair x view of the interaction by boundary margin (§4.5).",
+        {
+            **_KEYS,
+            "view": "'all', 'uncommitted' (margin <= 0), 'committed', 'bin' (a margin bin) or 'intercept' "
+            "(interaction at margin 0 from a linear fit)",
+            "margin_low": "lower end of the view's margin range (null where unbounded)",
+            "margin_high": "upper end of the view's margin range (null where unbounded)",
+            "estimate": "mean interaction of the view (or the intercept)",
+            **_CI,
+            "n": "events in the view",
+        },
+    ),
+    "baseline_cells": (
+        "One row per scored event x condition: the 2x2 on first divergences, random rollout disagreements, "
+        "pre-divergence prefixes and native-history disagreements (§4.3, §4.6).",
+        {
+            **{c: d for c, d in TABLE_DOCS["cells"][1].items()},
+            "position": "scored prefix length in generated tokens (native history: the horizon)",
+            "condition": "first_divergence, random_pt_rollout, random_it_rollout, pre_divergence, "
+            "native_pt_history or native_it_history",
+        },
+    ),
+    "baselines": (
+        "One row per pair x condition: the interaction and its share of the first-divergence interaction (§4.3).",
+        {
+            **_KEYS,
+            "condition": "a condition of baseline_cells, or random_balanced (mean of the two rollout arms)",
+            "n": "events scored (random_balanced: prompts with either arm)",
+            "interaction": "mean interaction (native history: events averaged within prompt first)",
+            **_CI,
+            "share": "interaction / first-divergence interaction (ratio of means; null for native history)",
+            "share_ci_low": "lower end of the share's 95% CI (shared prompt resamples)",
+            "share_ci_high": "upper end of the share's 95% CI",
+        },
+    ),
+    "lineage_cells": (
+        "One row per stage x event: each descendant scored as IT against the base on one fixed support (§4.7).",
+        {
+            **{c: d for c, d in TABLE_DOCS["cells"][1].items()},
+            "pair_id": "'<support pair id>~<stage>'",
+            "stage": "the descendant's name (e.g. sft, dpo, final)",
+            "native_top1_it": "the stage's own greedy token at the event is the support's t_IT",
+        },
+    ),
+    "lineage": (
+        "One row per stage of a lineage sweep (§4.7): cumulative comparisons, not causal stage attribution.",
+        {
+            "family": _EVENT_KEY["family"],
+            "base_id": "the support pair's id (base -> final)",
+            "boundary": _KEYS["boundary"],
+            "readout": _KEYS["readout"],
+            "stage": "the descendant's name",
+            "n": "events scored",
+            "interaction": "mean interaction",
+            **_CI,
+            "p_value": "one-sided sign-flip p of the interaction",
+            "pt_late_effect": "mean PT-upstream late effect",
+            "it_late_effect": "mean IT-upstream late effect",
+            "portable_share": "pt_late_effect / it_late_effect",
+            "share_of_reference": "interaction / the reference stage's (ratio of means)",
+            "share_ci_low": "lower end of the share's 95% CI (shared prompt resamples)",
+            "share_ci_high": "upper end of the share's 95% CI",
+            "native_top1_rate": "share of events where the stage's own greedy token is t_IT",
+        },
+    ),
+    "recipe_contrasts": (
+        "One row per (stage_a, stage_b): interaction of A minus B per prompt on the same support (§4.1).",
+        {
+            "family": _EVENT_KEY["family"],
+            "base_id": "the support pair's id",
+            "boundary": _KEYS["boundary"],
+            "readout": _KEYS["readout"],
+            "stage_a": "the first descendant",
+            "stage_b": "the second descendant",
+            "estimate": "mean per-prompt interaction difference A - B",
+            **_CI,
+            "p_value": "one-sided sign-flip (label-swap) p of estimate > 0",
+            "n": "prompts on the shared support",
+            "n_permutations": "sign flips drawn (p >= 1 / (n_permutations + 1))",
+        },
+    ),
+}
+TABLE_DOCS.update(CONTROL_TABLE_DOCS)
 
 DESCRIPTION = b"description"
 

@@ -14,7 +14,9 @@ cells (one row per event x boundary x readout; Y = logit(t_it) - logit(t_pt) at 
     it_late_effect  y_itup_itlate - y_itup_ptlate   (native-context part)
     interaction     it_late_effect - pt_late_effect
 
-events (one row per prompt, diverged or not): the `DivergenceEvent` fields. `diverged` means scored;
+events (one row per prompt, diverged or not): the `DivergenceEvent` fields. `event` names the event
+    definition (first_diff, or first_nonformat_diff / first_assistant_marker_diff: engine.event_kinds).
+    `diverged` means scored;
     reason 'token_mismatch' marks a divergence the token preflight rejected, `token_check` names the
     failed check (prompt_ids, decode, vocab, mask; see engine/preflight.py), null otherwise.
 
@@ -22,7 +24,12 @@ summaries (`engine.stats.summarize`; one row per level x pair-or-family x bounda
 subset x statistic): level 'pair' (mean over prompts, percentile bootstrap CI), 'family' (unweighted
 mean of the family's pairs, normal CI) or 'balanced' (unweighted mean of families, normal CI); `headline`
 marks rows at each pair's headline boundary. Interaction rows of pairs carry the sign-flip p-value, the
-Holm-adjusted p over the pair's boundaries, and in a sweep the sweep-wide max-statistic p.
+Holm-adjusted p over the pair's boundaries, and in a sweep the sweep-wide max-statistic p; balanced
+interaction rows carry the pooled across-family sign-flip p. Besides the cells and effects, `statistic`
+is also 'portable_share' or 'interaction_share' (ratios of means, engine.stats).
+
+Controls of the 2x2 (interpolation, signperm, offmanifold, boundary_margins, commitment, baseline_cells,
+baselines, lineage_cells, lineage, recipe_contrasts): schemas and column comments in engine/control_schemas.py.
 
 feature_acts (event x dictionary x latent, active latents only) and feature_effects (set-level effects of
 ablation / rescue with CIs, and per-feature attribution scores): see the schemas' column comments.
@@ -78,6 +85,7 @@ EVENTS_SCHEMA = pa.schema(
         ("prefix_text", pa.string()),
         ("t_pt_text", pa.string()),
         ("t_it_text", pa.string()),
+        ("event", pa.string()),  # event definition: first_diff (headline), first_nonformat_diff, ...
     ]
 )
 

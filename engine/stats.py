@@ -18,6 +18,23 @@ late-stack start, never at "the first boundary". In a sweep there are also depth
 balanced rows (`headline` false): one per relative depth d = b / L that EVERY pair in the input swept,
 matched exactly as a fraction (16/32 and 18/36 are both 0.5; 19/32 matches nothing at L = 36).
 
+Secondary scales (method section 2.2), two more `statistic` values on every level:
+- portable_share = mean PT-up late effect / mean IT-up late effect,
+- interaction_share = mean interaction / mean native diagonal shift (Y[IT,IT] - Y[PT,PT]).
+Both are ratios of means, never means of ratios. Pair rows: the ratio of the pair's means, CI = the
+percentile interval of the ratio over the same prompt resamples as the pair's other statistics. Family
+rows: the ratio of the family's unweighted pair means of numerator and denominator; balanced rows: the
+ratio of the family-balanced means (the paper's 31.1% is of this kind). Their CIs combine the r-th
+resample of every pair (pairs are resampled independently, so averaging the r-th resampled means over
+pairs, then over families, is a stratified bootstrap of the combined means) and take the percentile
+interval of the resampled ratio; the CI is null-valued (nan) when a resampled denominator is 0.
+
+Pooled across-family null (balanced interaction rows, `p_value`): the statistic is the family-balanced
+mean interaction; the null flips the sign of every interaction of one prompt id at once (in every pair
+and family that scored it: the prompt is the unit), one-sided. With 2^P <= n_permutations sign patterns
+over the P prompt ids it enumerates them all (exact p = #{null >= observed} / 2^P, `n_permutations` =
+2^P), else it draws n_permutations random patterns (p = (1 + #) / (n + 1)).
+
 Sign-flip null: swapping PT/IT labels within a prompt flips the sign of its interaction; the one-sided
 p-value is (1 + #{null mean >= observed}) / (n_perm + 1), so it is never below 1 / (n_perm + 1). In a
 sweep every boundary uses the SAME flips per prompt: `p_sweep` is the max-statistic test over boundaries
@@ -36,6 +53,12 @@ import pyarrow.compute as pc
 from crosspatch.engine.results import CELL_COLUMNS, EFFECT_COLUMNS, SUMMARY_SCHEMA
 
 STATISTICS = (*CELL_COLUMNS, *EFFECT_COLUMNS)
+# secondary scales (method section 2.2): statistic -> (numerator column, denominator columns (a, b) = a - b)
+RATIO_STATISTICS: dict[str, tuple[str, tuple[str, str | None]]] = {
+    "portable_share": ("pt_late_effect", ("it_late_effect", None)),
+    "interaction_share": ("interaction", ("y_itup_itlate", "y_ptup_ptlate")),
+}
+SUMMARY_STATISTICS = (*STATISTICS, *RATIO_STATISTICS)
 Z95 = 1.959963984540054
 REQUIRED_CELL_COLUMNS = (
     "family",
@@ -114,6 +137,42 @@ def sign_flip_pvalue(
     return float(p[0])
 
 
+def pooled_sign_flip_test(
+    families: Sequence[Sequence[tuple[Sequence[str], Sequence[float] | np.ndarray]]],
+    n_permutations: int = 20000,
+    seed: int = 23,
+) -> tuple[float, int]:
+    """(one-sided p, patterns used) of the family-balanced mean under per-prompt sign flips.
+
+    `families` -> pairs -> (prompt ids, interactions): statistic = mean over families of the mean over
+    the family's pairs of the mean over its prompts. One sign per prompt id, shared by every pair.
+    """
+    if not families or any(not pairs for pairs in families):
+        raise ValueError("the pooled null needs at least one pair in every family")
+    contrib: dict[str, float] = {}  # prompt id -> its weighted share of the balanced mean
+    for pairs in families:
+        for ids, values in pairs:
+            x = np.asarray(values, dtype=np.float64)
+            if len(ids) != len(x) or len(x) == 0:
+                raise ValueError("each pair needs one interaction per prompt id, and at least one")
+            w = 1.0 / (len(families) * len(pairs) * len(x))
+            for pid, v in zip(ids, x, strict=True):
+                contrib[pid] = contrib.get(pid, 0.0) + w * v
+    v = np.array([contrib[k] for k in sorted(contrib)])  # [P]
+    observed = float(v.sum())
+    n_prompts = len(v)
+    if n_prompts <= 30 and 2**n_prompts <= n_permutations:
+        codes = np.arange(2**n_prompts)[:, None] >> np.arange(n_prompts)[None, :] & 1  # [2^P, P]
+        null = (1 - 2 * codes) @ v  # [2^P]
+        return float((null >= observed - 1e-12).sum() / len(null)), len(null)
+    rng = np.random.default_rng(seed)
+    exceed = 0
+    for start in range(0, n_permutations, 1000):
+        signs = rng.integers(0, 2, size=(min(1000, n_permutations - start), n_prompts)) * 2 - 1  # [r, P]
+        exceed += int((signs @ v >= observed - 1e-12).sum())
+    return (1 + exceed) / (n_permutations + 1), n_permutations
+
+
 def holm(p_values: Sequence[float]) -> np.ndarray:
     """Holm step-down adjusted p-values: sorted ascending, max_{j<=i} min(1, (m - j + 1) p_(j))."""
     p = np.asarray(p_values, dtype=np.float64)
@@ -179,8 +238,10 @@ def summarize(
             _where(cells, "pair_id", pair_id), n_resamples, seed, position_min, by_category, n_permutations
         )
     family_rows = _family_rows(pair_rows)
-    rows = pair_rows + family_rows + _balanced_rows(family_rows, pair_rows)
-    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+    rows = pair_rows + family_rows + _balanced_rows(family_rows, pair_rows, n_permutations, seed)
+    return pa.Table.from_pylist(
+        [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], schema=SUMMARY_SCHEMA
+    )
 
 
 def _where(table: pa.Table, column: str, value: object) -> pa.Table:
@@ -236,36 +297,108 @@ def _pair_rows(
             inter = x[:, :, STATISTICS.index("interaction")].T  # [n_subset, B]
             p, p_max = sign_flip_test(inter, n_permutations, seed)
             p_adj = holm(p)
+            ids = np.asarray(aligned[0].column("prompt_id").to_pylist(), dtype=object)[keep]
             for bi, b in enumerate(boundaries):
                 means = bootstrap_means(x[bi], n_resamples, seed)  # [R, stats]
                 lo, hi = np.quantile(means, [0.025, 0.975], axis=0)
+                common = dict(
+                    level="pair",
+                    family=meta["family"],
+                    pair_id=pair_id,
+                    pair_label=meta["pair_label"],
+                    boundary=b,
+                    n_layers=n_layers,
+                    depth=b / n_layers,
+                    headline=b == headline,
+                    readout=readout,
+                    subset=subset,
+                    n=n,
+                    n_pairs=1,
+                )
                 for j, stat in enumerate(STATISTICS):
                     is_inter = stat == "interaction"
                     rows.append(
                         dict(
-                            level="pair",
-                            family=meta["family"],
-                            pair_id=pair_id,
-                            pair_label=meta["pair_label"],
-                            boundary=b,
-                            n_layers=n_layers,
-                            depth=b / n_layers,
-                            headline=b == headline,
-                            readout=readout,
-                            subset=subset,
+                            **common,
                             statistic=stat,
                             estimate=float(x[bi, :, j].mean()),
                             ci_low=float(lo[j]),
                             ci_high=float(hi[j]),
-                            n=n,
-                            n_pairs=1,
                             p_value=float(p[bi]) if is_inter else None,
                             p_adjusted=float(p_adj[bi]) if is_inter else None,
                             p_sweep=float(p_max) if is_inter and len(boundaries) > 1 else None,
                             n_permutations=n_permutations if is_inter else None,
                         )
                     )
+                    if is_inter:  # kept (not stored) for the pooled across-family null
+                        rows[-1]["_prompts"] = ids.tolist()
+                        rows[-1]["_values"] = x[bi, :, j]
+                point = x[bi].mean(axis=0)  # [stats]
+                for stat in RATIO_STATISTICS:
+                    rows.append(
+                        _ratio_row(
+                            dict(**common, statistic=stat),
+                            _ratio_parts(stat, point, numerator=True),
+                            _ratio_parts(stat, point, numerator=False),
+                            _ratio_parts(stat, means, numerator=True),  # [R]
+                            _ratio_parts(stat, means, numerator=False),  # [R]
+                        )
+                    )
     return rows
+
+
+def _ratio_parts(stat: str, means: np.ndarray, numerator: bool) -> np.ndarray:
+    """Numerator or denominator mean of a ratio statistic from `[..., stats]` means (STATISTICS order)."""
+    num, (a, b) = RATIO_STATISTICS[stat]
+    if numerator:
+        return means[..., STATISTICS.index(num)]
+    out = means[..., STATISTICS.index(a)]
+    return out - means[..., STATISTICS.index(b)] if b is not None else out
+
+
+def _ratio_row(fields: dict, num: float, den: float, num_boot: np.ndarray, den_boot: np.ndarray) -> dict:
+    """A ratio-of-means row: estimate num / den, percentile CI of the resampled ratios (nan if undefined)."""
+    num, den = float(num), float(den)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = num_boot / den_boot  # [R]
+    if den != 0 and np.isfinite(ratios).all():
+        lo, hi = (float(v) for v in np.quantile(ratios, [0.025, 0.975]))
+    else:
+        lo = hi = float("nan")
+    return dict(
+        fields,
+        estimate=num / den if den != 0 else float("nan"),
+        ci_low=lo,
+        ci_high=hi,
+        p_value=None,
+        p_adjusted=None,
+        p_sweep=None,
+        n_permutations=None,
+        _num=num,
+        _den=den,
+        _num_boot=num_boot,
+        _den_boot=den_boot,
+    )
+
+
+def _combine_ratio(group: list[dict], **fields: object) -> dict:
+    """Ratio of the unweighted means of `group`'s numerators and denominators; r-th resamples averaged."""
+    return _ratio_row(
+        dict(
+            pair_id=None,
+            pair_label=None,
+            boundary=_common([r["boundary"] for r in group]),
+            n_layers=_common([r["n_layers"] for r in group]),
+            depth=_common([r["depth"] for r in group]),
+            n=sum(r["n"] for r in group),
+            n_pairs=sum(r["n_pairs"] for r in group),
+            **fields,
+        ),
+        np.mean([r["_num"] for r in group]),
+        np.mean([r["_den"] for r in group]),
+        np.mean([r["_num_boot"] for r in group], axis=0),
+        np.mean([r["_den_boot"] for r in group], axis=0),
+    )
 
 
 def _common(values: list) -> object:
@@ -317,7 +450,8 @@ def _family_rows(pair_rows: list[dict]) -> list[dict]:
             if hit:
                 groups.setdefault((r["family"], r["readout"], r["subset"], r["statistic"]), []).append(r)
         for (family, readout, subset, stat), group in groups.items():
-            row = _combine(
+            combine = _combine_ratio if stat in RATIO_STATISTICS else _combine
+            row = combine(
                 group,
                 level="family",
                 family=family,
@@ -328,11 +462,15 @@ def _family_rows(pair_rows: list[dict]) -> list[dict]:
             )
             if depth is not None:
                 row["depth"] = float(depth)
+            if stat == "interaction":
+                row["_pairs"] = [(r["_prompts"], r["_values"]) for r in group]
             out.append(row)
     return out
 
 
-def _balanced_rows(family_rows: list[dict], pair_rows: list[dict]) -> list[dict]:
+def _balanced_rows(
+    family_rows: list[dict], pair_rows: list[dict], n_permutations: int = 20000, seed: int = 23
+) -> list[dict]:
     """Unweighted mean over families, for keys every family has; only with two or more families."""
     families = {r["family"] for r in pair_rows}
     if len(families) < 2:
@@ -351,7 +489,8 @@ def _balanced_rows(family_rows: list[dict], pair_rows: list[dict]) -> list[dict]
     for (headline, depth, readout, subset, stat), group in groups.items():
         if {r["family"] for r in group} != families:
             continue
-        row = _combine(
+        combine = _combine_ratio if stat in RATIO_STATISTICS else _combine
+        row = combine(
             group,
             level="balanced",
             family=None,
@@ -362,5 +501,9 @@ def _balanced_rows(family_rows: list[dict], pair_rows: list[dict]) -> list[dict]
         )
         if depth is not None:
             row["depth"] = depth
+        if stat == "interaction":
+            row["p_value"], row["n_permutations"] = pooled_sign_flip_test(
+                [r["_pairs"] for r in group], n_permutations, seed
+            )
         out.append(row)
     return out

@@ -25,6 +25,17 @@ Table = Literal[
     "continuation",
     "continuation_summaries",
     "lora_controls",
+    # controls of the 2x2
+    "interpolation",
+    "signperm",
+    "offmanifold",
+    "boundary_margins",
+    "commitment",
+    "baseline_cells",
+    "baselines",
+    "lineage_cells",
+    "lineage",
+    "recipe_contrasts",
 ]
 
 

@@ -111,6 +111,16 @@ def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str])
         "\nFirst-divergence 2x2 cross-patch, Y = logit(t_IT) - logit(t_PT) (95% bootstrap CIs over prompts)"
     )
     typer.echo(format_summary(summaries.select(SUMMARY_SCHEMA.names).cast(SUMMARY_SCHEMA)))
+    from crosspatch.engine.control_suite import format_controls
+
+    controls = {
+        t: pq.read_table(client.results_parquet(job_id, t, out_dir / f"{t}.parquet"))
+        for t in ("offmanifold", "commitment")
+    }
+    typer.echo(
+        "\nControls at each pair's headline boundary (interpolation slope, signed permutation, commitment)"
+    )
+    typer.echo(format_controls({t: v for t, v in controls.items() if v.num_rows}))
     effects = pq.read_table(
         client.results_parquet(job_id, "feature_effects", out_dir / "feature_effects.parquet")
     )
@@ -183,6 +193,7 @@ def demo(
         "max_new_tokens": 32,
         "mediation": {"top_k": top_k, "ks": sorted({max(1, top_k // 4), max(1, top_k // 2), top_k})},
         "dictionary": DEMO_DICTIONARY,
+        "controls": ["offmanifold", "commitment"],  # the cheap controls of the 2x2 (method 4.4-4.5)
     }
     typer.echo(
         f"dictionaries train only on the mediation fit split (prompts whose events mediation tests are "

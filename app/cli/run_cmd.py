@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,11 +69,32 @@ def run(
     chat_template: Annotated[
         bool, typer.Option(help="Wrap prompts in IT's chat template (IT-only studies; the method uses raw).")
     ] = False,
+    event: Annotated[
+        str,
+        typer.Option(
+            help="Event definition: first_diff (headline), first_nonformat_diff, first_assistant_marker_diff."
+        ),
+    ] = "first_diff",
+    control: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also run a control of the 2x2 at the headline boundary (offmanifold, commitment, baselines, "
+            "native_history) and print it. Repeatable."
+        ),
+    ] = None,
+    rollout_tokens: Annotated[
+        int, typer.Option(min=1, help="Greedy rollout length of the baselines / native-history controls.")
+    ] = 64,
+    controls_out: Annotated[
+        Path | None, typer.Option(help="Directory for the controls' tables (<table>.parquet).")
+    ] = None,
 ) -> None:
     """Find first divergences, run the 2x2 cross-patch, print the per-family table with 95% CIs."""
     from crosspatch.app.cli.summarize_cmd import print_summary, write_summary
+    from crosspatch.engine.control_suite import check_controls
     from crosspatch.engine.crosspatch import iter_crosspatch
     from crosspatch.engine.divergence import iter_divergences
+    from crosspatch.engine.event_kinds import check_kind
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
     from crosspatch.engine.report import format_event_counts
@@ -81,6 +102,11 @@ def run(
     from crosspatch.engine.stats import summarize
 
     readout = readout or ["it"]
+    try:
+        controls = check_controls(control or [])
+        check_kind(event)
+    except ValueError as e:
+        raise CrosspatchError(str(e)) from None
     pt, it, prompts, organism = _resolve_pair_args(pt, it, organism, prompts)
     records = load_prompts(prompts, limit=limit)
     t0 = time.perf_counter()
@@ -99,6 +125,7 @@ def run(
                 batch_size,
                 chat_template,
                 on_batch=lambda d, n: bar.update(d, n),
+                event=event,
             )
             for e in batch
         ]
@@ -129,4 +156,51 @@ def run(
     if summary_out:
         write_summary(summary, summary_out)
         typer.echo(f"\nwrote {summary.num_rows} summary rows to {summary_out}")
+    if controls:
+        _run_controls(
+            pair,
+            events,
+            cells,
+            controls,
+            boundary,
+            readout[0],
+            rollout_tokens,
+            seed,
+            batch_size,
+            controls_out,
+        )
     typer.echo(f"\nwrote {cells.num_rows} cell rows to {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def _run_controls(
+    pair: Any,
+    events: list[Any],
+    cells: pa.Table,
+    controls: list[str],
+    boundary: str,
+    readout: str,
+    rollout_tokens: int,
+    seed: int,
+    batch_size: int,
+    out_dir: Path | None,
+) -> None:
+    """Run the controls in process at the pair's headline boundary, print their lines, write their tables."""
+    from crosspatch.engine.control_suite import ControlOptions, format_controls, run_controls
+
+    b = pair.headline_boundary(boundary)
+    typer.echo(f"\ncontrols at boundary {b} (readout {readout}): {', '.join(controls)}")
+    options = ControlOptions(rollout_tokens=rollout_tokens, seed=seed, batch_size=batch_size)
+    try:
+        run = run_controls(pair, events, controls, b, readout, options, cells, log.info)
+    except ValueError as e:
+        raise CrosspatchError(str(e)) from None
+    typer.echo(format_controls(run.tables))
+    for source, report in run.noop.items():
+        typer.echo(
+            f"native {source.upper()} history no-op check: max |diff| {max(report['max_abs_diff'].values()):.1e}"
+        )
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, table in run.tables.items():
+            pq.write_table(table, out_dir / f"{name}.parquet")
+        typer.echo(f"wrote {len(run.tables)} control tables to {out_dir}")

@@ -81,6 +81,7 @@ JOB_CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
                 "pair_ids": ["gemma3-1b", "qwen3-1.7b", "llama3.2-1b"],
                 "prompt_file": "prompts/chat-300.jsonl",
                 "mediation": {"top_k": 100, "ks": [10, 25, 50, 100]},
+                "controls": ["offmanifold", "baselines"],
             },
             "priority": 10,
         },
@@ -118,6 +119,39 @@ JOB_CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
                 "corpus": ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"],
                 "prompt_file": "prompts/code_support.jsonl",
                 "lora": {"rank": 32, "alpha": 64, "lr": 1e-4, "train_tokens": 20000000, "seq_len": 4096},
+            }
+        },
+    },
+    "crosspatch_controls": {
+        "summary": "2x2 with its controls: off-manifold, commitment, selection baselines, native history",
+        "value": {
+            "spec": {
+                "kind": "crosspatch",
+                "pair_id": "gemma3-1b",
+                "prompt_file": "prompts/chat-300.jsonl",
+                "controls": ["offmanifold", "commitment", "baselines", "native_history"],
+                "control_options": {
+                    "alphas": [0, 0.25, 0.5, 0.75, 1],
+                    "seeds": [0, 1, 2],
+                    "horizons": [4, 8, 16],
+                },
+            }
+        },
+    },
+    "lineage": {
+        "summary": "Fixed-support lineage sweep: base -> SFT -> DPO -> final, one row per stage, and a contrast",
+        "value": {
+            "spec": {
+                "kind": "lineage",
+                "pair_id": "olmo2-1b",
+                "prompt_file": "prompts/chat-300.jsonl",
+                "stages": [
+                    {"name": "sft", "path": "olmo2-1b-sft"},
+                    {"name": "dpo", "path": "olmo2-1b-dpo"},
+                    {"name": "final", "pair_id": "olmo2-1b"},
+                ],
+                "reference": "final",
+                "contrasts": [["final", "sft"]],
             }
         },
     },

@@ -66,6 +66,62 @@ class DivergenceSpec(_PromptsSpec):
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
     batch_size: int = Field(default=16, ge=1, le=512)
     chunk_size: int = Field(default=64, ge=1, le=10_000, description="Prompts per checkpoint part.")
+    event: Literal["first_diff", "first_nonformat_diff", "first_assistant_marker_diff"] = Field(
+        default="first_diff",
+        description="Event definition (method 1.3): first_diff is the headline; the others scan PT's greedy "
+        "rollout from the first divergence for the first disagreement in content / at a chat marker.",
+    )
+
+
+Control = Literal["offmanifold", "commitment", "baselines", "native_history"]
+CONTROLS_HELP = (
+    "Controls of the 2x2 run at each pair's headline boundary with the first readout (method 4.3-4.6): "
+    "offmanifold (PT->IT interpolation slope, signed-permutation ratio), commitment (IT boundary logit-lens "
+    "margin views), baselines (random rollout disagreements, pre-divergence prefix), native_history "
+    "(disagreements after native greedy histories). Rows go to the tables of the same names."
+)
+
+
+class ControlOptions(_Spec):
+    """Knobs of the 2x2 controls (defaults follow the method)."""
+
+    alphas: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        min_length=2,
+        max_length=21,
+        description="Interpolation grid of U(a) = (1 - a) U_PT + a U_IT (values in [0, 1]).",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        max_length=20,
+        description="Signed-permutation draws.",
+    )
+    n_bins: int = Field(default=4, ge=1, le=20, description="Boundary-margin quantile bins (commitment).")
+    rollout_tokens: int = Field(
+        default=64, ge=1, le=1024, description="Greedy rollout length (baselines, native history)."
+    )
+    n_tries: int = Field(default=8, ge=1, le=256, description="Random prefix lengths tried per rollout.")
+    horizons: list[int] = Field(
+        default_factory=lambda: [4, 8, 16],
+        min_length=1,
+        max_length=16,
+        description="Native-history horizons.",
+    )
+    selection_seed: int = Field(default=0, ge=0, description="Seed of the random baseline choices.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ControlOptions:
+        if any(not 0.0 <= a <= 1.0 for a in self.alphas) or len(set(self.alphas)) < 2:
+            raise ValueError("alphas must hold at least two distinct values in [0, 1]")
+        if any(h < 1 for h in self.horizons) or any(s < 0 for s in self.seeds):
+            raise ValueError("horizons must be >= 1 and seeds >= 0")
+        return self
+
+
+def _unique_controls(controls: list[str]) -> None:
+    if len(set(controls)) != len(controls):
+        raise ValueError("controls must be unique")
 
 
 class CrosspatchSpec(DivergenceSpec):
@@ -78,9 +134,12 @@ class CrosspatchSpec(DivergenceSpec):
     readouts: list[Readout] = Field(default_factory=lambda: ["it"], min_length=1, max_length=3)
     n_resamples: int = Field(default=2000, ge=10, le=100_000)
     seed: Seed = 23
+    controls: list[Control] = Field(default_factory=list, max_length=4, description=CONTROLS_HELP)
+    control_options: ControlOptions = Field(default_factory=ControlOptions)
 
     @model_validator(mode="after")
     def _checks(self) -> CrosspatchSpec:
+        _unique_controls(self.controls)
         if len(set(self.readouts)) != len(self.readouts):
             raise ValueError("readouts must be unique")
         if isinstance(self.boundary, list) and not 1 <= len(self.boundary) <= 256:
@@ -340,13 +399,67 @@ class PipelineSpec(_PromptsSpec):
     continuation: bool = Field(
         default=False, description="Also run constrained continuation per pair (§6.2)."
     )
+    controls: list[Control] = Field(default_factory=list, max_length=4, description=CONTROLS_HELP)
+    control_options: ControlOptions = Field(default_factory=ControlOptions)
 
     @model_validator(mode="after")
     def _checks(self) -> PipelineSpec:
+        _unique_controls(self.controls)
         if isinstance(self.boundary, list) and not 1 <= len(self.boundary) <= 256:
             raise ValueError("a boundary list needs 1..256 entries")
         if isinstance(self.boundary, int) and self.boundary < 0:
             raise ValueError("boundary must be >= 0")
+        return self
+
+
+class StageIn(_Spec):
+    """One descendant of the support pair's base: a registered pair (its IT model) or a model path."""
+
+    name: Name
+    pair_id: Name | None = Field(default=None, description="A registered pair whose PT is the same base.")
+    path: str | None = Field(
+        default=None, min_length=1, max_length=1024, description="Under the model roots."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StageIn:
+        if (self.pair_id is None) == (self.path is None):
+            raise ValueError(f"stage {self.name!r}: give exactly one of 'pair_id' or 'path'")
+        return self
+
+
+class LineageSpec(_PromptsSpec):
+    """Fixed-support lineage sweep (method 4.7): the support pair's (base -> final) first divergences and
+    labels, every stage scored as "IT" against the base in the 2x2; one `lineage` row per stage, and
+    recipe contrasts between stages (interaction A - B per prompt, sign-flip null)."""
+
+    kind: Literal["lineage"] = "lineage"
+    pair_id: Name = Field(description="The support pair: base (PT) -> final descendant (IT).")
+    stages: list[StageIn] = Field(min_length=1, max_length=32)
+    reference: Name | None = Field(default=None, description="Stage the shares refer to (default: the last).")
+    contrasts: list[tuple[Name, Name]] = Field(
+        default_factory=list, max_length=32, description="(stage_a, stage_b) pairs: interaction A - B."
+    )
+    chat_template: bool = Field(default=False, description=CHAT_TEMPLATE_HELP)
+    boundary: int | None = Field(default=None, ge=0, description="One boundary (default: the pair's).")
+    readout: Readout = "it"
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)
+    batch_size: int = Field(default=16, ge=1, le=512)
+    n_resamples: int = Field(default=2000, ge=10, le=100_000)
+    n_permutations: int = Field(default=20000, ge=99, le=1_000_000)
+    seed: int = Field(default=23, ge=0)
+    figures: bool = Field(default=True, description="Write PNG figures with the results.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> LineageSpec:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError("stage names must be unique")
+        for name in [self.reference, *(n for c in self.contrasts for n in c)]:
+            if name is not None and name not in names:
+                raise ValueError(f"{name!r} is not one of the stages {names}")
+        if any(a == b for a, b in self.contrasts):
+            raise ValueError("a contrast needs two different stages")
         return self
 
 
@@ -359,7 +472,8 @@ JobSpec = Annotated[
     | PipelineSpec
     | ForcedTokensSpec
     | ContinuationSpec
-    | LoraControlSpec,
+    | LoraControlSpec
+    | LineageSpec,
     Field(discriminator="kind"),
 ]
 JOB_SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)

@@ -146,6 +146,12 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
                         "spec.dictionary.layer",
                         f"layer {spec.dictionary.layer} out of range for {p.pair_id!r}",
                     )
+    if spec.kind == "lineage":  # stages: registered pairs, or model paths under the model roots
+        for i, stage in enumerate(spec.stages):
+            if stage.pair_id is not None:
+                _check_pair(session, stage.pair_id, f"spec.stages.{i}.pair_id")
+            else:
+                stage.path = str(resolve_under(stage.path, settings.model_roots, f"spec.stages.{i}.path"))
     if spec.kind == "load_dictionary" and spec.source == "sae_lens":
         _check_pretrained_allowed(settings, f"{spec.release}/{spec.sae_id}")
     elif spec.kind == "load_dictionary":

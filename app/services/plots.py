@@ -7,6 +7,9 @@
     forced_contrasts.png        per category: forced-token success contrast (IT token - PT token), per pair and
                                 family-balanced, with 95% CI and event counts (method §6.1)
     continuation_by_n.png       C_N interaction and tail-only C_N over N, per variant (method §6.2)
+    interpolation.png           per pair: the off-manifold contrast C(a) over the PT->IT interpolation grid
+    baselines.png               per pair: interaction by selection condition (first divergence, random, ...)
+    lineage.png                 per lineage job: interaction of each stage on the fixed support
 
 Each `plot_*` takes a results table (schemas in `engine.results`) and a path, draws with matplotlib's
 object API on an Agg canvas (no display, no pyplot global state, so safe on the service's background
@@ -41,6 +44,9 @@ FIGURE_NAMES = (
     "ablation_curve",
     "forced_contrasts",
     "continuation_by_n",
+    "interpolation",
+    "baselines",
+    "lineage",
 )
 CELL_LABELS = {
     "y_ptup_ptlate": "PT up\nPT late",
@@ -308,8 +314,78 @@ def plot_continuation_by_n(continuation_summaries: pa.Table, path: Path) -> Path
     return _save(fig, path)
 
 
+def plot_interpolation(offmanifold: pa.Table, path: Path) -> Path | None:
+    """Per pair, the mean contrast C(a) = L(a) - L(0) over the interpolation grid; slope and ratio in the title."""
+    rows = offmanifold.to_pylist()
+    pairs = sorted({r["pair_id"] for r in rows if r["statistic"] == "curve"})
+    if not pairs:
+        return None
+    fig = _new_figure(6, 3.0 * len(pairs) + 0.4)
+    axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+    for ax, pair_id in zip(axes, pairs, strict=True):
+        mine = [r for r in rows if r["pair_id"] == pair_id]
+        curve = sorted((r for r in mine if r["statistic"] == "curve"), key=lambda r: r["alpha"])
+        by = {r["statistic"]: r for r in mine if r["statistic"] != "curve"}
+        ax.plot([r["alpha"] for r in curve], [r["estimate"] for r in curve], marker="o", color="#5c7fa3")
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.set_xlabel("a  (upstream = (1 - a) U_PT + a U_IT)")
+        ax.set_ylabel("contrast C(a) (logits)")
+        s, q = by.get("slope"), by.get("signperm_ratio")
+        title = f"{pair_id}: interpolation"
+        if s is not None:
+            title += f", slope {s['estimate']:+.2f} [{s['ci_low']:+.2f}, {s['ci_high']:+.2f}]"
+        if q is not None:
+            title += f"; signed-perm ratio {q['estimate']:.2f}"
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_baselines(baselines: pa.Table, path: Path) -> Path | None:
+    """Per pair, the interaction of each selection condition (bars, 95% CI)."""
+    rows = [r for r in baselines.to_pylist() if r["interaction"] is not None]
+    pairs = sorted({r["pair_id"] for r in rows})
+    if not pairs:
+        return None
+    fig = _new_figure(7, 2.8 * len(pairs) + 0.4)
+    axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+    for ax, pair_id in zip(axes, pairs, strict=True):
+        mine = [r for r in rows if r["pair_id"] == pair_id]
+        xs = range(len(mine))
+        ax.bar(xs, [r["interaction"] for r in mine], color="#5c7fa3")
+        ax.errorbar(
+            xs, [r["interaction"] for r in mine], yerr=_errors(mine, "interaction"), fmt="none", ecolor="k"
+        )
+        ax.set_xticks(list(xs), [r["condition"].replace("_", "\n", 1) for r in mine], fontsize=7)
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.set_ylabel("interaction (logits)")
+        ax.set_title(f"{pair_id}: selection baselines (95% CI)", fontsize=9, loc="left")
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_lineage(lineage: pa.Table, path: Path) -> Path | None:
+    """The interaction of each lineage stage on the fixed support (in the job's stage order, 95% CI)."""
+    rows = lineage.to_pylist()
+    if not rows:
+        return None
+    fig = _new_figure(6, 3.2)
+    ax = fig.subplots()
+    xs = range(len(rows))
+    ax.plot(xs, [r["interaction"] for r in rows], marker="o", color="#5c7fa3")
+    ax.errorbar(
+        xs, [r["interaction"] for r in rows], yerr=_errors(rows, "interaction"), fmt="none", ecolor="k"
+    )
+    ax.set_xticks(list(xs), [r["stage"] for r in rows])
+    ax.axhline(0, color="k", linewidth=0.6)
+    ax.set_ylabel("interaction (logits)")
+    ax.set_title(f"lineage of {rows[0]['base_id']}: interaction per stage (95% CI)", fontsize=9, loc="left")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def write_figures(tables: dict[str, pa.Table], out_dir: Path) -> list[Path]:
-    """Every figure the tables support (`summaries`, `feature_effects`), written as `out_dir/<name>.png`.
+    """Every figure the tables support (`summaries`, `feature_effects`, controls), as `out_dir/<name>.png`.
 
     A figure that fails to draw is logged and skipped; the others are still written.
     """
@@ -320,6 +396,9 @@ def write_figures(tables: dict[str, pa.Table], out_dir: Path) -> list[Path]:
         ("ablation_curve", "feature_effects", plot_ablation_curve),
         ("forced_contrasts", "forced_summaries", plot_forced_contrasts),
         ("continuation_by_n", "continuation_summaries", plot_continuation_by_n),
+        ("interpolation", "offmanifold", plot_interpolation),
+        ("baselines", "baselines", plot_baselines),
+        ("lineage", "lineage", plot_lineage),
     ]
     written = []
     for name, table, plot in plan:
@@ -341,7 +420,15 @@ def write_job_figures(results: ResultsStore, data_dir: Path, job_id: uuid.UUID |
     try:
         tables = {
             t: results.job_table(t, str(job_id), limit=MAX_ROWS)
-            for t in ("summaries", "feature_effects", "forced_summaries", "continuation_summaries")
+            for t in (
+                "summaries",
+                "feature_effects",
+                "forced_summaries",
+                "continuation_summaries",
+                "offmanifold",
+                "baselines",
+                "lineage",
+            )
         }
         return write_figures(tables, figures_dir(data_dir, job_id))
     except Exception:

@@ -214,6 +214,17 @@ class ResultsStore:
             "continuation": "pair_id, prompt_id, variant, n",
             "continuation_summaries": "pair_id, variant, n, statistic",
             "lora_controls": "pair_id",
+            # controls of the 2x2
+            "interpolation": "pair_id, prompt_id, alpha",
+            "signperm": "pair_id, prompt_id, seed",
+            "offmanifold": "pair_id, statistic, alpha",
+            "boundary_margins": "pair_id, prompt_id",
+            "commitment": "pair_id, rowid",  # views in the engine's order
+            "baseline_cells": "pair_id, condition, prompt_id, position",
+            "baselines": "pair_id, rowid",  # conditions in the engine's order
+            "lineage_cells": "stage, prompt_id",
+            "lineage": "rowid",  # stages in the job's order
+            "recipe_contrasts": "rowid",
         }
         if table not in order:
             raise ResultsError(f"unknown results table {table!r}; choose from {', '.join(order)}")

@@ -40,7 +40,18 @@ ROLES = ("admin", "researcher")
 JOB_STATUSES = ("submitted", "queued", "running", "ingesting", "succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("submitted", "queued", "running", "ingesting")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-JOB_KINDS = ("divergence", "crosspatch", "train_dictionary", "load_dictionary", "mediation", "pipeline")
+JOB_KINDS = (
+    "divergence",
+    "crosspatch",
+    "train_dictionary",
+    "load_dictionary",
+    "mediation",
+    "pipeline",
+    "lineage",
+    "forced_tokens",
+    "continuation",
+    "lora_control",
+)
 MODEL_ROLES = ("PT", "IT", "paired")
 SHARES = ("lab", "owner")
 

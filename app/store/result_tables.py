@@ -18,12 +18,37 @@ schemas (`engine.results`) define every part table; this module adds `job_id`, p
     continuation_summaries  one row per pair x variant x N x statistic: mean, CI, n events
     lora_controls    one row per domain-training control: status, failed checks, NLL gate, merge diff, interaction
     provenance       one row per job: kind, spec, models' revisions, tokenizer hash, versions, device
+
+The controls of the 2x2 (crosspatch / pipeline jobs with `controls`, the `lineage` job; engine.control_suite):
+    interpolation    one row per event x alpha: PT->IT interpolated upstream through both late stacks
+    signperm         one row per event x seed: the signed-permutation random interaction (engine.offmanifold)
+    offmanifold      one row per pair x statistic: slope (CI), curve C(a), signed-permutation ratio (CI)
+    boundary_margins one row per event: IT's boundary logit-lens margin (engine.commitment)
+    commitment       one row per pair x view: all / uncommitted / committed / margin bins / intercept
+    baseline_cells   one row per scored event x condition: the 2x2 (first divergence, random rollout
+                     disagreements, pre-divergence prefix, native histories; engine.baselines)
+    baselines        one row per pair x condition: interaction (CI), share of first divergence (CI)
+    lineage_cells    one row per stage x event: the 2x2 of each stage as IT against the base (engine.recipe)
+    lineage          one row per stage: interaction (CI, p), late effects, portable share, share of reference
+    recipe_contrasts one row per (stage_a, stage_b): interaction A - B (CI) with the sign-flip p
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+from crosspatch.engine.control_schemas import (
+    BASELINE_CELLS_SCHEMA,
+    BASELINE_SUMMARY_SCHEMA,
+    BOUNDARY_MARGIN_SCHEMA,
+    COMMITMENT_SCHEMA,
+    INTERPOLATION_SCHEMA,
+    LINEAGE_CELLS_SCHEMA,
+    LINEAGE_SCHEMA,
+    OFFMANIFOLD_SUMMARY_SCHEMA,
+    RECIPE_CONTRAST_SCHEMA,
+    SIGNPERM_SCHEMA,
+)
 from crosspatch.engine.results import (
     CELLS_SCHEMA,
     CONTINUATION_SCHEMA,
@@ -59,6 +84,17 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
     "continuation": CONTINUATION_SCHEMA,
     "continuation_summaries": CONTINUATION_SUMMARY_SCHEMA,
     "lora_controls": LORA_CONTROL_SCHEMA,
+    # controls of the 2x2
+    "interpolation": INTERPOLATION_SCHEMA,
+    "signperm": SIGNPERM_SCHEMA,
+    "offmanifold": OFFMANIFOLD_SUMMARY_SCHEMA,
+    "boundary_margins": BOUNDARY_MARGIN_SCHEMA,
+    "commitment": COMMITMENT_SCHEMA,
+    "baseline_cells": BASELINE_CELLS_SCHEMA,
+    "baselines": BASELINE_SUMMARY_SCHEMA,
+    "lineage_cells": LINEAGE_CELLS_SCHEMA,
+    "lineage": LINEAGE_SCHEMA,
+    "recipe_contrasts": RECIPE_CONTRAST_SCHEMA,
 }
 TABLES: dict[str, pa.Schema] = {**PART_SCHEMAS, "provenance": PROVENANCE_SCHEMA}
 
@@ -93,6 +129,7 @@ _BACKFILL = {
         "WHERE level IS NULL",
         "UPDATE summaries SET family = NULL, pair_id = NULL WHERE level = 'balanced' AND family = '__mean__'",
     ],
+    "events": ["UPDATE events SET event = 'first_diff' WHERE event IS NULL"],  # before event kinds: headline
 }
 
 

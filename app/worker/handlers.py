@@ -18,6 +18,7 @@ from crosspatch.app.schemas.jobs import (
     DictionaryOptions,
     DivergenceSpec,
     ForcedTokensSpec,
+    LineageSpec,
     LoadDictionarySpec,
     LoraControlSpec,
     MediationOptions,
@@ -92,6 +93,7 @@ def _events_for(
         max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size,
         chat_template=getattr(spec, "chat_template", False),
+        event=getattr(spec, "event", "first_diff"),
         on_batch=on_batch,
     )
     return [e for batch in batches for e in batch]
@@ -106,6 +108,7 @@ def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
         batch_size=spec.batch_size,
         chunk_size=getattr(spec, "chunk_size", None),
         chat_template=getattr(spec, "chat_template", False),
+        event=getattr(spec, "event", "first_diff"),
     )
 
 
@@ -214,6 +217,7 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
     prompts = load_prompt_records(spec)
     _crosspatch_chunks(pair, prompts, spec, ctx, boundaries)
     _summaries(ctx, spec)
+    _controls(ctx, pair, spec, "", (0.95, 1.0))
     ctx.progress(1.0, "crosspatch: done")
     ctx.log(f"crosspatch done: {len(prompts)} prompts, boundaries {boundaries}, readouts {spec.readouts}")
 
@@ -480,6 +484,7 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
         ctx.check_cancel()
         ctx.progress(lo + 0.7 * span, f"{pair_id}: mediation")
         _mediate_pair(pair, events, dictionary, spec.mediation, headline, spec.batch_size, ctx, tag)
+        _controls(ctx, pair, spec, tag, (lo + 0.9 * span, lo + span))
         ctx.progress(lo + span, f"{pair_id}: done")
         if spec.forced_tokens or spec.continuation:
             _forced_and_continuation(pair, prompts, events, spec, ctx, tag, headline)
@@ -648,3 +653,148 @@ def lora_control(spec: LoraControlSpec, ctx: JobContext) -> None:
     row = control_row(record, pair.family, control_id)
     ctx.write_part("lora_controls.all", pa.Table.from_pylist([row], schema=LORA_CONTROL_SCHEMA))
     ctx.progress(1.0, f"lora_control: {record['status']}")
+
+
+# ---- controls of the 2x2 (method 4.3-4.7) ------------------------------------------------------------
+
+
+def _controls(ctx: JobContext, pair: Any, spec: Any, tag: str, progress: tuple[float, float]) -> None:
+    """The spec's `controls` on this pair's events at its headline boundary, first readout: parts
+    `<table>.<tag><control>` (resumable per control); report lines in the log."""
+    if not spec.controls:
+        return
+    import pyarrow as pa
+
+    from crosspatch.engine.control_suite import CONTROL_TABLES, ControlOptions, format_controls, run_controls
+    from crosspatch.engine.results import events_from_table
+
+    events_tbl = ctx.read_parts("events", prefix=tag)
+    events = events_from_table(events_tbl) if events_tbl is not None else []
+    boundary, readout = pair.headline_boundary(spec.boundary), spec.readouts[0]
+    o = spec.control_options
+    options = ControlOptions(
+        alphas=tuple(o.alphas),
+        seeds=tuple(o.seeds),
+        n_bins=o.n_bins,
+        rollout_tokens=o.rollout_tokens,
+        n_tries=o.n_tries,
+        horizons=tuple(o.horizons),
+        selection_seed=o.selection_seed,
+        n_resamples=spec.n_resamples,
+        seed=spec.seed,
+        batch_size=spec.batch_size,
+    )
+    record = ctx.provenance.setdefault("controls", {}).setdefault(pair.pair_id, {})
+    record.update(controls=list(spec.controls), boundary=boundary, readout=readout, options=o.model_dump())
+    if not any(e.diverged for e in events):
+        ctx.log(f"{pair.pair_id}: no diverged events, controls skipped", "WARNING")
+        return
+    cells = ctx.read_parts("cells", prefix=tag)
+    lo, hi = progress
+    tables: dict[str, pa.Table] = {}
+    for i, control in enumerate(spec.controls):
+        names = {t: f"{t}.{tag}{control}" for t in CONTROL_TABLES[control]}
+        done = ctx.completed_parts()
+        ctx.check_cancel()
+        if all(n in done for n in names.values()):
+            ctx.log(f"resumed: control {control} of {pair.pair_id} already done")
+        else:
+            run = run_controls(pair, events, [control], boundary, readout, options, cells, ctx.log)
+            if run.noop:
+                record.setdefault("native_history_noop", {}).update(run.noop)
+            for table, name in names.items():
+                ctx.write_part(name, run.tables[table])
+        for table in names:
+            part = ctx.read_parts(table, prefix=f"{tag}{control}")
+            if part is not None:
+                tables[table] = pa.concat_tables([tables[table], part]) if table in tables else part
+        ctx.progress(lo + (hi - lo) * (i + 1) / len(spec.controls), f"{pair.pair_id}: control {control}")
+    for line in format_controls(tables).splitlines():
+        ctx.log(line)
+
+
+def _stage_model(ctx: JobContext, stage: Any, base_fingerprint: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of one lineage stage: a registered pair's IT (same base required) or a path."""
+    from crosspatch.engine.pairs import load_model, weights_fingerprint
+
+    if stage.pair_id is not None:
+        pair = ctx.load_pair(stage.pair_id)
+        if weights_fingerprint(pair.pt) != base_fingerprint:
+            raise CrosspatchError(
+                f"stage {stage.name!r}: pair {stage.pair_id!r} has another base (PT) than the support pair; "
+                "a lineage scores descendants of one base"
+            )
+        return pair.it, pair.it_tokenizer
+    from crosspatch.app.config import get_settings
+    from crosspatch.app.services.paths import model_ref_to_open
+
+    path = model_ref_to_open(
+        stage.path, get_settings().model_roots, f"stage {stage.name!r}"
+    )  # checked at open
+    return load_model(path, device=ctx.device, dtype=ctx.dtype)
+
+
+@register("lineage")
+def lineage(spec: LineageSpec, ctx: JobContext) -> None:
+    """Fixed-support lineage sweep: support pair's events -> each stage's 2x2 vs the base -> one row per
+    stage (`lineage`), per-event cells (`lineage_cells`), contrasts (`recipe_contrasts`), `events`."""
+    from crosspatch.engine.pairs import weights_fingerprint
+    from crosspatch.engine.recipe import contrast_table, lineage_sweep, single_boundary, summarize_lineage
+    from crosspatch.engine.results import events_from_table, events_table
+
+    support = ctx.load_pair(spec.pair_id)
+    _provenance(ctx, support, spec)
+    boundary = single_boundary(support, spec.boundary)
+    base, tokenizer, family = support.pt, support.tokenizer, support.family
+    base_fp = weights_fingerprint(base)
+    done = ctx.completed_parts()
+    if "events.all" in done:  # resumed: the same support as before
+        events = events_from_table(ctx.read_parts("events"))
+    else:
+        events = _events_for(support, load_prompt_records(spec), spec)
+        ctx.write_part("events.all", events_table(events, family, support.pair_id))
+    if not any(e.diverged for e in events):
+        raise CrosspatchError(f"no prompt diverged on the support pair {support.pair_id!r}: nothing to sweep")
+    ctx.progress(0.2, f"{support.pair_id}: {sum(e.diverged for e in events)} events on the support")
+    done = ctx.completed_parts()
+    for i, stage in enumerate(spec.stages):  # one stage in memory at a time; a part per stage (resumable)
+        name = f"lineage_cells.{i:05d}"
+        if name not in done:
+            ctx.check_cancel()
+            model, tok = _stage_model(ctx, stage, base_fp)
+            part = lineage_sweep(
+                base,
+                {stage.name: model},
+                tokenizer,
+                events,
+                boundary,
+                spec.readout,
+                base_id=support.pair_id,
+                stage_tokenizers={stage.name: tok or tokenizer},
+                batch_size=spec.batch_size,
+                family=family,
+            )
+            ctx.write_part(name, part)
+            del model
+        ctx.progress(0.2 + 0.7 * (i + 1) / len(spec.stages), f"lineage: stage {stage.name} scored")
+    cells = ctx.read_parts("lineage_cells")
+    ctx.provenance.update(
+        boundary=boundary,
+        readout=spec.readout,
+        stages=[s.model_dump() for s in spec.stages],
+        reference=spec.reference or spec.stages[-1].name,
+    )
+    rows = summarize_lineage(cells, spec.reference, spec.n_resamples, spec.n_permutations, spec.seed)
+    ctx.write_part("lineage.all", rows)
+    if spec.contrasts:
+        ctx.write_part(
+            "recipe_contrasts.all",
+            contrast_table(cells, spec.contrasts, spec.n_resamples, spec.n_permutations, spec.seed),
+        )
+    for r in rows.to_pylist():
+        ctx.log(
+            f"lineage {r['stage']}: interaction {r['interaction']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            f" share of {spec.reference or spec.stages[-1].name} {r['share_of_reference']:.1%}"
+            f" portable share {r['portable_share']:.2f}"
+        )
+    ctx.progress(1.0, "lineage: done")

@@ -81,6 +81,9 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "allow_failed_gate": False},
         "forced_tokens": True,  # method 6: forced tokens and constrained continuation per pair
         "continuation": True,
+        # a control by flag: its rows land next to the cells, at the headline boundary
+        "controls": ["offmanifold"],
+        "control_options": {"seeds": [0]},
     }
     with client(env["server"], env["keys"]["ada"]) as c:
         r = c.post("/jobs", json={"spec": spec})
@@ -108,6 +111,7 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         prov = c.get(f"/jobs/{job_id}/provenance").json()["provenance"]
         forced = c.get(f"/jobs/{job_id}/results/forced_tokens", params={"limit": 10_000}).json()["data"]
         cont = c.get(f"/jobs/{job_id}/results/continuation", params={"limit": 10_000}).json()["data"]
+        offm = c.get(f"/jobs/{job_id}/results/offmanifold", params={"limit": 100}).json()["data"]
 
     # the service's cells equal the library's for the same inputs (one chunk, same batch size)
     from crosspatch.engine.crosspatch import crosspatch
@@ -134,6 +138,10 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
     assert {r["boundary"] for r in cont} == {headline} and set(n0) == {r["prompt_id"] for r in cells}
     for row in cells:
         assert n0[row["prompt_id"]] == pytest.approx(row["interaction"], abs=1e-5)
+    # the off-manifold control ran by flag at the headline boundary: C(a) grows along the PT -> IT path
+    slope = next(r for r in offm if r["statistic"] == "slope")
+    assert slope["pair_id"] == ORGANISM and slope["boundary"] == headline and slope["ci_low"] > 0
+    assert prov["controls"][ORGANISM]["boundary"] == headline
 
     # the sweep's mediation ran at the pair's headline boundary round(0.6 L), not at the first swept one
     assert prov["pairs"][ORGANISM]["headline_boundary"] == headline

@@ -123,9 +123,64 @@ def _method6_summaries() -> dict:
     }
 
 
+def _synthetic_controls() -> dict[str, pa.Table]:
+    """Tiny offmanifold / baselines / lineage summary tables (the controls' figures)."""
+    from crosspatch.engine.control_schemas import (
+        BASELINE_SUMMARY_SCHEMA,
+        LINEAGE_SCHEMA,
+        OFFMANIFOLD_SUMMARY_SCHEMA,
+    )
+
+    keys = {"family": "llama", "pair_id": "p", "boundary": 3, "readout": "it"}
+    nan = float("nan")
+    offm = [{**keys, "statistic": "curve", "alpha": a, "estimate": 2 * a, "ci_low": nan, "ci_high": nan, "n": 8}
+            for a in (0.0, 0.5, 1.0)]  # fmt: skip
+    offm += [
+        {**keys, "statistic": "slope", "alpha": None, "estimate": 2.0, "ci_low": 1.5, "ci_high": 2.5, "n": 8}
+    ]
+    base = [
+        {
+            **keys,
+            "condition": c,
+            "n": 8,
+            "interaction": v,
+            "ci_low": v - 0.2,
+            "ci_high": v + 0.2,
+            "share": v / 2,
+            "share_ci_low": None,
+            "share_ci_high": None,
+        }
+        for c, v in (("first_divergence", 2.0), ("random_balanced", 1.0), ("pre_divergence", 0.0))
+    ]
+    lineage = [
+        {
+            "family": "llama",
+            "base_id": "b",
+            "boundary": 3,
+            "readout": "it",
+            "stage": s,
+            "n": 8,
+            "interaction": v,
+            "ci_low": v - 0.1,
+            "ci_high": v + 0.1,
+        }
+        for s, v in (("sft", 0.5), ("dpo", 1.2), ("final", 2.0))
+    ]
+    return {
+        "offmanifold": pa.Table.from_pylist(offm, schema=OFFMANIFOLD_SUMMARY_SCHEMA),
+        "baselines": pa.Table.from_pylist(base, schema=BASELINE_SUMMARY_SCHEMA),
+        "lineage": pa.Table.from_pylist(lineage, schema=LINEAGE_SCHEMA),
+    }
+
+
 def test_every_figure_from_synthetic_tables(tmp_path: Path) -> None:
     summaries = summarize(synthetic_cells(), n_resamples=50, seed=1, n_permutations=200)
-    tables = {"summaries": summaries, "feature_effects": synthetic_feature_effects(), **_method6_summaries()}
+    tables = {
+        "summaries": summaries,
+        "feature_effects": synthetic_feature_effects(),
+        **_method6_summaries(),
+        **_synthetic_controls(),
+    }
     written = plots.write_figures(tables, tmp_path / "figures")
     assert sorted(p.stem for p in written) == sorted(plots.FIGURE_NAMES)
     for path in written:

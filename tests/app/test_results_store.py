@@ -343,3 +343,19 @@ def test_top_features_endpoint_serves_the_evidence_and_the_gate_flag(tmp_path: P
             assert c.get("/features/curve", params={"statistic": "gate"}).status_code == 422
     finally:
         server.stop()
+
+
+def test_events_written_before_event_kinds_read_as_first_diff(tmp_path: Path) -> None:
+    """An events table without the `event` column gains it; its old rows were headline first divergences."""
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE events (job_id VARCHAR NOT NULL, family VARCHAR, pair_id VARCHAR, prompt_id VARCHAR)"
+    )
+    con.execute("INSERT INTO events VALUES ('old', 'llama', 'p', 'q1')")
+    con.close()
+    store = ResultsStore(path)
+    (row,) = store.job_table("events", "old", limit=10).to_pylist()
+    assert row["prompt_id"] == "q1" and row["event"] == "first_diff" and row["diverged"] is None

@@ -171,3 +171,128 @@ def test_two_pairs_of_one_family_both_count():
     (bal,) = [r for r in inter if r["level"] == "balanced"]
     assert fam["llama"]["estimate"] == 4.0 and fam["llama"]["n_pairs"] == 2 and fam["llama"]["n"] == 8
     assert bal["estimate"] == 2.0 and bal["n_pairs"] == 3
+
+
+def _full_cells(
+    family: str, pair_id: str, pt_up: list[tuple[float, float]], it_up: list[tuple[float, float]]
+):
+    """Cells of one pair from per-prompt (Y[.,PT], Y[.,IT]) under PT-up and IT-up (prompts q0..q{n-1})."""
+    n = len(pt_up)
+    t = _cells(family, [0.0] * n, [0] * n, pair_id=pair_id)
+    pp, pi = [a for a, _ in pt_up], [b for _, b in pt_up]
+    ip, ii = [a for a, _ in it_up], [b for _, b in it_up]
+    pt_late = [b - a for a, b in pt_up]
+    it_late = [b - a for a, b in it_up]
+    cols = {
+        "y_ptup_ptlate": pp,
+        "y_ptup_itlate": pi,
+        "y_itup_ptlate": ip,
+        "y_itup_itlate": ii,
+        "pt_late_effect": pt_late,
+        "it_late_effect": it_late,
+        "interaction": [i - p for i, p in zip(it_late, pt_late, strict=True)],
+    }
+    for name, values in cols.items():
+        t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, pa.float64()))
+    return t
+
+
+def test_secondary_scales_and_pooled_null_by_hand():
+    """portable / interaction share at pair, family and balanced level, and the pooled null's exact p."""
+    import itertools
+
+    rng = np.random.default_rng(11)
+    data = {  # pair -> (family, [n, 4] cells Y[PT,PT], Y[PT,IT], Y[IT,PT], Y[IT,IT])
+        "a": ("llama", rng.normal([0.0, 0.6, 0.5, 2.5], 0.7, size=(6, 4))),
+        "b": ("llama", rng.normal([0.0, 0.2, 0.1, 1.0], 0.7, size=(6, 4))),
+        "c": ("qwen3", rng.normal([0.0, 0.5, 0.0, 0.8], 0.7, size=(6, 4))),
+    }
+    cells = pa.concat_tables(
+        _full_cells(fam, pid, [(r[0], r[1]) for r in y], [(r[2], r[3]) for r in y])
+        for pid, (fam, y) in data.items()
+    )
+    n_res, n_perm = 300, 1000
+    s = summarize(cells, n_resamples=n_res, n_permutations=n_perm).to_pylist()
+
+    def get(level, stat, key=None):
+        return next(
+            r
+            for r in s
+            if r["level"] == level
+            and r["statistic"] == stat
+            and r["subset"] == "all"
+            and key in (None, r["pair_id"] if level == "pair" else r["family"])
+        )
+
+    # the prompt resamples every pair's statistics share: seed 23, 6 prompts (q0..q5 sort in order)
+    idx = np.random.default_rng(23).integers(0, 6, size=(n_res, 6))
+
+    def parts(y):  # per prompt: (portable num, den), (interaction num, diagonal)
+        pt_late, it_late = y[:, 1] - y[:, 0], y[:, 3] - y[:, 2]
+        return {
+            "portable_share": (pt_late, it_late),
+            "interaction_share": (it_late - pt_late, y[:, 3] - y[:, 0]),
+        }
+
+    for stat in ("portable_share", "interaction_share"):
+        pairs = {pid: parts(y)[stat] for pid, (_, y) in data.items()}
+        point = {pid: (num.mean(), den.mean()) for pid, (num, den) in pairs.items()}
+        boot = {pid: (num[idx].mean(axis=1), den[idx].mean(axis=1)) for pid, (num, den) in pairs.items()}
+        for pid in data:
+            row = get("pair", stat, pid)
+            lo, hi = np.quantile(boot[pid][0] / boot[pid][1], [0.025, 0.975])
+            assert row["estimate"] == pytest.approx(point[pid][0] / point[pid][1], abs=1e-9)
+            assert (row["ci_low"], row["ci_high"]) == pytest.approx((lo, hi), abs=1e-9)
+        fam_num = {"llama": (point["a"][0] + point["b"][0]) / 2, "qwen3": point["c"][0]}
+        fam_den = {"llama": (point["a"][1] + point["b"][1]) / 2, "qwen3": point["c"][1]}
+        fam_boot = {
+            "llama": ((boot["a"][0] + boot["b"][0]) / 2, (boot["a"][1] + boot["b"][1]) / 2),
+            "qwen3": boot["c"],
+        }
+        for fam in ("llama", "qwen3"):
+            row = get("family", stat, fam)
+            lo, hi = np.quantile(fam_boot[fam][0] / fam_boot[fam][1], [0.025, 0.975])
+            assert row["estimate"] == pytest.approx(fam_num[fam] / fam_den[fam], abs=1e-9)
+            assert (row["ci_low"], row["ci_high"]) == pytest.approx((lo, hi), abs=1e-9)
+        bal = get("balanced", stat)
+        num = (fam_num["llama"] + fam_num["qwen3"]) / 2
+        den = (fam_den["llama"] + fam_den["qwen3"]) / 2
+        bn = (fam_boot["llama"][0] + fam_boot["qwen3"][0]) / 2
+        bd = (fam_boot["llama"][1] + fam_boot["qwen3"][1]) / 2
+        assert bal["estimate"] == pytest.approx(num / den, abs=1e-9)  # ratio of the balanced means
+        assert (bal["ci_low"], bal["ci_high"]) == pytest.approx(tuple(np.quantile(bn / bd, [0.025, 0.975])))
+        assert bal["n_pairs"] == 3 and bal["n"] == 18
+
+    # pooled null: one sign per prompt id across all three pairs; statistic = family-balanced mean
+    inter = {pid: parts(y)["interaction_share"][0] for pid, (_, y) in data.items()}
+
+    def balanced(signs):
+        llama = (np.mean(signs * inter["a"]) + np.mean(signs * inter["b"])) / 2
+        return (llama + np.mean(signs * inter["c"])) / 2
+
+    observed = balanced(np.ones(6))
+    null = [balanced(np.array(sg)) for sg in itertools.product([1.0, -1.0], repeat=6)]
+    p_exact = sum(v >= observed - 1e-12 for v in null) / 64
+    row = get("balanced", "interaction")
+    assert row["estimate"] == pytest.approx(observed, abs=1e-9)
+    assert row["p_value"] == pytest.approx(p_exact, abs=1e-15) and row["n_permutations"] == 64
+    assert 1 / 64 < p_exact < 0.5  # not the floor: the check bites
+    assert get("family", "interaction", "llama")["p_value"] is None
+
+
+def test_pooled_null_draws_when_patterns_exceed_the_budget():
+    """More prompts than the budget enumerates: a Monte-Carlo p on the same statistic, seeded."""
+    from crosspatch.engine.stats import pooled_sign_flip_test
+
+    ids = [f"q{i:02d}" for i in range(12)]
+    fams = [[(ids, np.linspace(0.5, 1.5, 12))], [(ids[:6], np.full(6, -0.1))]]
+    p, n = pooled_sign_flip_test(fams, n_permutations=999, seed=3)
+    assert n == 999 and p == pooled_sign_flip_test(fams, n_permutations=999, seed=3)[0]
+    # exact over 2^12 patterns, by hand
+    v = np.linspace(0.5, 1.5, 12) / 24 + np.r_[np.full(6, -0.1) / 12, np.zeros(6)]
+    signs = 1 - 2 * (np.arange(4096)[:, None] >> np.arange(12)[None, :] & 1)
+    exact = ((signs @ v) >= v.sum() - 1e-12).mean()
+    assert pooled_sign_flip_test(fams, n_permutations=4096)[0] == pytest.approx(exact, abs=1e-15)
+    assert abs(p - exact) < 0.01
+    with pytest.raises(ValueError, match="at least one pair"):
+        pooled_sign_flip_test([[]])

@@ -1,0 +1,203 @@
+"""Arrow schemas of the 2x2 controls' result tables (torch-free: the API process imports them).
+
+The engine modules (offmanifold, commitment, baselines, recipe) compute the rows; see their docstrings.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from crosspatch.engine.results import CELLS_SCHEMA
+
+# ---- engine.offmanifold ------------------------------------------------------------
+
+_EVENT_FIELDS = [
+    ("family", pa.string()),
+    ("pair_id", pa.string()),
+    ("prompt_id", pa.string()),
+    ("category", pa.string()),
+    ("position", pa.int32()),
+    ("boundary", pa.int32()),
+    ("readout", pa.string()),
+]
+
+# interpolation: one row per event x alpha.
+#   alpha        interpolation weight a of U_IT in U(a) = (1 - a) U_PT + a U_IT
+#   y_itlate     Y(U(a), L_IT);  y_ptlate  Y(U(a), L_PT)
+#   late_effect  L(a) = y_itlate - y_ptlate
+#   contrast     C(a) = L(a) - L(0): 0 at a = 0, the event's interaction at a = 1
+INTERPOLATION_SCHEMA = pa.schema(
+    [
+        *_EVENT_FIELDS,
+        ("alpha", pa.float64()),
+        ("y_itlate", pa.float64()),
+        ("y_ptlate", pa.float64()),
+        ("late_effect", pa.float64()),
+        ("contrast", pa.float64()),
+    ]
+)
+
+# signperm: one row per event x seed.
+#   seed                  the draw of the signed permutation P_s
+#   y_itlate, y_ptlate    Y(U_rand, L_IT), Y(U_rand, L_PT) with U_rand = U_PT + P_s(U_IT - U_PT)
+#   random_interaction    (y_itlate - y_ptlate) - PT-upstream late effect
+#   observed_interaction  the event's 2x2 interaction (same for every seed)
+SIGNPERM_SCHEMA = pa.schema(
+    [
+        *_EVENT_FIELDS,
+        ("seed", pa.int64()),
+        ("y_itlate", pa.float64()),
+        ("y_ptlate", pa.float64()),
+        ("random_interaction", pa.float64()),
+        ("observed_interaction", pa.float64()),
+    ]
+)
+
+# offmanifold (summary): one row per statistic of one pair x boundary x readout.
+#   statistic   'slope' (mean per-event slope of C(a), bootstrap CI), 'curve' (mean C(a) at `alpha`, no CI),
+#               'interaction' (mean C(1)), 'random_interaction' (signed-permutation mean over events and
+#               seeds), 'signperm_ratio' (random / observed interaction, ratio of means with its CI)
+#   alpha       the grid point of a 'curve' row (null otherwise)
+OFFMANIFOLD_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("boundary", pa.int32()),
+        ("readout", pa.string()),
+        ("statistic", pa.string()),
+        ("alpha", pa.float64()),
+        ("estimate", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n", pa.int64()),
+    ]
+)
+
+
+# ---- engine.commitment ------------------------------------------------------------
+
+# boundary_margins: one row per event.
+#   boundary         index of the first late block
+#   boundary_margin  IT logit lens at the boundary: t_IT minus t_PT logit (IT final norm + unembedding)
+#   favours_it       boundary_margin > 0 (IT's boundary readout already prefers t_IT)
+BOUNDARY_MARGIN_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("category", pa.string()),
+        ("position", pa.int32()),
+        ("boundary", pa.int32()),
+        ("boundary_margin", pa.float64()),
+        ("favours_it", pa.bool_()),
+    ]
+)
+
+# commitment: one row per view of the interaction.
+#   view          'all', 'uncommitted' (margin <= 0), 'committed' (margin > 0), 'bin' (margin in
+#                 [margin_low, margin_high), the last bin closed) or 'intercept' (a of the linear fit)
+#   margin_low, margin_high   the view's margin range (null for all / intercept)
+#   estimate, ci_low, ci_high mean interaction (or the intercept) with its percentile bootstrap CI
+#   n             events in the view
+COMMITMENT_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("boundary", pa.int32()),
+        ("readout", pa.string()),
+        ("view", pa.string()),
+        ("margin_low", pa.float64()),
+        ("margin_high", pa.float64()),
+        ("estimate", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n", pa.int64()),
+    ]
+)
+
+
+# ---- engine.baselines ------------------------------------------------------------
+
+# baseline cells: the cells table (engine.results.CELLS_SCHEMA) plus
+#   condition   one of CONDITIONS; `position` is the scored prefix length in generated tokens
+BASELINE_CELLS_SCHEMA = CELLS_SCHEMA.append(pa.field("condition", pa.string()))
+
+# baseline summary: one row per condition (and `random_balanced`).
+#   interaction, ci_low, ci_high   mean interaction with its prompt-bootstrap CI
+#   share, share_ci_low, share_ci_high   interaction / first-divergence interaction (shared resamples)
+#   n   events scored in the condition (for random_balanced: prompts with either arm)
+BASELINE_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("boundary", pa.int32()),
+        ("readout", pa.string()),
+        ("condition", pa.string()),
+        ("n", pa.int64()),
+        ("interaction", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("share", pa.float64()),
+        ("share_ci_low", pa.float64()),
+        ("share_ci_high", pa.float64()),
+    ]
+)
+
+
+# ---- engine.recipe ------------------------------------------------------------
+
+# lineage: one row per stage, every stage scored as "IT" against the base on the same events and labels.
+#   stage                 the descendant's name (e.g. sft, dpo, final)
+#   n                     events scored
+#   interaction, ci_low, ci_high   mean interaction with its prompt-bootstrap CI
+#   p_value               one-sided sign-flip p of the interaction
+#   pt_late_effect, it_late_effect, portable_share   the secondary scales (means; share = PT-up / IT-up)
+#   share_of_reference, share_ci_low, share_ci_high  interaction / the reference stage's (shared resamples)
+#   native_top1_rate      share of events where the stage's own greedy token (native pass) is t_IT
+LINEAGE_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("base_id", pa.string()),
+        ("boundary", pa.int32()),
+        ("readout", pa.string()),
+        ("stage", pa.string()),
+        ("n", pa.int64()),
+        ("interaction", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("p_value", pa.float64()),
+        ("pt_late_effect", pa.float64()),
+        ("it_late_effect", pa.float64()),
+        ("portable_share", pa.float64()),
+        ("share_of_reference", pa.float64()),
+        ("share_ci_low", pa.float64()),
+        ("share_ci_high", pa.float64()),
+        ("native_top1_rate", pa.float64()),
+    ]
+)
+
+# lineage cells: the cells table (engine.results.CELLS_SCHEMA; pair_id = '<base_id>~<stage>') plus
+#   stage, native_top1_it (the stage's own masked argmax at the event equals t_IT)
+LINEAGE_CELLS_SCHEMA = CELLS_SCHEMA.append(pa.field("stage", pa.string())).append(
+    pa.field("native_top1_it", pa.bool_())
+)
+
+# recipe_contrasts: one row per (stage_a, stage_b) contrast of a lineage sweep's cells (same support).
+#   estimate, ci_low, ci_high   mean per-prompt interaction of stage_a minus stage_b, prompt-bootstrap CI
+#   p_value                     one-sided sign-flip (label-swap) p of estimate > 0; n_permutations its budget
+RECIPE_CONTRAST_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("base_id", pa.string()),
+        ("boundary", pa.int32()),
+        ("readout", pa.string()),
+        ("stage_a", pa.string()),
+        ("stage_b", pa.string()),
+        ("estimate", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("p_value", pa.float64()),
+        ("n", pa.int64()),
+        ("n_permutations", pa.int64()),
+    ]
+)

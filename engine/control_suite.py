@@ -1,0 +1,214 @@
+"""The controls of the 2x2 (method sections 4.3-4.6) run together at one boundary, as result tables.
+
+One entry point for the worker (crosspatch and pipeline jobs with `controls: [...]`), the CLI
+(`crosspatch controls`, `crosspatch run --controls`) and the library:
+
+    run_controls(pair, events, ["offmanifold", "commitment", "baselines", "native_history"], boundary)
+        -> ControlRun(tables={table name: Arrow table}, noop={source: native-history no-op report})
+
+Tables (the DuckDB tables of the same names; schemas in the engine modules):
+    interpolation, signperm, offmanifold    engine.offmanifold (per event x alpha / seed; summary rows)
+    boundary_margins, commitment            engine.commitment (per event; one row per view)
+    baseline_cells, baselines               engine.baselines (the 2x2 per condition; one row per condition);
+                                            native_history adds conditions native_pt_history /
+                                            native_it_history (events averaged within prompt, no share)
+`format_controls(tables)` renders the printed report lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from crosspatch.engine.divergence import DivergenceEvent
+from crosspatch.engine.pairs import ModelPair
+
+CONTROLS: tuple[str, ...] = ("offmanifold", "commitment", "baselines", "native_history")
+# control -> the tables it writes
+CONTROL_TABLES: dict[str, tuple[str, ...]] = {
+    "offmanifold": ("interpolation", "signperm", "offmanifold"),
+    "commitment": ("boundary_margins", "commitment"),
+    "baselines": ("baseline_cells", "baselines"),
+    "native_history": ("baseline_cells", "baselines"),
+}
+
+
+@dataclass(frozen=True)
+class ControlOptions:
+    """Knobs of the controls (defaults follow the method)."""
+
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_bins: int = 4
+    rollout_tokens: int = 64
+    n_tries: int = 8
+    horizons: tuple[int, ...] = (4, 8, 16)
+    selection_seed: int = 0
+    n_resamples: int = 2000
+    seed: int = 23
+    batch_size: int = 16
+
+
+@dataclass
+class ControlRun:
+    """What `run_controls` returns: table name -> table, and the native-history no-op reports by source."""
+
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    noop: dict[str, dict] = field(default_factory=dict)
+
+
+def check_controls(controls: Sequence[str]) -> list[str]:
+    """The controls in canonical order; an unknown or repeated name is a ValueError."""
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise ValueError(f"unknown control(s) {unknown}; choose from {', '.join(CONTROLS)}")
+    if len(set(controls)) != len(controls):
+        raise ValueError("controls must be unique")
+    return [c for c in CONTROLS if c in controls]
+
+
+def run_controls(
+    pair: ModelPair,
+    events: Sequence[DivergenceEvent],
+    controls: Sequence[str],
+    boundary: int,
+    readout: str = "it",
+    options: ControlOptions | None = None,
+    cells: pa.Table | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> ControlRun:
+    """Run `controls` on `events` (one per prompt) at `boundary` with `readout`: their tables by name.
+
+    `cells`: the 2x2 of these events (any boundaries/readouts; the commitment view joins on it), else
+    computed here when needed.
+    """
+    from crosspatch.engine import baselines as bl
+    from crosspatch.engine import commitment as cm
+    from crosspatch.engine import offmanifold as om
+    from crosspatch.engine.crosspatch import crosspatch
+    from crosspatch.engine.noop import noop_report
+
+    opts = options or ControlOptions()
+    names = check_controls(controls)
+    say = on_progress or (lambda _msg: None)
+    scored = [e for e in events if e.diverged]
+    if not scored:
+        raise ValueError("no diverged events: the controls have nothing to score")
+    run = ControlRun()
+    out = run.tables
+    if "offmanifold" in names:
+        say(f"{pair.pair_id}: off-manifold checks (alphas {list(opts.alphas)}, seeds {list(opts.seeds)})")
+        interp, perm = om.offmanifold(
+            pair, scored, boundary, readout, opts.alphas, opts.seeds, opts.batch_size
+        )
+        summary = om.summarize_offmanifold(interp, perm, opts.n_resamples, opts.seed)
+        out |= {
+            "interpolation": interp,
+            "signperm": perm,
+            "offmanifold": om.offmanifold_table(summary, interp),
+        }
+    if "commitment" in names:
+        say(f"{pair.pair_id}: pre-late commitment (IT boundary logit lens)")
+        here = _cells_at(cells, boundary, readout)
+        if here is None:
+            here = crosspatch(pair, scored, boundary, (readout,), opts.batch_size, check_noop=False)
+        margins = cm.boundary_margins(pair, scored, boundary, opts.batch_size)
+        _, table = cm.commitment_summary(here, margins, None, opts.n_bins, opts.n_resamples, opts.seed)
+        out |= {"boundary_margins": margins, "commitment": table}
+    parts, summaries = [], []
+    if "baselines" in names:
+        say(f"{pair.pair_id}: selection baselines (rollouts of {opts.rollout_tokens} tokens)")
+        bc = bl.baseline_cells(
+            pair, events, boundary, readout, opts.rollout_tokens, opts.n_tries, opts.selection_seed,
+            opts.batch_size,
+        )  # fmt: skip
+        _, table = bl.summarize_baselines(bc, opts.n_resamples, opts.seed)
+        parts.append(bc)
+        summaries.append(table)
+    if "native_history" in names:
+        for source in ("pt", "it"):
+            say(f"{pair.pair_id}: native {source.upper()} history at horizons {list(opts.horizons)}")
+            native = bl.native_history_events(
+                pair, events, source, opts.horizons, opts.rollout_tokens, opts.batch_size
+            )
+            if not native:
+                continue
+            nc = crosspatch(pair, native, boundary, (readout,), opts.batch_size)  # no-op checked
+            report = noop_report(nc)
+            if report is not None:
+                run.noop[source] = report
+            condition = pa.array([f"native_{source}_history"] * nc.num_rows, pa.string())
+            nc = nc.append_column("condition", condition).cast(bl.BASELINE_CELLS_SCHEMA)
+            if nc.num_rows:
+                parts.append(nc)
+                summaries.append(_native_row(nc, f"native_{source}_history", opts))
+    if parts:
+        out["baseline_cells"] = pa.concat_tables(parts).cast(bl.BASELINE_CELLS_SCHEMA)
+        out["baselines"] = pa.concat_tables(summaries).cast(bl.BASELINE_SUMMARY_SCHEMA)
+    return run
+
+
+def _cells_at(cells: pa.Table | None, boundary: int, readout: str) -> pa.Table | None:
+    """The rows of `cells` at `boundary` and `readout` (None if there are none)."""
+    if cells is None or cells.num_rows == 0:
+        return None
+    keep = pc.and_(pc.equal(cells["boundary"], boundary), pc.equal(cells["readout"], readout))
+    sub = cells.filter(keep)
+    return sub if sub.num_rows else None
+
+
+def _native_row(cells: pa.Table, condition: str, opts: ControlOptions) -> pa.Table:
+    """A baselines row for one native-history arm: events averaged within prompt, prompt-bootstrap CI."""
+    from crosspatch.engine.baselines import BASELINE_SUMMARY_SCHEMA, clustered_interaction
+
+    mean, lo, hi, n_events, _ = clustered_interaction(cells, opts.n_resamples, opts.seed)
+    keys = {k: cells.column(k)[0].as_py() for k in ("family", "pair_id", "boundary", "readout")}
+    row = {**keys, "condition": condition, "n": n_events, "interaction": mean, "ci_low": lo, "ci_high": hi}
+    row |= {"share": None, "share_ci_low": None, "share_ci_high": None}
+    return pa.Table.from_pylist([row], schema=BASELINE_SUMMARY_SCHEMA)
+
+
+def _ci(estimate: float | None, lo: float | None, hi: float | None) -> str:
+    if estimate is None or estimate != estimate:
+        return "n/a"
+    if lo is None or lo != lo:
+        return f"{estimate:+.3f}"
+    return f"{estimate:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def format_controls(tables: dict[str, pa.Table]) -> str:
+    """Printed report lines of the controls (one block per control that ran)."""
+    lines: list[str] = []
+    if "offmanifold" in tables:
+        for pair_id in sorted(set(tables["offmanifold"].column("pair_id").to_pylist())):
+            rows = [r for r in tables["offmanifold"].to_pylist() if r["pair_id"] == pair_id]
+            by = {r["statistic"]: r for r in rows if r["statistic"] != "curve"}
+            curve = ", ".join(
+                f"{r['alpha']:g}: {r['estimate']:+.2f}" for r in rows if r["statistic"] == "curve"
+            )
+            s, q = by["slope"], by["signperm_ratio"]
+            lines.append(
+                f"off-manifold  {pair_id} (b={s['boundary']}, n={s['n']}): interpolation slope "
+                f"{_ci(s['estimate'], s['ci_low'], s['ci_high'])}; curve C(a) {{{curve}}}; "
+                f"signed-permutation random/observed {_ci(q['estimate'], q['ci_low'], q['ci_high'])}"
+            )
+    if "commitment" in tables:
+        for r in tables["commitment"].to_pylist():
+            if r["view"] in ("all", "uncommitted", "intercept"):
+                label = {"all": "all events", "uncommitted": "uncommitted (margin <= 0)",
+                         "intercept": "margin-adjusted intercept"}[r["view"]]  # fmt: skip
+                lines.append(
+                    f"commitment    {r['pair_id']}: {label:<27} {_ci(r['estimate'], r['ci_low'], r['ci_high'])}"
+                    f"  n={r['n']}"
+                )
+    if "baselines" in tables:
+        for r in tables["baselines"].to_pylist():
+            share = "" if r["share"] is None or r["share"] != r["share"] else f"  share {r['share']:.0%}"
+            lines.append(
+                f"baselines     {r['pair_id']}: {r['condition']:<20} "
+                f"{_ci(r['interaction'], r['ci_low'], r['ci_high'])}  n={r['n']}{share}"
+            )
+    return "\n".join(lines)
