@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -51,14 +51,14 @@ from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batche
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.guards import check_dictionaries
+from crosspatch.engine.hooks import HasMlps, MlpHook, mlp_hooks
 from crosspatch.engine.noop import check_mediation_noop
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA, GATE_CHECKS_SCHEMA
 from crosspatch.engine.stats import bootstrap_means
 
-Edit = Callable[
-    [torch.Tensor, int], torch.Tensor
-]  # (mlp_out at last position [batch, d], layer) -> new value
+Edit = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (mlp_out [batch, d_model], mlp_in [batch, d_model], both at the last position; layer) -> new mlp_out
 
 
 class FeatureDictionary(Protocol):
@@ -179,26 +179,18 @@ class MediationConfig:
             )
 
 
-@contextlib.contextmanager
-def mlp_edits(pair: ModelPair, edits: dict[int, Edit]) -> Iterator[None]:
-    """Install forward hooks that edit IT's MLP output at the last position of given layers; always removed."""
-    handles = []
+def mlp_edits(pair: ModelPair, edits: dict[int, Edit]) -> contextlib.AbstractContextManager[None]:
+    """Hooks that edit IT's MLP output at the last position of the given layers (`engine.hooks`: always removed)."""
 
-    def make(layer: int, edit: Edit):
-        def hook(module, args, output):
-            out = output.clone()
-            out[:, -1] = edit(output[:, -1], args[0][:, -1], layer)  # [batch, d_model]
-            return out
+    def make(layer: int, edit: Edit) -> MlpHook:
+        def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            new = out.clone()  # [batch, seq, d_model]
+            new[:, -1] = edit(out[:, -1], x[:, -1], layer)  # [batch, d_model]
+            return new
 
-        return hook
+        return fn
 
-    try:
-        for layer, edit in edits.items():
-            handles.append(pair.it_adapter.mlp(layer).register_forward_hook(make(layer, edit)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return mlp_hooks(pair.it_adapter, {layer: make(layer, edit) for layer, edit in edits.items()})
 
 
 def _source(d: FeatureDictionary, mlp_out: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
@@ -206,29 +198,23 @@ def _source(d: FeatureDictionary, mlp_out: torch.Tensor, mlp_in: torch.Tensor) -
     return mlp_in if getattr(d, "reads_input", False) else mlp_out
 
 
-@contextlib.contextmanager
-def splice(model_adapter, dictionaries: Sequence[FeatureDictionary]) -> Iterator[None]:
+def splice_with_error(
+    model_adapter: HasMlps, dictionaries: Sequence[FeatureDictionary]
+) -> contextlib.AbstractContextManager[None]:
     """Run with each dictionary spliced at its layer's MLP output, keeping the error term (a no-op by design).
 
     x -> decode(encode(x)) + (x - decode(encode(x))) at every position; interventions edit the first term.
+    (`saes.quality.splice_metrics` instead replaces x by the reconstruction alone, to measure its loss.)
     """
-    handles = []
 
-    def make(d: FeatureDictionary):
-        def hook(module, args, output):
-            src = _source(d, output, args[0])
-            recon = d.decode(d.encode(src.to(d.W_dec))).to(output)  # [batch, seq, d_model]
-            return recon + (output - recon)
+    def make(d: FeatureDictionary) -> MlpHook:
+        def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            recon = d.decode(d.encode(_source(d, out, x).to(d.W_dec))).to(out)  # [batch, seq, d_model]
+            return recon + (out - recon)
 
-        return hook
+        return fn
 
-    try:
-        for d in dictionaries:
-            handles.append(model_adapter.mlp(d.layer).register_forward_hook(make(d)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return mlp_hooks(model_adapter, [(d.layer, make(d)) for d in dictionaries])
 
 
 def it_late_margin(
@@ -258,34 +244,26 @@ def _capture_mlp(
     """(MLP output, MLP input) at the last position of `layers` in cell (upstream, IT late); dY/d output if `with_grad`."""
     outs: dict[int, torch.Tensor] = {}
     ins: dict[int, torch.Tensor] = {}
-    handles = []
 
-    def make(layer: int):
-        def hook(module, args, output):
+    def make(layer: int) -> MlpHook:
+        def fn(x: torch.Tensor, out: torch.Tensor) -> None:
             if with_grad:
-                output.retain_grad()
-            outs[layer] = output
-            ins[layer] = args[0]
-            return output
+                out.retain_grad()
+            outs[layer], ins[layer] = out, x  # 2x [batch, seq, d_model]
 
-        return hook
+        return fn
 
-    resid = passes.captured[upstream][boundary].detach()
-    try:
-        for layer in layers:
-            handles.append(pair.it_adapter.mlp(layer).register_forward_hook(make(layer)))
-        with torch.set_grad_enabled(with_grad):
-            if with_grad:
-                resid = resid.clone().requires_grad_(
-                    True
-                )  # makes the graph differentiable (weights are frozen)
-            final = pair.it_adapter.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1]
-            y = margin(pair.it_adapter, final, tokens)
-            if with_grad:
-                y.sum().backward()  # rows are independent, so each row gets its own gradient
-    finally:
-        for h in handles:
-            h.remove()
+    resid = passes.captured[upstream][boundary].detach()  # [batch, seq, d_model]
+    with (
+        mlp_hooks(pair.it_adapter, {layer: make(layer) for layer in layers}),
+        torch.set_grad_enabled(with_grad),
+    ):
+        if with_grad:
+            resid = resid.clone().requires_grad_(True)  # makes the graph differentiable (weights are frozen)
+        final = pair.it_adapter.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1]
+        y = margin(pair.it_adapter, final, tokens)  # [batch]
+        if with_grad:
+            y.sum().backward()  # rows are independent, so each row gets its own gradient
     acts = {
         layer: (o[:, -1].detach(), ins[layer][:, -1].detach()) for layer, o in outs.items()
     }  # 2x [batch, d]

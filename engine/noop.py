@@ -158,7 +158,7 @@ def check_mediation_noop(
     """
     # imported here: crosspatch.py and mediation.py import this module
     from crosspatch.engine.crosspatch import clean_passes, event_batches
-    from crosspatch.engine.mediation import splice
+    from crosspatch.engine.mediation import splice_with_error
 
     first = next(event_batches(pair, events, max(1, batch_size)), None)
     if first is None:
@@ -173,7 +173,7 @@ def check_mediation_noop(
         clean = it.readout(
             it.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1]
         )  # [batch, vocab]
-        with splice(it, dictionaries):
+        with splice_with_error(it, dictionaries):
             spliced = it.readout(it.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1])
         d = _max_abs(spliced, clean)
         worst = d if math.isnan(d) or math.isnan(worst) else max(worst, d)

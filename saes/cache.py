@@ -36,6 +36,7 @@ from transformers import PreTrainedModel
 from crosspatch.engine.adapters import ArchAdapter, adapter_for, positions_from_mask
 from crosspatch.engine.divergence import left_pad
 from crosspatch.engine.errors import PromptFileError
+from crosspatch.engine.hooks import MlpHook, mlp_hooks
 from crosspatch.saes.errors import CacheError, DictionaryConfigError
 
 MANIFEST = "manifest.json"
@@ -291,37 +292,6 @@ def load_model(
 
 
 # ---- capture --------------------------------------------------------------------------------------------
-class _Capture:
-    """Forward hooks on the chosen MLP modules, removed in `close` (use as a context manager)."""
-
-    def __init__(self, adapter: ArchAdapter, layers: Sequence[int], hooks: Sequence[str]) -> None:
-        self.store: dict[tuple[int, str], torch.Tensor] = {}
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        for layer in layers:
-            self.handles.append(
-                adapter.mlp(layer).register_forward_hook(self._hook(layer, hooks), with_kwargs=True)
-            )
-
-    def _hook(self, layer: int, hooks: Sequence[str]) -> Callable[..., None]:
-        def fn(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if "mlp_in" in hooks:
-                x = args[0] if args else next(iter(kwargs.values()))
-                self.store[(layer, "mlp_in")] = x.detach()  # [batch, seq, d_model]
-            if "mlp_out" in hooks:
-                out = output[0] if isinstance(output, tuple) else output
-                self.store[(layer, "mlp_out")] = out.detach()  # [batch, seq, d_model]
-
-        return fn
-
-    def __enter__(self) -> _Capture:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-
 @torch.no_grad()
 def capture_mlp(
     adapter: ArchAdapter,
@@ -334,9 +304,20 @@ def capture_mlp(
     position_ids = positions_from_mask(attention_mask)
     resid = adapter.embed(input_ids, position_ids)  # [batch, seq, d_model]
     ctx = adapter.context(resid, attention_mask, position_ids)
-    with _Capture(adapter, layers, hooks) as cap:
+    store: dict[tuple[int, str], torch.Tensor] = {}
+
+    def grab(layer: int) -> MlpHook:
+        def fn(x: torch.Tensor, out: torch.Tensor) -> None:
+            if "mlp_in" in hooks:
+                store[(layer, "mlp_in")] = x.detach()  # [batch, seq, d_model]
+            if "mlp_out" in hooks:
+                store[(layer, "mlp_out")] = out.detach()  # [batch, seq, d_model]
+
+        return fn
+
+    with mlp_hooks(adapter, {layer: grab(layer) for layer in layers}):
         adapter.run_layers(resid, ctx, 0, max(layers) + 1)
-        return dict(cap.store)
+    return store
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Metrics on held-out tokens (a prompt-level split of the cache the dictionary did
   (a fixed sample keeps the [0.01, 0.20] band meaningful: on more tokens more latents fire);
   `dead_fraction` = latents that never fire on any held-out token;
 - with models given: next-token cross-entropy and KL(clean || spliced) when the reconstruction replaces the
-  MLP output at the dictionary's layer (a forward hook on `adapter.mlp(layer)`), plus the zero-ablation
+  MLP output at the dictionary's layer (`engine.hooks.mlp_hooks`), plus the zero-ablation
   loss for scale (`ce_loss_recovered`).
 
 The gate (method section 5.1) is a list of named checks, each `{name, value, threshold, passed, status,
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from crosspatch.engine.adapters import adapter_for
+from crosspatch.engine.hooks import mlp_hooks
 from crosspatch.saes.cache import act_key
 from crosspatch.saes.errors import CacheError, GateFailedError
 from crosspatch.saes.load import Dictionary
@@ -165,17 +166,15 @@ def splice_metrics(
     layer = d.layer
     if layer is None or not 0 <= layer < adapter.n_layers:
         raise CacheError(f"dictionary layer {layer} is not a layer of this model ({adapter.n_layers} layers)")
-    mlp = adapter.mlp(layer)
     mode = {"v": "clean"}
     mask_holder: dict[str, torch.Tensor] = {}
 
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+    def hook(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
         if mode["v"] == "clean":
             return None
         keep = mask_holder["m"][..., None]  # [batch, seq, 1]
         if mode["v"] == "zero":
             return torch.where(keep, torch.zeros_like(output), output)
-        x = args[0] if args else next(iter(kwargs.values()))
         src = x if d.kind == "transcoder" else output
         b = branch if d.kind == "crosscoder" else None
         recon = d.reconstruct(src.float(), branch=b).to(output.dtype)  # [batch, seq, d]
@@ -183,8 +182,7 @@ def splice_metrics(
 
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     n_tok = 0
-    handle = mlp.register_forward_hook(hook, with_kwargs=True)
-    try:
+    with mlp_hooks(adapter, {layer: hook}):
         for s in range(0, len(sequences), batch_size):
             batch = [list(q) for q in sequences[s : s + batch_size] if len(q) > skip_positions + 1]
             if not batch:
@@ -215,8 +213,6 @@ def splice_metrics(
             kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1)  # [batch, seq-1]
             totals["kl"] += float(kl[valid].sum())
             n_tok += int(valid.sum())
-    finally:
-        handle.remove()
     if n_tok == 0:
         raise CacheError("no held-out sequences long enough to measure the splice effect")
     ce_c, ce_s, ce_z = (totals[m] / n_tok for m in ("clean", "spliced", "zero"))
