@@ -28,10 +28,9 @@ def test_a_raising_hook_leaves_no_hook_behind_and_others_survive():
     def boom(x, out):
         raise RuntimeError("hook failed")
 
-    with pytest.raises(RuntimeError, match="hook failed"):
-        with mlp_hooks(a, {0: lambda x, out: None, 1: boom}):
-            assert _n_hooks(a, [0, 1]) == {0: 2, 1: 1}
-            a.forward_logits(ids, mask)
+    with pytest.raises(RuntimeError, match="hook failed"), mlp_hooks(a, {0: lambda x, out: None, 1: boom}):
+        assert _n_hooks(a, [0, 1]) == {0: 2, 1: 1}
+        a.forward_logits(ids, mask)
     assert _n_hooks(a, range(a.n_layers)) == before
     seen.clear()
     a.forward_logits(ids, mask)
@@ -43,9 +42,9 @@ def test_a_failed_installation_removes_what_was_installed():
     pair = tiny_pair("llama")
     a = pair.it_adapter
     before = _n_hooks(a, range(a.n_layers))
-    with pytest.raises(IndexError):
-        with mlp_hooks(a, [(0, lambda x, out: None), (a.n_layers + 5, lambda x, out: None)]):
-            pass
+    hooks = [(0, lambda x, out: None), (a.n_layers + 5, lambda x, out: None)]
+    with pytest.raises(IndexError), mlp_hooks(a, hooks):
+        pass
     assert _n_hooks(a, range(a.n_layers)) == before
 
 
