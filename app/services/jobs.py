@@ -14,6 +14,7 @@ from crosspatch.app.errors import Conflict, Invalid, QuotaExceeded
 from crosspatch.app.schemas.jobs import JobCreate, JobPublic
 from crosspatch.app.services.paths import resolve_under
 from crosspatch.app.store.duckdb import ResultsStore
+from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.store.models import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -25,8 +26,6 @@ from crosspatch.app.store.models import (
     User,
     utcnow,
 )
-from crosspatch.app.worker.context import parts_dir
-from crosspatch.app.worker.handlers import available_kinds
 
 
 def _count_lines(path: Any, stop_after: int) -> int:
@@ -81,11 +80,6 @@ def _check_boundary(boundary: Any, pair: Pair) -> None:
 def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tuple[str | None, int]:
     """Check a spec against the allow-list and the server's limits; returns (pair_id, memory)."""
     spec = body.spec
-    if spec.kind not in available_kinds():
-        raise Invalid(
-            "spec.kind",
-            f"job kind {spec.kind!r} is not available on this server (available: {', '.join(available_kinds())})",
-        )
     _check_prompts(spec, settings)
     pair_ids = list(spec.pair_ids) if spec.kind == "pipeline" else [spec.pair_id]
     field = "spec.pair_ids" if spec.kind == "pipeline" else "spec.pair_id"

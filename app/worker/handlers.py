@@ -1,8 +1,9 @@
-"""Job handlers: `kind -> function(spec, context)`. Only kinds whose engine pieces exist are registered.
+"""Job handlers: `kind -> function(spec, context)`. Every kind of the spec union has one.
 
 A handler streams its work in chunks of prompts; each finished chunk is a checkpoint part
 (`events.00003`, `cells.00003`), so a job resumed after a crash skips the chunks it already has.
-The engine is imported inside the handlers: importing this module stays cheap for the API process.
+Only worker processes import this module (it imports the engine and torch); the API takes job kinds
+from the spec union (`app.schemas.jobs.job_kinds`) and the job layout from `app.store.layout`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from crosspatch.app.schemas.jobs import (
     JOB_SPEC_ADAPTER,
@@ -23,7 +26,19 @@ from crosspatch.app.schemas.jobs import (
     TrainDictionarySpec,
 )
 from crosspatch.app.worker.context import JobContext
+from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
+from crosspatch.engine.divergence import DivergenceEvent, find_divergences
 from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.mediation import BranchView, MediationConfig
+from crosspatch.engine.mediation import mediate as run_mediation
+from crosspatch.engine.noop import noop_report
+from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.prompts import PromptRecord, load_prompts
+from crosspatch.engine.results import GATE_CHECKS_SCHEMA, events_from_table, events_table
+from crosspatch.engine.stats import summarize
+from crosspatch.saes.for_pair import train_for_pair
+from crosspatch.saes.load import Dictionary, load_dictionary, load_pretrained
+from crosspatch.saes.quality import GateConfig, describe_check, record_causal_checks, require_gate
 
 Handler = Callable[[Any, JobContext], None]
 HANDLERS: dict[str, Handler] = {}
@@ -41,11 +56,6 @@ def register(kind: str) -> Callable[[Handler], Handler]:
     return deco
 
 
-def available_kinds() -> list[str]:
-    """The job kinds this installation can run."""
-    return sorted(HANDLERS)
-
-
 def run_job(spec: dict[str, Any], ctx: JobContext) -> None:
     """Validate `spec` and run its kind's handler."""
     parsed = JOB_SPEC_ADAPTER.validate_python(spec)
@@ -55,9 +65,8 @@ def run_job(spec: dict[str, Any], ctx: JobContext) -> None:
     handler(parsed, ctx)
 
 
-def load_prompt_records(spec: DivergenceSpec) -> list[Any]:
+def load_prompt_records(spec: DivergenceSpec) -> list[PromptRecord]:
     """The spec's prompts as engine `PromptRecord`s (inline, or the checked file)."""
-    from crosspatch.engine.prompts import PromptRecord, load_prompts
 
     if spec.prompts is not None:
         return [PromptRecord(id=p.id, text=p.text, category=p.category) for p in spec.prompts]
@@ -69,8 +78,9 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _events_for(pair: Any, chunk: Sequence[Any], spec: DivergenceSpec) -> list[Any]:
-    from crosspatch.engine.divergence import find_divergences
+def _events_for(
+    pair: ModelPair, chunk: Sequence[PromptRecord], spec: DivergenceSpec
+) -> list[DivergenceEvent]:
 
     return find_divergences(
         pair,
@@ -81,7 +91,7 @@ def _events_for(pair: Any, chunk: Sequence[Any], spec: DivergenceSpec) -> list[A
     )
 
 
-def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
+def _provenance(ctx: JobContext, pair: ModelPair, spec: DivergenceSpec) -> None:
     ctx.provenance.update(
         pair=pair.pair_id,
         family=pair.family,
@@ -96,7 +106,6 @@ def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
 @register("divergence")
 def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     """First divergence per prompt -> `events` parts."""
-    from crosspatch.engine.results import events_table
 
     pair = ctx.load_pair(spec.pair_id)
     _provenance(ctx, pair, spec)
@@ -112,7 +121,7 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
 
-def _record_noop(ctx: JobContext, pair: Any, stage: str, report: dict | None) -> bool:
+def _record_noop(ctx: JobContext, pair: ModelPair, stage: str, report: dict | None) -> bool:
     """Store a runtime no-op check in provenance (`noop_checks[pair][stage]`); True if there was one."""
     if report is None:
         return False
@@ -122,18 +131,15 @@ def _record_noop(ctx: JobContext, pair: Any, stage: str, report: dict | None) ->
 
 
 def _crosspatch_chunks(
-    pair: Any,
-    prompts: Sequence[Any],
-    spec: Any,
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
+    spec: CrosspatchSpec | PipelineSpec,
     ctx: JobContext,
     boundaries: list[int],
     tag: str = "",
     progress: tuple[float, float] = (0.0, 0.95),
 ) -> None:
     """Divergence + 2x2 per chunk of prompts as `events.<tag>NNNNN` / `cells.<tag>NNNNN` parts (resumable)."""
-    from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
-    from crosspatch.engine.noop import noop_report
-    from crosspatch.engine.results import events_table
 
     chunks = _chunks(prompts, spec.chunk_size)
     done = ctx.completed_parts()
@@ -167,8 +173,7 @@ def _crosspatch_chunks(
         ctx.log(f"resumed: skipped {skipped} finished chunk(s) of {pair.pair_id}")
 
 
-def _summaries(ctx: JobContext, spec: Any) -> None:
-    from crosspatch.engine.stats import summarize
+def _summaries(ctx: JobContext, spec: CrosspatchSpec | PipelineSpec) -> None:
 
     cells_all = ctx.read_parts("cells")
     if cells_all is not None and cells_all.num_rows:
@@ -198,8 +203,7 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
     ctx.log(f"crosspatch done: {len(prompts)} prompts, boundaries {boundaries}, readouts {spec.readouts}")
 
 
-def _mediation_config(options: MediationOptions, boundary: int | None, batch_size: int) -> Any:
-    from crosspatch.engine.mediation import MediationConfig
+def _mediation_config(options: MediationOptions, boundary: int | None, batch_size: int) -> MediationConfig:
 
     return MediationConfig(
         top_k=options.top_k,
@@ -216,9 +220,9 @@ def _mediation_config(options: MediationOptions, boundary: int | None, batch_siz
 
 
 def _mediate_pair(
-    pair: Any,
-    events: list[Any],
-    dictionary: Any,
+    pair: ModelPair,
+    events: list[DivergenceEvent],
+    dictionary: Dictionary,
     options: MediationOptions,
     boundary: int | None,
     batch_size: int,
@@ -226,9 +230,6 @@ def _mediate_pair(
     tag: str,
 ) -> None:
     """Gate check, then mediation -> `feature_effects.<tag>all` / `feature_acts.<tag>all` parts."""
-    from crosspatch.engine.mediation import BranchView
-    from crosspatch.engine.mediation import mediate as run_mediation
-    from crosspatch.saes.quality import record_causal_checks, require_gate
 
     done = ctx.completed_parts()
     if f"feature_effects.{tag}all" in done and f"feature_acts.{tag}all" in done:
@@ -267,11 +268,8 @@ def _mediate_pair(
     ctx.write_part(f"feature_effects.{tag}all", result.effects)
 
 
-def _gate_checks(pair: Any, dictionary_id: str, gate: dict) -> Any:
+def _gate_checks(pair: ModelPair, dictionary_id: str, gate: dict) -> pa.Table:
     """The job's gate_checks rows: every named check of the dictionary's gate, causal ones included."""
-    import pyarrow as pa
-
-    from crosspatch.engine.results import GATE_CHECKS_SCHEMA
 
     rows = [
         {
@@ -290,20 +288,17 @@ def _gate_checks(pair: Any, dictionary_id: str, gate: dict) -> Any:
 
 
 def _train(
-    pair: Any,
-    prompts: Sequence[Any],
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
     opts: DictionaryOptions,
     role: str,
     out: Path,
     *,
-    events: Sequence[Any] | None = None,
+    events: Sequence[DivergenceEvent] | None = None,
     mediation: MediationOptions | None = None,
     max_new_tokens: int = 32,
-) -> Any:
+) -> Dictionary:
     """Train (or reload) the pair's dictionary on the prompts outside the mediation test split."""
-    from crosspatch.saes.for_pair import train_for_pair
-    from crosspatch.saes.quality import GateConfig
-
     mediation = mediation or MediationOptions()
     return train_for_pair(
         pair,
@@ -330,8 +325,7 @@ def _train(
     )
 
 
-def _record_dictionary(ctx: JobContext, dictionary: Any, pair: Any) -> None:
-    from crosspatch.saes.quality import describe_check
+def _record_dictionary(ctx: JobContext, dictionary: Dictionary, pair: ModelPair) -> None:
 
     ctx.register_dictionary(dictionary, pair)
     fve = (dictionary.meta.get("metrics") or {}).get("fve_min")
@@ -377,7 +371,6 @@ def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
 def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
     """Load a dictionary (an allowed path, or a pretrained sae_lens id from the local HF cache, saved into
     the job's directory so later jobs load it by path), check it fits the pair, register it."""
-    from crosspatch.saes.load import load_dictionary, load_pretrained
 
     pair = ctx.load_pair(spec.pair_id)
     if spec.source == "sae_lens":
@@ -399,8 +392,6 @@ def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
 @register("mediation")
 def mediation(spec: MediationSpec, ctx: JobContext) -> None:
     """Divergence on the spec's prompts, then mediation with a registered dictionary."""
-    from crosspatch.engine.results import events_table
-    from crosspatch.saes.load import load_dictionary
 
     pair = ctx.load_pair(spec.pair_id)
     _provenance(ctx, pair, spec)
@@ -417,7 +408,6 @@ def mediation(spec: MediationSpec, ctx: JobContext) -> None:
 @register("pipeline")
 def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
     """Per pair: divergence -> 2x2 -> dictionary on IT's final MLP -> mediation; then summaries over all."""
-    from crosspatch.engine.results import events_from_table
 
     prompts = load_prompt_records(spec)
     n = len(spec.pair_ids)

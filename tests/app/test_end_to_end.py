@@ -17,7 +17,8 @@ import pytest
 from helpers import save_tiny_pair, wait_for_file  # tests/helpers.py
 
 from crosspatch.app.config import Settings
-from crosspatch.app.worker.context import HELD_MARKER, HOLD_AFTER_PARTS_ENV, parts_dir
+from crosspatch.app.store.layout import parts_dir
+from crosspatch.app.worker.context import HELD_MARKER, HOLD_AFTER_PARTS_ENV
 from tests.app.live import LiveServer, bootstrap_users, client, start_worker
 
 pytestmark = pytest.mark.slow
