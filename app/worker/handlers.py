@@ -2,15 +2,16 @@
 
 A handler streams its work in chunks of prompts; each finished chunk is a checkpoint part
 (`events.00003`, `cells.00003`), so a job resumed after a crash skips the chunks it already has.
-Only worker processes import this module (it imports the engine and torch); the API takes job kinds
-from the spec union (`app.schemas.jobs.job_kinds`) and the job layout from `app.store.layout`.
+Only worker processes import this module (it imports the engine and torch; saes, which imports
+sae_lens, only inside the handlers that need it); the API takes job kinds from the spec union
+(`app.schemas.jobs.job_kinds`) and the job layout from `app.store.layout`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -36,9 +37,9 @@ from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.prompts import PromptRecord, load_prompts
 from crosspatch.engine.results import GATE_CHECKS_SCHEMA, events_from_table, events_table
 from crosspatch.engine.stats import summarize
-from crosspatch.saes.for_pair import train_for_pair
-from crosspatch.saes.load import Dictionary, load_dictionary, load_pretrained
-from crosspatch.saes.quality import GateConfig, describe_check, record_causal_checks, require_gate
+
+if TYPE_CHECKING:  # saes imports sae_lens (seconds): its handlers import it when a job needs it
+    from crosspatch.saes.load import Dictionary
 
 Handler = Callable[[Any, JobContext], None]
 HANDLERS: dict[str, Handler] = {}
@@ -230,6 +231,7 @@ def _mediate_pair(
     tag: str,
 ) -> None:
     """Gate check, then mediation -> `feature_effects.<tag>all` / `feature_acts.<tag>all` parts."""
+    from crosspatch.saes.quality import record_causal_checks, require_gate
 
     done = ctx.completed_parts()
     if f"feature_effects.{tag}all" in done and f"feature_acts.{tag}all" in done:
@@ -299,6 +301,9 @@ def _train(
     max_new_tokens: int = 32,
 ) -> Dictionary:
     """Train (or reload) the pair's dictionary on the prompts outside the mediation test split."""
+    from crosspatch.saes.for_pair import train_for_pair
+    from crosspatch.saes.quality import GateConfig
+
     mediation = mediation or MediationOptions()
     return train_for_pair(
         pair,
@@ -326,6 +331,8 @@ def _train(
 
 
 def _record_dictionary(ctx: JobContext, dictionary: Dictionary, pair: ModelPair) -> None:
+    """Register a job's dictionary and log its gate, check by check."""
+    from crosspatch.saes.quality import describe_check
 
     ctx.register_dictionary(dictionary, pair)
     fve = (dictionary.meta.get("metrics") or {}).get("fve_min")
@@ -371,6 +378,7 @@ def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
 def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
     """Load a dictionary (an allowed path, or a pretrained sae_lens id from the local HF cache, saved into
     the job's directory so later jobs load it by path), check it fits the pair, register it."""
+    from crosspatch.saes.load import load_dictionary, load_pretrained
 
     pair = ctx.load_pair(spec.pair_id)
     if spec.source == "sae_lens":
@@ -392,6 +400,7 @@ def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
 @register("mediation")
 def mediation(spec: MediationSpec, ctx: JobContext) -> None:
     """Divergence on the spec's prompts, then mediation with a registered dictionary."""
+    from crosspatch.saes.load import load_dictionary
 
     pair = ctx.load_pair(spec.pair_id)
     _provenance(ctx, pair, spec)

@@ -21,6 +21,7 @@ from crosspatch.app.queue import ops
 from crosspatch.app.store.models import Job, Pair
 from crosspatch.app.store.session import Store
 from crosspatch.app.worker.context import JobCancelled, JobContext
+from crosspatch.app.worker.handlers import run_job  # imports the engine before any claim (lease clock)
 from crosspatch.engine.errors import CrosspatchError
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,6 @@ class Worker:
 
     def run_one(self, job_id: uuid.UUID) -> str:
         """Run one claimed job to its next status; returns that status."""
-        from crosspatch.app.worker.handlers import run_job
-
         with self.store.session(write=False) as s:
             job = s.get(Job, job_id)
             assert job is not None
