@@ -37,6 +37,7 @@ from crosspatch.engine.adapters import ArchAdapter, adapter_for, positions_from_
 from crosspatch.engine.divergence import left_pad
 from crosspatch.engine.errors import PromptFileError
 from crosspatch.engine.hooks import MlpHook, mlp_hooks
+from crosspatch.engine.prompts import PromptRecord, load_prompts
 from crosspatch.saes.errors import CacheError, DictionaryConfigError
 
 MANIFEST = "manifest.json"
@@ -112,17 +113,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def raw_prompt(record: Mapping[str, Any]) -> str:
-    """The raw text of a prompt record: formats['B'], else formats['A'], else prompt (method §1.1)."""
-    formats = record.get("formats") or {}
-    for key in ("B", "A"):
-        if isinstance(formats, Mapping) and formats.get(key):
-            return str(formats[key])
-    if record.get("prompt"):
-        return str(record["prompt"])
-    raise PromptFileError("prompt record has neither 'formats' (A/B) nor 'prompt'")
-
-
 @dataclass
 class TokenSource:
     """Where token sequences come from: `kind` in prompts | text | dataset | ids.
@@ -166,27 +156,18 @@ class TokenSource:
         }
         ids = self.prompt_ids
         if ids is None and self.kind == "prompts":
-            ids = [str(r.get("id")) for r in self._records() if r.get("id") is not None]
+            ids = [r.id for r in self._records()]
         if ids is not None:
             out["prompt_ids"] = list(ids)
         if self.split is not None:
             out["split"] = dict(self.split)
         return out
 
-    def _records(self) -> Iterator[dict[str, Any]]:
-        """Prompt records of a `prompts` source, filtered to `prompt_ids` when given."""
+    def _records(self) -> Iterator[PromptRecord]:
+        """Prompt records of a `prompts` source (`engine.prompts.load_prompts`), filtered to `prompt_ids`."""
         assert self.path is not None
         keep = set(self.prompt_ids) if self.prompt_ids is not None and self.kind == "prompts" else None
-        with open(self.path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{self.path}:{i}: not valid JSON ({e.msg})") from None
-                if keep is None or str(rec.get("id")) in keep:
-                    yield rec
+        yield from (r for r in load_prompts(self.path) if keep is None or r.id in keep)
 
     def texts(self) -> Iterator[str]:
         """Raw texts (not for `ids` sources)."""
@@ -197,8 +178,7 @@ class TokenSource:
                     if line.strip():
                         yield line.rstrip("\n")
         elif self.kind == "prompts":
-            for rec in self._records():
-                yield raw_prompt(rec)
+            yield from (r.text for r in self._records())
         elif self.kind == "dataset":
             try:
                 import datasets  # optional dependency

@@ -132,9 +132,14 @@ def test_resume_with_other_settings_refused(tmp_path: Path, tiny_pair) -> None:
 
 def test_text_and_prompt_sources(tmp_path: Path) -> None:
     p = tmp_path / "p.jsonl"
-    p.write_text('{"prompt": "a"}\n{"formats": {"A": "x", "B": "y"}}\n')
+    p.write_text('{"id": "1", "prompt": "a"}\n{"id": "2", "formats": {"A": "x", "B": "y"}}\n')
     src = token_source(p)
     assert src.kind == "prompts" and list(src.texts()) == ["a", "y"]
+    assert src.describe()["prompt_ids"] == ["1", "2"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "1", "prompt": "a"}\n{"prompt": "b"}\n')  # the engine's reader: ids required
+    with pytest.raises(PromptFileError, match=r"bad\.jsonl line 2: missing 'id'"):
+        list(token_source(bad).texts())
     t = tmp_path / "t.txt"
     t.write_text("one\n\ntwo\n")
     assert list(token_source(t).texts()) == ["one", "two"]
