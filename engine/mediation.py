@@ -100,6 +100,28 @@ class DirectionDictionary:
         return self.directions
 
 
+class MultiBranchDictionary(Protocol):
+    """A dictionary with named branches (`saes.load.Dictionary`): what `BranchView` adapts."""
+
+    @property
+    def id(self) -> str | None: ...
+
+    @property
+    def layer(self) -> int | None: ...
+
+    @property
+    def branches(self) -> list[str]: ...
+
+    @property
+    def W_dec(self) -> dict[str, torch.Tensor]:
+        """Per branch `[n_latents, d_model]` decoder rows."""
+        ...
+
+    def encode(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor: ...
+
+    def decode(self, acts: torch.Tensor, branch: str | None = None) -> torch.Tensor: ...
+
+
 class BranchView:
     """One model branch of a multi-branch dictionary (e.g. `saes.load.Dictionary`) as a `FeatureDictionary`.
 
@@ -107,7 +129,7 @@ class BranchView:
     transcoders use their one branch. Transcoders read the MLP input (`reads_input`).
     """
 
-    def __init__(self, dictionary: Any, branch: str = "it") -> None:
+    def __init__(self, dictionary: MultiBranchDictionary, branch: str = "it") -> None:
         self.inner = dictionary
         branches = list(dictionary.branches)
         self.branch = branch if branch in branches else branches[0] if len(branches) == 1 else None

@@ -35,6 +35,7 @@ from crosspatch.engine.pairs import ModelPair
 if TYPE_CHECKING:
     from crosspatch.engine.crosspatch import CleanPasses
     from crosspatch.engine.divergence import DivergenceEvent
+    from crosspatch.engine.mediation import FeatureDictionary
 
 FP32_TOLERANCE = 1e-4
 HALF_EPS_MULTIPLE = 4.0
@@ -148,7 +149,7 @@ def check_cells_noop(
 def check_mediation_noop(
     pair: ModelPair,
     events: Sequence[DivergenceEvent],
-    dictionaries: Sequence[Any],
+    dictionaries: Sequence[FeatureDictionary],
     boundary: int,
     batch_size: int = 8,
 ) -> NoopReport | None:

@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -529,6 +529,38 @@ def is_heldout(seq_index: torch.Tensor, fraction: float) -> torch.Tensor:
     """Prompt-level held-out split: a fixed hash of the sequence index, so it never depends on sharding."""
     h = (seq_index.long() * 2654435761) % (2**32)
     return h.double() / 2**32 < fraction  # [n] bool
+
+
+class ActivationSource(Protocol):
+    """What training and quality read from cached activations: `ActivationCache` on disk, `TensorSource`
+    in memory (tests, synthetic data)."""
+
+    path: Path | None
+    manifest: dict[str, Any]
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    def check_key(self, role: str, layer: int, hook: str) -> str: ...
+
+    def load(
+        self, keys: Sequence[str], split: str = "all", heldout_fraction: float = 0.1
+    ) -> torch.Tensor: ...
+
+    def sequences(self, split: str = "heldout", heldout_fraction: float = 0.1) -> list[list[int]]: ...
+
+    def batches(
+        self,
+        keys: Sequence[str],
+        batch_size: int,
+        seed: int = 0,
+        split: str = "train",
+        heldout_fraction: float = 0.1,
+        start_sample: int = 0,
+    ) -> Iterator[torch.Tensor]: ...
 
 
 class ActivationCache:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from crosspatch.engine.adapters import adapter_for
 from crosspatch.engine.hooks import mlp_hooks
-from crosspatch.saes.cache import act_key
+from crosspatch.saes.cache import ActivationSource, act_key
 from crosspatch.saes.errors import CacheError, GateFailedError
 from crosspatch.saes.load import Dictionary
 
@@ -89,7 +89,7 @@ def _sources_keys(d: Dictionary) -> dict[str, list[str]]:
 @torch.no_grad()
 def activation_metrics(
     d: Dictionary,
-    source: Any,
+    source: ActivationSource,
     split: str = "heldout",
     heldout_fraction: float = 0.1,
     chunk: int = 4096,
@@ -412,7 +412,7 @@ def record_causal_checks(
 
 def evaluate_dictionary(
     d: Dictionary,
-    source: Any,
+    source: ActivationSource,
     *,
     models: Mapping[str, Any] | None = None,
     gate: GateConfig | None = None,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from sae_lens import SAETrainer
@@ -35,10 +35,15 @@ from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 
 from crosspatch.saes import arch
-from crosspatch.saes.cache import HOOK_POINTS, ActivationCache, TensorSource
+from crosspatch.saes.cache import HOOK_POINTS, ActivationCache, ActivationSource, TensorSource
 from crosspatch.saes.errors import CacheError, DictionaryConfigError
 from crosspatch.saes.export import export_crosscoder_branches, hf_module, sae_lens_metadata
 from crosspatch.saes.load import Dictionary, load_dictionary, write_meta
+
+if TYPE_CHECKING:  # quality imports the models' side (adapters); train imports it only to evaluate
+    from transformers import PreTrainedModel
+
+    from crosspatch.saes.quality import GateConfig
 
 WRITTEN_BY = "crosspatch"
 ROLES = ("pt", "it", "model")
@@ -114,7 +119,7 @@ class TrainConfig:
         if not 0 < self.heldout_fraction < 1:
             raise DictionaryConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
-    def data_keys(self, source: Any) -> list[str]:
+    def data_keys(self, source: ActivationSource) -> list[str]:
         """Cache tensor names this dictionary trains on, in batch order (validated against the cache)."""
         return [source.check_key(self.model_role, self.layer, self.hook_point)]
 
@@ -306,7 +311,7 @@ class TranscoderTrain(TrainConfig):
                 "a transcoder reads mlp_in and writes mlp_out; hook_point must be mlp_out"
             )
 
-    def data_keys(self, source: Any) -> list[str]:
+    def data_keys(self, source: ActivationSource) -> list[str]:
         return [
             source.check_key(self.model_role, self.layer, "mlp_in"),
             source.check_key(self.model_role, self.layer, "mlp_out"),
@@ -360,7 +365,7 @@ class CrosscoderTrain(TrainConfig):
         if self.k_start is not None and not 0 < self.k_start <= self.width:
             raise DictionaryConfigError(f"k_start={self.k_start} must be in (0, width={self.width}]")
 
-    def data_keys(self, source: Any) -> list[str]:
+    def data_keys(self, source: ActivationSource) -> list[str]:
         return [source.check_key(b, self.layer, self.hook_point) for b in self.branches]
 
     def sae_lens_config(self, d_model: int) -> TrainingSAEConfig:
@@ -406,7 +411,7 @@ class Progress:
     resumed_from: int
 
 
-def _open_source(cache: Any) -> Any:
+def _open_source(cache: ActivationSource | str | Path) -> ActivationSource:
     if isinstance(cache, (str, Path)):
         return ActivationCache(cache)
     if not hasattr(cache, "batches"):
@@ -416,7 +421,7 @@ def _open_source(cache: Any) -> Any:
     return cache
 
 
-def dictionary_id(cfg: TrainConfig, source: Any) -> str:
+def dictionary_id(cfg: TrainConfig, source: ActivationSource) -> str:
     """Readable and unique enough: site, architecture, width, k, seed and a hash of config + data."""
     digest = hashlib.sha256(
         json.dumps(
@@ -505,7 +510,7 @@ def trainer_config(cfg: TrainConfig) -> SAETrainerConfig:
 
 def train_dictionary(
     cfg: TrainConfig,
-    cache: Any,
+    cache: ActivationSource | str | Path,
     out_dir: str | Path,
     *,
     progress: Callable[[Progress], None] | None = None,
@@ -514,8 +519,8 @@ def train_dictionary(
     resume: bool = True,
     keep_checkpoints: bool = False,
     evaluate: bool = True,
-    models: dict[str, Any] | None = None,
-    gate: Any | None = None,
+    models: dict[str, PreTrainedModel] | None = None,
+    gate: GateConfig | None = None,
     data: Callable[[int], Iterator[torch.Tensor]] | None = None,
     stop_after_steps: int | None = None,
 ) -> Dictionary:
@@ -671,7 +676,7 @@ def _progress(
     )
 
 
-def _sae_lens_metadata(cfg: TrainConfig, source: Any) -> dict[str, Any]:
+def _sae_lens_metadata(cfg: TrainConfig, source: ActivationSource) -> dict[str, Any]:
     """sae_lens metadata (hook_name, model_name, context_size, dataset_path, ...) from the cache."""
     cache_path = str(source.path.resolve()) if getattr(source, "path", None) else None
     md = sae_lens_metadata(
@@ -690,7 +695,7 @@ def _sae_lens_metadata(cfg: TrainConfig, source: Any) -> dict[str, Any]:
 
 def _meta(
     cfg: TrainConfig,
-    source: Any,
+    source: ActivationSource,
     out: Path,
     d: Dictionary,
     trainer: SAETrainer,
