@@ -12,15 +12,12 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 @dataclass
@@ -173,9 +170,9 @@ def random_llama_pair(
     config: dict | None = None,
 ):
     """A random-initialised Llama PT and a perturbed IT of the given shape (no weights needed for speed)."""
-    from helpers import perturbed_copy, word_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from crosspatch.engine.organisms.tiny import perturbed_copy, word_tokenizer
     from crosspatch.engine.pairs import ModelPair, resolve_dtype
 
     torch.manual_seed(seed)
@@ -229,7 +226,7 @@ def _perturbed_on_device(model, scale: float, seed: int):
 
 
 def random_prompts(n: int, seed: int = 0, min_len: int = 16, max_len: int = 48, vocab: int = 4096):
-    from helpers import random_prompts as _rp
+    from crosspatch.engine.organisms.tiny import random_prompts as _rp
 
     return _rp(n, seed=seed, min_len=min_len, max_len=max_len, vocab_size=vocab)
 

@@ -262,15 +262,6 @@ def weight_hash(model: torch.nn.Module, full_below: int = 50_000_000) -> str:
     return ("sha256:" if n_params <= full_below else "sha256-sampled:") + h.hexdigest()
 
 
-def load_model(
-    path: str | Path, revision: str | None = None, *, device: str = "cpu", dtype: str = "float32"
-) -> tuple[PreTrainedModel, Any | None]:
-    """Load a causal LM (eval; fp32 on CPU unless told) and its tokenizer if it has one; `ModelLoadError`."""
-    from crosspatch.engine.pairs import load_model as load
-
-    return load(path, device=device, dtype=dtype, revision=revision, require_tokenizer=False)
-
-
 # ---- capture --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def capture_mlp(

@@ -10,9 +10,7 @@ import httpx
 from crosspatch.app.config import Settings
 from crosspatch.app.embedded import ServiceThread
 from crosspatch.app.main import start_worker_process
-from crosspatch.app.services import users
-from crosspatch.app.store.migrate import upgrade
-from crosspatch.app.store.session import Store
+from crosspatch.app.services.users import bootstrap_users
 
 
 class LiveServer(ServiceThread):
@@ -20,22 +18,6 @@ class LiveServer(ServiceThread):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, embedded_worker=False, startup_timeout=20)
-
-
-def bootstrap_users(settings: Settings, names: dict[str, str]) -> dict[str, str]:
-    """Create users {name: role} with one key each in the (migrated) job store; returns name -> key."""
-    assert settings.database_url is not None
-    upgrade(settings.database_url)
-    store = Store.from_settings(settings)
-    keys = {}
-    try:
-        with store.session() as s:
-            for name, role in names.items():
-                users.create_user(s, name, role)
-                _, keys[name] = users.create_key(s, name)
-    finally:
-        store.dispose()
-    return keys
 
 
 def client(server: LiveServer, key: str | None) -> httpx.Client:
