@@ -116,6 +116,15 @@ def base_args(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def shape_args(parser: argparse.ArgumentParser, batch_size: int = 16, batch_help: str | None = None) -> None:
+    """The random pair's shape and workload: --layers, --d-model, --vocab, --prompts, --batch-size."""
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+
+
 # Real shapes for the GPU runs (random weights: only speed and memory are measured).
 PRESETS: dict[str, dict] = {
     "llama-3.1-8b": dict(

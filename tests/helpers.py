@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from crosspatch.engine.organisms.tiny import (
     perturbed_copy,
     random_prompts,
@@ -14,6 +16,26 @@ from crosspatch.engine.organisms.tiny import (
     tiny_pair,
     word_tokenizer,
 )
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run `crosspatch ARGS` in process; (exit code, stdout, stderr)."""
+    from crosspatch.app.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def cli_ok(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run `crosspatch ARGS` in process, assert it succeeded (stderr as the message); its stdout."""
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    return out
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import typer
 
 from crosspatch.app.cli import cli
-from crosspatch.app.cli.progress import progress_bar
+from crosspatch.app.cli.progress import divergences_with_bar, progress_bar
 from crosspatch.engine.errors import CrosspatchError
 
 log = logging.getLogger("crosspatch.run")
@@ -73,7 +73,6 @@ def run(
     """Find first divergences, run the 2x2 cross-patch, print the per-family table with 95% CIs."""
     from crosspatch.app.cli.summarize_cmd import print_summary, write_summary
     from crosspatch.engine.crosspatch import iter_crosspatch
-    from crosspatch.engine.divergence import iter_divergences
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
     from crosspatch.engine.report import format_event_counts
@@ -89,19 +88,7 @@ def run(
     typer.echo(
         f"pair {pair.pair_id} ({pair.family}, {pair.n_layers} layers), {len(records)} prompts, boundary {boundary}"
     )
-    with progress_bar("first divergence", len(records)) as bar:
-        events = [
-            e
-            for batch in iter_divergences(
-                pair,
-                records,
-                max_new_tokens,
-                batch_size,
-                chat_template,
-                on_batch=lambda d, n: bar.update(d, n),
-            )
-            for e in batch
-        ]
+    events = divergences_with_bar(pair, records, max_new_tokens, batch_size, chat_template)
     typer.echo(format_event_counts(events))
     n_div = sum(e.diverged for e in events)
     with progress_bar("2x2 cross-patch", n_div) as bar:

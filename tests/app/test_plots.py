@@ -120,11 +120,13 @@ def test_single_boundary_has_no_boundary_figure(tmp_path: Path) -> None:
 
 def test_a_failing_figure_is_skipped_not_raised(tmp_path: Path) -> None:
     bad = pa.table({"family": ["llama"], "statistic": ["interaction"]})  # not a summaries table
-    assert (
-        plots.write_figures({"summaries": bad, "feature_effects": synthetic_feature_effects()}, tmp_path)
-        != []
+    written = plots.write_figures(
+        {"summaries": bad, "feature_effects": synthetic_feature_effects()}, tmp_path
     )
+    # both summaries figures fail on the bad table and are skipped; the feature figures are still drawn
+    assert [p.stem for p in written] == ["top_features", "ablation_curve"]
     assert not (tmp_path / "family_2x2.png").exists()
+    assert not (tmp_path / "interaction_by_boundary.png").exists()
 
 
 def test_ingest_draws_a_succeeded_jobs_figures(tmp_path: Path) -> None:
