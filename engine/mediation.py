@@ -47,15 +47,22 @@ from crosspatch.engine.controls import (
     matched_status,
     random_directions,
 )
-from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
+from crosspatch.engine.crosspatch import (
+    CELLS,
+    CleanPasses,
+    clean_passes,
+    crosspatch_batch,
+    event_batches,
+    margin,
+)
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.guards import check_dictionaries
 from crosspatch.engine.hooks import HasMlps, MlpHook, mlp_hooks
+from crosspatch.engine.mediation_tables import acts_table, effects_table
 from crosspatch.engine.noop import check_mediation_noop
 from crosspatch.engine.pairs import ModelPair
-from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA, GATE_CHECKS_SCHEMA
-from crosspatch.engine.stats import bootstrap_means
+from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, GATE_CHECKS_SCHEMA
 
 Edit = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 # (mlp_out [batch, d_model], mlp_in [batch, d_model], both at the last position; layer) -> new mlp_out
@@ -367,7 +374,7 @@ def rank_features(
             active[offset : offset + width] += fired.sum(0)
             if record_acts:
                 tables.append(
-                    _acts_table(pair, batch, d, a_ii.cpu().numpy(), a_pi.cpu().numpy(), "fit", score)
+                    acts_table(pair, batch, d, a_ii.cpu().numpy(), a_pi.cpu().numpy(), "fit", score)
                 )
             offset += width
         n += len(batch)
@@ -548,15 +555,14 @@ def mediate(
     for f in singles:
         runs[("single", f, 0)] = ([f], None)
     layers = sorted({d.layer for d in dictionaries})
-    per_event: dict[tuple, list[float]] = {}
+    per_event: dict[tuple[str, str, int, int, str], list[float]] = {}  # (mode, kind, k, seed, statistic)
     base: dict[str, list[float]] = {"interaction": [], "it_late_effect": [], "missing_margin": []}
     test_acts: list[pa.Table] = []
     for batch, ids, mask, tokens in event_batches(pair, test, cfg.batch_size):
         passes = clean_passes(pair, ids, mask, [b])
-        y = {
-            cell: margin(pair.it_adapter, late_stack_final(pair, *cell, passes, b), tokens)
-            for cell in (("pt", "pt"), ("pt", "it"), ("it", "pt"), ("it", "it"))
-        }
+        # the 2x2 under the common IT readout, from the clean passes above: {(upstream, late): [batch]}
+        cells = crosspatch_batch(pair, ids, mask, tokens[:, 1], tokens[:, 0], [b], ("it",), passes)[(b, "it")]
+        y = {cell: cells[column] for cell, column in CELLS.items()}
         interaction = (y["it", "it"] - y["it", "pt"]) - (y["pt", "it"] - y["pt", "pt"])
         base["interaction"] += interaction.tolist()
         base["it_late_effect"] += (y["it", "it"] - y["it", "pt"]).tolist()
@@ -565,7 +571,7 @@ def mediate(
         outs_pi, _ = _capture_mlp(pair, "pt", passes, b, tokens, layers, with_grad=False)
         acts_ii, acts_pi = _dict_acts(outs_ii, dictionaries), _dict_acts(outs_pi, dictionaries)
         test_acts += [
-            _acts_table(
+            acts_table(
                 pair,
                 batch,
                 d,
@@ -621,7 +627,7 @@ def mediate(
         np.array(base["interaction"]),
         status.get(top_k) if top_k else None,
     )
-    effects = _effects_table(pair, dictionaries, per_event, base, ranking, cfg, status)
+    effects = effects_table(pair, dictionaries, per_event, base, ranking, cfg, status)
     acts = pa.concat_tables([FEATURE_ACTS_SCHEMA.empty_table(), *ranking.acts, *test_acts])
     return MediationResult(
         effects=effects,
@@ -653,171 +659,9 @@ def mediate(
     )
 
 
-def _add(store: dict, key: tuple, values: list[float]) -> None:
+def _add(
+    store: dict[tuple[str, str, int, int, str], list[float]],
+    key: tuple[str, str, int, int, str],
+    values: list[float],
+) -> None:
     store.setdefault(key, []).extend(values)
-
-
-def _acts_table(
-    pair: ModelPair,
-    batch: Sequence[DivergenceEvent],
-    d: FeatureDictionary,
-    a_ii: np.ndarray,
-    a_pi: np.ndarray,
-    split: str,
-    attribution: np.ndarray | None = None,
-) -> pa.Table:
-    """feature_acts rows for latents active in either IT-late cell (`a_*`, `attribution`: `[batch, n_latents]`)."""
-    rows, latents = np.nonzero((a_ii > 0) | (a_pi > 0))  # sparse: only active latents are stored
-    n = len(rows)
-    columns = {
-        "family": [pair.family] * n,
-        "pair_id": [pair.pair_id] * n,
-        "prompt_id": [batch[r].prompt_id for r in rows.tolist()],
-        "dictionary_id": [d.id] * n,
-        "layer": np.full(n, d.layer, dtype=np.int32),
-        "latent": latents.astype(np.int64),
-        "act_ptup": a_pi[rows, latents].astype(np.float64),
-        "act_itup": a_ii[rows, latents].astype(np.float64),
-        "attribution": pa.nulls(n, pa.float64())
-        if attribution is None
-        else attribution[rows, latents].astype(np.float64),
-        "split": [split] * n,
-    }
-    return pa.table(columns, schema=FEATURE_ACTS_SCHEMA)
-
-
-def _ci(values: np.ndarray, cfg: MediationConfig) -> tuple[float, float, float]:
-    """(mean, lo, hi) with the percentile bootstrap of the mean over events."""
-    lo, hi = np.quantile(bootstrap_means(values, cfg.n_resamples, cfg.seed), [0.025, 0.975])
-    return float(values.mean()), float(lo), float(hi)
-
-
-def _effects_table(pair, dictionaries, per_event, base, ranking, cfg, status) -> pa.Table:
-    """Set-level effects with bootstrap CIs (controls averaged over seeds per event), per-feature rows.
-
-    Shares and rescue fractions are null where their denominator's CI covers 0; an unavailable
-    matched-random control gets null rows with n = 0.
-    """
-    dict_ids = ",".join(d.id for d in dictionaries)
-    layer_of = {d.id: d.layer for d in dictionaries}
-    common = dict(family=pair.family, pair_id=pair.pair_id, dictionary_id=dict_ids, layer=None, latent=None)
-    rows: list[dict] = []
-    i_full = np.array(base["interaction"])
-    missing = np.array(base["missing_margin"])
-    baseline = {"interaction": _ci(i_full, cfg), "missing_margin": _ci(missing, cfg)}
-    # a ratio is reported only where its denominator is distinguishable from 0
-    ratio_ok = {name: not (lo <= 0.0 <= hi) for name, (_, lo, hi) in baseline.items()}
-    rank_of = {int(f): r for r, f in enumerate(np.argsort(-ranking.score, kind="stable"), start=1)}
-    grouped: dict[tuple, list[np.ndarray]] = {}
-    for (mode, name, k, _seed, stat), vals in per_event.items():
-        grouped.setdefault((mode, name, k, stat), []).append(np.array(vals))
-    for (mode, name, k, stat), runs in sorted(grouped.items()):
-        x = np.mean(runs, axis=0)  # [n_test] average over control seeds
-        if name == "single":
-            dict_id, latent = ranking.keys[k]
-            mean, lo, hi = _ci(x, cfg)
-            rank = rank_of[k]
-            rows.append(
-                dict(
-                    common,
-                    dictionary_id=dict_id,
-                    layer=layer_of[dict_id],
-                    latent=latent,
-                    intervention="ablate_single",
-                    k=rank,
-                    statistic=stat,
-                    effect=mean,
-                    ci_low=lo,
-                    ci_high=hi,
-                    n=len(x),
-                )
-            )
-            continue
-        denom_name = {"interaction_drop": "interaction", "rescue_gain": "missing_margin"}.get(stat)
-        denom = {"interaction": i_full, "missing_margin": missing}.get(denom_name)
-        cols = np.column_stack([x, denom]) if denom is not None else x[:, None]
-        means = bootstrap_means(cols, cfg.n_resamples, cfg.seed)  # [R, 1 or 2]
-        lo, hi = np.quantile(means[:, 0], [0.025, 0.975])
-        intervention = f"{mode}_{name}"
-        rows.append(
-            dict(
-                common,
-                intervention=intervention,
-                k=k,
-                statistic=stat,
-                effect=float(x.mean()),
-                ci_low=float(lo),
-                ci_high=float(hi),
-                n=len(x),
-            )
-        )
-        if denom is not None:
-            ratio_stat = "share" if stat == "interaction_drop" else "rescue_fraction"
-            effect = rlo = rhi = None
-            if ratio_ok[denom_name]:  # ratio of means
-                rlo, rhi = (float(v) for v in np.quantile(means[:, 0] / means[:, 1], [0.025, 0.975]))
-                effect = float(x.mean() / denom.mean())
-            rows.append(
-                dict(
-                    common,
-                    intervention=intervention,
-                    k=k,
-                    statistic=ratio_stat,
-                    effect=effect,
-                    ci_low=rlo,
-                    ci_high=rhi,
-                    n=len(x),
-                )
-            )
-    for k, st in sorted(status.items()):
-        if st.available:
-            continue
-        for intervention, stats in (
-            ("ablate_matched_random", ("interaction_drop", "share", "it_late_drop")),
-            ("rescue_matched_random", ("rescue_gain", "rescue_fraction")),
-        ):
-            rows += [
-                dict(
-                    common,
-                    intervention=intervention,
-                    k=k,
-                    statistic=stat,
-                    effect=None,
-                    ci_low=None,
-                    ci_high=None,
-                    n=0,
-                )
-                for stat in stats
-            ]
-    for rank, f in enumerate(ranking.top(len(ranking.keys)), start=1):
-        dict_id, latent = ranking.keys[f]
-        rows.append(
-            dict(
-                family=pair.family,
-                pair_id=pair.pair_id,
-                dictionary_id=dict_id,
-                layer=layer_of[dict_id],
-                intervention="attribution",
-                k=rank,
-                latent=latent,
-                statistic="attribution_score",
-                effect=float(ranking.score[f]),
-                ci_low=None,
-                ci_high=None,
-                n=ranking.n_events,
-            )
-        )
-    for name, (mean, lo, hi) in baseline.items():
-        rows.append(
-            dict(
-                common,
-                intervention="baseline",
-                k=0,
-                statistic=name,
-                effect=mean,
-                ci_low=lo,
-                ci_high=hi,
-                n=len(i_full),
-            )
-        )
-    return pa.Table.from_pylist(rows, schema=FEATURE_EFFECTS_SCHEMA)
