@@ -177,9 +177,8 @@ class MediationConfig:
     n_resamples: int = 2000
     seed: int = 23
     batch_size: int = 16
-    features: tuple[tuple[str, int], ...] | None = (
-        None  # explicit (dictionary id, latent) set to test instead of top-k
-    )
+    # an explicit (dictionary id, latent) set to test instead of top-k
+    features: tuple[tuple[str, int], ...] | None = None
     allow_failed_gate: bool = False  # use trained dictionaries below the quality gate (engine/guards.py)
 
     def validate(self, dictionaries: Sequence[FeatureDictionary], pair: ModelPair) -> None:
@@ -213,8 +212,11 @@ def mlp_edits(pair: ModelPair, edits: dict[int, Edit]) -> contextlib.AbstractCon
 
     def make(layer: int, edit: Edit) -> MlpHook:
         def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            new = out.clone()  # [batch, seq, d_model]
-            new[:, -1] = edit(out[:, -1], x[:, -1], layer)  # [batch, d_model]
+            B, _, D = out.shape  # [batch, seq, d_model]
+            last = edit(out[:, -1], x[:, -1], layer)  # [B, D] at the last position
+            assert last.shape == (B, D), f"an edit returns [batch, d_model], got {tuple(last.shape)}"
+            new = out.clone()  # [B, seq, D]
+            new[:, -1] = last
             return new
 
         return fn
@@ -457,13 +459,11 @@ class MediationResult:
     noop: dict | None = None  # runtime no-op check on the first batch (engine.noop), incl. the splice
     dictionary_checks: list[dict] = field(default_factory=list)  # gate status / override, prompt disjointness
     k_labels: list[dict] = field(default_factory=list)  # {"requested": k, "size": real set size}
-    sets: dict[tuple[str, int, int], list[tuple[str, int]]] = field(
-        default_factory=dict
-    )  # (kind, size, seed) -> (dictionary id, latent) of every tested set, controls included
+    # (kind, size, seed) -> (dictionary id, latent) of every tested set, controls included
+    sets: dict[tuple[str, int, int], list[tuple[str, int]]] = field(default_factory=dict)
     controls: dict[str, Any] = field(default_factory=dict)  # per control: seeds, status per size, pool
-    checks: list[dict] = field(
-        default_factory=list
-    )  # causal gate checks {name, value, threshold, passed, k, detail}
+    # causal gate checks {name, value, threshold, passed, k, detail}
+    checks: list[dict] = field(default_factory=list)
 
     def checks_table(self, pair: ModelPair) -> pa.Table:
         """The causal checks as GATE_CHECKS_SCHEMA rows, one per dictionary of the run."""
@@ -585,11 +585,8 @@ def mediate(
         d_model = pair.it_adapter.d_model
         for (kind, k, s), (features, sd) in runs.items():
             groups = _by_layer(features, ranking, dictionaries)
-            dirs = (
-                None
-                if sd is None
-                else {L: random_directions(prompt_ids, sd, L, d_model) for L in groups}  # [batch, d_model]
-            )
+            # per layer `[batch, d_model]` unit directions of the same-delta control, else None
+            dirs = None if sd is None else {L: random_directions(prompt_ids, sd, L, d_model) for L in groups}
             target = acts_pi if cfg.ablation == "pt_value" else None
             ii = it_late_margin(
                 pair, "it", passes, b, tokens, {L: _ablate_edit(groups, target, dirs) for L in groups}

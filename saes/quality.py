@@ -202,9 +202,8 @@ def splice_metrics(
                 mode["v"] = m
                 logits[m] = adapter.forward_logits(ids_d, att_d).float()[:, :-1]  # [batch, seq-1, vocab]
             target = ids_d[:, 1:]
-            valid = (
-                att_d[:, 1:].bool() & att_d[:, :-1].bool() & keep[:, :-1].to(att_d.device)
-            )  # [batch, seq-1]
+            # [batch, seq-1]: real target tokens whose input position was replaced
+            valid = att_d[:, 1:].bool() & att_d[:, :-1].bool() & keep[:, :-1].to(att_d.device)
             for m in ("clean", "spliced", "zero"):
                 ce = F.cross_entropy(logits[m].transpose(1, 2), target, reduction="none")  # [batch, seq-1]
                 totals[m] += float(ce[valid].sum())
@@ -378,9 +377,8 @@ def record_causal_checks(
     not measure (value None: nothing to ablate, or the control unavailable) fails with mediation's reason.
     A failure fails the gate; `source` (e.g. "job 12, k=200") is kept in each check's detail.
     """
-    gate = copy.deepcopy(
-        d.meta.get("gate") or {}
-    )  # a new record: earlier copies (provenance) stay as they were
+    # a new record: earlier copies (provenance) stay as they were
+    gate = copy.deepcopy(d.meta.get("gate") or {})
     if not gate.get("checks"):
         raise GateFailedError(f"dictionary {d.id or d.path} has no evaluated gate to attach causal checks to")
     cfg = GateConfig(**{k: tuple(v) if k == "alive_range" and v else v for k, v in gate["config"].items()})
