@@ -37,18 +37,7 @@ class Timing:
 
 def measure(name: str, fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> Timing:
     """Run `fn` `warmup` times untimed, then `repeats` times; report median and min/max."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return Timing(name, statistics.median(times), min(times), max(times), repeats, times)
+    return measure_interleaved({name: fn}, repeats, warmup)[0]
 
 
 def measure_interleaved(

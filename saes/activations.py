@@ -3,7 +3,6 @@ and `ActivationSource`, the Protocol training and quality read."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,21 +11,13 @@ import torch
 from safetensors import safe_open
 
 from crosspatch.saes.cache_specs import FORMAT, MANIFEST, act_key
-from crosspatch.saes.errors import CacheError, DictionaryConfigError
+from crosspatch.saes.errors import CacheError, DictionaryConfigError, read_json_object
 
 
 # ---- reading ------------------------------------------------------------------------------------------
 def _read_manifest(path: Path) -> dict[str, Any]:
-    mpath = path / MANIFEST
-    if not path.exists():
-        raise CacheError(f"no activation cache at {str(path)!r} (directory does not exist)")
-    if not mpath.exists():
-        raise CacheError(f"no activation cache at {str(path)!r} ({MANIFEST} missing)")
-    try:
-        m = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"corrupt cache manifest {mpath}: {e.msg}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
+    mpath, m = read_json_object(path, MANIFEST, "activation cache", CacheError)
+    if m.get("format") != FORMAT:
         raise CacheError(f"{mpath} is not a crosspatch activation cache manifest")
     return m
 
