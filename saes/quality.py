@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedModel
 
 from crosspatch.engine.adapters import adapter_for
 from crosspatch.engine.hooks import mlp_hooks
@@ -151,7 +152,7 @@ def activation_metrics(
 @torch.no_grad()
 def splice_metrics(
     d: Dictionary,
-    model: Any,
+    model: PreTrainedModel,
     sequences: Sequence[Sequence[int]],
     branch: str | None = None,
     batch_size: int = 8,
@@ -412,7 +413,7 @@ def evaluate_dictionary(
     d: Dictionary,
     source: ActivationSource,
     *,
-    models: Mapping[str, Any] | None = None,
+    models: Mapping[str, PreTrainedModel] | None = None,
     gate: GateConfig | None = None,
     heldout_fraction: float = 0.1,
     n_splice_sequences: int = 64,
