@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +120,6 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise ClientError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
             time.sleep(poll)
-
-    def progress_events(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """The job's server-sent progress events, until it finishes."""
-        with self._http.stream("GET", f"/jobs/{job_id}/progress", timeout=None) as r:
-            if r.status_code >= 400:
-                r.read()
-                raise ClientError(f"{r.status_code}: {r.text}", r.status_code)
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    yield json.loads(line[6:])
 
     # ---- results -----------------------------------------------------------------------------
     def results(self, job_id: str, table: str = "cells", limit: int = 10_000) -> dict[str, Any]:

@@ -50,7 +50,3 @@ class Invalid(AppError):
 
 class QuotaExceeded(AppError):
     status, code = 429, "quota_exceeded"
-
-
-class NotAvailable(AppError):
-    status, code = 501, "not_available"

@@ -24,23 +24,12 @@ from harness import (
 
 from crosspatch.engine.crosspatch import crosspatch, event_batches
 from crosspatch.engine.divergence import DivergenceEvent
+from crosspatch.engine.organisms import tiny
 
 
 def forced_events(pair, n: int, seed: int = 0) -> list[DivergenceEvent]:
     """Events on random prompts with fixed token pairs, so every contender scores the same 2x2."""
-    return [
-        DivergenceEvent(
-            prompt_id=p.id,
-            category=p.category,
-            prompt_ids=pair.tokenizer.encode(p.text),
-            diverged=True,
-            reason="diverged",
-            position=0,
-            t_pt=10 + i % 50,
-            t_it=100 + i % 50,
-        )
-        for i, p in enumerate(random_prompts(n, seed=seed))
-    ]
+    return tiny.forced_events(pair, random_prompts(n, seed=seed), t_pt=10, t_it=100, wrap=50)
 
 
 def organism_pair(name: str, device: str):

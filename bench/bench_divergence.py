@@ -25,6 +25,7 @@ from harness import (
     parse,
     random_prompts,
     report,
+    shape_args,
 )
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -133,11 +134,7 @@ def position_summary(events: list[DivergenceEvent]) -> str:
 
 def main() -> None:
     parser = base_args(__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    shape_args(parser, batch_size=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--it-scale", type=float, default=DEFAULT_IT_SCALE)
     parser.add_argument("--probe", action="store_true", help="only print the divergence positions")

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 from bench_divergence import DEFAULT_IT_SCALE, assert_same_events, generate_then_compare
-from harness import Timing, base_args, pair_from_args, parse, random_prompts, report
+from harness import Timing, base_args, pair_from_args, parse, random_prompts, report, shape_args
 
 from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.divergence import find_divergences
@@ -89,11 +89,7 @@ def timed(fn):
 
 def main() -> None:
     parser = base_args(__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16, help="crosspatch's divergence batch size")
+    shape_args(parser, batch_size=16, batch_help="crosspatch's divergence batch size")
     parser.add_argument("--it-scale", type=float, default=DEFAULT_IT_SCALE)
     args = parse(parser)
     pair = pair_from_args(args, it_scale=args.it_scale)

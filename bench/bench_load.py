@@ -35,18 +35,14 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from crosspatch.engine.organisms.tiny import random_prompts, save_tiny_pair
 
-from helpers import save_tiny_pair  # noqa: E402  (tests/helpers.py, on the path above)
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGET_P99_MS = 100.0
 
 
 def prompts(n: int, seed: int) -> list[dict]:
-    from helpers import random_prompts
-
     return [{"id": p.id, "text": p.text, "category": p.category} for p in random_prompts(n, seed=seed)]
 
 
@@ -171,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--clients must be 1..500 and --seconds 0..600")
 
     from crosspatch.app.config import Settings
+    from crosspatch.app.embedded import free_port
     from crosspatch.app.main import settings_env
-    from tests.app.live import bootstrap_users
-    from tests.app.pg import free_port
+    from crosspatch.app.services.users import bootstrap_users
 
     with tempfile.TemporaryDirectory(prefix="crosspatch-load-") as tmp:
         root = Path(tmp)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 from bench_crosspatch import forced_events
-from harness import base_args, measure_interleaved, pair_from_args, paired_ratio, parse, report
+from harness import base_args, measure_interleaved, pair_from_args, paired_ratio, parse, report, shape_args
 
 from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.results import CELL_COLUMNS
@@ -28,11 +28,7 @@ def separate_runs(pair, events, boundaries, batch_size: int) -> pa.Table:
 
 def main() -> None:
     parser = base_args(__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    shape_args(parser, batch_size=32)
     args = parse(parser)
     pair = pair_from_args(args)
     events = forced_events(pair, args.prompts)

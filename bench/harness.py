@@ -12,15 +12,12 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 @dataclass
@@ -40,18 +37,7 @@ class Timing:
 
 def measure(name: str, fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> Timing:
     """Run `fn` `warmup` times untimed, then `repeats` times; report median and min/max."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return Timing(name, statistics.median(times), min(times), max(times), repeats, times)
+    return measure_interleaved({name: fn}, repeats, warmup)[0]
 
 
 def measure_interleaved(
@@ -119,6 +105,15 @@ def base_args(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def shape_args(parser: argparse.ArgumentParser, batch_size: int = 16, batch_help: str | None = None) -> None:
+    """The random pair's shape and workload: --layers, --d-model, --vocab, --prompts, --batch-size."""
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+
+
 # Real shapes for the GPU runs (random weights: only speed and memory are measured).
 PRESETS: dict[str, dict] = {
     "llama-3.1-8b": dict(
@@ -173,9 +168,9 @@ def random_llama_pair(
     config: dict | None = None,
 ):
     """A random-initialised Llama PT and a perturbed IT of the given shape (no weights needed for speed)."""
-    from helpers import perturbed_copy, word_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from crosspatch.engine.organisms.tiny import perturbed_copy, word_tokenizer
     from crosspatch.engine.pairs import ModelPair, resolve_dtype
 
     torch.manual_seed(seed)
@@ -229,7 +224,7 @@ def _perturbed_on_device(model, scale: float, seed: int):
 
 
 def random_prompts(n: int, seed: int = 0, min_len: int = 16, max_len: int = 48, vocab: int = 4096):
-    from helpers import random_prompts as _rp
+    from crosspatch.engine.organisms.tiny import random_prompts as _rp
 
     return _rp(n, seed=seed, min_len=min_len, max_len=max_len, vocab_size=vocab)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -47,18 +47,25 @@ from crosspatch.engine.controls import (
     matched_status,
     random_directions,
 )
-from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
+from crosspatch.engine.crosspatch import (
+    CELLS,
+    CleanPasses,
+    clean_passes,
+    crosspatch_batch,
+    event_batches,
+    margin,
+)
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.guards import check_dictionaries
+from crosspatch.engine.hooks import HasMlps, MlpHook, mlp_hooks
+from crosspatch.engine.mediation_tables import acts_table, effects_table
 from crosspatch.engine.noop import check_mediation_noop
 from crosspatch.engine.pairs import ModelPair
-from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_EFFECTS_SCHEMA, GATE_CHECKS_SCHEMA
-from crosspatch.engine.stats import bootstrap_means
+from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, GATE_CHECKS_SCHEMA
 
-Edit = Callable[
-    [torch.Tensor, int], torch.Tensor
-]  # (mlp_out at last position [batch, d], layer) -> new value
+Edit = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (mlp_out [batch, d_model], mlp_in [batch, d_model], both at the last position; layer) -> new mlp_out
 
 
 class FeatureDictionary(Protocol):
@@ -100,6 +107,28 @@ class DirectionDictionary:
         return self.directions
 
 
+class MultiBranchDictionary(Protocol):
+    """A dictionary with named branches (`saes.load.Dictionary`): what `BranchView` adapts."""
+
+    @property
+    def id(self) -> str | None: ...
+
+    @property
+    def layer(self) -> int | None: ...
+
+    @property
+    def branches(self) -> list[str]: ...
+
+    @property
+    def W_dec(self) -> dict[str, torch.Tensor]:
+        """Per branch `[n_latents, d_model]` decoder rows."""
+        ...
+
+    def encode(self, x: torch.Tensor, branch: str | None = None) -> torch.Tensor: ...
+
+    def decode(self, acts: torch.Tensor, branch: str | None = None) -> torch.Tensor: ...
+
+
 class BranchView:
     """One model branch of a multi-branch dictionary (e.g. `saes.load.Dictionary`) as a `FeatureDictionary`.
 
@@ -107,7 +136,7 @@ class BranchView:
     transcoders use their one branch. Transcoders read the MLP input (`reads_input`).
     """
 
-    def __init__(self, dictionary: Any, branch: str = "it") -> None:
+    def __init__(self, dictionary: MultiBranchDictionary, branch: str = "it") -> None:
         self.inner = dictionary
         branches = list(dictionary.branches)
         self.branch = branch if branch in branches else branches[0] if len(branches) == 1 else None
@@ -148,9 +177,8 @@ class MediationConfig:
     n_resamples: int = 2000
     seed: int = 23
     batch_size: int = 16
-    features: tuple[tuple[str, int], ...] | None = (
-        None  # explicit (dictionary id, latent) set to test instead of top-k
-    )
+    # an explicit (dictionary id, latent) set to test instead of top-k
+    features: tuple[tuple[str, int], ...] | None = None
     allow_failed_gate: bool = False  # use trained dictionaries below the quality gate (engine/guards.py)
 
     def validate(self, dictionaries: Sequence[FeatureDictionary], pair: ModelPair) -> None:
@@ -179,26 +207,21 @@ class MediationConfig:
             )
 
 
-@contextlib.contextmanager
-def mlp_edits(pair: ModelPair, edits: dict[int, Edit]) -> Iterator[None]:
-    """Install forward hooks that edit IT's MLP output at the last position of given layers; always removed."""
-    handles = []
+def mlp_edits(pair: ModelPair, edits: dict[int, Edit]) -> contextlib.AbstractContextManager[None]:
+    """Hooks that edit IT's MLP output at the last position of the given layers (`engine.hooks`: always removed)."""
 
-    def make(layer: int, edit: Edit):
-        def hook(module, args, output):
-            out = output.clone()
-            out[:, -1] = edit(output[:, -1], args[0][:, -1], layer)  # [batch, d_model]
-            return out
+    def make(layer: int, edit: Edit) -> MlpHook:
+        def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            B, _, D = out.shape  # [batch, seq, d_model]
+            last = edit(out[:, -1], x[:, -1], layer)  # [B, D] at the last position
+            assert last.shape == (B, D), f"an edit returns [batch, d_model], got {tuple(last.shape)}"
+            new = out.clone()  # [B, seq, D]
+            new[:, -1] = last
+            return new
 
-        return hook
+        return fn
 
-    try:
-        for layer, edit in edits.items():
-            handles.append(pair.it_adapter.mlp(layer).register_forward_hook(make(layer, edit)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return mlp_hooks(pair.it_adapter, {layer: make(layer, edit) for layer, edit in edits.items()})
 
 
 def _source(d: FeatureDictionary, mlp_out: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
@@ -206,29 +229,23 @@ def _source(d: FeatureDictionary, mlp_out: torch.Tensor, mlp_in: torch.Tensor) -
     return mlp_in if getattr(d, "reads_input", False) else mlp_out
 
 
-@contextlib.contextmanager
-def splice(model_adapter, dictionaries: Sequence[FeatureDictionary]) -> Iterator[None]:
+def splice_with_error(
+    model_adapter: HasMlps, dictionaries: Sequence[FeatureDictionary]
+) -> contextlib.AbstractContextManager[None]:
     """Run with each dictionary spliced at its layer's MLP output, keeping the error term (a no-op by design).
 
     x -> decode(encode(x)) + (x - decode(encode(x))) at every position; interventions edit the first term.
+    (`saes.quality.splice_metrics` instead replaces x by the reconstruction alone, to measure its loss.)
     """
-    handles = []
 
-    def make(d: FeatureDictionary):
-        def hook(module, args, output):
-            src = _source(d, output, args[0])
-            recon = d.decode(d.encode(src.to(d.W_dec))).to(output)  # [batch, seq, d_model]
-            return recon + (output - recon)
+    def make(d: FeatureDictionary) -> MlpHook:
+        def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            recon = d.decode(d.encode(_source(d, out, x).to(d.W_dec))).to(out)  # [batch, seq, d_model]
+            return recon + (out - recon)
 
-        return hook
+        return fn
 
-    try:
-        for d in dictionaries:
-            handles.append(model_adapter.mlp(d.layer).register_forward_hook(make(d)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return mlp_hooks(model_adapter, [(d.layer, make(d)) for d in dictionaries])
 
 
 def it_late_margin(
@@ -258,34 +275,26 @@ def _capture_mlp(
     """(MLP output, MLP input) at the last position of `layers` in cell (upstream, IT late); dY/d output if `with_grad`."""
     outs: dict[int, torch.Tensor] = {}
     ins: dict[int, torch.Tensor] = {}
-    handles = []
 
-    def make(layer: int):
-        def hook(module, args, output):
+    def make(layer: int) -> MlpHook:
+        def fn(x: torch.Tensor, out: torch.Tensor) -> None:
             if with_grad:
-                output.retain_grad()
-            outs[layer] = output
-            ins[layer] = args[0]
-            return output
+                out.retain_grad()
+            outs[layer], ins[layer] = out, x  # 2x [batch, seq, d_model]
 
-        return hook
+        return fn
 
-    resid = passes.captured[upstream][boundary].detach()
-    try:
-        for layer in layers:
-            handles.append(pair.it_adapter.mlp(layer).register_forward_hook(make(layer)))
-        with torch.set_grad_enabled(with_grad):
-            if with_grad:
-                resid = resid.clone().requires_grad_(
-                    True
-                )  # makes the graph differentiable (weights are frozen)
-            final = pair.it_adapter.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1]
-            y = margin(pair.it_adapter, final, tokens)
-            if with_grad:
-                y.sum().backward()  # rows are independent, so each row gets its own gradient
-    finally:
-        for h in handles:
-            h.remove()
+    resid = passes.captured[upstream][boundary].detach()  # [batch, seq, d_model]
+    with (
+        mlp_hooks(pair.it_adapter, {layer: make(layer) for layer in layers}),
+        torch.set_grad_enabled(with_grad),
+    ):
+        if with_grad:
+            resid = resid.clone().requires_grad_(True)  # makes the graph differentiable (weights are frozen)
+        final = pair.it_adapter.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1]
+        y = margin(pair.it_adapter, final, tokens)  # [batch]
+        if with_grad:
+            y.sum().backward()  # rows are independent, so each row gets its own gradient
     acts = {
         layer: (o[:, -1].detach(), ins[layer][:, -1].detach()) for layer, o in outs.items()
     }  # 2x [batch, d]
@@ -367,7 +376,7 @@ def rank_features(
             active[offset : offset + width] += fired.sum(0)
             if record_acts:
                 tables.append(
-                    _acts_table(pair, batch, d, a_ii.cpu().numpy(), a_pi.cpu().numpy(), "fit", score)
+                    acts_table(pair, batch, d, a_ii.cpu().numpy(), a_pi.cpu().numpy(), "fit", score)
                 )
             offset += width
         n += len(batch)
@@ -450,13 +459,11 @@ class MediationResult:
     noop: dict | None = None  # runtime no-op check on the first batch (engine.noop), incl. the splice
     dictionary_checks: list[dict] = field(default_factory=list)  # gate status / override, prompt disjointness
     k_labels: list[dict] = field(default_factory=list)  # {"requested": k, "size": real set size}
-    sets: dict[tuple[str, int, int], list[tuple[str, int]]] = field(
-        default_factory=dict
-    )  # (kind, size, seed) -> (dictionary id, latent) of every tested set, controls included
+    # (kind, size, seed) -> (dictionary id, latent) of every tested set, controls included
+    sets: dict[tuple[str, int, int], list[tuple[str, int]]] = field(default_factory=dict)
     controls: dict[str, Any] = field(default_factory=dict)  # per control: seeds, status per size, pool
-    checks: list[dict] = field(
-        default_factory=list
-    )  # causal gate checks {name, value, threshold, passed, k, detail}
+    # causal gate checks {name, value, threshold, passed, k, detail}
+    checks: list[dict] = field(default_factory=list)
 
     def checks_table(self, pair: ModelPair) -> pa.Table:
         """The causal checks as GATE_CHECKS_SCHEMA rows, one per dictionary of the run."""
@@ -548,15 +555,14 @@ def mediate(
     for f in singles:
         runs[("single", f, 0)] = ([f], None)
     layers = sorted({d.layer for d in dictionaries})
-    per_event: dict[tuple, list[float]] = {}
+    per_event: dict[tuple[str, str, int, int, str], list[float]] = {}  # (mode, kind, k, seed, statistic)
     base: dict[str, list[float]] = {"interaction": [], "it_late_effect": [], "missing_margin": []}
     test_acts: list[pa.Table] = []
     for batch, ids, mask, tokens in event_batches(pair, test, cfg.batch_size):
         passes = clean_passes(pair, ids, mask, [b])
-        y = {
-            cell: margin(pair.it_adapter, late_stack_final(pair, *cell, passes, b), tokens)
-            for cell in (("pt", "pt"), ("pt", "it"), ("it", "pt"), ("it", "it"))
-        }
+        # the 2x2 under the common IT readout, from the clean passes above: {(upstream, late): [batch]}
+        cells = crosspatch_batch(pair, ids, mask, tokens[:, 1], tokens[:, 0], [b], ("it",), passes)[(b, "it")]
+        y = {cell: cells[column] for cell, column in CELLS.items()}
         interaction = (y["it", "it"] - y["it", "pt"]) - (y["pt", "it"] - y["pt", "pt"])
         base["interaction"] += interaction.tolist()
         base["it_late_effect"] += (y["it", "it"] - y["it", "pt"]).tolist()
@@ -565,7 +571,7 @@ def mediate(
         outs_pi, _ = _capture_mlp(pair, "pt", passes, b, tokens, layers, with_grad=False)
         acts_ii, acts_pi = _dict_acts(outs_ii, dictionaries), _dict_acts(outs_pi, dictionaries)
         test_acts += [
-            _acts_table(
+            acts_table(
                 pair,
                 batch,
                 d,
@@ -579,11 +585,8 @@ def mediate(
         d_model = pair.it_adapter.d_model
         for (kind, k, s), (features, sd) in runs.items():
             groups = _by_layer(features, ranking, dictionaries)
-            dirs = (
-                None
-                if sd is None
-                else {L: random_directions(prompt_ids, sd, L, d_model) for L in groups}  # [batch, d_model]
-            )
+            # per layer `[batch, d_model]` unit directions of the same-delta control, else None
+            dirs = None if sd is None else {L: random_directions(prompt_ids, sd, L, d_model) for L in groups}
             target = acts_pi if cfg.ablation == "pt_value" else None
             ii = it_late_margin(
                 pair, "it", passes, b, tokens, {L: _ablate_edit(groups, target, dirs) for L in groups}
@@ -621,7 +624,7 @@ def mediate(
         np.array(base["interaction"]),
         status.get(top_k) if top_k else None,
     )
-    effects = _effects_table(pair, dictionaries, per_event, base, ranking, cfg, status)
+    effects = effects_table(pair, dictionaries, per_event, base, ranking, cfg, status)
     acts = pa.concat_tables([FEATURE_ACTS_SCHEMA.empty_table(), *ranking.acts, *test_acts])
     return MediationResult(
         effects=effects,
@@ -653,171 +656,9 @@ def mediate(
     )
 
 
-def _add(store: dict, key: tuple, values: list[float]) -> None:
+def _add(
+    store: dict[tuple[str, str, int, int, str], list[float]],
+    key: tuple[str, str, int, int, str],
+    values: list[float],
+) -> None:
     store.setdefault(key, []).extend(values)
-
-
-def _acts_table(
-    pair: ModelPair,
-    batch: Sequence[DivergenceEvent],
-    d: FeatureDictionary,
-    a_ii: np.ndarray,
-    a_pi: np.ndarray,
-    split: str,
-    attribution: np.ndarray | None = None,
-) -> pa.Table:
-    """feature_acts rows for latents active in either IT-late cell (`a_*`, `attribution`: `[batch, n_latents]`)."""
-    rows, latents = np.nonzero((a_ii > 0) | (a_pi > 0))  # sparse: only active latents are stored
-    n = len(rows)
-    columns = {
-        "family": [pair.family] * n,
-        "pair_id": [pair.pair_id] * n,
-        "prompt_id": [batch[r].prompt_id for r in rows.tolist()],
-        "dictionary_id": [d.id] * n,
-        "layer": np.full(n, d.layer, dtype=np.int32),
-        "latent": latents.astype(np.int64),
-        "act_ptup": a_pi[rows, latents].astype(np.float64),
-        "act_itup": a_ii[rows, latents].astype(np.float64),
-        "attribution": pa.nulls(n, pa.float64())
-        if attribution is None
-        else attribution[rows, latents].astype(np.float64),
-        "split": [split] * n,
-    }
-    return pa.table(columns, schema=FEATURE_ACTS_SCHEMA)
-
-
-def _ci(values: np.ndarray, cfg: MediationConfig) -> tuple[float, float, float]:
-    """(mean, lo, hi) with the percentile bootstrap of the mean over events."""
-    lo, hi = np.quantile(bootstrap_means(values, cfg.n_resamples, cfg.seed), [0.025, 0.975])
-    return float(values.mean()), float(lo), float(hi)
-
-
-def _effects_table(pair, dictionaries, per_event, base, ranking, cfg, status) -> pa.Table:
-    """Set-level effects with bootstrap CIs (controls averaged over seeds per event), per-feature rows.
-
-    Shares and rescue fractions are null where their denominator's CI covers 0; an unavailable
-    matched-random control gets null rows with n = 0.
-    """
-    dict_ids = ",".join(d.id for d in dictionaries)
-    layer_of = {d.id: d.layer for d in dictionaries}
-    common = dict(family=pair.family, pair_id=pair.pair_id, dictionary_id=dict_ids, layer=None, latent=None)
-    rows: list[dict] = []
-    i_full = np.array(base["interaction"])
-    missing = np.array(base["missing_margin"])
-    baseline = {"interaction": _ci(i_full, cfg), "missing_margin": _ci(missing, cfg)}
-    # a ratio is reported only where its denominator is distinguishable from 0
-    ratio_ok = {name: not (lo <= 0.0 <= hi) for name, (_, lo, hi) in baseline.items()}
-    rank_of = {int(f): r for r, f in enumerate(np.argsort(-ranking.score, kind="stable"), start=1)}
-    grouped: dict[tuple, list[np.ndarray]] = {}
-    for (mode, name, k, _seed, stat), vals in per_event.items():
-        grouped.setdefault((mode, name, k, stat), []).append(np.array(vals))
-    for (mode, name, k, stat), runs in sorted(grouped.items()):
-        x = np.mean(runs, axis=0)  # [n_test] average over control seeds
-        if name == "single":
-            dict_id, latent = ranking.keys[k]
-            mean, lo, hi = _ci(x, cfg)
-            rank = rank_of[k]
-            rows.append(
-                dict(
-                    common,
-                    dictionary_id=dict_id,
-                    layer=layer_of[dict_id],
-                    latent=latent,
-                    intervention="ablate_single",
-                    k=rank,
-                    statistic=stat,
-                    effect=mean,
-                    ci_low=lo,
-                    ci_high=hi,
-                    n=len(x),
-                )
-            )
-            continue
-        denom_name = {"interaction_drop": "interaction", "rescue_gain": "missing_margin"}.get(stat)
-        denom = {"interaction": i_full, "missing_margin": missing}.get(denom_name)
-        cols = np.column_stack([x, denom]) if denom is not None else x[:, None]
-        means = bootstrap_means(cols, cfg.n_resamples, cfg.seed)  # [R, 1 or 2]
-        lo, hi = np.quantile(means[:, 0], [0.025, 0.975])
-        intervention = f"{mode}_{name}"
-        rows.append(
-            dict(
-                common,
-                intervention=intervention,
-                k=k,
-                statistic=stat,
-                effect=float(x.mean()),
-                ci_low=float(lo),
-                ci_high=float(hi),
-                n=len(x),
-            )
-        )
-        if denom is not None:
-            ratio_stat = "share" if stat == "interaction_drop" else "rescue_fraction"
-            effect = rlo = rhi = None
-            if ratio_ok[denom_name]:  # ratio of means
-                rlo, rhi = (float(v) for v in np.quantile(means[:, 0] / means[:, 1], [0.025, 0.975]))
-                effect = float(x.mean() / denom.mean())
-            rows.append(
-                dict(
-                    common,
-                    intervention=intervention,
-                    k=k,
-                    statistic=ratio_stat,
-                    effect=effect,
-                    ci_low=rlo,
-                    ci_high=rhi,
-                    n=len(x),
-                )
-            )
-    for k, st in sorted(status.items()):
-        if st.available:
-            continue
-        for intervention, stats in (
-            ("ablate_matched_random", ("interaction_drop", "share", "it_late_drop")),
-            ("rescue_matched_random", ("rescue_gain", "rescue_fraction")),
-        ):
-            rows += [
-                dict(
-                    common,
-                    intervention=intervention,
-                    k=k,
-                    statistic=stat,
-                    effect=None,
-                    ci_low=None,
-                    ci_high=None,
-                    n=0,
-                )
-                for stat in stats
-            ]
-    for rank, f in enumerate(ranking.top(len(ranking.keys)), start=1):
-        dict_id, latent = ranking.keys[f]
-        rows.append(
-            dict(
-                family=pair.family,
-                pair_id=pair.pair_id,
-                dictionary_id=dict_id,
-                layer=layer_of[dict_id],
-                intervention="attribution",
-                k=rank,
-                latent=latent,
-                statistic="attribution_score",
-                effect=float(ranking.score[f]),
-                ci_low=None,
-                ci_high=None,
-                n=ranking.n_events,
-            )
-        )
-    for name, (mean, lo, hi) in baseline.items():
-        rows.append(
-            dict(
-                common,
-                intervention="baseline",
-                k=0,
-                statistic=name,
-                effect=mean,
-                ci_low=lo,
-                ci_high=hi,
-                n=len(i_full),
-            )
-        )
-    return pa.Table.from_pylist(rows, schema=FEATURE_EFFECTS_SCHEMA)

@@ -35,6 +35,7 @@ from crosspatch.engine.pairs import ModelPair
 if TYPE_CHECKING:
     from crosspatch.engine.crosspatch import CleanPasses
     from crosspatch.engine.divergence import DivergenceEvent
+    from crosspatch.engine.mediation import FeatureDictionary
 
 FP32_TOLERANCE = 1e-4
 HALF_EPS_MULTIPLE = 4.0
@@ -148,7 +149,7 @@ def check_cells_noop(
 def check_mediation_noop(
     pair: ModelPair,
     events: Sequence[DivergenceEvent],
-    dictionaries: Sequence[Any],
+    dictionaries: Sequence[FeatureDictionary],
     boundary: int,
     batch_size: int = 8,
 ) -> NoopReport | None:
@@ -158,7 +159,7 @@ def check_mediation_noop(
     """
     # imported here: crosspatch.py and mediation.py import this module
     from crosspatch.engine.crosspatch import clean_passes, event_batches
-    from crosspatch.engine.mediation import splice
+    from crosspatch.engine.mediation import splice_with_error
 
     first = next(event_batches(pair, events, max(1, batch_size)), None)
     if first is None:
@@ -173,7 +174,7 @@ def check_mediation_noop(
         clean = it.readout(
             it.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1]
         )  # [batch, vocab]
-        with splice(it, dictionaries):
+        with splice_with_error(it, dictionaries):
             spliced = it.readout(it.run_layers(resid, passes.contexts["it"], start=boundary)[0][:, -1])
         d = _max_abs(spliced, clean)
         worst = d if math.isnan(d) or math.isnan(worst) else max(worst, d)

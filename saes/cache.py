@@ -15,328 +15,48 @@ Layout of a cache directory:
 Shards always end at a model-batch boundary, so an interrupted run that restarts (same settings) resumes
 at the first unfinished batch and produces byte-identical shards. Memory is bounded by `shard_tokens`
 (plus one model batch).
+
+Rooms: `cache_specs` (format constants, layer/hook specs), `tokens` (token sources), `capture` (weight hash,
+MLP capture), this module (the writer, `build_cache`), `activations` (the reader). Every public name is
+re-exported here, so `from crosspatch.saes.cache import ActivationCache` keeps working.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from crosspatch.engine.adapters import ArchAdapter, adapter_for, positions_from_mask
+from crosspatch.engine.adapters import adapter_for
 from crosspatch.engine.divergence import left_pad
-from crosspatch.engine.errors import PromptFileError
+from crosspatch.saes.activations import (
+    ActivationCache,
+    ActivationSource,
+    TensorSource,
+    _read_manifest,
+    is_heldout,
+)
+from crosspatch.saes.cache_specs import (
+    DTYPES,
+    FORMAT,
+    HOOK_POINTS,
+    MANIFEST,
+    ROLES,
+    VERSION,
+    act_key,
+    check_hook_points,
+    parse_layers,
+)
+from crosspatch.saes.capture import capture_mlp, weight_hash
 from crosspatch.saes.errors import CacheError, DictionaryConfigError
-
-MANIFEST = "manifest.json"
-FORMAT = "crosspatch-activation-cache"
-VERSION = 1
-HOOK_POINTS: tuple[str, ...] = ("mlp_in", "mlp_out")
-ROLES: tuple[str, ...] = ("pt", "it", "model")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-# ---- small validated specs --------------------------------------------------------------------------
-def parse_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int]:
-    """Layer indices from `"last:3"`, `"4,5"`, `"-1"`, an int or a list; negatives count from the end."""
-    if isinstance(spec, str):
-        s = spec.strip()
-        if s.startswith("last:"):
-            try:
-                n = int(s.split(":", 1)[1])
-            except ValueError:
-                n = 0
-            if not 1 <= n <= n_layers:
-                raise DictionaryConfigError(
-                    f"bad layer spec {spec!r}: 'last:N' needs 1 <= N <= {n_layers} (the model has {n_layers} layers)"
-                )
-            return list(range(n_layers - n, n_layers))
-        try:
-            items = [int(x) for x in s.split(",") if x.strip()]
-        except ValueError:
-            raise DictionaryConfigError(
-                f"bad layer spec {spec!r}: use 'last:N', a comma list like '3,4', or integers"
-            ) from None
-    elif isinstance(spec, int):
-        items = [spec]
-    else:
-        items = [int(x) for x in spec]
-    if not items:
-        raise DictionaryConfigError("no layers given; use 'last:N' or explicit indices")
-    out = []
-    for layer in items:
-        if not -n_layers <= layer < n_layers:
-            raise DictionaryConfigError(
-                f"layer {layer} out of range: the model has {n_layers} layers (valid 0..{n_layers - 1} "
-                f"or -{n_layers}..-1)"
-            )
-        out.append(layer % n_layers)
-    return sorted(set(out))
-
-
-def check_hook_points(hooks: str | Sequence[str]) -> list[str]:
-    """Validate hook point names (`mlp_in`, `mlp_out`)."""
-    items = [h.strip() for h in hooks.split(",")] if isinstance(hooks, str) else list(hooks)
-    bad = [h for h in items if h not in HOOK_POINTS]
-    if bad or not items:
-        raise DictionaryConfigError(f"unknown hook point(s) {bad or items}; valid: {', '.join(HOOK_POINTS)}")
-    return list(dict.fromkeys(items))
-
-
-def act_key(role: str, layer: int, hook: str) -> str:
-    """Tensor name of one activation stream inside a shard."""
-    return f"{role}.L{layer}.{hook}"
-
-
-# ---- token sources ------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def raw_prompt(record: Mapping[str, Any]) -> str:
-    """The raw text of a prompt record: formats['B'], else formats['A'], else prompt (method §1.1)."""
-    formats = record.get("formats") or {}
-    for key in ("B", "A"):
-        if isinstance(formats, Mapping) and formats.get(key):
-            return str(formats[key])
-    if record.get("prompt"):
-        return str(record["prompt"])
-    raise PromptFileError("prompt record has neither 'formats' (A/B) nor 'prompt'")
-
-
-@dataclass
-class TokenSource:
-    """Where token sequences come from: `kind` in prompts | text | dataset | ids.
-
-    prompts: JSONL records with `prompt` or `formats`; text: a text file, one sequence per non-empty line;
-    dataset: a local `datasets` directory (column `text_column`); ids: JSONL records with `input_ids`, or
-    in-memory `ids` (for models without a tokenizer, as in tests).
-    """
-
-    kind: str
-    path: Path | None = None
-    ids: list[list[int]] | None = None
-    text_column: str = "text"
-    prompt_ids: list[str] | None = None  # prompts: keep only these ids; ids: the prompt id of each sequence
-    split: dict[str, Any] | None = None  # how the training prompts were chosen (recorded, see `describe`)
-
-    def fingerprint(self) -> str:
-        """A hash of the source's content, stored in the manifest so a resume cannot mix sources."""
-        if self.ids is not None:
-            return hashlib.sha256(json.dumps(self.ids).encode()).hexdigest()
-        assert self.path is not None
-        if self.kind == "dataset":
-            h = hashlib.sha256()
-            for p in sorted(self.path.rglob("*")):
-                if p.is_file():
-                    h.update(p.name.encode() + _sha256_file(p).encode())
-            return h.hexdigest()
-        return _sha256_file(self.path)
-
-    def describe(self) -> dict[str, Any]:
-        """What the manifest (and so every dictionary trained on the cache) records about the source.
-
-        `prompt_ids` lists the prompt ids whose tokens were cached (prompt sources, or id sources built
-        from prompts), so mediation can check that no test event's prompt trained the dictionary; `split`
-        says how they were chosen (e.g. the mediation fit split). Other sources have `prompt_ids` None
-        (a separate corpus, not keyed by prompt id)."""
-        out: dict[str, Any] = {
-            "kind": self.kind,
-            "path": str(self.path) if self.path else None,
-            "hash": self.fingerprint(),
-        }
-        ids = self.prompt_ids
-        if ids is None and self.kind == "prompts":
-            ids = [str(r.get("id")) for r in self._records() if r.get("id") is not None]
-        if ids is not None:
-            out["prompt_ids"] = list(ids)
-        if self.split is not None:
-            out["split"] = dict(self.split)
-        return out
-
-    def _records(self) -> Iterator[dict[str, Any]]:
-        """Prompt records of a `prompts` source, filtered to `prompt_ids` when given."""
-        assert self.path is not None
-        keep = set(self.prompt_ids) if self.prompt_ids is not None and self.kind == "prompts" else None
-        with open(self.path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{self.path}:{i}: not valid JSON ({e.msg})") from None
-                if keep is None or str(rec.get("id")) in keep:
-                    yield rec
-
-    def texts(self) -> Iterator[str]:
-        """Raw texts (not for `ids` sources)."""
-        assert self.path is not None
-        if self.kind == "text":
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield line.rstrip("\n")
-        elif self.kind == "prompts":
-            for rec in self._records():
-                yield raw_prompt(rec)
-        elif self.kind == "dataset":
-            try:
-                import datasets  # optional dependency
-            except ImportError:
-                raise CacheError("a `datasets` source needs the `datasets` package installed") from None
-            ds = datasets.load_from_disk(str(self.path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-            if self.text_column not in ds.column_names:
-                raise CacheError(f"dataset has no column {self.text_column!r}; columns: {ds.column_names}")
-            for row in ds:
-                yield str(row[self.text_column])
-        else:
-            raise CacheError(f"source kind {self.kind!r} has no texts")
-
-    def sequences(self, tokenizer: Any | None, max_seq_len: int) -> Iterator[list[int]]:
-        """Token id sequences, truncated to `max_seq_len` (BOS added by the tokenizer where it has one)."""
-        if self.kind == "ids":
-            seqs: Iterable[list[int]] = self.ids if self.ids is not None else self._ids_from_file()
-            for s in seqs:
-                if s:
-                    yield [int(t) for t in s[:max_seq_len]]
-            return
-        if tokenizer is None:
-            raise CacheError(f"a {self.kind!r} source needs a tokenizer; give one or use token-id input")
-        for text in self.texts():
-            ids = tokenizer.encode(text, add_special_tokens=True)[:max_seq_len]
-            if ids:
-                yield list(ids)
-
-    def _ids_from_file(self) -> Iterator[list[int]]:
-        assert self.path is not None
-        with open(self.path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield list(json.loads(line)["input_ids"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise PromptFileError(
-                            f"{self.path}:{i}: expected a JSON record with 'input_ids'"
-                        ) from None
-
-
-def token_source(spec: str | Path | Sequence[Sequence[int]] | TokenSource) -> TokenSource:
-    """Detect a source: a TokenSource, a list of id lists, a `datasets` dir, a .jsonl or a text file."""
-    if isinstance(spec, TokenSource):
-        return spec
-    if not isinstance(spec, (str, Path)):
-        return TokenSource(kind="ids", ids=[list(map(int, s)) for s in spec])
-    path = Path(spec)
-    if not path.exists():
-        raise PromptFileError(f"token source {str(path)!r} does not exist")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return TokenSource(kind="dataset", path=path)
-        raise PromptFileError(f"{path} is a directory but not a saved `datasets` dataset")
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), None)
-        if first is None:
-            raise PromptFileError(f"{path} is empty")
-        try:
-            rec = json.loads(first)
-        except json.JSONDecodeError as e:
-            raise PromptFileError(f"{path}:1: not valid JSON ({e.msg})") from None
-        return TokenSource(kind="ids" if "input_ids" in rec else "prompts", path=path)
-    return TokenSource(kind="text", path=path)
-
-
-# ---- model identity -----------------------------------------------------------------------------------
-def weight_hash(model: torch.nn.Module, full_below: int = 50_000_000) -> str:
-    """sha256 of the weights (all bytes for small models; names, shapes and head/tail slices for big ones)."""
-    h = hashlib.sha256()
-    n_params = sum(p.numel() for p in model.parameters())
-    for name, p in sorted(model.state_dict().items()):
-        t = p.detach().cpu().contiguous().flatten()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        if n_params > full_below:
-            t = torch.cat([t[:4096], t[-4096:]])
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return ("sha256:" if n_params <= full_below else "sha256-sampled:") + h.hexdigest()
-
-
-def load_model(
-    path: str | Path, revision: str | None = None, *, device: str = "cpu", dtype: str = "float32"
-) -> tuple[PreTrainedModel, Any | None]:
-    """Load a causal LM (eval; fp32 on CPU unless told) and its tokenizer if it has one; `ModelLoadError`."""
-    from crosspatch.engine.pairs import load_model as load
-
-    return load(path, device=device, dtype=dtype, revision=revision, require_tokenizer=False)
-
-
-# ---- capture --------------------------------------------------------------------------------------------
-class _Capture:
-    """Forward hooks on the chosen MLP modules, removed in `close` (use as a context manager)."""
-
-    def __init__(self, adapter: ArchAdapter, layers: Sequence[int], hooks: Sequence[str]) -> None:
-        self.store: dict[tuple[int, str], torch.Tensor] = {}
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        for layer in layers:
-            self.handles.append(
-                adapter.mlp(layer).register_forward_hook(self._hook(layer, hooks), with_kwargs=True)
-            )
-
-    def _hook(self, layer: int, hooks: Sequence[str]) -> Callable[..., None]:
-        def fn(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if "mlp_in" in hooks:
-                x = args[0] if args else next(iter(kwargs.values()))
-                self.store[(layer, "mlp_in")] = x.detach()  # [batch, seq, d_model]
-            if "mlp_out" in hooks:
-                out = output[0] if isinstance(output, tuple) else output
-                self.store[(layer, "mlp_out")] = out.detach()  # [batch, seq, d_model]
-
-        return fn
-
-    def __enter__(self) -> _Capture:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-
-@torch.no_grad()
-def capture_mlp(
-    adapter: ArchAdapter,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    layers: Sequence[int],
-    hooks: Sequence[str],
-) -> dict[tuple[int, str], torch.Tensor]:
-    """Run blocks 0..max(layers) and return {(layer, hook): [batch, seq, d_model]}."""
-    position_ids = positions_from_mask(attention_mask)
-    resid = adapter.embed(input_ids, position_ids)  # [batch, seq, d_model]
-    ctx = adapter.context(resid, attention_mask, position_ids)
-    with _Capture(adapter, layers, hooks) as cap:
-        adapter.run_layers(resid, ctx, 0, max(layers) + 1)
-        return dict(cap.store)
+from crosspatch.saes.tokens import TokenSource, _sha256_file, token_source
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
@@ -548,220 +268,23 @@ def _default_drop_ids(config: Any, tokenizer: Any | None) -> set[int]:
     return {int(i) for i in ids if isinstance(i, int)}
 
 
-# ---- reading ------------------------------------------------------------------------------------------
-def _read_manifest(path: Path) -> dict[str, Any]:
-    mpath = path / MANIFEST
-    if not path.exists():
-        raise CacheError(f"no activation cache at {str(path)!r} (directory does not exist)")
-    if not mpath.exists():
-        raise CacheError(f"no activation cache at {str(path)!r} ({MANIFEST} missing)")
-    try:
-        m = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"corrupt cache manifest {mpath}: {e.msg}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise CacheError(f"{mpath} is not a crosspatch activation cache manifest")
-    return m
-
-
-def is_heldout(seq_index: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Prompt-level held-out split: a fixed hash of the sequence index, so it never depends on sharding."""
-    h = (seq_index.long() * 2654435761) % (2**32)
-    return h.double() / 2**32 < fraction  # [n] bool
-
-
-class ActivationCache:
-    """Read access to a finished cache: keys, held-out splits, deterministic shuffled batches."""
-
-    def __init__(self, path: str | Path, allow_incomplete: bool = False) -> None:
-        self.path = Path(path)
-        self.manifest = _read_manifest(self.path)
-        if not self.manifest.get("complete") and not allow_incomplete:
-            raise CacheError(
-                f"cache at {self.path} is incomplete (interrupted?); rerun `dict cache` to resume"
-            )
-        for s in self.manifest["shards"]:
-            if not (self.path / s["file"]).exists():
-                raise CacheError(f"cache at {self.path} is missing shard {s['file']}")
-
-    @property
-    def roles(self) -> list[str]:
-        return list(self.manifest["models"])
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.manifest["layers"])
-
-    @property
-    def hook_points(self) -> list[str]:
-        return list(self.manifest["hook_points"])
-
-    @property
-    def d_model(self) -> int:
-        return int(self.manifest["d_model"])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.manifest["n_tokens"])
-
-    def check_key(self, role: str, layer: int, hook: str) -> str:
-        """The tensor name for (role, layer, hook), or a `CacheError` listing what the cache holds."""
-        if role not in self.roles:
-            raise CacheError(f"cache has no model role {role!r}; it holds {', '.join(self.roles)}")
-        if layer not in self.layers:
-            raise CacheError(f"cache has no layer {layer}; it holds layers {self.layers}")
-        if hook not in self.hook_points:
-            raise CacheError(f"cache has no hook point {hook!r}; it holds {', '.join(self.hook_points)}")
-        return act_key(role, layer, hook)
-
-    def _open(self, shard: dict[str, Any]) -> Any:
-        return safe_open(str(self.path / shard["file"]), framework="pt")
-
-    def load(self, keys: Sequence[str], split: str = "all", heldout_fraction: float = 0.1) -> torch.Tensor:
-        """All rows of `keys` side by side, `[n, sum(d)]` float32 (for small caches and evals)."""
-        parts = [self._shard_rows(s, keys, split, heldout_fraction) for s in self.manifest["shards"]]
-        return torch.cat(parts) if parts else torch.empty(0, len(keys) * self.d_model)
-
-    def _shard_rows(
-        self, shard: dict[str, Any], keys: Sequence[str], split: str, heldout_fraction: float
-    ) -> torch.Tensor:
-        if split not in ("all", "train", "heldout"):
-            raise DictionaryConfigError(f"unknown split {split!r}; valid: all, train, heldout")
-        with self._open(shard) as f:
-            x = torch.cat([f.get_tensor(k).float() for k in keys], dim=-1)  # [n, sum(d)]
-            if split != "all":
-                held = is_heldout(f.get_tensor("seq_index"), heldout_fraction)
-                x = x[held if split == "heldout" else ~held]
-        return x
-
-    def sequences(self, split: str = "heldout", heldout_fraction: float = 0.1) -> list[list[int]]:
-        """Full token ids (with BOS) of cached sequences in `split`, for splicing evals."""
-        out: list[list[int]] = []
-        for s in self.manifest["shards"]:
-            with self._open(s) as f:
-                toks, offs, ids = (
-                    f.get_tensor("seq_tokens"),
-                    f.get_tensor("seq_offsets"),
-                    f.get_tensor("seq_ids"),
-                )
-            held = is_heldout(ids, heldout_fraction)
-            for i in range(len(ids)):
-                if split == "all" or bool(held[i]) == (split == "heldout"):
-                    out.append(toks[offs[i] : offs[i + 1]].tolist())
-        return out
-
-    def batches(
-        self,
-        keys: Sequence[str],
-        batch_size: int,
-        seed: int = 0,
-        split: str = "train",
-        heldout_fraction: float = 0.1,
-        start_sample: int = 0,
-    ) -> Iterator[torch.Tensor]:
-        """An endless, deterministic stream of `[batch_size, sum(d)]` batches.
-
-        Each epoch visits the shards in a seeded order and each shard's rows in a seeded order; the stream
-        is cut into consecutive batches. `start_sample` starts the stream there (resume after a kill),
-        skipping whole shards without reading their activations.
-        """
-        shards = self.manifest["shards"]
-        counts = []
-        for s in shards:  # rows per shard in this split (reads only seq_index)
-            with self._open(s) as f:
-                held = is_heldout(f.get_tensor("seq_index"), heldout_fraction)
-            counts.append(
-                int(held.sum())
-                if split == "heldout"
-                else int((~held).sum())
-                if split == "train"
-                else len(held)
-            )
-        total = sum(counts)
-        if total < batch_size:
-            raise CacheError(f"cache split {split!r} has {total} rows, fewer than one batch of {batch_size}")
-        buf: torch.Tensor | None = None
-        skip = start_sample
-        epoch = 0
-        while True:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(len(shards), generator=g).tolist()
-            for si in order:
-                if skip >= counts[si]:
-                    skip -= counts[si]
-                    continue
-                rows = self._shard_rows(shards[si], keys, split, heldout_fraction)
-                gs = torch.Generator().manual_seed(seed * 100_003 + epoch * 7919 + si + 1)
-                rows = rows[torch.randperm(len(rows), generator=gs)][skip:]
-                skip = 0
-                buf = rows if buf is None else torch.cat([buf, rows])
-                while len(buf) >= batch_size:
-                    yield buf[:batch_size]
-                    buf = buf[batch_size:]
-            epoch += 1
-
-
-class TensorSource:
-    """In-memory stand-in for `ActivationCache` (synthetic data, tests): `{key: [n, d]}` tensors.
-
-    Rows play the role of sequences for the held-out split; batches are deterministic in `seed`.
-    """
-
-    def __init__(self, arrays: Mapping[str, torch.Tensor], manifest: dict[str, Any] | None = None) -> None:
-        lengths = {len(v) for v in arrays.values()}
-        if len(lengths) != 1:
-            raise CacheError("all arrays of a TensorSource need the same number of rows")
-        self.arrays = {k: v.float() for k, v in arrays.items()}
-        self.n_rows = lengths.pop()
-        self.d_model = next(iter(self.arrays.values())).shape[-1]
-        self.path: Path | None = None
-        self.manifest = manifest or {"models": {}, "source": {"kind": "tensors"}, "n_tokens": self.n_rows}
-
-    @property
-    def n_tokens(self) -> int:
-        return self.n_rows
-
-    def check_key(self, role: str, layer: int, hook: str) -> str:
-        key = act_key(role, layer, hook)
-        if key not in self.arrays:
-            raise CacheError(f"no activations for {key!r}; available: {', '.join(self.arrays)}")
-        return key
-
-    def _mask(self, split: str, heldout_fraction: float) -> torch.Tensor:
-        if split == "all":
-            return torch.ones(self.n_rows, dtype=torch.bool)
-        if split not in ("train", "heldout"):
-            raise DictionaryConfigError(f"unknown split {split!r}; valid: all, train, heldout")
-        held = is_heldout(torch.arange(self.n_rows), heldout_fraction)
-        return held if split == "heldout" else ~held
-
-    def load(self, keys: Sequence[str], split: str = "all", heldout_fraction: float = 0.1) -> torch.Tensor:
-        return torch.cat([self.arrays[k] for k in keys], dim=-1)[self._mask(split, heldout_fraction)]
-
-    def sequences(self, split: str = "heldout", heldout_fraction: float = 0.1) -> list[list[int]]:
-        return []
-
-    def batches(
-        self,
-        keys: Sequence[str],
-        batch_size: int,
-        seed: int = 0,
-        split: str = "train",
-        heldout_fraction: float = 0.1,
-        start_sample: int = 0,
-    ) -> Iterator[torch.Tensor]:
-        x = self.load(keys, split, heldout_fraction)  # [n, sum(d)]
-        n = len(x)
-        if n < batch_size:
-            raise CacheError(f"split {split!r} has {n} rows, fewer than one batch of {batch_size}")
-        epoch, offset = divmod(start_sample, n)
-        buf: torch.Tensor | None = None
-        while True:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            rows = x[torch.randperm(n, generator=g)][offset:]
-            offset = 0
-            buf = rows if buf is None else torch.cat([buf, rows])
-            while len(buf) >= batch_size:
-                yield buf[:batch_size]
-                buf = buf[batch_size:]
-            epoch += 1
+__all__ = [
+    "DTYPES",
+    "FORMAT",
+    "HOOK_POINTS",
+    "MANIFEST",
+    "ROLES",
+    "VERSION",
+    "ActivationCache",
+    "ActivationSource",
+    "TensorSource",
+    "TokenSource",
+    "act_key",
+    "build_cache",
+    "capture_mlp",
+    "check_hook_points",
+    "is_heldout",
+    "parse_layers",
+    "token_source",
+    "weight_hash",
+]

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # arch imports sae_lens; the export itself needs only the weights
+    from crosspatch.saes.arch import Crosscoder
 
 BRANCHES_DIR = "branches"
 
@@ -68,7 +71,7 @@ def hf_module(manifest: dict[str, Any], role: str, layer: int) -> str | None:
 
 
 @torch.no_grad()
-def export_crosscoder_branches(sae: Any, path: str | Path) -> dict[str, Path]:
+def export_crosscoder_branches(sae: Crosscoder, path: str | Path) -> dict[str, Path]:
     """Save each branch of an inference `Crosscoder` as a plain sae_lens JumpReLU SAE; {branch: dir}."""
     from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 import crosspatch.saes.arch  # noqa: F401  (registers crosspatch's classes with sae_lens)
 from crosspatch.saes.arch import Crosscoder
-from crosspatch.saes.errors import DictionaryLoadError
+from crosspatch.saes.errors import DictionaryLoadError, read_json_object
 
 META_FILENAME = "crosspatch_meta.json"
 CFG_FILENAME = "cfg.json"
@@ -218,16 +218,8 @@ def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
     from sae_lens import SAE
 
     p = Path(path)
-    if not p.is_dir():
-        raise DictionaryLoadError(f"no dictionary at {str(p)!r} (not a directory)")
-    cfg_path = p / CFG_FILENAME
-    if not cfg_path.exists():
-        raise DictionaryLoadError(f"no dictionary at {str(p)!r} ({CFG_FILENAME} missing)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DictionaryLoadError(f"corrupt {cfg_path}: {e.msg} (line {e.lineno})") from None
-    if not isinstance(cfg, dict) or "architecture" not in cfg or "d_in" not in cfg or "d_sae" not in cfg:
+    cfg_path, cfg = read_json_object(p, CFG_FILENAME, "dictionary", DictionaryLoadError)
+    if "architecture" not in cfg or "d_in" not in cfg or "d_sae" not in cfg:
         raise DictionaryLoadError(f"corrupt {cfg_path}: needs 'architecture', 'd_in' and 'd_sae'")
     from sae_lens.registry import SAE_CLASS_REGISTRY
 

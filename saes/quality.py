@@ -8,7 +8,7 @@ Metrics on held-out tokens (a prompt-level split of the cache the dictionary did
   (a fixed sample keeps the [0.01, 0.20] band meaningful: on more tokens more latents fire);
   `dead_fraction` = latents that never fire on any held-out token;
 - with models given: next-token cross-entropy and KL(clean || spliced) when the reconstruction replaces the
-  MLP output at the dictionary's layer (a forward hook on `adapter.mlp(layer)`), plus the zero-ablation
+  MLP output at the dictionary's layer (`engine.hooks.mlp_hooks`), plus the zero-ablation
   loss for scale (`ce_loss_recovered`).
 
 The gate (method section 5.1) is a list of named checks, each `{name, value, threshold, passed, status,
@@ -34,9 +34,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedModel
 
 from crosspatch.engine.adapters import adapter_for
-from crosspatch.saes.cache import act_key
+from crosspatch.engine.hooks import mlp_hooks
+from crosspatch.saes.cache import ActivationSource, act_key
 from crosspatch.saes.errors import CacheError, GateFailedError
 from crosspatch.saes.load import Dictionary
 
@@ -88,7 +90,7 @@ def _sources_keys(d: Dictionary) -> dict[str, list[str]]:
 @torch.no_grad()
 def activation_metrics(
     d: Dictionary,
-    source: Any,
+    source: ActivationSource,
     split: str = "heldout",
     heldout_fraction: float = 0.1,
     chunk: int = 4096,
@@ -150,7 +152,7 @@ def activation_metrics(
 @torch.no_grad()
 def splice_metrics(
     d: Dictionary,
-    model: Any,
+    model: PreTrainedModel,
     sequences: Sequence[Sequence[int]],
     branch: str | None = None,
     batch_size: int = 8,
@@ -165,17 +167,15 @@ def splice_metrics(
     layer = d.layer
     if layer is None or not 0 <= layer < adapter.n_layers:
         raise CacheError(f"dictionary layer {layer} is not a layer of this model ({adapter.n_layers} layers)")
-    mlp = adapter.mlp(layer)
     mode = {"v": "clean"}
     mask_holder: dict[str, torch.Tensor] = {}
 
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+    def hook(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
         if mode["v"] == "clean":
             return None
         keep = mask_holder["m"][..., None]  # [batch, seq, 1]
         if mode["v"] == "zero":
             return torch.where(keep, torch.zeros_like(output), output)
-        x = args[0] if args else next(iter(kwargs.values()))
         src = x if d.kind == "transcoder" else output
         b = branch if d.kind == "crosscoder" else None
         recon = d.reconstruct(src.float(), branch=b).to(output.dtype)  # [batch, seq, d]
@@ -183,8 +183,7 @@ def splice_metrics(
 
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     n_tok = 0
-    handle = mlp.register_forward_hook(hook, with_kwargs=True)
-    try:
+    with mlp_hooks(adapter, {layer: hook}):
         for s in range(0, len(sequences), batch_size):
             batch = [list(q) for q in sequences[s : s + batch_size] if len(q) > skip_positions + 1]
             if not batch:
@@ -204,9 +203,8 @@ def splice_metrics(
                 mode["v"] = m
                 logits[m] = adapter.forward_logits(ids_d, att_d).float()[:, :-1]  # [batch, seq-1, vocab]
             target = ids_d[:, 1:]
-            valid = (
-                att_d[:, 1:].bool() & att_d[:, :-1].bool() & keep[:, :-1].to(att_d.device)
-            )  # [batch, seq-1]
+            # [batch, seq-1]: real target tokens whose input position was replaced
+            valid = att_d[:, 1:].bool() & att_d[:, :-1].bool() & keep[:, :-1].to(att_d.device)
             for m in ("clean", "spliced", "zero"):
                 ce = F.cross_entropy(logits[m].transpose(1, 2), target, reduction="none")  # [batch, seq-1]
                 totals[m] += float(ce[valid].sum())
@@ -215,8 +213,6 @@ def splice_metrics(
             kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1)  # [batch, seq-1]
             totals["kl"] += float(kl[valid].sum())
             n_tok += int(valid.sum())
-    finally:
-        handle.remove()
     if n_tok == 0:
         raise CacheError("no held-out sequences long enough to measure the splice effect")
     ce_c, ce_s, ce_z = (totals[m] / n_tok for m in ("clean", "spliced", "zero"))
@@ -382,9 +378,8 @@ def record_causal_checks(
     not measure (value None: nothing to ablate, or the control unavailable) fails with mediation's reason.
     A failure fails the gate; `source` (e.g. "job 12, k=200") is kept in each check's detail.
     """
-    gate = copy.deepcopy(
-        d.meta.get("gate") or {}
-    )  # a new record: earlier copies (provenance) stay as they were
+    # a new record: earlier copies (provenance) stay as they were
+    gate = copy.deepcopy(d.meta.get("gate") or {})
     if not gate.get("checks"):
         raise GateFailedError(f"dictionary {d.id or d.path} has no evaluated gate to attach causal checks to")
     cfg = GateConfig(**{k: tuple(v) if k == "alive_range" and v else v for k, v in gate["config"].items()})
@@ -416,9 +411,9 @@ def record_causal_checks(
 
 def evaluate_dictionary(
     d: Dictionary,
-    source: Any,
+    source: ActivationSource,
     *,
-    models: Mapping[str, Any] | None = None,
+    models: Mapping[str, PreTrainedModel] | None = None,
     gate: GateConfig | None = None,
     heldout_fraction: float = 0.1,
     n_splice_sequences: int = 64,

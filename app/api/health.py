@@ -7,8 +7,8 @@ from sqlalchemy import func, select
 
 from crosspatch.app.deps import ReadSessionDep, ResultsDep
 from crosspatch.app.schemas.common import Health, Version
+from crosspatch.app.schemas.jobs import job_kinds
 from crosspatch.app.store.models import Job
-from crosspatch.app.worker.handlers import available_kinds
 
 router = APIRouter(tags=["health"])
 API_VERSION = "1"
@@ -34,4 +34,4 @@ def version() -> Version:
     """Versions of the service and the job kinds it can run."""
     from importlib.metadata import version as pkg_version
 
-    return Version(crosspatch=pkg_version("crosspatch"), api=API_VERSION, job_kinds=available_kinds())
+    return Version(crosspatch=pkg_version("crosspatch"), api=API_VERSION, job_kinds=job_kinds())

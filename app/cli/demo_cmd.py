@@ -178,7 +178,7 @@ def demo(
     from crosspatch.app.client import Client
     from crosspatch.app.config import Settings
     from crosspatch.app.embedded import ServiceThread
-    from crosspatch.app.services.plots import figures_dir
+    from crosspatch.app.store.layout import figures_dir
     from crosspatch.engine.organisms import organism_path
 
     t0 = time.perf_counter()

@@ -80,7 +80,8 @@ def cache_cmd(
     A prompt JSONL source is first split as mediation will split it: only prompts outside the mediation
     test split are cached, and their ids and the split are recorded (dictionaries never see evaluation
     prompts; `crosspatch mediate` refuses test events among them)."""
-    from crosspatch.saes.cache import build_cache, load_model, token_source
+    from crosspatch.engine.pairs import load_model
+    from crosspatch.saes.cache import build_cache, token_source
 
     if organism:
         from crosspatch.engine.organisms import organism_path
@@ -129,7 +130,9 @@ def cache_cmd(
     else:
         kind = "all" if src.kind == "prompts" else "separate_corpus"
         src.split = {"kind": kind, "note": "not the mediation prompts (the caller's responsibility)"}
-        loaded = {r: load_model(p, device=device, dtype=dtype) for r, p in paths.items()}
+        loaded = {
+            r: load_model(p, device=device, dtype=dtype, require_tokenizer=False) for r, p in paths.items()
+        }
     tok = next(iter(loaded.values()))[1]
     with progress_bar("caching activations (tokens)", max_tokens) as bar:
         seen = [0]
@@ -275,7 +278,7 @@ def _print_gate(meta: dict[str, Any]) -> None:
 
 
 def _models_for(c: Any, role: str, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
-    from crosspatch.saes.cache import load_model
+    from crosspatch.engine.pairs import load_model
 
     roles = ["pt", "it"] if role == "paired" else [role]
     out = {}
@@ -283,7 +286,7 @@ def _models_for(c: Any, role: str, device: str = "cpu", dtype: str = "float32") 
         path = c.manifest["models"].get(r, {}).get("path")
         if not path:
             raise CrosspatchError(f"the cache manifest has no model path for {r!r}; cannot splice")
-        out[r] = load_model(path, device=device, dtype=dtype)[0]
+        out[r] = load_model(path, device=device, dtype=dtype, require_tokenizer=False)[0]
     return out
 
 

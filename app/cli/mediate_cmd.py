@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import typer
 
 from crosspatch.app.cli import cli
-from crosspatch.app.cli.progress import progress_bar
+from crosspatch.app.cli.progress import divergences_with_bar, progress_bar
 from crosspatch.app.cli.run_cmd import _resolve_pair_args
 
 
@@ -55,7 +55,6 @@ def mediate(
     ] = False,
 ) -> None:
     """Rank final-layer features by attribution, ablate / rescue the top-k with controls, print effects."""
-    from crosspatch.engine.divergence import iter_divergences
     from crosspatch.engine.mediation import BranchView, MediationConfig
     from crosspatch.engine.mediation import mediate as run_mediation
     from crosspatch.engine.pairs import load_pair
@@ -75,19 +74,7 @@ def mediate(
         dicts.append(BranchView(d, "it"))
     model_pair = load_pair(pt, it, device=device, dtype=dtype, pair_id=organism)
     records = load_prompts(prompts)
-    with progress_bar("first divergence", len(records)) as bar:
-        events = [
-            e
-            for batch in iter_divergences(
-                model_pair,
-                records,
-                max_new_tokens,
-                batch_size,
-                chat_template,
-                on_batch=lambda d, n: bar.update(d, n),
-            )
-            for e in batch
-        ]
+    events = divergences_with_bar(model_pair, records, max_new_tokens, batch_size, chat_template)
     cfg = MediationConfig(
         top_k=top_k,
         ks=tuple(int(k) for k in ks.split(",") if k.strip()),

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from crosspatch.engine.divergence import DivergenceEvent
+    from crosspatch.engine.pairs import ModelPair
+    from crosspatch.engine.prompts import PromptRecord
 
 
 def progress_enabled(stream: Any = None) -> bool:
@@ -76,3 +81,30 @@ def progress_bar(
     with progress:
         task = progress.add_task(description, total=total, note="")
         yield Bar(progress, task)
+
+
+def divergences_with_bar(
+    pair: ModelPair,
+    records: Sequence[PromptRecord],
+    max_new_tokens: int,
+    batch_size: int,
+    chat_template: bool,
+    event: str = "first_diff",
+) -> list[DivergenceEvent]:
+    """First divergence of every prompt, batch by batch, under a "first divergence" bar (`run`, `mediate`)."""
+    from crosspatch.engine.divergence import iter_divergences
+
+    with progress_bar("first divergence", len(records)) as bar:
+        return [
+            e
+            for batch in iter_divergences(
+                pair,
+                records,
+                max_new_tokens,
+                batch_size,
+                chat_template,
+                on_batch=lambda d, n: bar.update(d, n),
+                event=event,
+            )
+            for e in batch
+        ]

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import typer
 
 from crosspatch.app.cli import cli
-from crosspatch.app.cli.progress import progress_bar
+from crosspatch.app.cli.progress import divergences_with_bar, progress_bar
 from crosspatch.engine.errors import CrosspatchError
 
 log = logging.getLogger("crosspatch.run")
@@ -93,7 +93,6 @@ def run(
     from crosspatch.app.cli.summarize_cmd import print_summary, write_summary
     from crosspatch.engine.control_suite import check_controls
     from crosspatch.engine.crosspatch import iter_crosspatch
-    from crosspatch.engine.divergence import iter_divergences
     from crosspatch.engine.event_kinds import check_kind
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
@@ -115,20 +114,7 @@ def run(
     typer.echo(
         f"pair {pair.pair_id} ({pair.family}, {pair.n_layers} layers), {len(records)} prompts, boundary {boundary}"
     )
-    with progress_bar("first divergence", len(records)) as bar:
-        events = [
-            e
-            for batch in iter_divergences(
-                pair,
-                records,
-                max_new_tokens,
-                batch_size,
-                chat_template,
-                on_batch=lambda d, n: bar.update(d, n),
-                event=event,
-            )
-            for e in batch
-        ]
+    events = divergences_with_bar(pair, records, max_new_tokens, batch_size, chat_template, event=event)
     typer.echo(format_event_counts(events))
     n_div = sum(e.diverged for e in events)
     with progress_bar("2x2 cross-patch", n_div) as bar:

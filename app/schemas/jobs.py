@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -599,3 +600,9 @@ class JobLogPublic(BaseModel):
 class JobLogsPublic(BaseModel):
     data: list[JobLogPublic]
     count: int
+
+
+def job_kinds() -> list[str]:
+    """Every job kind the spec union accepts; each has a worker handler (tests/app/test_job_kinds.py)."""
+    union = typing.get_args(JobSpec)[0]  # the discriminated union inside Annotated
+    return sorted(spec.model_fields["kind"].default for spec in typing.get_args(union))

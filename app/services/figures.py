@@ -7,7 +7,8 @@ from pathlib import Path
 from crosspatch.app.config import Settings
 from crosspatch.app.errors import NotFound
 from crosspatch.app.schemas.results import FigurePublic, FiguresPublic
-from crosspatch.app.services.plots import figures_dir, list_figures
+from crosspatch.app.services.plots import list_figures
+from crosspatch.app.store.layout import figures_dir
 from crosspatch.app.store.models import Job
 
 API_PREFIX = "/api/v1"

@@ -15,6 +15,7 @@ from crosspatch.app.queue import ops
 from crosspatch.app.schemas.jobs import JobCreate, JobPublic
 from crosspatch.app.services.paths import resolve_under
 from crosspatch.app.store.duckdb import ResultsStore
+from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.store.models import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -26,8 +27,6 @@ from crosspatch.app.store.models import (
     User,
     utcnow,
 )
-from crosspatch.app.worker.context import parts_dir
-from crosspatch.app.worker.handlers import available_kinds
 
 # A prompt file's line holds one prompt plus its JSON (id, category, formats): this much room for those.
 LINE_OVERHEAD_CHARS = 1024
@@ -106,11 +105,6 @@ def _check_boundary(boundary: Any, pair: Pair) -> None:
 def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tuple[str | None, int]:
     """Check a spec against the allow-list and the server's limits; returns (pair_id, memory)."""
     spec = body.spec
-    if spec.kind not in available_kinds():
-        raise Invalid(
-            "spec.kind",
-            f"job kind {spec.kind!r} is not available on this server (available: {', '.join(available_kinds())})",
-        )
     _check_prompts(spec, settings)
     pair_ids = list(spec.pair_ids) if spec.kind == "pipeline" else [spec.pair_id]
     field = "spec.pair_ids" if spec.kind == "pipeline" else "spec.pair_id"

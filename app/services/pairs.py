@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from crosspatch.app.config import Settings
-from crosspatch.app.errors import Conflict, Invalid, NotFound
+from crosspatch.app.errors import Conflict, Invalid
 from crosspatch.app.services.paths import HUB_ID, is_local_ref, resolve_under
 from crosspatch.app.store.models import Pair
 
@@ -95,10 +95,3 @@ def add_pair(
 
 def list_pairs(session: Session) -> list[Pair]:
     return list(session.scalars(select(Pair).order_by(Pair.pair_id)))
-
-
-def get_pair(session: Session, pair_id: str) -> Pair:
-    pair = session.get(Pair, pair_id)
-    if pair is None:
-        raise NotFound(f"no pair {pair_id!r}")
-    return pair

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from crosspatch.app.store.layout import figures_dir
 from crosspatch.engine.results import CELL_COLUMNS, EFFECT_COLUMNS
 
 if TYPE_CHECKING:
@@ -61,11 +62,6 @@ EFFECT_LABELS = {
 }
 MEAN_FAMILY = "__mean__"
 MAX_ROWS = 200_000  # rows of one table read for figures
-
-
-def figures_dir(data_dir: Path, job_id: uuid.UUID | str) -> Path:
-    """Where a job's figures live: beside its parts, `data_dir/jobs/<id>/figures`."""
-    return Path(data_dir) / "jobs" / str(job_id) / "figures"
 
 
 def _new_figure(width: float, height: float) -> Figure:

@@ -6,8 +6,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from crosspatch.app import auth
+from crosspatch.app.config import Settings
 from crosspatch.app.errors import Conflict, NotFound
+from crosspatch.app.store.migrate import upgrade
 from crosspatch.app.store.models import ApiKey, User
+from crosspatch.app.store.session import Store
 
 
 def create_user(session: Session, name: str, role: str = "researcher") -> User:
@@ -47,3 +50,19 @@ def revoke_key(session: Session, key_id: int) -> ApiKey:
     if row is None:
         raise NotFound(f"no key with id {key_id}")
     return row
+
+
+def bootstrap_users(settings: Settings, names: dict[str, str]) -> dict[str, str]:
+    """Create users {name: role} with one key each in the (migrated) job store; returns name -> key."""
+    assert settings.database_url is not None
+    upgrade(settings.database_url)
+    store = Store.from_settings(settings)
+    keys = {}
+    try:
+        with store.session() as s:
+            for name, role in names.items():
+                create_user(s, name, role)
+                _, keys[name] = create_key(s, name)
+    finally:
+        store.dispose()
+    return keys

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import func, insert, select
 
 from crosspatch.app.queue import ops
+from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.store.models import Job, JobLog, JobPart
 from crosspatch.app.store.result_tables import PART_SCHEMAS, conform
 from crosspatch.app.store.session import Store
@@ -31,11 +32,6 @@ HELD_MARKER = ".held"
 
 class JobCancelled(Exception):
     """Raised inside a handler when the job was cancelled, its lease lost, or the worker is stopping."""
-
-
-def parts_dir(data_dir: Path, job_id: uuid.UUID | str) -> Path:
-    """Where a job's Parquet parts live (shared by workers and the service)."""
-    return Path(data_dir) / "jobs" / str(job_id)
 
 
 class JobContext:

@@ -1,15 +1,19 @@
-"""Job handlers: `kind -> function(spec, context)`. Only kinds whose engine pieces exist are registered.
+"""Job handlers: `kind -> function(spec, context)`. Every kind of the spec union has one.
 
 A handler streams its work in chunks of prompts; each finished chunk is a checkpoint part
 (`events.00003`, `cells.00003`), so a job resumed after a crash skips the chunks it already has.
-The engine is imported inside the handlers: importing this module stays cheap for the API process.
+Only worker processes import this module (it imports the engine and torch; saes, which imports
+sae_lens, only inside the handlers that need it); the API takes job kinds from the spec union
+(`app.schemas.jobs.job_kinds`) and the job layout from `app.store.layout`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from crosspatch.app.schemas.jobs import (
     JOB_SPEC_ADAPTER,
@@ -27,7 +31,19 @@ from crosspatch.app.schemas.jobs import (
     TrainDictionarySpec,
 )
 from crosspatch.app.worker.context import JobContext
+from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
+from crosspatch.engine.divergence import DivergenceEvent, iter_divergences
 from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.mediation import BranchView, MediationConfig
+from crosspatch.engine.mediation import mediate as run_mediation
+from crosspatch.engine.noop import noop_report
+from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.prompts import PromptRecord, load_prompts
+from crosspatch.engine.results import GATE_CHECKS_SCHEMA, events_from_table, events_table
+from crosspatch.engine.stats import summarize
+
+if TYPE_CHECKING:  # saes imports sae_lens (seconds): its handlers import it when a job needs it
+    from crosspatch.saes.load import Dictionary
 
 Handler = Callable[[Any, JobContext], None]
 HANDLERS: dict[str, Handler] = {}
@@ -45,11 +61,6 @@ def register(kind: str) -> Callable[[Handler], Handler]:
     return deco
 
 
-def available_kinds() -> list[str]:
-    """The job kinds this installation can run."""
-    return sorted(HANDLERS)
-
-
 def run_job(spec: dict[str, Any], ctx: JobContext) -> None:
     """Validate `spec` and run its kind's handler."""
     parsed = JOB_SPEC_ADAPTER.validate_python(spec)
@@ -59,9 +70,8 @@ def run_job(spec: dict[str, Any], ctx: JobContext) -> None:
     handler(parsed, ctx)
 
 
-def load_prompt_records(spec: DivergenceSpec) -> list[Any]:
+def load_prompt_records(spec: DivergenceSpec) -> list[PromptRecord]:
     """The spec's prompts as engine `PromptRecord`s (inline, or the checked file)."""
-    from crosspatch.engine.prompts import PromptRecord, load_prompts
 
     if spec.prompts is not None:
         return [
@@ -83,10 +93,12 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def _events_for(
-    pair: Any, chunk: Sequence[Any], spec: DivergenceSpec, on_batch: Callable[[int, int], None] | None = None
-) -> list[Any]:
-    from crosspatch.engine.divergence import iter_divergences
-
+    pair: ModelPair,
+    chunk: Sequence[PromptRecord],
+    spec: DivergenceSpec,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[DivergenceEvent]:
+    """The chunk's first divergences, batch by batch (`on_batch`: the job's cancellation point)."""
     batches = iter_divergences(
         pair,
         chunk,
@@ -99,7 +111,7 @@ def _events_for(
     return [e for batch in batches for e in batch]
 
 
-def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
+def _provenance(ctx: JobContext, pair: ModelPair, spec: DivergenceSpec) -> None:
     ctx.provenance.update(
         pair=pair.pair_id,
         family=pair.family,
@@ -115,7 +127,6 @@ def _provenance(ctx: JobContext, pair: Any, spec: DivergenceSpec) -> None:
 @register("divergence")
 def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     """First divergence per prompt -> `events` parts."""
-    from crosspatch.engine.results import events_table
 
     pair = ctx.load_pair(spec.pair_id)
     _provenance(ctx, pair, spec)
@@ -134,7 +145,7 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
 
-def _record_noop(ctx: JobContext, pair: Any, stage: str, report: dict | None) -> bool:
+def _record_noop(ctx: JobContext, pair: ModelPair, stage: str, report: dict | None) -> bool:
     """Store a runtime no-op check in provenance (`noop_checks[pair][stage]`); True if there was one."""
     if report is None:
         return False
@@ -144,18 +155,15 @@ def _record_noop(ctx: JobContext, pair: Any, stage: str, report: dict | None) ->
 
 
 def _crosspatch_chunks(
-    pair: Any,
-    prompts: Sequence[Any],
-    spec: Any,
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
+    spec: CrosspatchSpec | PipelineSpec,
     ctx: JobContext,
     boundaries: list[int],
     tag: str = "",
     progress: tuple[float, float] = (0.0, 0.95),
 ) -> None:
     """Divergence + 2x2 per chunk of prompts as `events.<tag>NNNNN` / `cells.<tag>NNNNN` parts (resumable)."""
-    from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
-    from crosspatch.engine.noop import noop_report
-    from crosspatch.engine.results import events_table
 
     chunks = _chunks(prompts, spec.chunk_size)
     done = ctx.completed_parts()
@@ -190,8 +198,7 @@ def _crosspatch_chunks(
         ctx.log(f"resumed: skipped {skipped} finished chunk(s) of {pair.pair_id}")
 
 
-def _summaries(ctx: JobContext, spec: Any) -> None:
-    from crosspatch.engine.stats import summarize
+def _summaries(ctx: JobContext, spec: CrosspatchSpec | PipelineSpec) -> None:
 
     cells_all = ctx.read_parts("cells")
     if cells_all is not None and cells_all.num_rows:
@@ -222,8 +229,7 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
     ctx.log(f"crosspatch done: {len(prompts)} prompts, boundaries {boundaries}, readouts {spec.readouts}")
 
 
-def _mediation_config(options: MediationOptions, boundary: int | None, batch_size: int) -> Any:
-    from crosspatch.engine.mediation import MediationConfig
+def _mediation_config(options: MediationOptions, boundary: int | None, batch_size: int) -> MediationConfig:
 
     return MediationConfig(
         top_k=options.top_k,
@@ -240,9 +246,9 @@ def _mediation_config(options: MediationOptions, boundary: int | None, batch_siz
 
 
 def _mediate_pair(
-    pair: Any,
-    events: list[Any],
-    dictionary: Any,
+    pair: ModelPair,
+    events: list[DivergenceEvent],
+    dictionary: Dictionary,
     options: MediationOptions,
     boundary: int | None,
     batch_size: int,
@@ -250,8 +256,6 @@ def _mediate_pair(
     tag: str,
 ) -> None:
     """Gate check, then mediation -> `feature_effects.<tag>all` / `feature_acts.<tag>all` parts."""
-    from crosspatch.engine.mediation import BranchView
-    from crosspatch.engine.mediation import mediate as run_mediation
     from crosspatch.saes.quality import record_causal_checks, require_gate
 
     done = ctx.completed_parts()
@@ -291,11 +295,8 @@ def _mediate_pair(
     ctx.write_part(f"feature_effects.{tag}all", result.effects)
 
 
-def _gate_checks(pair: Any, dictionary_id: str, gate: dict) -> Any:
+def _gate_checks(pair: ModelPair, dictionary_id: str, gate: dict) -> pa.Table:
     """The job's gate_checks rows: every named check of the dictionary's gate, causal ones included."""
-    import pyarrow as pa
-
-    from crosspatch.engine.results import GATE_CHECKS_SCHEMA
 
     rows = [
         {
@@ -314,16 +315,16 @@ def _gate_checks(pair: Any, dictionary_id: str, gate: dict) -> Any:
 
 
 def _train(
-    pair: Any,
-    prompts: Sequence[Any],
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
     opts: DictionaryOptions,
     role: str,
     out: Path,
     *,
-    events: Sequence[Any] | None = None,
+    events: Sequence[DivergenceEvent] | None = None,
     mediation: MediationOptions | None = None,
     max_new_tokens: int = 32,
-) -> Any:
+) -> Dictionary:
     """Train (or reload) the pair's dictionary on the prompts outside the mediation test split."""
     from crosspatch.saes.for_pair import train_for_pair
     from crosspatch.saes.quality import GateConfig
@@ -354,7 +355,8 @@ def _train(
     )
 
 
-def _record_dictionary(ctx: JobContext, dictionary: Any, pair: Any) -> None:
+def _record_dictionary(ctx: JobContext, dictionary: Dictionary, pair: ModelPair) -> None:
+    """Register a job's dictionary and log its gate, check by check."""
     from crosspatch.saes.quality import describe_check
 
     ctx.register_dictionary(dictionary, pair)
@@ -423,7 +425,6 @@ def load_dictionary_job(spec: LoadDictionarySpec, ctx: JobContext) -> None:
 @register("mediation")
 def mediation(spec: MediationSpec, ctx: JobContext) -> None:
     """Divergence on the spec's prompts, then mediation with a registered dictionary."""
-    from crosspatch.engine.results import events_table
     from crosspatch.saes.load import load_dictionary
 
     pair = ctx.load_pair(spec.pair_id)
@@ -441,7 +442,6 @@ def mediation(spec: MediationSpec, ctx: JobContext) -> None:
 @register("pipeline")
 def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
     """Per pair: divergence -> 2x2 -> dictionary on IT's final MLP -> mediation; then summaries over all."""
-    from crosspatch.engine.results import events_from_table
 
     prompts = load_prompt_records(spec)
     n = len(spec.pair_ids)

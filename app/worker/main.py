@@ -24,6 +24,7 @@ from crosspatch.app.services.paths import model_ref_to_open
 from crosspatch.app.store.models import Job, Pair
 from crosspatch.app.store.session import Store
 from crosspatch.app.worker.context import JobCancelled, JobContext
+from crosspatch.app.worker.handlers import run_job  # imports the engine before any claim (lease clock)
 from crosspatch.app.worker.supervisor import budget_reason, resident_bytes
 from crosspatch.engine.errors import CrosspatchError
 
@@ -146,7 +147,6 @@ class Worker:
             self._report("idle")
 
     def _run_one(self, job_id: uuid.UUID, spec: dict[str, Any], kind: str) -> str:
-        from crosspatch.app.worker.handlers import run_job
 
         ctx = JobContext(
             self.store,

@@ -54,3 +54,22 @@ def make_job(store: Store, owner_id: int, pair_id: str | None = None, **override
 
 
 _made: list[uuid.UUID] = []
+
+
+def effect_row(**fields: Any) -> dict[str, Any]:
+    """One FEATURE_EFFECTS_SCHEMA row: an attribution score of latent None unless `fields` say otherwise."""
+    row: dict[str, Any] = dict(
+        family="llama",
+        pair_id="p",
+        dictionary_id="d",
+        layer=3,
+        intervention="attribution",
+        k=1,
+        latent=None,
+        statistic="attribution_score",
+        effect=0.0,
+        ci_low=None,
+        ci_high=None,
+        n=10,
+    )
+    return {**row, **fields}

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from crosspatch.app.config import Settings
 from crosspatch.app.embedded import ServiceThread
 from crosspatch.app.main import start_worker_process
-from crosspatch.app.services import users
-from crosspatch.app.store.migrate import upgrade
-from crosspatch.app.store.session import Store
+from crosspatch.app.services.users import bootstrap_users
 
 
 class LiveServer(ServiceThread):
@@ -20,22 +21,6 @@ class LiveServer(ServiceThread):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, embedded_worker=False, startup_timeout=20)
-
-
-def bootstrap_users(settings: Settings, names: dict[str, str]) -> dict[str, str]:
-    """Create users {name: role} with one key each in the (migrated) job store; returns name -> key."""
-    assert settings.database_url is not None
-    upgrade(settings.database_url)
-    store = Store.from_settings(settings)
-    keys = {}
-    try:
-        with store.session() as s:
-            for name, role in names.items():
-                users.create_user(s, name, role)
-                _, keys[name] = users.create_key(s, name)
-    finally:
-        store.dispose()
-    return keys
 
 
 def client(server: LiveServer, key: str | None) -> httpx.Client:
@@ -62,4 +47,55 @@ def start_worker(
         )
 
 
-__all__ = ["LiveServer", "bootstrap_users", "client", "start_worker", "start_worker_process"]
+def live_settings(root: Path, model_roots: list[Path], **overrides: Any) -> Settings:
+    """Settings of a test service under `root` (data in `root/data`; dictionaries beside the models)."""
+    overrides.setdefault("dictionary_roots", list(model_roots))
+    return Settings(data_dir=root / "data", model_roots=list(model_roots), _env_file=None, **overrides)  # type: ignore[call-arg]
+
+
+def config_only_pair(models: Path) -> tuple[Path, Path]:
+    """`models/pt`, `models/it` holding only a Llama config.json: registers as a pair, never loads."""
+    for d in ("pt", "it"):
+        (models / d).mkdir(parents=True, exist_ok=True)
+        (models / d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 5}')
+    return models / "pt", models / "it"
+
+
+@contextlib.contextmanager
+def live_service(
+    settings: Settings,
+    users: dict[str, str],
+    pairs: dict[str, tuple[str, Path, Path]],
+    worker_log: Path | None = None,
+) -> Iterator[tuple[LiveServer, dict[str, str]]]:
+    """A live server with `users` {name: role} (the first admin registers `pairs` {pair_id: (family, pt,
+    it)}) and, given `worker_log`, one worker process; yields (server, keys by user); stops both after."""
+    keys = bootstrap_users(settings, users)
+    server = LiveServer(settings).start()
+    worker = start_worker(settings, worker_log) if worker_log is not None else None
+    try:
+        admin = next(name for name, role in users.items() if role == "admin")
+        with client(server, keys[admin]) as c:
+            for pair_id, (family, pt, it) in pairs.items():
+                r = c.post(
+                    "/pairs", json={"pair_id": pair_id, "family": family, "pt": str(pt), "it": str(it)}
+                )
+                assert r.status_code == 201, r.text
+        yield server, keys
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=30)
+        server.stop()
+
+
+__all__ = [
+    "LiveServer",
+    "bootstrap_users",
+    "client",
+    "config_only_pair",
+    "live_service",
+    "live_settings",
+    "start_worker",
+    "start_worker_process",
+]

@@ -9,8 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from crosspatch.app.config import Settings
-from tests.app.live import LiveServer, bootstrap_users, client
+from tests.app.live import client, config_only_pair, live_service, live_settings
 
 WHO = ("none", "bad", "owner", "other", "admin")
 
@@ -19,34 +18,18 @@ WHO = ("none", "bad", "owner", "other", "admin")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("auth")
     models = root / "models"
-    (models / "pt").mkdir(parents=True)
-    (models / "it").mkdir()
-    for d in ("pt", "it"):
-        (models / d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 5}')
-    settings = Settings(
-        data_dir=root / "data",
-        model_roots=[models],
-        dictionary_roots=[models],
-        max_active_jobs_per_user=60,
-        _env_file=None,  # type: ignore[call-arg]
-    )
-    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher", "bob": "researcher"})
-    server = LiveServer(settings).start()
-    keys = {
-        "admin": keys["root"],
-        "owner": keys["ada"],
-        "other": keys["bob"],
-        "bad": "cpk_000000000000_nope",
-        "none": None,
-    }
-    with client(server, keys["admin"]) as admin:
-        r = admin.post(
-            "/pairs",
-            json={"pair_id": "tiny", "family": "llama", "pt": str(models / "pt"), "it": str(models / "it")},
-        )
-        assert r.status_code == 201, r.text
-    yield {"server": server, "keys": keys, "models": models, "settings": settings}
-    server.stop()
+    pt, it = config_only_pair(models)
+    settings = live_settings(root, [models], max_active_jobs_per_user=60)
+    users = {"root": "admin", "ada": "researcher", "bob": "researcher"}
+    with live_service(settings, users, {"tiny": ("llama", pt, it)}) as (server, made):
+        keys = {
+            "admin": made["root"],
+            "owner": made["ada"],
+            "other": made["bob"],
+            "bad": "cpk_000000000000_nope",
+            "none": None,
+        }
+        yield {"server": server, "keys": keys, "models": models, "settings": settings}
 
 
 def _job(env: dict, share: str = "lab") -> str:
@@ -259,21 +242,10 @@ def test_others_see_a_jobs_state_but_not_its_prompts(env: dict) -> None:
 
 
 def test_lab_visibility_shows_specs_and_logs_to_everyone(tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    for d in ("pt", "it"):
-        (models / d).mkdir(parents=True)
-        (models / d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 5}')
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        model_roots=[models],
-        job_visibility="lab",
-        _env_file=None,  # type: ignore[call-arg]
-    )
-    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher", "bob": "researcher"})
-    with LiveServer(settings) as server:
-        with client(server, keys["root"]) as admin:
-            pair = {"pair_id": "tiny", "family": "llama", "pt": str(models / "pt"), "it": str(models / "it")}
-            assert admin.post("/pairs", json=pair).status_code == 201
+    pt, it = config_only_pair(tmp_path / "models")
+    settings = live_settings(tmp_path, [tmp_path / "models"], job_visibility="lab")
+    users = {"root": "admin", "ada": "researcher", "bob": "researcher"}
+    with live_service(settings, users, {"tiny": ("llama", pt, it)}) as (server, keys):
         spec = {"kind": "crosspatch", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1 w2"}]}
         with client(server, keys["ada"]) as ada, client(server, keys["bob"]) as bob:
             job = ada.post("/jobs", json={"spec": spec}).json()["id"]

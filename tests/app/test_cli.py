@@ -6,18 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import cli_ok
 
 from crosspatch.app.cli import main
 from crosspatch.app.config import Settings, get_settings
 from tests.app.live import LiveServer
-
-
-def _run(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        assert e.code in (0, None), capsys.readouterr().err
-    return capsys.readouterr().out
 
 
 def test_admin_then_client_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -25,10 +18,10 @@ def test_admin_then_client_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("CROSSPATCH_CLIENT_CONFIG", str(tmp_path / "none.json"))
     get_settings.cache_clear()
     try:
-        out = _run(capsys, "admin", "create-user", "ada", "--role", "admin", "--with-key")
+        out = cli_ok(capsys, "admin", "create-user", "ada", "--role", "admin", "--with-key")
         key = out.strip().splitlines()[-1].split(": ")[-1]
         assert key.startswith("cpk_")
-        _run(
+        cli_ok(
             capsys,
             "admin",
             "add-pair",
@@ -47,17 +40,17 @@ def test_admin_then_client_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             prompts = tmp_path / "p.jsonl"
             prompts.write_text('{"id": "a", "prompt": "w1 w2"}\n{"id": "b", "prompt": "w3"}\n')
             common = ["--url", server.url, "--key", key]
-            job_id = _run(
+            job_id = cli_ok(
                 capsys, "submit", "--pair", "hub-pair", "--prompts", str(prompts), "--boundary", "3", *common
             ).strip()
-            job = json.loads(_run(capsys, "status", job_id, "--json", *common))
+            job = json.loads(cli_ok(capsys, "status", job_id, "--json", *common))
             assert (
                 job["status"] == "queued"
                 and job["spec"]["boundary"] == 3
                 and len(job["spec"]["prompts"]) == 2
             )
-            assert "submitted by ada" in _run(capsys, "logs", job_id, *common)
-            assert "cancelled" in _run(capsys, "cancel", job_id, *common)
+            assert "submitted by ada" in cli_ok(capsys, "logs", job_id, *common)
+            assert "cancelled" in cli_ok(capsys, "cancel", job_id, *common)
             with pytest.raises(SystemExit) as bad:
                 main(["submit", "--pair", "nope", "--prompts", str(prompts), *common])
             assert bad.value.code == 1 and "unknown pair" in capsys.readouterr().err

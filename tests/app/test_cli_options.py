@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import cli_ok
 
 from crosspatch.app.cli import main
 from crosspatch.app.config import get_settings
-
-
-def _run(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        assert e.code in (0, None), capsys.readouterr().err
-    return capsys.readouterr().out
 
 
 @pytest.fixture
@@ -32,7 +25,7 @@ def test_demo_writes_under_the_data_dir_by_default(
     data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(data_dir.parent)
-    out = _run(capsys, "demo", "--library", "--organism", "trained_llama", "--prompts-limit", "6")
+    out = cli_ok(capsys, "demo", "--library", "--organism", "trained_llama", "--prompts-limit", "6")
     cells = pq.read_table(data_dir / "demo" / "cells.parquet")
     assert cells.num_rows > 0 and set(cells.column("pair_id").to_pylist()) == {"trained_llama"}
     assert str(data_dir / "demo" / "cells.parquet") in out
@@ -102,7 +95,7 @@ def test_dict_cache_loads_models_with_device_and_dtype(
     caches = {}
     for dtype in ("bfloat16", "float32"):
         out = json.loads(
-            _run(capsys, *common, "--dtype", dtype, "--device", "cpu", "--out", str(data_dir / dtype))
+            cli_ok(capsys, *common, "--dtype", dtype, "--device", "cpu", "--out", str(data_dir / dtype))
         )
         caches[dtype] = ActivationCache(out["cache"])
     bf16, fp32 = caches["bfloat16"], caches["float32"]

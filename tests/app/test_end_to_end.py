@@ -17,8 +17,9 @@ import pytest
 from helpers import save_tiny_pair, wait_for_file  # tests/helpers.py
 
 from crosspatch.app.config import Settings
-from crosspatch.app.worker.context import HELD_MARKER, HOLD_AFTER_PARTS_ENV, parts_dir
-from tests.app.live import LiveServer, bootstrap_users, client, start_worker
+from crosspatch.app.store.layout import parts_dir
+from crosspatch.app.worker.context import HELD_MARKER, HOLD_AFTER_PARTS_ENV
+from tests.app.live import client, live_service, live_settings, start_worker
 
 pytestmark = pytest.mark.slow
 
@@ -48,23 +49,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("e2e")
     models = root / "models"
     pt, it = save_tiny_pair(models)
-    settings = Settings(
-        data_dir=root / "data",
-        model_roots=[models],
-        lease_seconds=3.0,
-        heartbeat_seconds=0.5,
-        poll_seconds=0.2,
-        _env_file=None,  # type: ignore[call-arg]
-    )
-    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher"})
-    server = LiveServer(settings).start()
-    with client(server, keys["root"]) as admin:
-        r = admin.post(
-            "/pairs", json={"pair_id": "tiny-llama", "family": "llama", "pt": str(pt), "it": str(it)}
-        )
-        assert r.status_code == 201, r.text
-    yield {"server": server, "keys": keys, "settings": settings, "pt": pt, "it": it, "root": root}
-    server.stop()
+    settings = live_settings(root, [models], lease_seconds=3.0, heartbeat_seconds=0.5, poll_seconds=0.2)
+    users = {"root": "admin", "ada": "researcher"}
+    with live_service(settings, users, {"tiny-llama": ("llama", pt, it)}) as (server, keys):
+        yield {"server": server, "keys": keys, "settings": settings, "pt": pt, "it": it, "root": root}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from schemathesis.checks import not_a_server_error
 
 from crosspatch.app.config import Settings
 from crosspatch.app.main import create_app
-from tests.app.live import LiveServer, bootstrap_users, client
+from tests.app.live import client, config_only_pair, live_service, live_settings
 
 pytestmark = pytest.mark.slow
 
@@ -29,32 +29,18 @@ ADMIN_ONLY = r"^/api/v1/(admin/.*|pairs)$"
 def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("fuzz")
     models = root / "models"
-    for d in ("pt", "it"):
-        (models / d).mkdir(parents=True)
-        (models / d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 5}')
+    pt, it = config_only_pair(models)
     (models / "prompts.jsonl").write_text('{"id": "a", "prompt": "w1 w2"}\n')
-    settings_ = Settings(
-        data_dir=root / "data",
-        model_roots=[models],
-        dictionary_roots=[models],
-        max_active_jobs_per_user=100_000,
-        _env_file=None,  # type: ignore[call-arg]
-    )
-    keys = bootstrap_users(settings_, {"root": "admin", "ada": "researcher"})
-    server = LiveServer(settings_).start()
-    with client(server, keys["root"]) as admin:
-        r = admin.post(
-            "/pairs",
-            json={"pair_id": "tiny", "family": "llama", "pt": str(models / "pt"), "it": str(models / "it")},
-        )
-        assert r.status_code == 201, r.text
-        protected = {
-            str(k["id"])
-            for name in ("root", "ada")
-            for k in admin.get(f"/admin/users/{name}/keys").json()["data"]
-        }
-    yield {"server": server, "keys": keys, "protected_keys": protected, "models": models}
-    server.stop()
+    settings_ = live_settings(root, [models], max_active_jobs_per_user=100_000)
+    users = {"root": "admin", "ada": "researcher"}
+    with live_service(settings_, users, {"tiny": ("llama", pt, it)}) as (server, keys):
+        with client(server, keys["root"]) as admin:
+            protected = {
+                str(k["id"])
+                for name in ("root", "ada")
+                for k in admin.get(f"/admin/users/{name}/keys").json()["data"]
+            }
+        yield {"server": server, "keys": keys, "protected_keys": protected, "models": models}
 
 
 # The schema of the app the live server runs (building the app does no I/O; its lifespan does).

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from crosspatch.app.config import Settings
 from crosspatch.engine.organisms import load_expected, organism_path
 from crosspatch.engine.prompts import load_prompts
-from tests.app.live import LiveServer, bootstrap_users, client, start_worker
+from tests.app.live import client, live_service, live_settings
 
 pytestmark = pytest.mark.slow
 ORGANISM = "llama_mediated"
@@ -25,28 +24,18 @@ ORGANISM = "llama_mediated"
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("pipeline")
     org = organism_path(ORGANISM)
-    settings = Settings(
-        data_dir=root / "data",
-        model_roots=[org.parent],
+    settings = live_settings(
+        root,
+        [org.parent],
         dictionary_roots=[root / "data"],
         lease_seconds=10.0,
         heartbeat_seconds=0.5,
         poll_seconds=0.2,
-        _env_file=None,  # type: ignore[call-arg]
     )
-    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher"})
-    server = LiveServer(settings).start()
-    worker = start_worker(settings, root / "worker.log")
-    with client(server, keys["root"]) as admin:
-        r = admin.post(
-            "/pairs",
-            json={"pair_id": ORGANISM, "family": "llama", "pt": str(org / "pt"), "it": str(org / "it")},
-        )
-        assert r.status_code == 201, r.text
-    yield {"server": server, "keys": keys, "settings": settings, "org": org}
-    worker.terminate()
-    worker.wait(timeout=30)
-    server.stop()
+    users = {"root": "admin", "ada": "researcher"}
+    pairs = {ORGANISM: ("llama", org / "pt", org / "it")}
+    with live_service(settings, users, pairs, worker_log=root / "worker.log") as (server, keys):
+        yield {"server": server, "keys": keys, "settings": settings, "org": org}
 
 
 def test_pipeline_finds_the_planted_mediators(env: dict) -> None:

@@ -11,6 +11,7 @@ from crosspatch.app.config import Settings
 from crosspatch.app.services import plots
 from crosspatch.engine.results import CELLS_SCHEMA, FEATURE_EFFECTS_SCHEMA
 from crosspatch.engine.stats import summarize
+from tests.app.builders import effect_row
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -53,41 +54,23 @@ def synthetic_cells(families=("llama", "qwen3"), boundaries=(2, 3, 4), n_events=
 def synthetic_feature_effects(families=("llama", "qwen3")) -> pa.Table:
     rows = []
     for family in families:
+        ids = dict(family=family, pair_id=f"tiny-{family}", dictionary_id=f"{family}-d")
         for rank, latent in enumerate((7, 3, 11, 5, 2)):
             score = 1.0 / (rank + 1)
-            rows.append(
-                dict(
-                    family=family,
-                    pair_id=f"tiny-{family}",
-                    dictionary_id=f"{family}-d",
-                    layer=4,
-                    intervention="attribution",
-                    k=rank + 1,
-                    latent=latent,
-                    statistic="attribution_score",
-                    effect=score,
-                    ci_low=None,
-                    ci_high=None,
-                    n=10,
-                )
-            )
+            rows.append(effect_row(**ids, layer=4, k=rank + 1, latent=latent, effect=score))
         for intervention, scale in (("ablate_topk", 1.0), ("ablate_matched_random", 0.1)):
             for k in (1, 2, 4, 8):
                 share = scale * (1 - 0.5**k)
                 rows.append(
-                    dict(
-                        family=family,
-                        pair_id=f"tiny-{family}",
-                        dictionary_id=f"{family}-d",
+                    effect_row(
+                        **ids,
                         layer=None,
                         intervention=intervention,
                         k=k,
-                        latent=None,
                         statistic="share",
                         effect=share,
                         ci_low=share - 0.05,
                         ci_high=share + 0.05,
-                        n=10,
                     )
                 )
     return pa.Table.from_pylist(rows, schema=FEATURE_EFFECTS_SCHEMA)
@@ -199,11 +182,13 @@ def test_single_boundary_has_no_boundary_figure(tmp_path: Path) -> None:
 
 def test_a_failing_figure_is_skipped_not_raised(tmp_path: Path) -> None:
     bad = pa.table({"family": ["llama"], "statistic": ["interaction"]})  # not a summaries table
-    assert (
-        plots.write_figures({"summaries": bad, "feature_effects": synthetic_feature_effects()}, tmp_path)
-        != []
+    written = plots.write_figures(
+        {"summaries": bad, "feature_effects": synthetic_feature_effects()}, tmp_path
     )
+    # both summaries figures fail on the bad table and are skipped; the feature figures are still drawn
+    assert [p.stem for p in written] == ["top_features", "ablation_curve"]
     assert not (tmp_path / "family_2x2.png").exists()
+    assert not (tmp_path / "interaction_by_boundary.png").exists()
 
 
 def test_ingest_draws_a_succeeded_jobs_figures(tmp_path: Path) -> None:

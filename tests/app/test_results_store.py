@@ -10,26 +10,14 @@ import pytest
 
 from crosspatch.app.store.duckdb import ResultsError, ResultsStore
 from crosspatch.engine.results import FEATURE_EFFECTS_SCHEMA, GATE_CHECKS_SCHEMA, SUMMARY_SCHEMA
+from tests.app.builders import effect_row
 
 PROV = {"kind": "mediation", "spec": {}, "provenance": {}}
 
 
 def _effects(path: Path, family: str, scores: dict[int, float], n: int) -> str:
     rows = [
-        dict(
-            family=family,
-            pair_id="p",
-            dictionary_id="d",
-            layer=3,
-            intervention="attribution",
-            k=i + 1,
-            latent=latent,
-            statistic="attribution_score",
-            effect=score,
-            ci_low=None,
-            ci_high=None,
-            n=n,
-        )
+        effect_row(family=family, k=i + 1, latent=latent, effect=score, n=n)
         for i, (latent, score) in enumerate(scores.items())
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=FEATURE_EFFECTS_SCHEMA), path)
@@ -123,21 +111,11 @@ def test_a_results_file_with_the_old_summaries_table_is_upgraded_in_place(tmp_pa
 
 
 def _row(dictionary_id: str, intervention: str, latent: int | None, effect: float, n: int, **kw) -> dict:
-    base = dict(
-        family="llama",
-        pair_id="p",
-        dictionary_id=dictionary_id,
-        layer=3,
-        intervention=intervention,
-        k=1,
-        latent=latent,
-        statistic="attribution_score" if intervention == "attribution" else "interaction_drop",
-        effect=effect,
-        ci_low=None,
-        ci_high=None,
-        n=n,
+    statistic = "attribution_score" if intervention == "attribution" else "interaction_drop"
+    fields = {"statistic": statistic, **kw}
+    return effect_row(
+        dictionary_id=dictionary_id, intervention=intervention, latent=latent, effect=effect, n=n, **fields
     )
-    return {**base, **kw}
 
 
 def _check(dictionary_id: str, name: str, passed: bool) -> dict:

@@ -19,18 +19,10 @@ import pytest
 from crosspatch.app.cli import main
 from crosspatch.engine.organisms.tiny import tiny_model
 from crosspatch.engine.pairs import pair_identity
-from tests.helpers import perturbed_copy, random_prompts, word_tokenizer
+from tests.helpers import cli_ok, perturbed_copy, random_prompts, word_tokenizer
 
 Z = 1.959963984540054
 N_PERM = 999
-
-
-def _run(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        assert e.code in (0, None), capsys.readouterr().err
-    return capsys.readouterr().out
 
 
 def _save_pair(root: Path, family: str, seed: int, n_layers: int) -> tuple[Path, Path]:
@@ -87,7 +79,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_summarize_equals_a_hand_computation_from_the_cells(swept: dict, capsys) -> None:
     root, files = swept["root"], swept["cells"]
     out = root / "summary.parquet"
-    printed = _run(
+    printed = cli_ok(
         capsys, "summarize", *map(str, files.values()), "--out", str(out), "--n-permutations", str(N_PERM)
     )
     summary = pq.read_table(out).to_pylist()
@@ -211,7 +203,7 @@ def test_summarize_equals_a_hand_computation_from_the_cells(swept: dict, capsys)
 def test_run_summary_out_is_summarize_of_its_cells(swept: dict, capsys) -> None:
     root = swept["root"]
     out = root / "summary_a_again.parquet"
-    _run(capsys, "summarize", str(swept["cells"]["a"]), "--out", str(out))
+    cli_ok(capsys, "summarize", str(swept["cells"]["a"]), "--out", str(out))
     assert pq.read_table(root / "summary_a.parquet").equals(pq.read_table(out))
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from crosspatch.app.client import Client
-from crosspatch.app.config import Settings
 from crosspatch.app.worker.main import Worker
 from crosspatch.engine.organisms import organism_path
 from crosspatch.saes.load import pretrained_id
-from tests.app.live import LiveServer, bootstrap_users, client
+from tests.app.live import client, live_service, live_settings
 from tests.saes.test_saes_pretrained import RELEASE, SAE_ID, _hf_cache
 
 ORGANISM = "trained_gpt2"
@@ -39,27 +38,18 @@ def _with_chat_template(org: Path, dest: Path) -> Path:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("toolbox")
     org = organism_path(ORGANISM)
-    settings = Settings(
-        data_dir=root / "data",
-        model_roots=[org.parent],
+    chat = _with_chat_template(org, root / "models" / "gpt2_chat")
+    settings = live_settings(
+        root,
+        [org.parent, root / "models"],
         dictionary_roots=[root / "data"],
         pretrained_dictionaries=[f"{RELEASE}/blocks.*.hook_mlp_out"],
         poll_seconds=0.2,
-        _env_file=None,  # type: ignore[call-arg]
     )
-    chat = _with_chat_template(org, root / "models" / "gpt2_chat")
-    settings.model_roots.append(root / "models")
-    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher"})
-    server = LiveServer(settings).start()
-    with client(server, keys["root"]) as admin:
-        for pair_id, d in ((ORGANISM, org), ("gpt2_chat", chat)):
-            r = admin.post(
-                "/pairs",
-                json={"pair_id": pair_id, "family": "gpt2", "pt": str(d / "pt"), "it": str(d / "it")},
-            )
-            assert r.status_code == 201, r.text
-    yield {"server": server, "keys": keys, "settings": settings, "root": root}
-    server.stop()
+    users = {"root": "admin", "ada": "researcher"}
+    pairs = {p: ("gpt2", d / "pt", d / "it") for p, d in ((ORGANISM, org), ("gpt2_chat", chat))}
+    with live_service(settings, users, pairs) as (server, keys):
+        yield {"server": server, "keys": keys, "settings": settings, "root": root}
 
 
 def test_openapi_declares_the_key_schemes_and_a_key_sent_that_way_authenticates(env: dict) -> None:

@@ -10,13 +10,14 @@ import pytest
 from helpers import random_prompts, tiny_pair
 
 from crosspatch.engine.crosspatch import crosspatch, iter_crosspatch
-from crosspatch.engine.divergence import DivergenceEvent, find_divergences
+from crosspatch.engine.divergence import find_divergences
 from crosspatch.engine.errors import (
     CrosspatchError,
     PromptFileError,
     TokenizerMismatchError,
     UnsupportedArchitectureError,
 )
+from crosspatch.engine.organisms.tiny import forced_events
 from crosspatch.engine.pairs import ModelPair, load_pair
 from crosspatch.engine.prompts import PromptRecord, load_prompts
 from crosspatch.engine.results import CELLS_SCHEMA
@@ -24,19 +25,7 @@ from crosspatch.engine.results import CELLS_SCHEMA
 
 def _forced_events(pair, n=8, seed=0):
     """Events on fixed token pairs, so IT == PT pairs can be scored too."""
-    return [
-        DivergenceEvent(
-            prompt_id=p.id,
-            category=p.category,
-            prompt_ids=pair.tokenizer.encode(p.text),
-            diverged=True,
-            reason="diverged",
-            position=0,
-            t_pt=10 + i,
-            t_it=40 + i,
-        )
-        for i, p in enumerate(random_prompts(n, seed=seed))
-    ]
+    return forced_events(pair, random_prompts(n, seed=seed))
 
 
 def test_table_schema_and_effect_formulas():

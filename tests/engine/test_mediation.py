@@ -16,7 +16,7 @@ from crosspatch.engine.mediation import (
     MediationConfig,
     _labelled_sets,
     mediate,
-    splice,
+    splice_with_error,
 )
 from crosspatch.engine.organisms import load_expected, organism_path
 from crosspatch.engine.organisms.tiny import FAMILIES
@@ -42,7 +42,7 @@ def test_splice_without_intervention_reproduces_clean_logits(family):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         clean = a.forward_logits(ids, mask)
-        with splice(
+        with splice_with_error(
             a, [d, DirectionDictionary("rand2", a.n_layers - 2, _random_dictionary(a.d_model, 0, seed=1))]
         ):
             spliced = a.forward_logits(ids, mask)

@@ -7,30 +7,17 @@ import torch
 from helpers import random_prompts, tiny_pair
 
 from crosspatch.engine.crosspatch import crosspatch
-from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.errors import NoopCheckError
 from crosspatch.engine.mediation import DirectionDictionary, MediationConfig, mediate
 from crosspatch.engine.noop import check_mediation_noop, noop_report, tolerance
-from crosspatch.engine.organisms.tiny import FAMILIES
+from crosspatch.engine.organisms.tiny import FAMILIES, forced_events
 
 CHECKS = {"pt_diagonal_vs_hf", "it_diagonal_vs_hf", "pt_self_patch", "it_self_patch"}
 
 
 def _events(pair, n=6, seed=0):
     """Diverged events on fixed tokens (valid for every tiny pair)."""
-    return [
-        DivergenceEvent(
-            prompt_id=p.id,
-            category=p.category,
-            prompt_ids=pair.tokenizer.encode(p.text),
-            diverged=True,
-            reason="diverged",
-            position=0,
-            t_pt=10 + i,
-            t_it=40 + i,
-        )
-        for i, p in enumerate(random_prompts(n, seed=seed, min_len=3, max_len=9))
-    ]
+    return forced_events(pair, random_prompts(n, seed=seed, min_len=3, max_len=9))
 
 
 def _dictionary(pair, scale: float = 1.0) -> DirectionDictionary:

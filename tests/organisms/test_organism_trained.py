@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.divergence import find_divergences
 from crosspatch.engine.organisms import TRAINED, organism_path
-from crosspatch.engine.organisms.tiny import FAMILIES, tiny_pair
+from crosspatch.engine.organisms.tiny import FAMILIES, tiny_models
 from crosspatch.engine.pairs import ModelPair, load_pair
 from crosspatch.engine.prompts import PromptRecord, load_prompts
 from crosspatch.engine.stats import bootstrap_ci
@@ -51,8 +51,8 @@ def test_shipped_diverge_at_varied_positions_with_a_measurable_2x2(name: str) ->
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_pair_shares_the_tokenizer_and_diverges(family: str) -> None:
-    pt, it, tok = tiny_pair(family, seed=0)
+def test_tiny_models_share_the_tokenizer_and_diverges(family: str) -> None:
+    pt, it, tok = tiny_models(family, seed=0)
     assert pt.config.vocab_size == len(tok)
     assert not torch.equal(pt.get_output_embeddings().weight, it.get_output_embeddings().weight)
     pair = ModelPair.from_models(pt, it, tok)

@@ -49,15 +49,16 @@ def random_sequences(n: int, vocab: int = 512, seed: int = 0, lo: int = 6, hi: i
 
 
 @pytest.fixture(scope="session")
-def tiny_pair():
+def tiny_llamas():
+    """Two independent tiny random Llama models (pt, it): raw HF models, not a `ModelPair`."""
     from crosspatch.engine.organisms.tiny import tiny_model
 
     return tiny_model("llama", 0), tiny_model("llama", 1)
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_pair) -> ActivationCache:
-    pt, it = tiny_pair
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_llamas) -> ActivationCache:
+    pt, it = tiny_llamas
     out = tmp_path_factory.mktemp("tiny-cache")
     return build_cache(
         out,
@@ -75,7 +76,7 @@ def mediated(tmp_path_factory: pytest.TempPathFactory):
     """(pt, it, expected, cache) for the constructed `llama_mediated` organism, final layer mlp_out."""
     from crosspatch.engine.organisms import organism_path
     from crosspatch.engine.organisms.tokenizer import ANSWER_WORDS, SPECIAL_TOKENS, vocabulary
-    from crosspatch.saes.cache import load_model
+    from crosspatch.engine.pairs import load_model
 
     root = organism_path("llama_mediated", cache_dir=tmp_path_factory.mktemp("organisms"))
     import json

@@ -36,9 +36,9 @@ def test_manifest_and_keys(tiny_cache: ActivationCache) -> None:
     assert len(m["shards"]) > 3  # several shards of ~400 tokens
 
 
-def test_activations_equal_direct_forward(tiny_cache: ActivationCache, tiny_pair) -> None:
+def test_activations_equal_direct_forward(tiny_cache: ActivationCache, tiny_llamas) -> None:
     """Row i of the cache is the MLP output of the HF model's own forward at that token."""
-    _, it = tiny_pair
+    _, it = tiny_llamas
     seq = random_sequences(80)[0]
     got: dict[str, torch.Tensor] = {}
     h = it.model.layers[4].mlp.register_forward_hook(lambda m, a, o: got.__setitem__("out", o))
@@ -93,7 +93,7 @@ build_cache({str(out)!r}, {{"pt": tiny_model("llama", 0), "it": tiny_model("llam
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, tiny_pair) -> None:
+def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, tiny_llamas) -> None:
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     marker = tmp_path / "held"
@@ -107,7 +107,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, tiny_pair) -> None
     assert not before["complete"] and len(before["shards"]) == 2
     with pytest.raises(CacheError, match="incomplete"):
         ActivationCache(killed)
-    pt, it = tiny_pair
+    pt, it = tiny_llamas
     kwargs = dict(layers="3,4", shard_tokens=150, batch_size=4)
     seqs = random_sequences(60, seed=5)
     resumed_shards: list[dict] = []
@@ -122,8 +122,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, tiny_pair) -> None
     )
 
 
-def test_resume_with_other_settings_refused(tmp_path: Path, tiny_pair) -> None:
-    pt, _ = tiny_pair
+def test_resume_with_other_settings_refused(tmp_path: Path, tiny_llamas) -> None:
+    pt, _ = tiny_llamas
     seqs = random_sequences(6)
     build_cache(tmp_path, pt, seqs, layers="last:1", shard_tokens=50)
     with pytest.raises(CacheError, match="different layers"):
@@ -132,9 +132,14 @@ def test_resume_with_other_settings_refused(tmp_path: Path, tiny_pair) -> None:
 
 def test_text_and_prompt_sources(tmp_path: Path) -> None:
     p = tmp_path / "p.jsonl"
-    p.write_text('{"prompt": "a"}\n{"formats": {"A": "x", "B": "y"}}\n')
+    p.write_text('{"id": "1", "prompt": "a"}\n{"id": "2", "formats": {"A": "x", "B": "y"}}\n')
     src = token_source(p)
     assert src.kind == "prompts" and list(src.texts()) == ["a", "y"]
+    assert src.describe()["prompt_ids"] == ["1", "2"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "1", "prompt": "a"}\n{"prompt": "b"}\n')  # the engine's reader: ids required
+    with pytest.raises(PromptFileError, match=r"bad\.jsonl line 2: missing 'id'"):
+        list(token_source(bad).texts())
     t = tmp_path / "t.txt"
     t.write_text("one\n\ntwo\n")
     assert list(token_source(t).texts()) == ["one", "two"]
@@ -161,9 +166,9 @@ def test_layer_parsing() -> None:
     assert parse_layers("-1,0", 5) == [0, 4]
 
 
-def test_bad_hook_point_and_missing_cache(tmp_path: Path, tiny_pair) -> None:
+def test_bad_hook_point_and_missing_cache(tmp_path: Path, tiny_llamas) -> None:
     with pytest.raises(DictionaryConfigError, match="mlp_in, mlp_out"):
-        build_cache(tmp_path / "c", tiny_pair[0], [[1, 5, 6]], hook_points="resid")
+        build_cache(tmp_path / "c", tiny_llamas[0], [[1, 5, 6]], hook_points="resid")
     with pytest.raises(CacheError, match="no activation cache"):
         ActivationCache(tmp_path / "nope")
 

@@ -47,12 +47,12 @@ print(json.dumps(report, default=str))
 
 
 @pytest.fixture(scope="module")
-def named_cache(tmp_path_factory: pytest.TempPathFactory, tiny_pair):
+def named_cache(tmp_path_factory: pytest.TempPathFactory, tiny_llamas):
     """A paired cache whose models have hub-style names and whose token source is a file."""
     root = tmp_path_factory.mktemp("named-cache")
     ids = root / "tokens.jsonl"
     ids.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in random_sequences(80)))
-    pt, it = tiny_pair
+    pt, it = tiny_llamas
     cache = build_cache(
         root / "cache",
         {"pt": pt, "it": it},

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
-from crosspatch.app.cli import main
 from crosspatch.engine.divergence import find_divergences
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.mediation import BranchView, MediationConfig, mediate, split_events
@@ -71,23 +71,13 @@ def test_mediation_refuses_failed_gate_and_training_prompts(setup, tmp_path: Pat
         mediate(pair, events, [BranchView(leaky, "it")], cfg)
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_mediate_cli_refuses_then_overrides_and_records(setup, tmp_path: Path, capsys) -> None:
     _, _, _, d, _ = setup
     args = ["mediate", "--pair", NAME, "--dict", str(d.path), "--out", str(tmp_path / "m"), "--top-k", "4",
             "--ks", "4", "--max-new-tokens", "16"]  # fmt: skip
-    code, out, err = _cli(capsys, *args)
+    code, out, err = run_cli(capsys, *args)
     assert code == 1 and "heldout_tokens" in err and "--allow-failed-gate" in err
-    code, out, err = _cli(capsys, *args, "--allow-failed-gate")
+    code, out, err = run_cli(capsys, *args, "--allow-failed-gate")
     assert code == 0, err
     assert "used by override" in out and "heldout_tokens" in out
     meta = json.loads((Path(d.path) / "crosspatch_meta.json").read_text())

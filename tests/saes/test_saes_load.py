@@ -96,7 +96,7 @@ def test_registry(tmp_path: Path, tiny_cache) -> None:
     assert len(rows) == 2 and (tmp_path / "index.json").exists()
     xc = reg.rows(kind="crosscoder")[0]
     assert xc["model_role"] == "paired" and xc["layer"] == 4 and xc["width"] == 16 and xc["k"] == 2
-    assert xc["gate_status"] in ("passed", "failed") and "fve_pt" in xc["metrics"]
+    assert xc["gate_status"] == "failed" and "fve_pt" in xc["metrics"]  # ~1,400 tokens < 10,000 held out
     assert set(xc["pair"]) == {"pt", "it"}
     d = reg.load(xc["id"][:12] if len(reg.rows(kind="sae")) else xc["id"])
     assert d.kind == "crosscoder"

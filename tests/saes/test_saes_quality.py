@@ -111,9 +111,9 @@ def test_gate_failure_is_kept_refused_and_overridable(tmp_path: Path, planted_so
 
 
 def test_splice_leaves_no_hooks_and_zero_reconstruction_is_zero_ablation(
-    tmp_path: Path, tiny_cache, tiny_pair
+    tmp_path: Path, tiny_cache, tiny_llamas
 ) -> None:
-    _, it = tiny_pair
+    _, it = tiny_llamas
     cfg = make_config("topk", layer=4, width=16, k=2, training_tokens=1280, batch_size=128, model_role="it")
     d = train_dictionary(cfg, tiny_cache, tmp_path, evaluate=False)
     seqs = tiny_cache.sequences("heldout")
