@@ -18,6 +18,11 @@ late-stack start, never at "the first boundary". In a sweep there are also depth
 balanced rows (`headline` false): one per relative depth d = b / L that EVERY pair in the input swept,
 matched exactly as a fraction (16/32 and 18/36 are both 0.5; 19/32 matches nothing at L = 36).
 
+Subsets: 'all', 'position>=k' (position_min), 'category=c' (by_category), and 'no_near_tie' whenever
+the cells carry the events' `near_tie` flag (engine/divergence.py): only events known not to be near
+ties (flag false; a null flag counts as unknown and is left out), so a result that rests on events where
+bf16 rounding could swap the top two tokens shows up as a gap between 'all' and 'no_near_tie'.
+
 Sign-flip null: swapping PT/IT labels within a prompt flips the sign of its interaction; the one-sided
 p-value is (1 + #{null mean >= observed}) / (n_perm + 1), so it is never below 1 / (n_perm + 1). In a
 sweep every boundary uses the SAME flips per prompt: `p_sweep` is the max-statistic test over boundaries
@@ -36,6 +41,7 @@ import pyarrow.compute as pc
 from crosspatch.engine.results import CELL_COLUMNS, EFFECT_COLUMNS, SUMMARY_SCHEMA
 
 STATISTICS = (*CELL_COLUMNS, *EFFECT_COLUMNS)
+NO_NEAR_TIE = "no_near_tie"  # the subset without near-tie events
 Z95 = 1.959963984540054
 REQUIRED_CELL_COLUMNS = (
     "family",
@@ -151,6 +157,9 @@ def _subsets(table: pa.Table, position_min: Sequence[int], by_category: bool) ->
     position = np.asarray(table.column("position").to_numpy(zero_copy_only=False))
     subsets = [("all", np.ones(len(position), dtype=bool))]
     subsets += [(f"position>={k}", position >= k) for k in position_min]
+    if "near_tie" in table.column_names and table.column("near_tie").null_count < table.num_rows:
+        near_tie = np.asarray(table.column("near_tie").to_pylist(), dtype=object)
+        subsets.append((NO_NEAR_TIE, near_tie == False))  # noqa: E712 (null is unknown: left out)
     if by_category:
         category = np.asarray(table.column("category").to_pylist(), dtype=object)
         subsets += [(f"category={c}", category == c) for c in sorted(set(category.tolist()))]
