@@ -194,6 +194,7 @@ def _cells_table(
         "position": np.array([e.position for e in batch], dtype=np.int32),
         "t_pt": np.array([e.t_pt for e in batch], dtype=np.int64),
         "t_it": np.array([e.t_it for e in batch], dtype=np.int64),
+        "near_tie": [e.near_tie for e in batch],
     }
     parts = []
     for (b, readout), values in cells.items():

@@ -6,6 +6,16 @@ stops the moment its two argmaxes differ (an event: `t_pt`, `t_it` at `position`
 shared token is EOS, or after `max_new_tokens` agreeing steps (reported, never dropped). Decoding is
 batched over prompts with a KV cache; finished rows leave the batch at once.
 
+Near ties: at the divergence step each model's top-1 vs runner-up gap is read in fp32 through the same
+fp32 readout as every margin (`ArchAdapter.readout` with token ids: final norm in fp32 from the final
+residual, the two unembedding columns, softcap), the runner-up being the argmax over the model's masked
+vocabulary without its own choice. `gap_pt` / `gap_it` = logit(choice) - logit(runner-up); a gap is
+negative when the fp32 readout would pick another token than the model's own (bf16) logits did. The event
+is a `near_tie` when either gap is below the threshold: by default the bf16 step at that logit magnitude,
+2^(floor(log2 m) - 7) with m = max |logit| of the two tokens (0.125 for logits in [16, 32)), i.e. bf16
+rounding alone could swap the two; `near_tie_threshold` sets one absolute threshold instead. The final
+residual comes from a pre-hook on the final norm during the decoding forward: no extra forward.
+
 Every event then passes the token preflight (`engine.preflight`): a prompt whose ids differ between the
 tokenizers is not decoded, and a divergence whose tokens fail a check is kept unscored as `token_mismatch`.
 """
@@ -13,14 +23,16 @@ tokenizers is not decoded, and a divergence whose tokens fail a check is kept un
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from crosspatch.engine.adapters import positions_from_mask
+from crosspatch.engine.adapters import ArchAdapter, positions_from_mask
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.preflight import CHECK_PROMPT_IDS, TOKEN_MISMATCH, TokenPreflight
@@ -55,6 +67,9 @@ class DivergenceEvent:
     t_it_text: str = ""
     token_check: str | None = None
     event: str = "first_diff"  # the event definition (engine.event_kinds.EVENT_KINDS)
+    gap_pt: float | None = None  # fp32 logit(t_pt) - runner-up under PT at the divergence step
+    gap_it: float | None = None  # the same under IT
+    near_tie: bool | None = None  # a gap below the near-tie threshold (None: not a divergence)
 
     @property
     def input_ids(self) -> list[int]:
@@ -126,31 +141,115 @@ def _cache_kwarg(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class _Stepper:
-    """One model's cached greedy decoding over a shrinking batch."""
+@contextmanager
+def _final_resid_capture(norm: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the final norm's input (the final residual) during a forward; the hook never outlives it."""
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
-    def __init__(self, model: PreTrainedModel, mask: torch.Tensor) -> None:
+
+def bf16_step(magnitude: torch.Tensor) -> torch.Tensor:
+    """bf16's spacing at `magnitude`: 2^(floor(log2 |m|) - 7) (8 significant bits); 0.125 for |m| in [16, 32)."""
+    return torch.exp2(torch.floor(torch.log2(magnitude.abs().clamp_min(2.0**-120))) - 7)
+
+
+@torch.no_grad()
+def top2_gaps(
+    adapter: ArchAdapter,
+    final_resid: torch.Tensor,
+    chosen: torch.Tensor,
+    neg_mask: torch.Tensor,
+    chunk: int = 32768,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 gap logit(chosen) - logit(runner-up) over the masked vocabulary, and the two logits' max |.|.
+
+    `final_resid` `[k, d_model]`, `chosen` `[k]`, `neg_mask` `[vocab]` (0 or -inf). The runner-up is found
+    over vocabulary chunks in fp32 (softcap is monotone, so it is left out of the search); both logits are
+    then read by `adapter.readout(..., token_ids)`, the path every margin takes. Returns (`[k]`, `[k]`).
+    """
+    h = adapter.final_norm_fp32(final_resid)  # [k, d_model] fp32
+    weight = adapter.unembed.weight  # [vocab, d_model]
+    bias = getattr(adapter.unembed, "bias", None)
+    k = h.shape[0]
+    rows = torch.arange(k, device=h.device)
+    best = torch.full((k,), float("-inf"), device=h.device)
+    runner = torch.zeros(k, dtype=torch.long, device=h.device)
+    for start in range(0, weight.shape[0], chunk):
+        logits = h @ weight[start : start + chunk].float().T  # [k, c]
+        c = logits.shape[-1]
+        if bias is not None:
+            logits = logits + bias[start : start + c].float()
+        logits = logits + neg_mask[start : start + c]
+        local = chosen - start
+        inside = (local >= 0) & (local < c)
+        logits[rows[inside], local[inside]] = float("-inf")
+        value, idx = logits.max(-1)  # [k], [k]
+        better = value > best
+        best = torch.where(better, value, best)
+        runner = torch.where(better, idx + start, runner)
+    pair_logits = adapter.readout(final_resid, torch.stack([chosen, runner], dim=-1))  # [k, 2] fp32
+    gap = pair_logits[:, 0] - pair_logits[:, 1]  # [k]
+    return gap, pair_logits.abs().max(dim=-1).values
+
+
+class _Stepper:
+    """One model's cached greedy decoding over a shrinking batch; keeps the last step's final residual."""
+
+    def __init__(self, model: PreTrainedModel, adapter: ArchAdapter, mask: torch.Tensor) -> None:
         self.model = model
+        self.adapter = adapter
         self.neg_mask = torch.where(mask, 0.0, float("-inf")).to(model.device)  # [vocab]
         self.cache = DynamicCache(config=model.config)
         self.cache_kw = _cache_kwarg(model)
+        self.final: torch.Tensor | None = None  # [batch, d_model] at the last position of the last step
 
     @torch.no_grad()
     def next_tokens(
         self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self.cache_kw: self.cache},
-        )
+        with _final_resid_capture(self.adapter.final_norm) as seen:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self.cache_kw: self.cache},
+            )
+        self.final = seen[-1][:, -1]  # [batch, d_model]
         logits = out.logits[:, -1].float()  # [batch, vocab]
         return (logits + self.neg_mask[: logits.shape[-1]]).argmax(-1)  # [batch]
 
+    def gaps(self, rows: list[int], chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 top-2 gaps (and logit magnitudes) of batch `rows` whose greedy choices were `chosen`."""
+        assert self.final is not None
+        idx = torch.tensor(rows, device=self.final.device)
+        tokens = torch.tensor(chosen, device=self.final.device)
+        return top2_gaps(self.adapter, self.final[idx], tokens, self.neg_mask)
+
     def keep(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
+
+
+def _flag_near_ties(
+    events: list[DivergenceEvent],
+    rows: list[int],
+    pt: _Stepper,
+    it: _Stepper,
+    near_tie_threshold: float | None,
+) -> None:
+    """Fill gap_pt, gap_it and near_tie of the `events` that diverged at batch `rows` this step."""
+    gap_pt, mag_pt = pt.gaps(rows, [e.t_pt for e in events])
+    gap_it, mag_it = it.gaps(rows, [e.t_it for e in events])
+    if near_tie_threshold is None:
+        tie = (gap_pt < bf16_step(mag_pt)) | (gap_it < bf16_step(mag_it))  # [k]
+    else:
+        tie = (gap_pt < near_tie_threshold) | (gap_it < near_tie_threshold)
+    for ev, g_pt, g_it, t in zip(events, gap_pt.tolist(), gap_it.tolist(), tie.tolist(), strict=True):
+        ev.gap_pt, ev.gap_it, ev.near_tie = g_pt, g_it, bool(t)
 
 
 def _decode_batch(
@@ -160,6 +259,7 @@ def _decode_batch(
     chat_template: bool,
     masks: tuple[torch.Tensor, torch.Tensor],
     eos: set[int],
+    near_tie_threshold: float | None = None,
 ) -> list[DivergenceEvent]:
     device = pair.pt.device
     events = [
@@ -174,22 +274,28 @@ def _decode_batch(
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
     ids, attn = left_pad([e.prompt_ids for e in events], pad, device)
     pos = positions_from_mask(attn)
-    pt, it = _Stepper(pair.pt, masks[0]), _Stepper(pair.it, masks[1])
+    pt = _Stepper(pair.pt, pair.pt_adapter, masks[0])
+    it = _Stepper(pair.it, pair.it_adapter, masks[1])
     active = list(range(len(events)))  # event index of each live batch row
     for step in range(max_new_tokens):
         a = pt.next_tokens(ids, attn, pos).tolist()  # one sync per step
         c = it.next_tokens(ids, attn, pos).tolist()
         keep_rows: list[int] = []
+        div_rows: list[int] = []
         for row, ev_idx in enumerate(active):
             ev = events[ev_idx]
             if a[row] != c[row]:
                 ev.diverged, ev.reason, ev.position = True, DIVERGED, step
                 ev.t_pt, ev.t_it = a[row], c[row]
+                div_rows.append(row)
             elif a[row] in eos:
                 ev.reason = EOS_BEFORE_DIVERGENCE
             else:
                 ev.prefix_ids.append(a[row])
                 keep_rows.append(row)
+        if div_rows:
+            diverged = [events[active[r]] for r in div_rows]
+            _flag_near_ties(diverged, div_rows, pt, it, near_tie_threshold)
         if not keep_rows or step == max_new_tokens - 1:
             break
         if len(keep_rows) < len(active):
@@ -232,14 +338,21 @@ def iter_divergences(
     chat_template: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
     event: str = "first_diff",
+    near_tie_threshold: float | None = None,
 ) -> Iterator[list[DivergenceEvent]]:
     """Yield one list of events per batch of prompts (in input order), for streaming and checkpoints.
 
     `event`: first_diff (the headline), first_nonformat_diff or first_assistant_marker_diff (see
-    engine.event_kinds)."""
+    engine.event_kinds). `near_tie_threshold`: an absolute fp32 gap below which an event is a near tie;
+    None (default) uses the bf16 step at the two logits' magnitude (see the module docstring).
+    """
     from crosspatch.engine.event_kinds import check_kind, refine_events
 
     check_kind(event)
+    if near_tie_threshold is not None and not (math.isfinite(near_tie_threshold) and near_tie_threshold >= 0):
+        raise ValueError(
+            f"near_tie_threshold must be a finite number >= 0 or None, got {near_tie_threshold!r}"
+        )
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     if batch_size < 1:
@@ -251,7 +364,11 @@ def iter_divergences(
         batch = list(prompts[start : start + batch_size])
         same = [preflight.prompt_ids_match(r.text) for r in batch]
         ok = [r for r, s in zip(batch, same, strict=True) if s]
-        decoded = iter(_decode_batch(pair, ok, max_new_tokens, chat_template, masks, eos) if ok else [])
+        decoded = iter(
+            _decode_batch(pair, ok, max_new_tokens, chat_template, masks, eos, near_tie_threshold)
+            if ok
+            else []
+        )
         events = [
             _describe(pair, preflight.apply(next(decoded))) if s else _prompt_mismatch(pair, r)
             for r, s in zip(batch, same, strict=True)
@@ -270,10 +387,19 @@ def find_divergences(
     batch_size: int = 16,
     chat_template: bool = False,
     event: str = "first_diff",
+    near_tie_threshold: float | None = None,
 ) -> list[DivergenceEvent]:
     """One `DivergenceEvent` per prompt, in input order (non-divergent prompts carry their reason)."""
     return [
         e
-        for batch in iter_divergences(pair, prompts, max_new_tokens, batch_size, chat_template, event=event)
+        for batch in iter_divergences(
+            pair,
+            prompts,
+            max_new_tokens,
+            batch_size,
+            chat_template,
+            event=event,
+            near_tie_threshold=near_tie_threshold,
+        )
         for e in batch
     ]

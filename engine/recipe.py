@@ -198,6 +198,7 @@ def _stage_cells(
                     "pt_late_effect": pt_late,
                     "it_late_effect": it_late,
                     "interaction": it_late - pt_late,
+                    "near_tie": [e.near_tie for e in batch],
                     "stage": [stage] * n,
                     "native_top1_it": (top1 == tokens[:, 0].cpu()).numpy(),
                 },

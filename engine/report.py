@@ -252,7 +252,8 @@ def format_effects(effects: pa.Table, limit: int = 20) -> str:
 
 
 def format_event_counts(events: list) -> str:
-    """One line: scored events of all prompts, and each unscored reason (token_mismatch split by check)."""
+    """One line: scored events of all prompts (with how many are near ties, where flagged), and each
+    unscored reason (token_mismatch split by check)."""
     reasons: dict[str, int] = {}
     checks: dict[str, int] = {}
     for e in events:
@@ -266,7 +267,9 @@ def format_event_counts(events: list) -> str:
         detail = ", ".join(f"{c} {n}" for c, n in sorted(checks.items()))
         parts = [f"{p} ({detail})" if p.startswith("token_mismatch ") else p for p in parts]
     scored = sum(e.diverged for e in events)
-    return f"events: {scored}/{len(events)} prompts scored" + (
+    flagged = [e for e in events if e.diverged and getattr(e, "near_tie", None) is not None]
+    ties = f" ({sum(e.near_tie for e in flagged)} near ties)" if flagged else ""
+    return f"events: {scored}/{len(events)} prompts scored{ties}" + (
         f"; not scored: {', '.join(parts)}" if parts else ""
     )
 

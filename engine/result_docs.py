@@ -40,6 +40,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "pt_late_effect": "y_ptup_itlate - y_ptup_ptlate: the IT late stack's effect from PT upstream",
             "it_late_effect": "y_itup_itlate - y_itup_ptlate: the IT late stack's effect from IT upstream",
             "interaction": "it_late_effect - pt_late_effect: how much the late effect depends on upstream",
+            "near_tie": "the event's near-tie flag (events.near_tie); null when unknown",
         },
     ),
     "events": (
@@ -62,6 +63,10 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "first_assistant_marker_diff (engine/event_kinds.py)",
             "t_pt_text": "PT's divergent token decoded with PT's tokenizer",
             "t_it_text": "IT's divergent token decoded with IT's tokenizer",
+            "gap_pt": "PT's fp32 logit of its choice minus its runner-up at the divergence step (< 0: the fp32 "
+            "readout would pick another token than the model's own argmax)",
+            "gap_it": "the same for IT",
+            "near_tie": "a gap below the near-tie threshold (default: the bf16 step at the logits' magnitude)",
         },
     ),
     "summaries": (

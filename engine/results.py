@@ -13,12 +13,18 @@ cells (one row per event x boundary x readout; Y = logit(t_it) - logit(t_pt) at 
     pt_late_effect  y_ptup_itlate - y_ptup_ptlate   (portable part)
     it_late_effect  y_itup_itlate - y_itup_ptlate   (native-context part)
     interaction     it_late_effect - pt_late_effect
+    near_tie        the event's near-tie flag (events table; null in cells written before it existed):
+                    summaries add subset 'no_near_tie' (rows with near_tie false) when the column is known
 
 events (one row per prompt, diverged or not): the `DivergenceEvent` fields. `event` names the event
     definition (first_diff, or first_nonformat_diff / first_assistant_marker_diff: engine.event_kinds).
     `diverged` means scored;
     reason 'token_mismatch' marks a divergence the token preflight rejected, `token_check` names the
     failed check (prompt_ids, decode, vocab, mask; see engine/preflight.py), null otherwise.
+    gap_pt, gap_it  fp32 logit(own choice) - logit(runner-up over the masked vocabulary) of each model at
+                    the divergence step, through the fp32 readout (negative: fp32 would pick another token)
+    near_tie        a gap below the threshold (default: bf16's step at that logit magnitude,
+                    2^(floor(log2|logit|) - 7); see engine/divergence.py); null where no divergence
 
 summaries (`engine.stats.summarize`; one row per level x pair-or-family x boundary-or-depth x readout x
 subset x statistic): level 'pair' (mean over prompts, percentile bootstrap CI), 'family' (unweighted
@@ -63,6 +69,7 @@ CELLS_SCHEMA = pa.schema(
         ("headline_boundary", pa.int32()),
         *[(c, pa.float64()) for c in CELL_COLUMNS],
         *[(c, pa.float64()) for c in EFFECT_COLUMNS],
+        ("near_tie", pa.bool_()),
     ]
 )
 
@@ -86,6 +93,9 @@ EVENTS_SCHEMA = pa.schema(
         ("t_pt_text", pa.string()),
         ("t_it_text", pa.string()),
         ("event", pa.string()),  # event definition: first_diff (headline), first_nonformat_diff, ...
+        ("gap_pt", pa.float64()),
+        ("gap_it", pa.float64()),
+        ("near_tie", pa.bool_()),
     ]
 )
 

@@ -35,6 +35,11 @@ and family that scored it: the prompt is the unit), one-sided. With 2^P <= n_per
 over the P prompt ids it enumerates them all (exact p = #{null >= observed} / 2^P, `n_permutations` =
 2^P), else it draws n_permutations random patterns (p = (1 + #) / (n + 1)).
 
+Subsets: 'all', 'position>=k' (position_min), 'category=c' (by_category), and 'no_near_tie' whenever
+the cells carry the events' `near_tie` flag (engine/divergence.py): only events known not to be near
+ties (flag false; a null flag counts as unknown and is left out), so a result that rests on events where
+bf16 rounding could swap the top two tokens shows up as a gap between 'all' and 'no_near_tie'.
+
 Sign-flip null: swapping PT/IT labels within a prompt flips the sign of its interaction; the one-sided
 p-value is (1 + #{null mean >= observed}) / (n_perm + 1), so it is never below 1 / (n_perm + 1). In a
 sweep every boundary uses the SAME flips per prompt: `p_sweep` is the max-statistic test over boundaries
@@ -59,6 +64,7 @@ RATIO_STATISTICS: dict[str, tuple[str, tuple[str, str | None]]] = {
     "interaction_share": ("interaction", ("y_itup_itlate", "y_ptup_ptlate")),
 }
 SUMMARY_STATISTICS = (*STATISTICS, *RATIO_STATISTICS)
+NO_NEAR_TIE = "no_near_tie"  # the subset without near-tie events
 Z95 = 1.959963984540054
 REQUIRED_CELL_COLUMNS = (
     "family",
@@ -210,6 +216,9 @@ def _subsets(table: pa.Table, position_min: Sequence[int], by_category: bool) ->
     position = np.asarray(table.column("position").to_numpy(zero_copy_only=False))
     subsets = [("all", np.ones(len(position), dtype=bool))]
     subsets += [(f"position>={k}", position >= k) for k in position_min]
+    if "near_tie" in table.column_names and table.column("near_tie").null_count < table.num_rows:
+        near_tie = np.asarray(table.column("near_tie").to_pylist(), dtype=object)
+        subsets.append((NO_NEAR_TIE, near_tie == False))  # noqa: E712 (null is unknown: left out)
     if by_category:
         category = np.asarray(table.column("category").to_pylist(), dtype=object)
         subsets += [(f"category={c}", category == c) for c in sorted(set(category.tolist()))]

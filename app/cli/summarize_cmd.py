@@ -25,6 +25,8 @@ def read_cells(paths: list[Path]) -> pa.Table:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as e:
             raise CrosspatchError(f"cannot read {str(path)!r} as Parquet: {e}") from None
+        if "near_tie" not in table.column_names:  # written before near-tie flags: unknown, not an error
+            table = table.append_column("near_tie", pa.nulls(table.num_rows, pa.bool_()))
         missing = [c for c in CELLS_SCHEMA.names if c not in table.column_names]
         if missing:
             raise CrosspatchError(

@@ -63,7 +63,8 @@ def test_added_it_token_is_never_scored_and_the_rest_score_as_before():
         )
 
     assert (
-        format_event_counts(after) == "events: 23/32 prompts scored; not scored: token_mismatch 9 (decode 9)"
+        format_event_counts(after)
+        == "events: 23/32 prompts scored (0 near ties); not scored: token_mismatch 9 (decode 9)"
     )
     table = events_table(after, pair.family, pair.pair_id)
     assert table.num_rows == 32

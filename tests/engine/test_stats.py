@@ -62,7 +62,7 @@ def test_family_balanced_by_hand():
     assert lo == pytest.approx(1.5 - half) and hi == pytest.approx(1.5 + half)
 
 
-def _cells(family, interaction, positions, pair_id=None, boundary=3, n_layers=5, headline=3):
+def _cells(family, interaction, positions, pair_id=None, boundary=3, n_layers=5, headline=3, near_tie=None):
     n = len(interaction)
     zeros = [0.0] * n
     return pa.table(
@@ -86,6 +86,7 @@ def _cells(family, interaction, positions, pair_id=None, boundary=3, n_layers=5,
             "pt_late_effect": zeros,
             "it_late_effect": list(interaction),
             "interaction": list(interaction),
+            "near_tie": list(near_tie) if near_tie is not None else [None] * n,
         },
         schema=CELLS_SCHEMA,
     )
@@ -296,3 +297,19 @@ def test_pooled_null_draws_when_patterns_exceed_the_budget():
     assert abs(p - exact) < 0.01
     with pytest.raises(ValueError, match="at least one pair"):
         pooled_sign_flip_test([[]])
+
+
+def test_no_near_tie_subset_by_hand():
+    """'no_near_tie' keeps events flagged false (null is unknown: left out); absent when no flag is known."""
+    a = _cells("llama", [1.0, 2.0, 3.0, 4.0], [0, 1, 3, 5], near_tie=[True, False, None, False])
+    b = _cells("qwen3", [3.0, 3.0, 3.0, 3.0], [0, 0, 0, 4])  # flags unknown (cells from before the flag)
+    s = summarize(pa.concat_tables([a, b]), n_permutations=100)
+    inter = [r for r in s.to_pylist() if r["statistic"] == "interaction"]
+    got = {(r["level"], r["family"], r["subset"]): r for r in inter}
+    row = got[("pair", "llama", "no_near_tie")]
+    assert row["n"] == 2 and row["estimate"] == 3.0  # prompts q1, q3: (2 + 4) / 2
+    assert got[("family", "llama", "no_near_tie")]["estimate"] == 3.0
+    assert ("pair", "qwen3", "no_near_tie") not in got
+    assert not any(
+        r["subset"] == "no_near_tie" for r in inter if r["level"] == "balanced"
+    )  # not every family
