@@ -233,7 +233,15 @@ def test_others_see_a_jobs_state_but_not_its_prompts(env: dict) -> None:
     job = _job(env)
     mine = _call(env, "owner", "GET", f"/jobs/{job}").json()
     theirs = _call(env, "other", "GET", f"/jobs/{job}").json()
-    assert mine["spec"]["prompts"] == [{"id": "a", "text": "w1 w2", "category": "uncategorized"}]
+    assert mine["spec"]["prompts"] == [
+        {
+            "id": "a",
+            "text": "w1 w2",
+            "category": "uncategorized",
+            "expected_answer": None,
+            "answer_aliases": [],
+        }
+    ]
     assert theirs["spec"] == {"kind": "crosspatch", "redacted": True}
     assert theirs["status"] == mine["status"] and theirs["share"] == "lab"
     listed = {j["id"]: j for j in _call(env, "other", "GET", "/jobs?limit=1000").json()["data"]}
