@@ -136,14 +136,25 @@ def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str])
     for d in (d for d in dicts if d["pair_id"] in pair_ids):
         fve = (d.get("metrics") or {}).get("fve_min")
         typer.echo(
-            f"  dictionary {d['id']}: {d['architecture']} width {d['width']}, FVE {fve:.3f}, gate {d['gate_status']}"
+            f"  dictionary {d['id']}: {d['architecture']} width {d['width']}, FVE {fve:.3f}, own checks {d['gate_status']}"
             if fve is not None
-            else f"  dictionary {d['id']}: gate {d['gate_status']}"
+            else f"  dictionary {d['id']}: own checks {d['gate_status']}"
         )
         record = prov.get(d["pair_id"]) or {}
-        gate = record.get("gate") if isinstance(record.get("gate"), dict) else {}
+        # the full gate: the dictionary's own checks plus the causal checks this job's mediation measured
+        full = record.get("gate_after_mediation")
+        gate = (
+            full
+            if isinstance(full, dict)
+            else record.get("gate")
+            if isinstance(record.get("gate"), dict)
+            else {}
+        )
+        if full:
+            typer.echo(f"    full quality gate after mediation: {full.get('status')}")
         for c in gate.get("checks") or record.get("gate_checks") or []:
-            typer.echo(f"    {describe_check(c)}")
+            detail = f"  ({c['detail']})" if c.get("status") == "failed" and c.get("detail") else ""
+            typer.echo(f"    {describe_check(c)}{detail}")
         n_trained = len(record.get("training_prompt_ids") or [])
         if n_trained:
             typer.echo(f"    trained on {n_trained} prompts outside the mediation test split")
