@@ -9,6 +9,14 @@ import pyarrow as pa
 
 from crosspatch.engine.results import CELLS_SCHEMA
 
+# one pair's run of a control: the leading columns of every per-run summary table
+_RUN_FIELDS = [
+    ("family", pa.string()),
+    ("pair_id", pa.string()),
+    ("boundary", pa.int32()),
+    ("readout", pa.string()),
+]
+
 # ---- engine.offmanifold ------------------------------------------------------------
 
 _EVENT_FIELDS = [
@@ -60,10 +68,7 @@ SIGNPERM_SCHEMA = pa.schema(
 #   alpha       the grid point of a 'curve' row (null otherwise)
 OFFMANIFOLD_SUMMARY_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
+        *_RUN_FIELDS,
         ("statistic", pa.string()),
         ("alpha", pa.float64()),
         ("estimate", pa.float64()),
@@ -101,10 +106,7 @@ BOUNDARY_MARGIN_SCHEMA = pa.schema(
 #   n             events in the view
 COMMITMENT_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
+        *_RUN_FIELDS,
         ("view", pa.string()),
         ("margin_low", pa.float64()),
         ("margin_high", pa.float64()),
@@ -128,10 +130,7 @@ BASELINE_CELLS_SCHEMA = CELLS_SCHEMA.append(pa.field("condition", pa.string()))
 #   n   events scored in the condition (for random_balanced: prompts with either arm)
 BASELINE_SUMMARY_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
+        *_RUN_FIELDS,
         ("condition", pa.string()),
         ("n", pa.int64()),
         ("interaction", pa.float64()),
