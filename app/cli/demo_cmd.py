@@ -23,6 +23,7 @@ from crosspatch.app.cli import cli
 # with 192 PT-greedy tokens each, about 3,500 tokens, 3 sequences held out). That cannot reach the method's
 # 10,000 held-out tokens, so the demo lowers that one threshold explicitly (and prints it). A wide (1024)
 # dictionary keeps the alive fraction inside the method's [0.01, 0.20] band.
+DEMO_NEIGHBOURS = 10  # matched-random candidates per feature (the method's 50 needs more active latents)
 DEMO_DICTIONARY: dict[str, Any] = {
     "architecture": "topk",
     "k": 8,
@@ -202,14 +203,20 @@ def demo(
         "pair_ids": names,
         "prompts": _prompts(names, prompts_limit),
         "max_new_tokens": 32,
-        "mediation": {"top_k": top_k, "ks": sorted({max(1, top_k // 4), max(1, top_k // 2), top_k})},
+        "mediation": {
+            "top_k": top_k,
+            "ks": sorted({max(1, top_k // 4), max(1, top_k // 2), top_k}),
+            "neighbours": DEMO_NEIGHBOURS,
+        },
         "dictionary": DEMO_DICTIONARY,
         "controls": ["offmanifold", "commitment"],  # the cheap controls of the 2x2 (method 4.4-4.5)
     }
     typer.echo(
         f"dictionaries train only on the mediation fit split (prompts whose events mediation tests are "
         f"excluded); quality gate held-out minimum lowered to {DEMO_DICTIONARY['min_heldout_tokens']} "
-        "tokens for the tiny organisms (method default 10,000); every other check at the method's setting"
+        "tokens for the tiny organisms (method default 10,000); every other check at the method's setting; "
+        f"matched-random sets draw among the {DEMO_NEIGHBOURS} nearest eligible latents (method: 50), since "
+        "the tiny fit split activates too few latents for 50 (with fewer the control says unavailable)"
     )
     with (
         ServiceThread(settings, embedded_worker=True) as service,
