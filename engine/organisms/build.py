@@ -36,6 +36,7 @@ TOL_EXACT = 1e-4  # quantities the construction fixes exactly (identical computa
 EXACT: dict[str, tuple[str, ...]] = {
     "upstream_dependent": ("pt_late_effect",),
     "mediated": ("pt_late_effect",),
+    "first_late_block": ("pt_late_effect",),
     "self_contained": ("interaction",),
     "upstream_only": ("pt_late_effect", "it_late_effect", "interaction"),
 }
@@ -44,6 +45,7 @@ PAPER_POSITIONS: tuple[int, ...] = (0, 3, 4, 5, 6, 7, 8)
 INTERACTION_CI: dict[str, str] = {
     "upstream_dependent": "excludes_zero",
     "mediated": "excludes_zero",
+    "first_late_block": "excludes_zero",
     "self_contained": "covers_zero",
     "upstream_only": "covers_zero",
     "paper_sized": "excludes_zero",

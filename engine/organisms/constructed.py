@@ -43,13 +43,14 @@ CONSTRUCTED_KINDS: tuple[str, ...] = (
     "mediated",
     "paper_sized",
     "lineage",
+    "first_late_block",
 )
 CONSTRUCTED_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gpt2")
 # GPT-2's MLP has no gate, so a neuron cannot be exactly "u AND class j": its organisms use one answer word
 # for every word (all divergences at position 0) and have no `mediated` kind (its neurons would co-fire).
 FAMILY_KINDS: dict[str, tuple[str, ...]] = {
     "llama": CONSTRUCTED_KINDS,
-    "qwen3": CONSTRUCTED_KINDS,
+    "qwen3": tuple(k for k in CONSTRUCTED_KINDS if k != "first_late_block"),  # llama-only (depth anatomy)
     "gpt2": ("upstream_dependent", "self_contained", "upstream_only"),
 }
 
@@ -155,7 +156,7 @@ def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Constr
     neurons: list[Neuron] = []
     mediators: list[Neuron] = []
     last = N_LAYERS - 1
-    if kind in ("upstream_dependent", "mediated"):
+    if kind in ("upstream_dependent", "mediated", "first_late_block"):
         # Early block 0 writes u at every position: u ~ 0.5 * silu(4) * 2 ~ 3.9.
         neurons.append(Neuron(0, 0, gate=always_on, up={CONST: 1.0}, down={U: 0.5}))
     if kind == "upstream_dependent":
@@ -163,6 +164,10 @@ def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Constr
         for layer in range(BOUNDARY, N_LAYERS):
             for j in range(N_CLASSES):
                 neurons.append(Neuron(layer, j, gate={U: 1.5}, up={C[j]: 1.0}, down={K[j]: 0.6}))
+    elif kind == "first_late_block":
+        # The interaction sits in the first late block only (block 3); the final block is PT's.
+        for j in range(N_CLASSES):
+            neurons.append(Neuron(BOUNDARY, j, gate={U: 1.5}, up={C[j]: 1.0}, down={K[j]: 1.2}))
     elif kind == "mediated":
         # Only the final MLP, through one neuron per class with a distinct unit decoder direction.
         for j in range(N_CLASSES):
