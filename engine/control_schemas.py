@@ -200,3 +200,89 @@ RECIPE_CONTRAST_SCHEMA = pa.schema(
         ("n_permutations", pa.int64()),
     ]
 )
+
+# ---- engine.anatomy (depth / window anatomy, method 4.8) ------------------------------------
+
+# anatomy_events: one row per event x measure.
+#   measure      'full_late_interaction', 'final_k_interaction', 'final_mlp_interaction' or 'mlp_support'
+#   k            final-block count of a window (null for mlp_support); band  'early'/'middle'/'late' or null
+#   layer_start, layer_stop  the blocks measured, [start, stop)
+#   value        the event's interaction (or, for mlp_support, the margin the band's MLPs add in pure IT)
+ANATOMY_EVENTS_SCHEMA = pa.schema(
+    [
+        *_EVENT_FIELDS,
+        ("measure", pa.string()),
+        ("k", pa.int32()),
+        ("band", pa.string()),
+        ("layer_start", pa.int32()),
+        ("layer_stop", pa.int32()),
+        ("value", pa.float64()),
+    ]
+)
+
+# anatomy (summary): one row per statistic of one pair x boundary x readout.
+#   statistic    a measure of anatomy_events (mean, prompt-bootstrap CI) or 'final_k_retention'
+#                (mean final-k interaction / mean full-late interaction, shared resamples)
+#   valid, reason  false with the reason when the window or band cannot be measured at this boundary
+ANATOMY_SCHEMA = pa.schema(
+    [
+        *_RUN_FIELDS,
+        ("statistic", pa.string()),
+        ("k", pa.int32()),
+        ("band", pa.string()),
+        ("layer_start", pa.int32()),
+        ("layer_stop", pa.int32()),
+        ("estimate", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n", pa.int64()),
+        ("valid", pa.bool_()),
+        ("reason", pa.string()),
+    ]
+)
+
+# ---- engine.closure (structured boundary-state closure, method 5.6) --------------------------
+
+# closure_cells: one row per held-out event x arm x rank x alpha.
+#   arm          'pca' (the shift's projection on the top-r train PCs), 'gaussian', 'random', 'sign_flip'
+#   rank         r (d_model for the full delta); full_delta  true for the unprojected shift
+#   alpha        injection scale: U = U_PT + alpha * v at the injected positions
+#   y_rescued    Y(U, L_IT); y_floor  Y(U_PT, L_IT); y_native  Y(U_IT, L_IT)
+CLOSURE_CELLS_SCHEMA = pa.schema(
+    [
+        *_EVENT_FIELDS,
+        ("arm", pa.string()),
+        ("rank", pa.int32()),
+        ("full_delta", pa.bool_()),
+        ("alpha", pa.float64()),
+        ("y_rescued", pa.float64()),
+        ("y_floor", pa.float64()),
+        ("y_native", pa.float64()),
+    ]
+)
+
+# closure (summary): one row per arm x rank x alpha of one pair x boundary.
+#   positions    'last' (the scored position, the method's) or 'all'
+#   n_fit, n_test  events of the train split (PCA) and of the held-out split
+#   closure      mean(y_rescued - y_floor) / mean(y_native - y_floor), CI from shared prompt resamples
+#   rescued_gap, native_gap   the two means
+#   valid, reason  false with the reason (e.g. a train split too small for the rank); closure then null
+CLOSURE_SCHEMA = pa.schema(
+    [
+        *_RUN_FIELDS,
+        ("positions", pa.string()),
+        ("arm", pa.string()),
+        ("rank", pa.int32()),
+        ("full_delta", pa.bool_()),
+        ("alpha", pa.float64()),
+        ("n_fit", pa.int64()),
+        ("n_test", pa.int64()),
+        ("closure", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("rescued_gap", pa.float64()),
+        ("native_gap", pa.float64()),
+        ("valid", pa.bool_()),
+        ("reason", pa.string()),
+    ]
+)
