@@ -200,7 +200,7 @@ def _held_out_rows(
         floor = margin(score, late_stack_final(pair, "pt", "it", passes, boundary), tokens)  # [batch]
         native = margin(score, passes.final["it"], tokens)  # [batch]
 
-        def run(v: torch.Tensor, alpha: float) -> torch.Tensor:
+        def run(v: torch.Tensor, alpha: float, passes=passes, u_pt=u_pt, tokens=tokens) -> torch.Tensor:
             """`[batch]` Y(U_PT + alpha v, L_IT); v is `[batch, 1 or seq, d_model]` float64."""
             u = u_pt.clone()  # [batch, seq, d_model]
             add = (alpha * v).to(u.dtype).to(u.device)
