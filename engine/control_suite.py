@@ -1,9 +1,10 @@
-"""The controls of the 2x2 (method sections 4.3-4.6) run together at one boundary, as result tables.
+"""The controls of the 2x2 (method sections 4.3-4.6, 4.8, 5.6) run together at one boundary, as result tables.
 
 One entry point for the worker (crosspatch and pipeline jobs with `controls: [...]`), the CLI
 (`crosspatch controls`, `crosspatch run --controls`) and the library:
 
-    run_controls(pair, events, ["offmanifold", "commitment", "baselines", "native_history"], boundary)
+    run_controls(pair, events, ["offmanifold", "commitment", "baselines", "native_history", "anatomy",
+                                "closure"], boundary)
         -> ControlRun(tables={table name: Arrow table}, noop={source: native-history no-op report})
 
 Tables (the DuckDB tables of the same names; schemas in the engine modules):
@@ -12,6 +13,9 @@ Tables (the DuckDB tables of the same names; schemas in the engine modules):
     baseline_cells, baselines               engine.baselines (the 2x2 per condition; one row per condition);
                                             native_history adds conditions native_pt_history /
                                             native_it_history (events averaged within prompt, no share)
+    anatomy_events, anatomy                 engine.anatomy (per event x measure; one row per statistic)
+    closure_cells, closure                  engine.closure (per held-out event x arm x rank x alpha;
+                                            one row per arm x rank x alpha)
 `format_controls(tables)` renders the printed report lines.
 """
 
@@ -26,13 +30,15 @@ import pyarrow.compute as pc
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.pairs import ModelPair
 
-CONTROLS: tuple[str, ...] = ("offmanifold", "commitment", "baselines", "native_history")
+CONTROLS: tuple[str, ...] = ("offmanifold", "commitment", "baselines", "native_history", "anatomy", "closure")
 # control -> the tables it writes
 CONTROL_TABLES: dict[str, tuple[str, ...]] = {
     "offmanifold": ("interpolation", "signperm", "offmanifold"),
     "commitment": ("boundary_margins", "commitment"),
     "baselines": ("baseline_cells", "baselines"),
     "native_history": ("baseline_cells", "baselines"),
+    "anatomy": ("anatomy_events", "anatomy"),
+    "closure": ("closure_cells", "closure"),
 }
 
 
@@ -50,6 +56,11 @@ class ControlOptions:
     n_resamples: int = 2000
     seed: int = 23
     batch_size: int = 16
+    windows: tuple[int, ...] = (3, 1)  # anatomy: final-k windows
+    ranks: tuple[int | str, ...] = (1, 4, 16, 64, 256, "full")  # closure
+    closure_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5)
+    closure_positions: str = "last"
+    fit_fraction: float = 0.5
 
 
 @dataclass
@@ -145,6 +156,24 @@ def run_controls(
             if nc.num_rows:
                 parts.append(nc)
                 summaries.append(_native_row(nc, f"native_{source}_history", opts))
+    if "anatomy" in names:
+        from crosspatch.engine.anatomy import anatomy
+
+        say(f"{pair.pair_id}: depth/window anatomy (final-k windows {list(opts.windows)})")
+        out["anatomy_events"], out["anatomy"] = anatomy(
+            pair, scored, boundary, readout, opts.windows, opts.batch_size, opts.n_resamples, opts.seed
+        )
+    if "closure" in names:
+        from crosspatch.engine.closure import closure
+
+        say(
+            f"{pair.pair_id}: boundary-state closure (ranks {list(opts.ranks)}, alphas {list(opts.closure_alphas)})"
+        )
+        out["closure_cells"], out["closure"] = closure(
+            pair, scored, boundary, readout, opts.ranks, opts.closure_alphas, opts.closure_positions,
+            opts.fit_fraction, opts.selection_seed, opts.selection_seed, opts.batch_size, opts.n_resamples,
+            opts.seed,
+        )  # fmt: skip
     if parts:
         out["baseline_cells"] = pa.concat_tables(parts).cast(bl.BASELINE_CELLS_SCHEMA)
         out["baselines"] = pa.concat_tables(summaries).cast(bl.BASELINE_SUMMARY_SCHEMA)
@@ -211,4 +240,20 @@ def format_controls(tables: dict[str, pa.Table]) -> str:
                 f"baselines     {r['pair_id']}: {r['condition']:<20} "
                 f"{_ci(r['interaction'], r['ci_low'], r['ci_high'])}  n={r['n']}{share}"
             )
+    if "anatomy" in tables:
+        for r in tables["anatomy"].to_pylist():
+            what = r["statistic"] + (f" k={r['k']}" if r["k"] is not None else f" {r['band']}")
+            span = f"blocks {r['layer_start']}..{r['layer_stop'] - 1}"
+            value = (
+                _ci(r["estimate"], r["ci_low"], r["ci_high"]) if r["valid"] else f"not valid: {r['reason']}"
+            )
+            lines.append(f"anatomy       {r['pair_id']}: {what:<27} {span:<13} {value}")
+    if "closure" in tables:
+        for r in tables["closure"].to_pylist():
+            rank = "full" if r["full_delta"] else str(r["rank"])
+            what = f"{r['arm']:<9} rank {rank:<5} alpha {r['alpha']:g}"
+            value = (
+                _ci(r["closure"], r["ci_low"], r["ci_high"]) if r["valid"] else f"not valid: {r['reason']}"
+            )
+            lines.append(f"closure       {r['pair_id']} ({r['positions']}): {what:<33} {value}")
     return "\n".join(lines)

@@ -406,6 +406,76 @@ CONTROL_TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
         },
     ),
 }
+# depth / window anatomy (§4.8) and boundary-state closure (§5.6): engine.anatomy, engine.closure
+_VALID = {
+    "valid": "false when the row cannot be measured here (see reason); its values are then null or NaN",
+    "reason": "why the row is not valid (null when valid)",
+}
+CONTROL_TABLE_DOCS |= {
+    "anatomy_events": (
+        "One row per event x measure of the depth / window anatomy (§4.8).",
+        {
+            **_PER_EVENT,
+            "measure": "'full_late_interaction', 'final_k_interaction' (2x2 with only the final k blocks "
+            "swapped), 'final_mlp_interaction' (2x2 interaction of the margin the final k MLPs add) or "
+            "'mlp_support' (margin the band's MLPs add in the pure IT pass)",
+            "k": "final-block count of the window (null for mlp_support)",
+            "band": "'early', 'middle' or 'late' depth band of mlp_support (null otherwise)",
+            "layer_start": "first block measured",
+            "layer_stop": "one past the last block measured",
+            "value": "the event's value of the measure (logits)",
+        },
+    ),
+    "anatomy": (
+        "One row per pair x statistic of the depth / window anatomy (§4.8).",
+        {
+            **_KEYS,
+            "statistic": "a measure of anatomy_events (mean over events) or 'final_k_retention' (mean "
+            "final-k interaction / mean full-late interaction, ratio of means)",
+            "k": "final-block count of the window (null for mlp_support)",
+            "band": "depth band of mlp_support (null otherwise)",
+            "layer_start": "first block measured",
+            "layer_stop": "one past the last block measured",
+            "estimate": "the statistic's value",
+            **_CI,
+            "n": "events",
+            **_VALID,
+        },
+    ),
+    "closure_cells": (
+        "One row per held-out event x arm x rank x alpha of the boundary-state closure (§5.6).",
+        {
+            **_PER_EVENT,
+            "arm": "'pca' (projection of the event's IT - PT boundary shift on the top-r train PCs), "
+            "'gaussian', 'random' (norm-matched, orthogonal to the top PCs) or 'sign_flip' (minus the projection)",
+            "rank": "r, the number of PCA directions (d_model for the full delta)",
+            "full_delta": "true for the unprojected shift (rank 'full')",
+            "alpha": "injection scale: upstream = U_PT + alpha x the injected vector",
+            "y_rescued": "Y(injected upstream, IT late stack)",
+            "y_floor": "Y(U_PT, IT late stack), the weak hybrid",
+            "y_native": "Y(U_IT, IT late stack), the native descendant-upstream cell",
+        },
+    ),
+    "closure": (
+        "One row per pair x arm x rank x alpha of the boundary-state closure (§5.6).",
+        {
+            **_KEYS,
+            "positions": "'last' (injected at the scored position, the method's) or 'all' positions",
+            "arm": "as in closure_cells (controls at alpha 1)",
+            "rank": "r (d_model for the full delta)",
+            "full_delta": "true for the unprojected shift",
+            "alpha": "injection scale",
+            "n_fit": "train events the PCA directions were fitted on",
+            "n_test": "held-out events scored",
+            "closure": "mean(y_rescued - y_floor) / mean(y_native - y_floor) (ratio of means)",
+            "ci_low": "lower end of the closure's 95% CI (shared prompt resamples)",
+            "ci_high": "upper end of the closure's 95% CI",
+            "rescued_gap": "mean(y_rescued - y_floor)",
+            "native_gap": "mean(y_native - y_floor)",
+            **_VALID,
+        },
+    ),
+}
 TABLE_DOCS.update(CONTROL_TABLE_DOCS)
 
 DESCRIPTION = b"description"

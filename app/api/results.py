@@ -36,6 +36,10 @@ Table = Literal[
     "lineage_cells",
     "lineage",
     "recipe_contrasts",
+    "anatomy_events",
+    "anatomy",
+    "closure_cells",
+    "closure",
 ]
 
 

@@ -78,7 +78,7 @@ def run(
     control: Annotated[
         list[str] | None,
         typer.Option(
-            help="Also run a control of the 2x2 at the headline boundary (offmanifold, commitment, baselines, "
+            help="Also run a control of the 2x2 at the headline boundary (offmanifold, commitment, baselines, anatomy, closure, "
             "native_history) and print it. Repeatable."
         ),
     ] = None,

@@ -74,12 +74,14 @@ class DivergenceSpec(_PromptsSpec):
     )
 
 
-Control = Literal["offmanifold", "commitment", "baselines", "native_history"]
+Control = Literal["offmanifold", "commitment", "baselines", "native_history", "anatomy", "closure"]
 CONTROLS_HELP = (
     "Controls of the 2x2 run at each pair's headline boundary with the first readout (method 4.3-4.6): "
     "offmanifold (PT->IT interpolation slope, signed-permutation ratio), commitment (IT boundary logit-lens "
     "margin views), baselines (random rollout disagreements, pre-divergence prefix), native_history "
-    "(disagreements after native greedy histories). Rows go to the tables of the same names."
+    "(disagreements after native greedy histories), anatomy (final-k window retention, final-MLP margin "
+    "interaction, MLP support by depth band; method 4.8), closure (boundary-state PCA closure by rank and alpha "
+    "with gaussian / random / sign-flip controls; method 5.6). Rows go to the tables the engine names."
 )
 
 
@@ -110,6 +112,27 @@ class ControlOptions(_Spec):
         description="Native-history horizons.",
     )
     selection_seed: int = Field(default=0, ge=0, description="Seed of the random baseline choices.")
+    windows: list[int] = Field(
+        default_factory=lambda: [3, 1], min_length=1, max_length=16, description="Anatomy: final-k windows."
+    )
+    ranks: list[int | Literal["full"]] = Field(
+        default_factory=lambda: [1, 4, 16, 64, 256, "full"],
+        min_length=1,
+        max_length=16,
+        description="Closure: PCA ranks ('full' = the whole shift).",
+    )
+    closure_alphas: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5],
+        min_length=1,
+        max_length=21,
+        description="Closure: injection scales.",
+    )
+    closure_positions: Literal["last", "all"] = Field(
+        default="last", description="Closure: inject at the scored position (method) or at every position."
+    )
+    fit_fraction: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="Closure: train share of the events."
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> ControlOptions:
@@ -135,7 +158,7 @@ class CrosspatchSpec(DivergenceSpec):
     readouts: list[Readout] = Field(default_factory=lambda: ["it"], min_length=1, max_length=3)
     n_resamples: int = Field(default=2000, ge=10, le=100_000)
     seed: Seed = 23
-    controls: list[Control] = Field(default_factory=list, max_length=4, description=CONTROLS_HELP)
+    controls: list[Control] = Field(default_factory=list, max_length=6, description=CONTROLS_HELP)
     control_options: ControlOptions = Field(default_factory=ControlOptions)
 
     @model_validator(mode="after")
@@ -400,7 +423,7 @@ class PipelineSpec(_PromptsSpec):
     continuation: bool = Field(
         default=False, description="Also run constrained continuation per pair (§6.2)."
     )
-    controls: list[Control] = Field(default_factory=list, max_length=4, description=CONTROLS_HELP)
+    controls: list[Control] = Field(default_factory=list, max_length=6, description=CONTROLS_HELP)
     control_options: ControlOptions = Field(default_factory=ControlOptions)
 
     @model_validator(mode="after")

@@ -225,6 +225,10 @@ class ResultsStore:
             "lineage_cells": "stage, prompt_id",
             "lineage": "rowid",  # stages in the job's order
             "recipe_contrasts": "rowid",
+            "anatomy_events": "pair_id, prompt_id, measure, k, band",
+            "anatomy": "pair_id, rowid",  # statistics in the engine's order
+            "closure_cells": "pair_id, prompt_id, arm, full_delta, rank, alpha",
+            "closure": "pair_id, rowid",  # ranks and arms in the engine's order
         }
         if table not in order:
             raise ResultsError(f"unknown results table {table!r}; choose from {', '.join(order)}")

@@ -31,6 +31,10 @@ The controls of the 2x2 (crosspatch / pipeline jobs with `controls`, the `lineag
     lineage_cells    one row per stage x event: the 2x2 of each stage as IT against the base (engine.recipe)
     lineage          one row per stage: interaction (CI, p), late effects, portable share, share of reference
     recipe_contrasts one row per (stage_a, stage_b): interaction A - B (CI) with the sign-flip p
+    anatomy_events   one row per event x measure: final-k interactions, final-MLP margin, MLP support (engine.anatomy)
+    anatomy          one row per pair x statistic: means (CI), final-k retention, valid / reason
+    closure_cells    one row per held-out event x arm x rank x alpha: injected, floor and native Y (engine.closure)
+    closure          one row per pair x arm x rank x alpha: closure (CI), valid / reason
 """
 
 from __future__ import annotations
@@ -38,9 +42,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 from crosspatch.engine.control_schemas import (
+    ANATOMY_EVENTS_SCHEMA,
+    ANATOMY_SCHEMA,
     BASELINE_CELLS_SCHEMA,
     BASELINE_SUMMARY_SCHEMA,
     BOUNDARY_MARGIN_SCHEMA,
+    CLOSURE_CELLS_SCHEMA,
+    CLOSURE_SCHEMA,
     COMMITMENT_SCHEMA,
     INTERPOLATION_SCHEMA,
     LINEAGE_CELLS_SCHEMA,
@@ -95,6 +103,10 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
     "lineage_cells": LINEAGE_CELLS_SCHEMA,
     "lineage": LINEAGE_SCHEMA,
     "recipe_contrasts": RECIPE_CONTRAST_SCHEMA,
+    "anatomy_events": ANATOMY_EVENTS_SCHEMA,
+    "anatomy": ANATOMY_SCHEMA,
+    "closure_cells": CLOSURE_CELLS_SCHEMA,
+    "closure": CLOSURE_SCHEMA,
 }
 TABLES: dict[str, pa.Schema] = {**PART_SCHEMAS, "provenance": PROVENANCE_SCHEMA}
 
