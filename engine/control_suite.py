@@ -241,7 +241,13 @@ def format_controls(tables: dict[str, pa.Table]) -> str:
                 f"{_ci(r['interaction'], r['ci_low'], r['ci_high'])}  n={r['n']}{share}"
             )
     if "anatomy" in tables:
+        said: set[tuple] = set()
         for r in tables["anatomy"].to_pylist():
+            if not r["valid"] and r["k"] is not None:  # one line per window that cannot be measured
+                if (r["pair_id"], r["k"]) in said:
+                    continue
+                said.add((r["pair_id"], r["k"]))
+                r = {**r, "statistic": "window"}
             what = r["statistic"] + (f" k={r['k']}" if r["k"] is not None else f" {r['band']}")
             span = f"blocks {r['layer_start']}..{r['layer_stop'] - 1}"
             value = (
@@ -249,9 +255,15 @@ def format_controls(tables: dict[str, pa.Table]) -> str:
             )
             lines.append(f"anatomy       {r['pair_id']}: {what:<27} {span:<13} {value}")
     if "closure" in tables:
+        said = set()
         for r in tables["closure"].to_pylist():
             rank = "full" if r["full_delta"] else str(r["rank"])
             what = f"{r['arm']:<9} rank {rank:<5} alpha {r['alpha']:g}"
+            if not r["valid"] and r["reason"].startswith(f"rank {rank} "):  # one line per rank it cannot fit
+                if (r["pair_id"], rank) in said:
+                    continue
+                said.add((r["pair_id"], rank))
+                what = f"rank {rank}"
             value = (
                 _ci(r["closure"], r["ci_low"], r["ci_high"]) if r["valid"] else f"not valid: {r['reason']}"
             )

@@ -380,6 +380,46 @@ def plot_lineage(lineage: pa.Table, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_closure(closure: pa.Table, path: Path, *, alpha: float = 1.0) -> Path | None:
+    """Per pair, boundary-state closure by PCA rank at `alpha` (95% CI) with its controls; invalid ranks marked."""
+    rows = [r for r in closure.to_pylist() if r["alpha"] == alpha]
+    pairs = sorted({r["pair_id"] for r in rows})
+    if not pairs:
+        return None
+    fig = _new_figure(6.5, 3.0 * len(pairs) + 0.4)
+    axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+    styles = {"pca": ("o", "-", "#5c7fa3"), "gaussian": ("s", ":", "#999999"),
+              "random": ("^", ":", "#c49a3a"), "sign_flip": ("v", ":", "#b05050")}  # fmt: skip
+    for ax, pair_id in zip(axes, pairs, strict=True):
+        mine = [r for r in rows if r["pair_id"] == pair_id]
+        labels: list[str] = []
+        for r in mine:
+            label = "full" if r["full_delta"] else str(r["rank"])
+            if label not in labels:
+                labels.append(label)
+        x = {label: i for i, label in enumerate(labels)}
+        for arm, (marker, line, color) in styles.items():
+            pts = [r for r in mine if r["arm"] == arm and r["valid"]]
+            if not pts:
+                continue
+            xs = [x["full" if r["full_delta"] else str(r["rank"])] for r in pts]
+            ys = [r["closure"] for r in pts]
+            ax.plot(xs, ys, marker=marker, linestyle=line, color=color, label=arm)
+            ax.errorbar(xs, ys, yerr=_errors(pts, "closure"), fmt="none", ecolor=color, alpha=0.6)
+        for label in labels:
+            if not any(r["valid"] for r in mine if ("full" if r["full_delta"] else str(r["rank"])) == label):
+                ax.annotate("not valid", (x[label], 0), fontsize=6, ha="center", rotation=90)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.axhline(1, color="k", linewidth=0.4, linestyle="--")
+        ax.set_xlabel("PCA rank of the injected boundary shift")
+        ax.set_ylabel("closure")
+        ax.set_title(f"{pair_id}: boundary-state closure at alpha {alpha:g} (95% CI)", fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
 def write_figures(tables: dict[str, pa.Table], out_dir: Path) -> list[Path]:
     """Every figure the tables support (`summaries`, `feature_effects`, controls), as `out_dir/<name>.png`.
 
@@ -395,6 +435,7 @@ def write_figures(tables: dict[str, pa.Table], out_dir: Path) -> list[Path]:
         ("interpolation", "offmanifold", plot_interpolation),
         ("baselines", "baselines", plot_baselines),
         ("lineage", "lineage", plot_lineage),
+        ("closure", "closure", plot_closure),
     ]
     written = []
     for name, table, plot in plan:
@@ -424,6 +465,7 @@ def write_job_figures(results: ResultsStore, data_dir: Path, job_id: uuid.UUID |
                 "offmanifold",
                 "baselines",
                 "lineage",
+                "closure",
             )
         }
         return write_figures(tables, figures_dir(data_dir, job_id))

@@ -258,3 +258,21 @@ def test_figure_failure_never_fails_ingest(tmp_path: Path, monkeypatch) -> None:
             return synthetic_feature_effects()
 
     assert plots.write_job_figures(Results(), tmp_path, "j1") == []  # type: ignore[arg-type]
+
+
+def test_closure_by_rank_figure(tmp_path: Path) -> None:
+    """Closure by rank: PCA line with controls; an invalid rank is kept on the axis and drawn as not valid."""
+    from crosspatch.engine.control_schemas import CLOSURE_SCHEMA
+
+    keys = {"family": "llama", "pair_id": "p", "boundary": 3, "readout": "it", "positions": "last",
+            "n_fit": 8, "n_test": 8, "rescued_gap": 1.0, "native_gap": 1.0}  # fmt: skip
+    rows = []
+    for rank, full, valid in ((1, False, True), (16, False, False), (64, True, True)):
+        for arm, value in (("pca", 0.9), ("gaussian", 0.01), ("random", -0.02), ("sign_flip", -0.5)):
+            c = value if valid else None
+            rows.append({**keys, "arm": arm, "rank": rank, "full_delta": full, "alpha": 1.0, "closure": c,
+                         "ci_low": c and c - 0.1, "ci_high": c and c + 0.1, "valid": valid,
+                         "reason": None if valid else "too small"})  # fmt: skip
+    written = plots.write_figures({"closure": pa.Table.from_pylist(rows, schema=CLOSURE_SCHEMA)}, tmp_path)
+    assert [p.name for p in written] == ["closure.png"]
+    assert written[0].read_bytes().startswith(PNG_MAGIC) and written[0].stat().st_size > 5000
