@@ -35,7 +35,8 @@ interaction rows carry the pooled across-family sign-flip p. Besides the cells a
 is also 'portable_share' or 'interaction_share' (ratios of means, engine.stats).
 
 Controls of the 2x2 (interpolation, signperm, offmanifold, boundary_margins, commitment, baseline_cells,
-baselines, lineage_cells, lineage, recipe_contrasts): schemas and column comments in engine/control_schemas.py.
+baselines, lineage_cells, lineage, recipe_contrasts, anatomy_events, anatomy, closure_cells, closure):
+schemas and column comments in engine/control_schemas.py.
 
 feature_acts (event x dictionary x latent, active latents only) and feature_effects (set-level effects of
 ablation / rescue with CIs, and per-feature attribution scores): see the schemas' column comments.
