@@ -213,13 +213,14 @@ def _held_out_rows(
 
         ys: list[tuple[str, int | str, float, torch.Tensor]] = []
         for r, (p, comp, w) in bases.items():
-            v = shift if p is None else (shift @ p.T) @ p  # [batch, pos, d_model]
+            dev = shift.device
+            v = shift if p is None else (shift @ p.to(dev).T) @ p.to(dev)  # [batch, pos, d_model]
             for a in alphas:
                 ys.append(("pca", r, a, floor if a == 0.0 else run(v, a)))
             if comp is not None:
                 g = torch.randn(*v.shape[:-1], comp.shape[0], generator=gen, dtype=torch.float64) @ comp
-                ys.append(("gaussian", r, 1.0, run(_norm_match(g, v), 1.0)))
-                ys.append(("random", r, 1.0, run(_norm_match(w.expand_as(v), v), 1.0)))
+                ys.append(("gaussian", r, 1.0, run(_norm_match(g.to(dev), v), 1.0)))
+                ys.append(("random", r, 1.0, run(_norm_match(w.to(dev).expand_as(v), v), 1.0)))
             ys.append(("sign_flip", r, 1.0, run(-v, 1.0)))
         floor_np, native_np = floor.double().cpu().numpy(), native.double().cpu().numpy()  # [batch]
         for arm, r, a, y in ys:

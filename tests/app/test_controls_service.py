@@ -77,8 +77,9 @@ def test_crosspatch_job_with_every_control(env: dict) -> None:
         "prompts": _prompts(env["orgs"][PAPER], 12),
         "max_new_tokens": 16,
         "n_resamples": 200,
-        "controls": ["offmanifold", "commitment", "baselines", "native_history"],
-        "control_options": {"seeds": [0, 1], "rollout_tokens": 16, "horizons": [4, 8]},
+        "controls": ["offmanifold", "commitment", "baselines", "native_history", "anatomy", "closure"],
+        "control_options": {"seeds": [0, 1], "rollout_tokens": 16, "horizons": [4, 8]}
+        | ANATOMY_CLOSURE_OPTIONS,
     }
     with client(env["server"], env["keys"]["ada"]) as c:
         job_id = _run(c, spec)
@@ -94,6 +95,7 @@ def test_crosspatch_job_with_every_control(env: dict) -> None:
         logs = [e["message"] for e in c.get(f"/jobs/{job_id}/logs").json()["data"]]
         figures = {f["name"] for f in c.get(f"/jobs/{job_id}/figures").json()["data"]}
         png = c.get(f"/jobs/{job_id}/figures/interpolation.png")
+        extra = {t: _rows(c, job_id, t) for t in ("anatomy", "anatomy_events", "closure", "closure_cells")}
         parquet = {  # as the demo and the client download them
             t: c.get(f"/jobs/{job_id}/results/{t}", params={"format": "parquet"}).content
             for t in ("offmanifold", "commitment")
@@ -138,6 +140,7 @@ def test_crosspatch_job_with_every_control(env: dict) -> None:
     assert scales["portable_share"]["estimate"] == pytest.approx(pt_late / it_late, abs=1e-9)
     assert 0 < scales["interaction_share"]["ci_low"] < scales["interaction_share"]["ci_high"] < 1.5
     assert any(m.startswith("off-manifold") and "interpolation slope" in m for m in logs)
+    _check_anatomy_closure(extra, cells, figures, logs)
     assert any(m.startswith("baselines") and "pre_divergence" in m for m in logs)
     assert {"family_2x2", "interpolation", "baselines"} <= {f.removesuffix(".png") for f in figures}
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
@@ -202,3 +205,31 @@ def test_lineage_job_scores_stages_in_planted_order(env: dict) -> None:
     assert fs["ci_low"] > 0 and fs["p_value"] <= 1 / 1000 and fs["n"] == n
     pf = contrasts[("portable", "final")]
     assert pf["estimate"] < 0 and pf["p_value"] > 0.9
+
+
+ANATOMY_CLOSURE_OPTIONS = {"windows": [1], "ranks": [1, 8, "full"], "closure_alphas": [0.0, 1.0]}
+
+
+def _check_anatomy_closure(
+    tables: dict[str, list[dict]], cells: list[dict], figures: set, logs: list[str]
+) -> None:
+    """`controls: [anatomy, closure]` of the 12-prompt `llama_paper_sized` job: rows in DuckDB, figure, log lines."""
+    headline = cells[0]["headline_boundary"]
+    inter = sum(r["interaction"] for r in cells if r["boundary"] == headline) / 12
+    anatomy = {(r["statistic"], r["k"], r["band"]): r for r in tables["anatomy"]}
+    full = anatomy[("full_late_interaction", 2, None)]
+    assert full["boundary"] == headline and full["estimate"] == pytest.approx(inter, abs=1e-6)
+    assert 0 < anatomy[("final_k_retention", 1, None)]["estimate"] < 1  # blocks 3 and 4 both carry it
+    assert len(tables["anatomy_events"]) == 12 * (1 + 2 + 3)  # full, (final_k, final_mlp) x 1 window, 3 bands
+    closure = tables["closure"]
+    by = {(r["arm"], r["full_delta"], r["rank"], r["alpha"]): r for r in closure}
+    assert {(r["n_fit"], r["n_test"]) for r in closure} == {(6, 6)}
+    assert by[("pca", False, 1, 0.0)]["closure"] == 0.0
+    assert (
+        by[("pca", True, 64, 1.0)]["closure"] > 0.9 and abs(by[("gaussian", True, 64, 1.0)]["closure"]) < 0.15
+    )
+    rank8 = by[("pca", False, 8, 1.0)]
+    assert not rank8["valid"] and rank8["closure"] is None and "the fit split has 6" in rank8["reason"]
+    assert {r["arm"] for r in tables["closure_cells"]} == {"pca", "gaussian", "random", "sign_flip"}
+    assert any(f.startswith("closure") for f in figures)
+    assert any(m.startswith("anatomy") and "final_k_retention k=1" in m for m in logs)
