@@ -140,6 +140,10 @@ class ControlOptions(_Spec):
             raise ValueError("alphas must hold at least two distinct values in [0, 1]")
         if any(h < 1 for h in self.horizons) or any(s < 0 for s in self.seeds):
             raise ValueError("horizons must be >= 1 and seeds >= 0")
+        if any(k < 1 for k in self.windows) or len(set(self.windows)) != len(self.windows):
+            raise ValueError("windows must be distinct final-block counts >= 1")
+        if any(r != "full" and r < 1 for r in self.ranks) or len(set(self.ranks)) != len(self.ranks):
+            raise ValueError("ranks must be distinct ints >= 1 or 'full'")
         return self
 
 

@@ -1,0 +1,28 @@
+"""The anatomy / closure knobs of a job's `control_options`: method defaults, bad values refused at submit."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from crosspatch.app.schemas.jobs import ControlOptions
+from crosspatch.engine.control_suite import CONTROLS
+from crosspatch.engine.control_suite import ControlOptions as EngineOptions
+
+
+def test_defaults_follow_the_method_and_the_engine() -> None:
+    o, e = ControlOptions(), EngineOptions()
+    assert o.ranks == [1, 4, 16, 64, 256, "full"] and tuple(o.ranks) == e.ranks
+    assert tuple(o.closure_alphas) == e.closure_alphas == (0.0, 0.25, 0.5, 1.0, 1.5)
+    assert tuple(o.windows) == e.windows == (3, 1) and o.closure_positions == e.closure_positions == "last"
+    assert {"anatomy", "closure"} <= set(CONTROLS)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"ranks": [0]}, {"ranks": [4, 4]}, {"ranks": ["half"]}, {"windows": [0]}, {"windows": [1, 1]},
+     {"closure_positions": "first"}, {"fit_fraction": 1.0}, {"closure_alphas": []}],
+)  # fmt: skip
+def test_bad_anatomy_and_closure_options_are_refused(bad: dict) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        ControlOptions(**bad)
