@@ -17,7 +17,10 @@ as a row with `valid` false and the reason, never dropped.
 Forward work per batch: the 2x2's two clean passes (also capturing the inputs of every L-k and band start),
 then 2 extra late stacks per valid k (the off-diagonal cells of I(L-k)), 4 per valid k for the final-MLP
 margin (every cell from b with the MLP hooks) and one IT pass per band from the band's first block: with the
-default k = (3, 1) on a deep pair, 4 + 12 late stacks + 3 partial IT passes. The 2x2 at b adds its own 2.
+default k = (3, 1) on a deep pair, 4 + 8 late stacks + 3 partial IT passes. The 2x2 at b adds its own 2.
+The method names the final-MLP margin interaction without defining it; the zero-ablation reading above is
+ours (INFERRED), chosen because it is exact on the organisms (a mechanism only in the final MLP gives the
+whole interaction; none there gives ~0).
 """
 
 from __future__ import annotations

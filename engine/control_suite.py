@@ -60,7 +60,7 @@ class ControlOptions:
     ranks: tuple[int | str, ...] = (1, 4, 16, 64, 256, "full")  # closure
     closure_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5)
     closure_positions: str = "last"
-    fit_fraction: float = 0.5
+    fit_fraction: float = 0.5  # closure: train share; `selection_seed` seeds its split and control draws
 
 
 @dataclass
