@@ -180,6 +180,9 @@ class MediationConfig:
     # an explicit (dictionary id, latent) set to test instead of top-k
     features: tuple[tuple[str, int], ...] | None = None
     allow_failed_gate: bool = False  # use trained dictionaries below the quality gate (engine/guards.py)
+    handoff: Any = (
+        None  # an engine.handoff.HandoffConfig: also run gate, dose-response and grafts (off: None)
+    )
 
     def validate(self, dictionaries: Sequence[FeatureDictionary], pair: ModelPair) -> None:
         if not dictionaries:
@@ -464,6 +467,7 @@ class MediationResult:
     controls: dict[str, Any] = field(default_factory=dict)  # per control: seeds, status per size, pool
     # causal gate checks {name, value, threshold, passed, k, detail}
     checks: list[dict] = field(default_factory=list)
+    handoff: Any = None  # engine.handoff.HandoffResult when `MediationConfig.handoff` is set
 
     def checks_table(self, pair: ModelPair) -> pa.Table:
         """The causal checks as GATE_CHECKS_SCHEMA rows, one per dictionary of the run."""
@@ -625,6 +629,11 @@ def mediate(
         status.get(top_k) if top_k else None,
     )
     effects = effects_table(pair, dictionaries, per_event, base, ranking, cfg, status)
+    handoff = None
+    if cfg.handoff is not None and largest:
+        from crosspatch.engine.handoff import run_handoff  # imports this module
+
+        handoff = run_handoff(pair, test, dictionaries, ranking, largest, cfg, cfg.handoff, on_progress)
     acts = pa.concat_tables([FEATURE_ACTS_SCHEMA.empty_table(), *ranking.acts, *test_acts])
     return MediationResult(
         effects=effects,
@@ -653,6 +662,7 @@ def mediate(
             "same_delta_random": {"seeds": {k: [7919 * k + s for s in seeds] for k in chosen}},
         },
         checks=checks,
+        handoff=handoff,
     )
 
 
