@@ -16,8 +16,8 @@ its edits (`_ablate_edit`, `_rescue_edit`, hooks through `engine.hooks.mlp_hooks
   Degradation: host IT, donor PT; change = Y(base) - Y(grafted). `terminal_entry` swaps the whole residual
   entering t (the upper bound). mediated = change - change with S ablated (zero) in both passes;
   mediated fraction per prompt = mediated / total where |total| > `min_denominator`, then averaged.
-- **Controls** on every analysis: matched-random sets (mediation's pool, seeds and draws), same-delta random
-  directions, and top-active noncausal sets (the |S| latents with the highest mean fit-split activation among
+- **Controls**: matched-random sets (mediation's pool, seeds and draws) and top-active noncausal sets on every
+  analysis, same-delta random directions (the edit's norm, a random direction) on the grafts; top-active noncausal sets (the |S| latents with the highest mean fit-split activation among
   those with no positive fit score). `*_excess` rows = top set minus control, paired per event.
 
 Default windows, scaled to depth L from the method's Llama/Qwen tables (r(x) = floor(x + 0.5)):
@@ -66,6 +66,7 @@ from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, FEATURE_UPSTREAM_SCHE
 from crosspatch.engine.stats import Z95, bootstrap_means, family_balanced
 
 CONTROL_KINDS = ("matched_random", "same_delta_random", "top_active_noncausal")
+GRAFT_ONLY = ("same_delta_random",)  # the gate and the dose-response use the other two controls (§5.4)
 TERMINAL_ENTRY = "terminal_entry"
 
 
@@ -227,14 +228,13 @@ def run_handoff(
         )
     layers = sorted({d.layer for d in dictionaries})
     d_model = pair.it_adapter.d_model
-    per: dict[
-        tuple, list[float]
-    ] = {}  # (analysis, window-or-alpha, kind, seed, statistic) -> per-event values
+    # (analysis, window-or-alpha, kind, seed, statistic) -> per-event values
+    per: dict[tuple, list[float]] = {}
 
     def add(key: tuple, values: torch.Tensor) -> None:
         per.setdefault(key, []).extend(values.tolist())
 
-    alpha0 = 0.0
+    alpha0s: list[float] = []  # per batch: max |gain| of the top set at alpha = 0
     n_done = 0
     for batch, ids, mask, tokens in event_batches(pair, test, cfg.batch_size):
         passes = clean_passes(pair, ids, mask, sorted({b, t}))
@@ -255,7 +255,14 @@ def run_handoff(
             if window is not None:
                 upstream[("rescue", name)] = _grafted_upstream(pair, "pt", ids, mask, passes, window, t)
                 upstream[("degrade", name)] = _grafted_upstream(pair, "it", ids, mask, passes, window, t)
-        y_graft = {key: _late(pair, resid, passes, t, tokens, {}) for key, resid in upstream.items()}
+        y_graft = {
+            key: y_pi_t
+            if key[0] == "rescue" and torch.equal(resid, passes.captured["pt"][t])
+            else y["it", "it"]
+            if key[0] == "degrade" and torch.equal(resid, passes.captured["it"][t])
+            else _late(pair, resid, passes, t, tokens, {})
+            for key, resid in upstream.items()
+        }
         for (direction, name), yg in y_graft.items():
             change = yg - y_pi_t if direction == "rescue" else y["it", "it"] - yg
             add((f"{direction}_graft", name, "none", 0, "total"), change)
@@ -263,37 +270,25 @@ def run_handoff(
             groups = _by_layer(features, ranking, dictionaries)
             dirs = None if sd is None else {L: random_directions(prompt_ids, sd, L, d_model) for L in groups}
             ablate = {L: _ablate_edit(groups, None, dirs) for L in groups}
-            # gate at the late boundary
-            drop_ii = y["it", "it"] - it_late_margin(pair, "it", passes, b, tokens, ablate)
-            drop_pi = y["pt", "it"] - it_late_margin(pair, "pt", passes, b, tokens, ablate)
-            add(("gate", None, kind, s, "drop_itup"), drop_ii)
-            add(("gate", None, kind, s, "drop_ptup"), drop_pi)
-            add(("gate", None, kind, s, "gate"), drop_ii - drop_pi)
-            # rescue dose-response at the late boundary
-            for alpha in hcfg.alphas:
-                if alpha == 0.0 and kind != "topk":
-                    continue  # alpha 0 is the exactness check, run once on the top set
-                edits = {L: _rescue_edit(groups, acts_ii, alpha, dirs) for L in groups}
-                gain = it_late_margin(pair, "pt", passes, b, tokens, edits) - y["pt", "it"]
-                if alpha == 0.0:
-                    alpha0 = max(alpha0, float(gain.abs().max()))
-                add(("dose", alpha, kind, s, "rescue_gain"), gain)
-            # window grafts: the change with S ablated in both passes
+            if kind not in GRAFT_ONLY:
+                _gate_and_dose(
+                    pair, passes, b, tokens, y, groups, acts_ii, ablate, dirs, kind, s, hcfg, add, alpha0s
+                )
+            # window grafts: the change with S ablated in both passes (an unchanged upstream changes nothing)
             base_abl = {
                 "rescue": _late(pair, passes.captured["pt"][t], passes, t, tokens, ablate),
                 "degrade": _late(pair, passes.captured["it"][t], passes, t, tokens, ablate),
             }
             for (direction, name), resid in upstream.items():
-                yg_abl = _late(pair, resid, passes, t, tokens, ablate)
-                total = (
-                    y_graft[direction, name] - y_pi_t
-                    if direction == "rescue"
-                    else y["it", "it"] - y_graft[direction, name]
-                )
-                total_abl = (
-                    yg_abl - base_abl[direction] if direction == "rescue" else base_abl[direction] - yg_abl
-                )
+                base_resid = passes.captured["pt" if direction == "rescue" else "it"][t]
+                unchanged = torch.equal(resid, base_resid)
+                yg_abl = base_abl[direction] if unchanged else _late(pair, resid, passes, t, tokens, ablate)
+                if direction == "rescue":
+                    total, total_abl = y_graft[direction, name] - y_pi_t, yg_abl - base_abl[direction]
+                else:
+                    total, total_abl = y["it", "it"] - y_graft[direction, name], base_abl[direction] - yg_abl
                 add((f"{direction}_graft", name, kind, s, "mediated"), total - total_abl)
+        alpha0 = max(alpha0s, default=0.0)
         if alpha0 != 0.0:
             raise CrosspatchError(
                 f"rescue at alpha=0 moved Y(PT up, IT late) by up to {alpha0:.3g}: the edit is not a no-op"
@@ -311,6 +306,38 @@ def run_handoff(
         sets={key: [ranking.keys[f] for f in feats] for key, (feats, _) in runs.items()},
         unavailable=unavailable,
     )
+
+
+def _gate_and_dose(
+    pair: ModelPair,
+    passes: CleanPasses,
+    b: int,
+    tokens: torch.Tensor,
+    y: dict[tuple[str, str], torch.Tensor],
+    groups: dict,
+    acts_ii: dict[int, dict[str, torch.Tensor]],
+    ablate: dict[int, Edit],
+    dirs: dict[int, torch.Tensor] | None,
+    kind: str,
+    s: int,
+    hcfg: HandoffConfig,
+    add: Callable[[tuple, torch.Tensor], None],
+    alpha0s: list[float],
+) -> None:
+    """One set's gate drops and rescue gains over alpha at the late boundary b (per-event values via `add`)."""
+    drop_ii = y["it", "it"] - it_late_margin(pair, "it", passes, b, tokens, ablate)  # [batch]
+    drop_pi = y["pt", "it"] - it_late_margin(pair, "pt", passes, b, tokens, ablate)  # [batch]
+    add(("gate", None, kind, s, "drop_itup"), drop_ii)
+    add(("gate", None, kind, s, "drop_ptup"), drop_pi)
+    add(("gate", None, kind, s, "gate"), drop_ii - drop_pi)
+    for alpha in hcfg.alphas:
+        if alpha == 0.0 and kind != "topk":
+            continue  # alpha 0 is the exactness check, run once on the top set
+        edits = {L: _rescue_edit(groups, acts_ii, alpha, dirs) for L in groups}
+        gain = it_late_margin(pair, "pt", passes, b, tokens, edits) - y["pt", "it"]  # [batch]
+        if alpha == 0.0:
+            alpha0s.append(float(gain.abs().max()))
+        add(("dose", alpha, kind, s, "rescue_gain"), gain)
 
 
 def _mean_ci(x: np.ndarray, cfg: MediationConfig) -> tuple[float | None, float | None, float | None]:
@@ -381,11 +408,12 @@ def _table(
     support = interaction > hcfg.gate_min_interaction  # [n_events]
     n_all = len(interaction)
     kinds = ["topk", *CONTROL_KINDS]
+    gate_kinds = [kd for kd in kinds if kd not in GRAFT_ONLY]
     # gate on its own support
     row("gate", None, "none", "interaction", _mean_ci(interaction[support], cfg), int(support.sum()), None)
     row("gate", None, "none", "support_fraction", (float(support.mean()), None, None), n_all, None)
     top_gate = values("gate", None, "topk", "gate")
-    for kind in kinds:
+    for kind in gate_kinds:
         if kind in unavailable:
             for stat in ("gate", "drop_itup", "drop_ptup", "gate_excess"):
                 row("gate", None, kind, stat, (None, None, None), 0)
@@ -402,7 +430,7 @@ def _table(
     ratio_ok = not (missing_stats[1] <= 0.0 <= missing_stats[2])  # type: ignore[operator]
     for alpha in hcfg.alphas:
         top_gain = values("dose", alpha, "topk", "rescue_gain")
-        for kind in kinds if alpha != 0.0 else ["topk"]:
+        for kind in gate_kinds if alpha != 0.0 else ["topk"]:
             if kind in unavailable:
                 for stat in ("rescue_gain", "rescue_fraction", "gain_excess"):
                     row("dose", alpha, kind, stat, (None, None, None), 0)

@@ -24,7 +24,7 @@ from crosspatch.engine.organisms.tokenizer import build_tokenizer
 from crosspatch.engine.pairs import ModelPair, load_pair
 from crosspatch.engine.prompts import load_prompts
 
-N_EVENTS = 24  # a subsample keeps the run to a few seconds; every quantity below is large or exact
+N_EVENTS = 16  # a subsample keeps the run to a few seconds; every quantity below is large or exact
 
 
 def _setup(name: str):
@@ -118,16 +118,23 @@ def test_handoff_chain_on_the_mediated_organism(name):
     # handoff: the early window (IT's block 0 writes u) hands the effect off through the planted latents,
     # in both directions; the windows above block 0 change nothing (IT = PT there): no finite denominator
     for analysis in ("rescue_graft", "degrade_graft"):
-        early = _one(t, analysis=analysis, window_name="early", set_kind="topk", statistic="mediated_fraction")
+        early = _one(
+            t, analysis=analysis, window_name="early", set_kind="topk", statistic="mediated_fraction"
+        )
         assert early["effect"] > 0.9 and early["n"] == len(res.test_ids)
         for kind in ("matched_random", "same_delta_random", "top_active_noncausal"):
-            excess = _one(t, analysis=analysis, window_name="early", set_kind=kind, statistic="mediated_excess")
+            excess = _one(
+                t, analysis=analysis, window_name="early", set_kind=kind, statistic="mediated_excess"
+            )
             assert excess["ci_low"] > 5.0
         for window in ("mid", "late_preterminal", "midlate_preterminal"):
             assert (
-                _one(t, analysis=analysis, window_name=window, set_kind="none", statistic="total")["effect"] == 0.0
+                _one(t, analysis=analysis, window_name=window, set_kind="none", statistic="total")["effect"]
+                == 0.0
             )
-            frac = _one(t, analysis=analysis, window_name=window, set_kind="topk", statistic="mediated_fraction")
+            frac = _one(
+                t, analysis=analysis, window_name=window, set_kind="topk", statistic="mediated_fraction"
+            )
             assert frac["effect"] is None and frac["n"] == 0
         entry = _one(t, analysis=analysis, window_name="terminal_entry", set_kind="none", statistic="total")
         assert entry["window_stop"] == 4 and entry["effect"] > 10.0
@@ -138,20 +145,29 @@ def test_a_window_that_does_not_write_the_features_mediates_nothing():
     _, events, d = _setup("llama_mediated")
     con = cons.make_construction("mediated", "llama", 0)
     push = [
-        cons.Neuron(2, j, gate={cons.CONST: 2.0}, up={cons.C[j]: 1.0}, down={cons.K[j]: 0.6})
+        cons.Neuron(2, j, gate={cons.CONST: 2.0}, up={cons.C[j]: 1.0}, down={cons.K[j]: 0.15})
         for j in range(cons.N_CLASSES)
     ]  # block 2 (the mid window): an always-on push toward t_IT that no planted latent reads
     pt, it = cons.build_models(con, con.it_neurons + push)
     variant = ModelPair.from_models(pt, it, build_tokenizer(), family="llama", pair_id="mediated_mid_push")
-    res = mediate(variant, events, [d], _cfg(alphas=(0.0, 1.0), windows={"early": (0, 2), "mid": (2, 4)}))
+    res = mediate(variant, events, [d], _cfg(alphas=(0.0,), windows={"mid": (2, 4)}))
     t = res.handoff.table
-    for analysis in ("rescue_graft", "degrade_graft"):
-        mid_total = _one(t, analysis=analysis, window_name="mid", set_kind="none", statistic="total")
-        assert mid_total["ci_low"] > 1.0  # the push moves the margin ...
-        mid = _one(t, analysis=analysis, window_name="mid", set_kind="topk", statistic="mediated_fraction")
-        assert abs(mid["effect"]) < 0.05 and mid["n"] == len(res.test_ids)  # ... not through the features
-        early = _one(t, analysis=analysis, window_name="early", set_kind="topk", statistic="mediated_fraction")
-        assert early["effect"] > 0.9
+    # rescue: IT's block-2 MLP on PT's upstream moves the margin, but without u no planted latent fires
+    total = _one(t, analysis="rescue_graft", window_name="mid", set_kind="none", statistic="total")
+    assert total["ci_low"] > 0.5
+    mid = _one(t, analysis="rescue_graft", window_name="mid", set_kind="topk", statistic="mediated_fraction")
+    assert abs(mid["effect"]) < 1e-6 and mid["n"] == len(res.test_ids)
+    # degradation is not as clean: removing the push from IT's own pass also rescales the residual the
+    # planted latents read (RMSNorm), so part of its change runs through them; the terminal entry, where
+    # u itself is swapped, goes through them almost entirely
+    entry = _one(
+        t,
+        analysis="degrade_graft",
+        window_name="terminal_entry",
+        set_kind="topk",
+        statistic="mediated_fraction",
+    )
+    assert entry["effect"] > 0.8
 
 
 def test_windows_and_bad_inputs():
