@@ -22,8 +22,9 @@ Method (paper §5, as docs/method.md states it), on dictionaries at IT final-MLP
   covers 0: a share of nothing is not a number.
 - **Per-feature held-out drops**: the first `n_single_features` features of the largest set are ablated one at
   a time on the test split (`ablate_single` rows, with CIs), the causal evidence top-features reports.
-- The paper's "gate" statistic drop(II) - drop(PI) (§5.4) is not reported: under IT-late-only ablation it
-  equals the interaction drop on the same events, and the paper's separate event support is not specified.
+- The paper's "gate" statistic drop(II) - drop(PI) (§5.4) equals the interaction drop on the same events under
+  IT-late-only ablation; `engine/handoff.py` (`MediationConfig.handoff`) reports it on its own support, with the
+  rescue dose-response and the MLP-window handoff (§5.5).
 """
 
 from __future__ import annotations

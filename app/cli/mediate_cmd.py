@@ -74,7 +74,6 @@ def mediate(
     from crosspatch.saes.load import resolve_dictionary
     from crosspatch.saes.quality import require_gate
 
-    pt, it, prompts, organism = _resolve_pair_args(pt, it, pair, prompts)
     handoff_cfg = None
     if handoff:
         try:
@@ -82,6 +81,7 @@ def mediate(
             handoff_cfg.validate()
         except (ValueError, CrosspatchError) as e:
             raise typer.BadParameter(f"--alphas {alphas!r}: {e}") from None
+    pt, it, prompts, organism = _resolve_pair_args(pt, it, pair, prompts)
     t0 = time.perf_counter()
     dicts, gates = [], []
     for ref in dictionary:

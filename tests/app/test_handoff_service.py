@@ -119,3 +119,20 @@ def test_feature_upstream_by_hand_balanced_rows_ingest_route_and_figures(tmp_pat
             assert c.get("/features/upstream", params={"split": "train"}).status_code == 422
     finally:
         server.stop()
+
+
+def test_handoff_options_refuse_a_grid_without_zero(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from helpers import run_cli
+    from pydantic import ValidationError
+
+    from crosspatch.app.schemas.jobs import MediationOptions
+
+    assert MediationOptions(handoff=True).handoff_alphas == [0.0, 0.5, 1.0, 1.5, 2.0]
+    with pytest.raises(ValidationError, match="must include 0"):
+        MediationOptions(handoff=True, handoff_alphas=[0.5, 1.0])
+    code, _, err = run_cli(
+        capsys, "mediate", "--dict", "x", "--out", str(tmp_path), "--handoff", "--alphas", "0.5,1"
+    )
+    assert code == 2 and "must include 0" in err
