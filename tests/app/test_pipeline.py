@@ -260,7 +260,9 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
     # the handoff through the service: the SAE's top set carries the upstream-dependent effect, IT's block 0
     # (the early window writes u) hands it off through them, and they fire more under IT upstream
     pair_rows = {
-        (r["analysis"], r["window_name"], r["alpha"], r["set_kind"], r["statistic"]): r for r in handoff
+        (r["analysis"], r["window_name"], r["alpha"], r["set_kind"], r["statistic"]): r
+        for r in handoff
+        if r["level"] == "pair"
     }
     assert pair_rows[("gate", None, None, "topk", "gate")]["effect"] > 5.0
     assert pair_rows[("dose", None, 0.0, "topk", "alpha0_max_abs_diff")]["effect"] == 0.0
