@@ -327,7 +327,7 @@ def format_handoff(table: pa.Table) -> str:
         hits = [r for r in rows if all(r[k] == v for k, v in where.items())]
         return hits[0] if hits else None
 
-    controls = ("matched_random", "same_delta_random", "top_active_noncausal")
+    controls = ("matched_random", "top_active_noncausal")  # the gate's controls (same-delta: grafts only)
     lines = ["handoff chain (method §5.4-5.5), held-out events:"]
     gate = get(analysis="gate", set_kind="topk", statistic="gate")
     support = get(analysis="gate", statistic="support_fraction")
@@ -351,8 +351,11 @@ def format_handoff(table: pa.Table) -> str:
                 w = r["window_name"]
                 med = get(analysis=analysis, window_name=w, set_kind="topk", statistic="mediated")
                 frac = get(analysis=analysis, window_name=w, set_kind="topk", statistic="mediated_fraction")
+                shown = _ci_or_dash(frac, pct=True)
+                if frac is not None and frac["n"] == 0 and frac["effect"] is None:
+                    shown = "n/a (no finite denominator)"
                 lines.append(
                     f"    {analysis.split('_')[0]:<8} {w:<20} {_ci_or_dash(r)}  {_ci_or_dash(med)}  "
-                    f"{_ci_or_dash(frac, pct=True)} (n={frac['n'] if frac else 0})"
+                    f"{shown} (n={frac['n'] if frac else 0})"
                 )
     return "\n".join(lines)

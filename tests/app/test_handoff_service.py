@@ -11,6 +11,7 @@ import pytest
 from crosspatch.app.services.plots import write_figures
 from crosspatch.app.store.duckdb import ResultsStore
 from crosspatch.engine.handoff import feature_upstream_table, handoff_balanced
+from crosspatch.engine.report import format_handoff
 from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, HANDOFF_SCHEMA
 from crosspatch.engine.stats import Z95
 
@@ -88,6 +89,10 @@ def test_feature_upstream_by_hand_balanced_rows_ingest_route_and_figures(tmp_pat
     half = Z95 * ((0.2 / Z95) ** 2 + (0.4 / Z95) ** 2) ** 0.5 / 2
     assert fam[0]["effect"] == 2.0 and fam[0]["ci_high"] == pytest.approx(2.0 + half) and fam[0]["n"] == 20
     assert bal[0]["effect"] == 2.0 and bal[0]["family"] is None and bal[0]["alpha"] == 1.0
+
+    # the CLI's text: the early window's total and mediated change
+    text = format_handoff(table)
+    assert "rescue   early                +2.000 [+1.900, +2.100]  +1.900 [+1.800, +2.000]" in text
 
     # figures from the handoff table
     written = {p.name for p in write_figures({"handoff": table}, tmp_path / "fig")}
