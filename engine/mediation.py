@@ -22,8 +22,9 @@ Method (paper §5, as docs/method.md states it), on dictionaries at IT final-MLP
   covers 0: a share of nothing is not a number.
 - **Per-feature held-out drops**: the first `n_single_features` features of the largest set are ablated one at
   a time on the test split (`ablate_single` rows, with CIs), the causal evidence top-features reports.
-- The paper's "gate" statistic drop(II) - drop(PI) (§5.4) is not reported: under IT-late-only ablation it
-  equals the interaction drop on the same events, and the paper's separate event support is not specified.
+- The paper's "gate" statistic drop(II) - drop(PI) (§5.4) equals the interaction drop on the same events under
+  IT-late-only ablation; `engine/handoff.py` (`MediationConfig.handoff`) reports it on its own support, with the
+  rescue dose-response and the MLP-window handoff (§5.5).
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ class MediationConfig:
     # an explicit (dictionary id, latent) set to test instead of top-k
     features: tuple[tuple[str, int], ...] | None = None
     allow_failed_gate: bool = False  # use trained dictionaries below the quality gate (engine/guards.py)
+    handoff: Any = (
+        None  # an engine.handoff.HandoffConfig: also run gate, dose-response and grafts (off: None)
+    )
 
     def validate(self, dictionaries: Sequence[FeatureDictionary], pair: ModelPair) -> None:
         if not dictionaries:
@@ -464,6 +468,7 @@ class MediationResult:
     controls: dict[str, Any] = field(default_factory=dict)  # per control: seeds, status per size, pool
     # causal gate checks {name, value, threshold, passed, k, detail}
     checks: list[dict] = field(default_factory=list)
+    handoff: Any = None  # engine.handoff.HandoffResult when `MediationConfig.handoff` is set
 
     def checks_table(self, pair: ModelPair) -> pa.Table:
         """The causal checks as GATE_CHECKS_SCHEMA rows, one per dictionary of the run."""
@@ -625,6 +630,11 @@ def mediate(
         status.get(top_k) if top_k else None,
     )
     effects = effects_table(pair, dictionaries, per_event, base, ranking, cfg, status)
+    handoff = None
+    if cfg.handoff is not None and largest:
+        from crosspatch.engine.handoff import run_handoff  # imports this module
+
+        handoff = run_handoff(pair, test, dictionaries, ranking, largest, cfg, cfg.handoff, on_progress)
     acts = pa.concat_tables([FEATURE_ACTS_SCHEMA.empty_table(), *ranking.acts, *test_acts])
     return MediationResult(
         effects=effects,
@@ -653,6 +663,7 @@ def mediate(
             "same_delta_random": {"seeds": {k: [7919 * k + s for s in seeds] for k in chosen}},
         },
         checks=checks,
+        handoff=handoff,
     )
 
 

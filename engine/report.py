@@ -317,3 +317,45 @@ def format_continuation(summary: pa.Table) -> str:
         count = (full or tail)["n_events"]
         lines.append(f"{pair_id:<24} {variant:<14} {n:>3} {main:<28} {fmt:<28} {count:>5}")
     return "\n".join(lines)
+
+
+def format_handoff(table: pa.Table) -> str:
+    """The handoff chain (engine.handoff) of one pair: gate vs controls, dose-response, window grafts."""
+    rows = [r for r in table.to_pylist() if r["level"] == "pair"]
+
+    def get(**where: object) -> dict | None:
+        hits = [r for r in rows if all(r[k] == v for k, v in where.items())]
+        return hits[0] if hits else None
+
+    controls = ("matched_random", "top_active_noncausal")  # the gate's controls (same-delta: grafts only)
+    lines = ["handoff chain (method §5.4-5.5), held-out events:"]
+    gate = get(analysis="gate", set_kind="topk", statistic="gate")
+    support = get(analysis="gate", statistic="support_fraction")
+    share = f", {support['effect']:.0%} of all" if support and support["effect"] is not None else ""
+    lines.append(
+        f"  gate drop(IT up) - drop(PT up): {_ci_or_dash(gate)}  (support {gate['n'] if gate else 0} events{share})"
+    )
+    for kind in controls:
+        lines.append(
+            f"    minus {kind}: {_ci_or_dash(get(analysis='gate', set_kind=kind, statistic='gate_excess'))}"
+        )
+    lines.append("  rescue dose-response (PT up, IT late):  alpha  gain  fraction")
+    for r in rows:
+        if r["analysis"] == "dose" and r["set_kind"] == "topk" and r["statistic"] == "rescue_gain":
+            frac = get(analysis="dose", alpha=r["alpha"], set_kind="topk", statistic="rescue_fraction")
+            lines.append(f"    {r['alpha']:>5g}  {_ci_or_dash(r)}  {_ci_or_dash(frac, pct=True)}")
+    lines.append("  MLP-window grafts: window  total  mediated  mediated fraction (n finite)")
+    for analysis in ("rescue_graft", "degrade_graft"):
+        for r in rows:
+            if r["analysis"] == analysis and r["statistic"] == "total":
+                w = r["window_name"]
+                med = get(analysis=analysis, window_name=w, set_kind="topk", statistic="mediated")
+                frac = get(analysis=analysis, window_name=w, set_kind="topk", statistic="mediated_fraction")
+                shown = _ci_or_dash(frac, pct=True)
+                if frac is not None and frac["n"] == 0 and frac["effect"] is None:
+                    shown = "n/a (no finite denominator)"
+                lines.append(
+                    f"    {analysis.split('_')[0]:<8} {w:<20} {_ci_or_dash(r)}  {_ci_or_dash(med)}  "
+                    f"{shown} (n={frac['n'] if frac else 0})"
+                )
+    return "\n".join(lines)

@@ -478,6 +478,66 @@ CONTROL_TABLE_DOCS |= {
 }
 TABLE_DOCS.update(CONTROL_TABLE_DOCS)
 
+# the handoff chain (docs/method.md §5.4, §5.5; engine/handoff.py)
+TABLE_DOCS.update(
+    {
+        "handoff": (
+            "One row per level x analysis x window-or-alpha x feature set x statistic: the upstream-dependent "
+            "gate, the rescue dose-response and MLP-window handoff grafts for mediation's selected top set, "
+            "with its controls (engine/handoff.py; held-out events; 95% percentile bootstrap CIs on pair "
+            "rows, normal-approximation CIs on family and balanced rows).",
+            {
+                "family": _EVENT_KEY["family"] + "; null on balanced rows",
+                "pair_id": _EVENT_KEY["pair_id"] + "; null on family / balanced rows",
+                "dictionary_id": "comma-joined ids of the run's dictionaries; null on family / balanced rows",
+                "level": "'pair', 'family' (unweighted mean of its pairs) or 'balanced' (of families)",
+                "analysis": "gate (drop(IT up) - drop(PT up) on the support), dose (rescue at alpha), "
+                "rescue_graft (from (PT up, IT late), donor IT MLPs), degrade_graft (from (IT up, IT late), "
+                "donor PT MLPs)",
+                "window_name": "graft window: early, mid, late_preterminal, midlate_preterminal or terminal_entry "
+                "(the whole residual entering the terminal boundary swapped); null for gate / dose",
+                "window_start": "first grafted MLP block (inclusive); null for terminal_entry",
+                "window_stop": "grafted blocks end here (exclusive); terminal_entry: the terminal boundary",
+                "boundary": "gate / dose: the late boundary b; grafts: the terminal boundary (first "
+                "dictionary layer); null on family / balanced rows",
+                "alpha": "dose only: the fraction of the way from the PT-up to the IT-up activations",
+                "set_kind": "topk (mediation's largest selected set), matched_random, same_delta_random, "
+                "top_active_noncausal (most active latents with no positive fit score), none (baselines)",
+                "k": "the selected set's size (controls have the same size); null on family / balanced rows",
+                "statistic": "gate: gate, drop_itup, drop_ptup, gate_excess (top set - control), interaction "
+                "(on the support), support_fraction; dose: rescue_gain, rescue_fraction (ratio of means; null "
+                "when the missing margin's CI covers 0), gain_excess, missing_margin, alpha0_max_abs_diff "
+                "(must be 0); grafts: total (margin change), mediated (the part removed by ablating the set "
+                "in both passes), mediated_fraction (per prompt, |total| > min_denominator only), "
+                "mediated_excess",
+                "effect": "the estimate; null for an unavailable control or no finite denominator",
+                "ci_low": "lower end of the 95% CI",
+                "ci_high": "upper end of the 95% CI",
+                "n": "events behind the estimate (the support for gate rows, finite denominators for "
+                "mediated_fraction); 0 when unavailable",
+            },
+        ),
+        "feature_upstream": (
+            "One row per pair x dictionary x latent x split: the latent's mean activation in the IT late "
+            "stack under IT vs PT upstream state, and their paired difference (is it driven by upstream?).",
+            {
+                "family": _EVENT_KEY["family"],
+                "pair_id": _EVENT_KEY["pair_id"],
+                "dictionary_id": "the dictionary (registry id or path)",
+                "layer": "the layer whose MLP output the dictionary reads",
+                "latent": "latent index in the dictionary (latents that fired at least once)",
+                "split": "'test' (held out from ranking) or 'fit'",
+                "mean_act_itup": "mean activation in (IT upstream, IT late), inactive events counted as 0",
+                "mean_act_ptup": "mean activation in (PT upstream, IT late), inactive events counted as 0",
+                "diff": "mean paired difference act_itup - act_ptup",
+                "ci_low": "lower end of the normal-approximation 95% CI of diff",
+                "ci_high": "upper end of that CI",
+                "n": "events of the split",
+            },
+        ),
+    }
+)
+
 DESCRIPTION = b"description"
 
 

@@ -303,3 +303,44 @@ LORA_CONTROL_SCHEMA = pa.schema(
         ("n_events", pa.int64()),
     ]
 )
+
+# handoff (engine.handoff; method §5.4, §5.5): one row per level x analysis x window-or-alpha x set x statistic.
+HANDOFF_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),  # null on balanced rows
+        ("pair_id", pa.string()),  # null on family / balanced rows
+        ("dictionary_id", pa.string()),  # comma-joined ids of the run's dictionaries
+        ("level", pa.string()),  # 'pair', 'family' or 'balanced' (engine.stats conventions)
+        ("analysis", pa.string()),  # gate, dose, rescue_graft, degrade_graft
+        ("window_name", pa.string()),  # graft window name (early, mid, ...); null for gate / dose
+        ("window_start", pa.int32()),  # first grafted block (inclusive); null for terminal_entry
+        ("window_stop", pa.int32()),  # last grafted block + 1 (exclusive)
+        ("boundary", pa.int32()),  # gate / dose: the late boundary b; grafts: the terminal boundary
+        ("alpha", pa.float64()),  # dose only
+        ("set_kind", pa.string()),  # topk, matched_random, same_delta_random, top_active_noncausal, none
+        ("k", pa.int32()),  # set size (the selected top set's real size); null on family / balanced rows
+        ("statistic", pa.string()),  # see engine/result_docs.py
+        ("effect", pa.float64()),  # null: unavailable control, no finite denominator
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n", pa.int64()),  # events behind the estimate (0: unavailable)
+    ]
+)
+
+# feature_upstream (engine.handoff.feature_upstream_table): one row per dictionary x latent.
+FEATURE_UPSTREAM_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("dictionary_id", pa.string()),
+        ("layer", pa.int32()),
+        ("latent", pa.int64()),
+        ("split", pa.string()),  # the events summarised ('test': held out from ranking)
+        ("mean_act_itup", pa.float64()),  # mean activation in (IT up, IT late), zeros included
+        ("mean_act_ptup", pa.float64()),  # mean activation in (PT up, IT late), zeros included
+        ("diff", pa.float64()),  # mean paired difference act_itup - act_ptup
+        ("ci_low", pa.float64()),  # normal-approximation 95% CI of the paired difference
+        ("ci_high", pa.float64()),
+        ("n", pa.int64()),  # events of the split (a latent inactive in both cells counts as 0, 0)
+    ]
+)

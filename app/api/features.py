@@ -42,6 +42,22 @@ def top_features(
     )
 
 
+@router.get("/upstream", response_model=Rows)
+def feature_upstream(
+    results: ResultsDep,
+    _user: CurrentUser,
+    family: Family = None,
+    dictionary_id: Annotated[Name | None, Query()] = None,
+    pair_id: Annotated[Name | None, Query(description="Only this pair.")] = None,
+    split: Literal["test", "fit"] = "test",
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> Rows:
+    """Latents by how much IT upstream state drives them: mean activation IT-up vs PT-up, paired diff with CI."""
+    return service.feature_upstream(
+        results, family=family, dictionary_id=dictionary_id, pair_id=pair_id, split=split, limit=limit
+    )
+
+
 @router.get("/curve", response_model=Rows)
 def ablation_curve(
     results: ResultsDep,

@@ -20,6 +20,8 @@ Table = Literal[
     "feature_acts",
     "feature_effects",
     "gate_checks",
+    "handoff",
+    "feature_upstream",
     "forced_tokens",
     "forced_summaries",
     "continuation",

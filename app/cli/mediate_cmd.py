@@ -41,6 +41,15 @@ def mediate(
         int, typer.Option(min=1, help="Matched-random candidates per feature (nearest by rate x |score|).")
     ] = 50,
     allow_failed_gate: Annotated[bool, typer.Option(help="Use dictionaries below the quality gate.")] = False,
+    handoff: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the handoff chain (method §5.4-5.5): gate, rescue dose-response, MLP-window grafts."
+        ),
+    ] = False,
+    alphas: Annotated[str, typer.Option(help="Comma list: the rescue dose-response grid (with 0).")] = (
+        "0,0.5,1,1.5,2"
+    ),
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (accelerate device map).")] = "cpu",
@@ -55,14 +64,23 @@ def mediate(
     ] = False,
 ) -> None:
     """Rank final-layer features by attribution, ablate / rescue the top-k with controls, print effects."""
+    from crosspatch.engine.errors import CrosspatchError
+    from crosspatch.engine.handoff import HandoffConfig, feature_upstream_table
     from crosspatch.engine.mediation import BranchView, MediationConfig
     from crosspatch.engine.mediation import mediate as run_mediation
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import load_prompts
-    from crosspatch.engine.report import format_checks, format_effects
+    from crosspatch.engine.report import format_checks, format_effects, format_handoff
     from crosspatch.saes.load import resolve_dictionary
     from crosspatch.saes.quality import require_gate
 
+    handoff_cfg = None
+    if handoff:
+        try:
+            handoff_cfg = HandoffConfig(alphas=tuple(float(a) for a in alphas.split(",") if a.strip()))
+            handoff_cfg.validate()
+        except (ValueError, CrosspatchError) as e:
+            raise typer.BadParameter(f"--alphas {alphas!r}: {e}") from None
     pt, it, prompts, organism = _resolve_pair_args(pt, it, pair, prompts)
     t0 = time.perf_counter()
     dicts, gates = [], []
@@ -85,6 +103,7 @@ def mediate(
         neighbours=neighbours,
         batch_size=batch_size,
         allow_failed_gate=allow_failed_gate,
+        handoff=handoff_cfg,
     )
     with progress_bar("mediation") as bar:
         steps = [0]
@@ -97,7 +116,15 @@ def mediate(
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.effects, out / "feature_effects.parquet")
     pq.write_table(result.feature_acts, out / "feature_acts.parquet")
+    n_events = {
+        (model_pair.pair_id, "fit"): len(result.fit_ids),
+        (model_pair.pair_id, "test"): len(result.test_ids),
+    }
+    pq.write_table(feature_upstream_table(result.feature_acts, n_events), out / "feature_upstream.parquet")
     typer.echo(format_effects(result.effects, limit))
+    if result.handoff is not None:
+        pq.write_table(result.handoff.table, out / "handoff.parquet")
+        typer.echo(format_handoff(result.handoff.table))
     for lab in result.k_labels:
         if lab["size"] != lab["requested"]:
             typer.echo(
@@ -112,5 +139,6 @@ def mediate(
                 "used by override, recorded in its crosspatch_meta.json"
             )
     typer.echo(
-        f"\nwrote {out}/feature_effects.parquet and feature_acts.parquet in {time.perf_counter() - t0:.1f}s"
+        f"\nwrote {out}/feature_effects.parquet, feature_acts.parquet, feature_upstream.parquet"
+        f"{', handoff.parquet' if result.handoff is not None else ''} in {time.perf_counter() - t0:.1f}s"
     )

@@ -69,7 +69,7 @@ JOB_CREATE_EXAMPLES: dict[str, dict[str, Any]] = {
                 "pair_id": "gemma3-1b",
                 "dictionary_id": "gemma3-1b-it-l25-16k",
                 "prompt_file": "prompts/chat-300.jsonl",
-                "mediation": {"top_k": 200, "ks": [25, 50, 100, 200]},
+                "mediation": {"top_k": 200, "ks": [25, 50, 100, 200], "handoff": True},
             }
         },
     },

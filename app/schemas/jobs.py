@@ -198,6 +198,17 @@ class MediationOptions(_Spec):
         description="Matched-random candidates per feature (nearest by rate x |score|).",
     )
     allow_failed_gate: bool = Field(default=False, description="Use a dictionary below the quality gate.")
+    handoff: bool = Field(
+        default=False,
+        description="Also run the handoff chain (method §5.4-5.5): upstream-dependent gate, rescue "
+        "dose-response over handoff_alphas and MLP-window grafts, each with controls (about 3x mediation).",
+    )
+    handoff_alphas: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0],
+        min_length=1,
+        max_length=16,
+        description="Rescue dose-response grid; must include 0 (checked to reproduce the unedited cell).",
+    )
 
     @model_validator(mode="after")
     def _ks(self) -> MediationOptions:
@@ -205,6 +216,8 @@ class MediationOptions(_Spec):
             self.ks = [k for k in DEFAULT_KS if k < self.top_k] + [self.top_k]
         if any(k < 1 for k in self.ks):
             raise ValueError("every k must be >= 1")
+        if 0.0 not in self.handoff_alphas or any(not -10.0 <= a <= 10.0 for a in self.handoff_alphas):
+            raise ValueError("handoff_alphas must include 0 and lie in [-10, 10]")
         too_big = [k for k in self.ks if k > self.top_k]
         if too_big:
             raise ValueError(f"ks {too_big} exceed top_k={self.top_k}; every k must be <= top_k")

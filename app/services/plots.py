@@ -10,6 +10,8 @@
     interpolation.png           per pair: the off-manifold contrast C(a) over the PT->IT interpolation grid
     baselines.png               per pair: interaction by selection condition (first divergence, random, ...)
     lineage.png                 per lineage job: interaction of each stage on the fixed support
+    handoff_dose.png            per pair: rescue fraction over alpha, top set and controls (method §5.5)
+    handoff_windows.png         per pair: MLP-window grafts, total vs mediated margin change (method §5.5)
 
 Each `plot_*` takes a results table (schemas in `engine.results`) and a path, draws with matplotlib's
 object API on an Agg canvas (no display, no pyplot global state, so safe on the service's background
@@ -420,6 +422,85 @@ def plot_closure(closure: pa.Table, path: Path, *, alpha: float = 1.0) -> Path |
     return _save(fig, path)
 
 
+def _pair_rows(handoff: pa.Table, **equal: Any) -> list[dict[str, Any]]:
+    return [r for r in _rows(handoff, level="pair", **equal) if r["effect"] is not None]
+
+
+def plot_handoff_dose(handoff: pa.Table, path: Path) -> Path | None:
+    """Per pair: rescue fraction over alpha for the top set and its controls (band: 95% CI)."""
+    rows = _pair_rows(handoff, analysis="dose", statistic="rescue_fraction")
+    pairs = sorted({r["pair_id"] for r in rows})
+    if not pairs:
+        return None
+    fig = _new_figure(6, 3.0 * len(pairs) + 0.4)
+    axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+    for ax, pair_id in zip(axes, pairs, strict=True):
+        mine = [r for r in rows if r["pair_id"] == pair_id]
+        for kind in sorted({r["set_kind"] for r in mine}):
+            curve = sorted((r for r in mine if r["set_kind"] == kind), key=lambda r: r["alpha"])
+            xs = [r["alpha"] for r in curve]
+            (line,) = ax.plot(xs, [r["effect"] for r in curve], marker="o", markersize=3, label=kind)
+            lo = [r["ci_low"] if r["ci_low"] is not None else r["effect"] for r in curve]
+            hi = [r["ci_high"] if r["ci_high"] is not None else r["effect"] for r in curve]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.axhline(1, color="k", linewidth=0.6, linestyle=":")
+        ax.set_xlabel("alpha (PT-up -> IT-up feature activations)")
+        ax.set_ylabel("rescue fraction")
+        ax.set_title(f"{pair_id}: rescue dose-response (band: 95% CI)", fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_handoff_windows(handoff: pa.Table, path: Path) -> Path | None:
+    """Per pair and direction: total vs mediated (top set) margin change for each graft window, 95% CI."""
+    panels = [
+        (pair_id, analysis)
+        for pair_id in sorted({r["pair_id"] for r in _pair_rows(handoff)})
+        for analysis in ("rescue_graft", "degrade_graft")
+        if _pair_rows(handoff, pair_id=pair_id, analysis=analysis)
+    ]
+    if not panels:
+        return None
+    fig = _new_figure(7, 2.8 * len(panels) + 0.4)
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (pair_id, analysis) in zip(axes, panels, strict=True):
+        total = {
+            r["window_name"]: r
+            for r in _pair_rows(handoff, pair_id=pair_id, analysis=analysis, statistic="total")
+        }
+        med = {
+            r["window_name"]: r
+            for r in _pair_rows(
+                handoff, pair_id=pair_id, analysis=analysis, set_kind="topk", statistic="mediated"
+            )
+        }
+        windows = [w for w in total if w in med]
+        xs = list(range(len(windows)))
+        for offset, (label, data) in zip(
+            (-0.2, 0.2), (("total", total), ("mediated (top set)", med)), strict=True
+        ):
+            vals = [data[w]["effect"] for w in windows]
+            err = [
+                [
+                    v - (data[w]["ci_low"] if data[w]["ci_low"] is not None else v)
+                    for v, w in zip(vals, windows, strict=True)
+                ],
+                [
+                    (data[w]["ci_high"] if data[w]["ci_high"] is not None else v) - v
+                    for v, w in zip(vals, windows, strict=True)
+                ],
+            ]
+            ax.bar([x + offset for x in xs], vals, width=0.4, yerr=err, capsize=2, label=label)
+        ax.set_xticks(xs, windows, fontsize=7)
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.set_ylabel("margin change")
+        ax.set_title(f"{pair_id}: {analysis.replace('_', ' ')} (error bars: 95% CI)", fontsize=9, loc="left")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_figures(tables: dict[str, pa.Table], out_dir: Path) -> list[Path]:
     """Every figure the tables support (`summaries`, `feature_effects`, controls), as `out_dir/<name>.png`.
 
@@ -436,6 +517,8 @@ def write_figures(tables: dict[str, pa.Table], out_dir: Path) -> list[Path]:
         ("baselines", "baselines", plot_baselines),
         ("lineage", "lineage", plot_lineage),
         ("closure", "closure", plot_closure),
+        ("handoff_dose", "handoff", plot_handoff_dose),
+        ("handoff_windows", "handoff", plot_handoff_windows),
     ]
     written = []
     for name, table, plot in plan:
@@ -466,6 +549,7 @@ def write_job_figures(results: ResultsStore, data_dir: Path, job_id: uuid.UUID |
                 "baselines",
                 "lineage",
                 "closure",
+                "handoff",
             )
         }
         return write_figures(tables, figures_dir(data_dir, job_id))

@@ -64,6 +64,10 @@ def feature(results: ResultsStore, dictionary_id: str, latent: int, family: str 
     )
 
 
+def feature_upstream(results: ResultsStore, **filters: Any) -> Rows:
+    return to_rows("feature_upstream", results.query("feature_upstream", **filters))
+
+
 def ablation_curve(results: ResultsStore, family: str | None, statistic: str) -> Rows:
     return to_rows("ablation_curve", results.query("ablation_curve", family=family, statistic=statistic))
 

@@ -209,6 +209,8 @@ class ResultsStore:
             "feature_acts": "prompt_id, dictionary_id, latent",
             "feature_effects": "family, dictionary_id, intervention, latent",
             "gate_checks": "family, dictionary_id, check_name",
+            "handoff": "level, pair_id, analysis, window_name, alpha, set_kind, statistic",
+            "feature_upstream": "pair_id, dictionary_id, latent, split",
             "forced_tokens": "pair_id, prompt_id, branch",
             "forced_summaries": "level, pair_id, category, statistic, view",
             "continuation": "pair_id, prompt_id, variant, n",

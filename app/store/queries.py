@@ -166,7 +166,29 @@ def compare_families(
     return _run(cur, sql, [readout, subset, boundary, boundary, pair_id, pair_id, pair_id, pair_id, readout])
 
 
+def feature_upstream(
+    cur: duckdb.DuckDBPyConnection,
+    family: str | None = None,
+    dictionary_id: str | None = None,
+    pair_id: str | None = None,
+    split: str = "test",
+    limit: int = 100,
+) -> pa.Table:
+    """Latents driven by upstream state: mean activation IT-up vs PT-up in the IT late stack, paired diff (CI)."""
+    sql = """
+        SELECT job_id, family, pair_id, dictionary_id, layer, latent, split,
+               mean_act_itup, mean_act_ptup, diff, ci_low, ci_high, n
+        FROM feature_upstream
+        WHERE split = ? AND (? IS NULL OR family = ?) AND (? IS NULL OR dictionary_id = ?)
+          AND (? IS NULL OR pair_id = ?)
+        ORDER BY diff DESC, dictionary_id, latent, job_id
+        LIMIT ?
+    """
+    return _run(cur, sql, [split, family, family, dictionary_id, dictionary_id, pair_id, pair_id, limit])
+
+
 QUERIES = {
+    "feature_upstream": feature_upstream,
     "top_features": top_features,
     "feature_across_events": feature_across_events,
     "ablation_curve": ablation_curve,

@@ -10,6 +10,8 @@ schemas (`engine.results`) define every part table; this module adds `job_id`, p
     feature_acts     one row per event x dictionary x latent: activation under PT-up / IT-up, attribution
     feature_effects  one row per family x dictionary x latent-or-set x intervention x k: effect with CI
     gate_checks      one row per dictionary x quality-gate check a job measured: value, threshold, passed
+    handoff          one row per level x analysis (gate, dose, grafts) x window-or-alpha x set x statistic
+    feature_upstream one row per pair x dictionary x latent x split: mean act IT-up vs PT-up, paired diff (CI)
     forced_tokens    one row per event x forced branch: forced token, IT continuation text, validator, success
                      (engine.forced.FORCED_SCHEMA)
     forced_summaries one row per level x category x statistic x view: it - pt success contrast, success rates
@@ -64,9 +66,11 @@ from crosspatch.engine.results import (
     EVENTS_SCHEMA,
     FEATURE_ACTS_SCHEMA,
     FEATURE_EFFECTS_SCHEMA,
+    FEATURE_UPSTREAM_SCHEMA,
     FORCED_SCHEMA,
     FORCED_SUMMARY_SCHEMA,
     GATE_CHECKS_SCHEMA,
+    HANDOFF_SCHEMA,
     LORA_CONTROL_SCHEMA,
     SUMMARY_SCHEMA,
 )
@@ -87,6 +91,8 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
     "feature_acts": FEATURE_ACTS_SCHEMA,
     "feature_effects": FEATURE_EFFECTS_SCHEMA,
     "gate_checks": GATE_CHECKS_SCHEMA,
+    "handoff": HANDOFF_SCHEMA,  # engine.handoff (mediation / pipeline jobs with `handoff`)
+    "feature_upstream": FEATURE_UPSTREAM_SCHEMA,
     "forced_tokens": FORCED_SCHEMA,
     "forced_summaries": FORCED_SUMMARY_SCHEMA,
     "continuation": CONTINUATION_SCHEMA,

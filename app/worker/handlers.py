@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from crosspatch.app.schemas.jobs import (
     JOB_SPEC_ADAPTER,
@@ -34,6 +35,7 @@ from crosspatch.app.worker.context import JobContext
 from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
 from crosspatch.engine.divergence import DivergenceEvent, iter_divergences
 from crosspatch.engine.errors import CrosspatchError
+from crosspatch.engine.handoff import HandoffConfig, feature_upstream_table, handoff_balanced
 from crosspatch.engine.mediation import BranchView, MediationConfig
 from crosspatch.engine.mediation import mediate as run_mediation
 from crosspatch.engine.noop import noop_report
@@ -242,6 +244,7 @@ def _mediation_config(options: MediationOptions, boundary: int | None, batch_siz
         boundary=boundary,
         batch_size=batch_size,
         allow_failed_gate=options.allow_failed_gate,
+        handoff=HandoffConfig(alphas=tuple(options.handoff_alphas)) if options.handoff else None,
     )
 
 
@@ -293,6 +296,26 @@ def _mediate_pair(
     ctx.write_part(f"gate_checks.{tag}all", _gate_checks(pair, view.id, full_gate))
     ctx.write_part(f"feature_acts.{tag}all", result.feature_acts)
     ctx.write_part(f"feature_effects.{tag}all", result.effects)
+    n_events = {(pair.pair_id, "fit"): len(result.fit_ids), (pair.pair_id, "test"): len(result.test_ids)}
+    ctx.write_part(f"feature_upstream.{tag}all", feature_upstream_table(result.feature_acts, n_events))
+    if result.handoff is not None:  # pair rows; the family / balanced rows come from _handoff_balanced
+        ctx.provenance.setdefault("handoff", {})[pair.pair_id] = {
+            "windows": result.handoff.windows,
+            "boundary": result.handoff.boundary,
+            "terminal": result.handoff.terminal,
+            "alpha0_max_abs_diff": result.handoff.alpha0_max_abs_diff,
+            "unavailable": result.handoff.unavailable,
+        }
+        ctx.write_part(f"handoff.{tag}all", result.handoff.table)
+
+
+def _handoff_balanced(ctx: JobContext) -> None:
+    """Family and family-balanced handoff rows over every pair's rows (engine.stats conventions)."""
+    table = ctx.read_parts("handoff")
+    if table is not None and table.num_rows:
+        pairs = table.filter(pc.equal(table["level"], "pair"))
+        balanced = handoff_balanced(pairs)
+        ctx.write_part("handoff.balanced", balanced.filter(pc.not_equal(balanced["level"], "pair")))
 
 
 def _gate_checks(pair: ModelPair, dictionary_id: str, gate: dict) -> pa.Table:
@@ -436,6 +459,8 @@ def mediation(spec: MediationSpec, ctx: JobContext) -> None:
     ctx.write_part("events.all", events_table(events, pair.family, pair.pair_id))
     ctx.progress(0.3, "divergence done")
     _mediate_pair(pair, events, dictionary, spec.mediation, spec.boundary, spec.batch_size, ctx, "")
+    if spec.mediation.handoff:
+        _handoff_balanced(ctx)
     ctx.progress(1.0, "mediation: done")
 
 
@@ -489,6 +514,8 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
         if spec.forced_tokens or spec.continuation:
             _forced_and_continuation(pair, prompts, events, spec, ctx, tag, headline)
     _summaries(ctx, spec)
+    if spec.mediation.handoff:
+        _handoff_balanced(ctx)
     if spec.forced_tokens:
         _forced_summaries(ctx, spec)
     if spec.continuation:

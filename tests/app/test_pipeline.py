@@ -230,7 +230,13 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
                     "dictionary_id": d["id"],
                     "prompts": prompts,
                     "max_new_tokens": 16,
-                    "mediation": {"top_k": 4, "ks": [4], "neighbours": 2},
+                    "mediation": {
+                        "top_k": 4,
+                        "ks": [4],
+                        "neighbours": 2,
+                        "handoff": True,  # method §5.4-5.5 on the trained SAE's top set
+                        "handoff_alphas": [0, 1],
+                    },
                 }
             },
         )
@@ -240,6 +246,8 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
         effects = c.get(f"/jobs/{job['id']}/results/feature_effects", params={"limit": 5000}).json()["data"]
         share = next(e for e in effects if e["intervention"] == "ablate_topk" and e["statistic"] == "share")
         assert share["effect"] >= 0.8
+        handoff = c.get(f"/jobs/{job['id']}/results/handoff", params={"limit": 5000}).json()["data"]
+        upstream = c.get("/features/upstream", params={"dictionary_id": d["id"], "limit": 4}).json()["data"]
         r = c.post(
             "/jobs", json={"spec": {"kind": "load_dictionary", "pair_id": ORGANISM, "path": d["path"]}}
         )
@@ -249,3 +257,16 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
             "/jobs", json={"spec": {"kind": "load_dictionary", "pair_id": ORGANISM, "path": "/etc"}}
         )
         assert outside.status_code == 422
+    # the handoff through the service: the SAE's top set carries the upstream-dependent effect, IT's block 0
+    # (the early window writes u) hands it off through them, and they fire more under IT upstream
+    pair_rows = {
+        (r["analysis"], r["window_name"], r["alpha"], r["set_kind"], r["statistic"]): r
+        for r in handoff
+        if r["level"] == "pair"
+    }
+    assert pair_rows[("gate", None, None, "topk", "gate")]["effect"] > 5.0
+    assert pair_rows[("dose", None, 0.0, "topk", "alpha0_max_abs_diff")]["effect"] == 0.0
+    assert pair_rows[("dose", None, 1.0, "topk", "rescue_fraction")]["effect"] > 0.5
+    assert pair_rows[("rescue_graft", "early", None, "topk", "mediated_fraction")]["effect"] > 0.5
+    assert {r["level"] for r in handoff} == {"pair", "family", "balanced"}
+    assert len(upstream) == 4 and upstream[0]["diff"] > 0.5 and upstream[0]["split"] == "test"
