@@ -57,7 +57,17 @@ CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 's
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
-templates.env.globals.update(fmt=svg.fmt, csrf_field=CSRF_FIELD)
+
+
+def compact(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A table's columns that vary, and those constant over all its rows (printed once, above it)."""
+    if len(rows) < 2:
+        return {"columns": list(rows[0]) if rows else [], "constant": {}}
+    constant = {c: rows[0][c] for c in rows[0] if all(r[c] == rows[0][c] for r in rows)}
+    return {"columns": [c for c in rows[0] if c not in constant], "constant": constant}
+
+
+templates.env.globals.update(fmt=svg.fmt, csrf_field=CSRF_FIELD, compact=compact)
 
 
 def render(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:

@@ -173,7 +173,7 @@ def histogram(bins: Sequence[tuple[float, float, int]], title: str, xlabel: str)
         return Markup("")
     width, height, left, bottom, top = 560, 200, 40, 36, 10
     peak = max(c for _, _, c in bins) or 1
-    sx = _scale(bins[0][0], bins[-1][1], left, width - 10)
+    sx = _scale(bins[0][0], bins[-1][1], left, width - 40)
     sy = _scale(0, peak, height - bottom, top)
     body = []
     for lo, hi, c in bins:
