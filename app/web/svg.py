@@ -60,7 +60,7 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 def _frame(width: int, height: int, title: str, desc: str, body: list[str]) -> Markup:
     head = (
         f'<svg xmlns="http://www.w3.org/2000/svg" role="img" viewBox="0 0 {width} {height}" '
-        f'width="100%" preserveAspectRatio="xMinYMin meet" class="chart" aria-labelledby="t d">'
+        f'width="100%" preserveAspectRatio="xMinYMin meet" class="chart">'
         f"<title>{escape(title)}</title><desc>{escape(desc)}</desc>"
     )
     return Markup(head + "".join(body) + "</svg>")

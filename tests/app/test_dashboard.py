@@ -69,13 +69,13 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "pair_ids": [ORGANISM],
         "prompts": prompts,
         "max_new_tokens": 16,
-        "n_resamples": 200,
+        "n_resamples": 100,
         "boundary": "sweep",
         "dictionary": {  # as tests/app/test_pipeline.py: a width-16 batch-top-k SAE at the organism's L0
             "architecture": "batchtopk",
             "width": 16,
             "k": 0.5,
-            "training_tokens": 30_000,
+            "training_tokens": 12_000,  # enough for the planted latents to rank first
             "continuation_tokens": 160,
             "batch_size": 128,
             "lr": 3e-3,
@@ -84,7 +84,7 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         },
         "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "allow_failed_gate": True},
         "controls": ["offmanifold"],
-        "control_options": {"seeds": [0]},
+        "control_options": {"seeds": [0], "alphas": [0.0, 0.5, 1.0]},
     }
     with live_service(settings, users, pairs) as (server, keys):
         worker = start_worker(settings, root / "worker.log")
