@@ -7,6 +7,7 @@ session cookie instead of an `Authorization` header. Routes stay thin: gather th
 
 from __future__ import annotations
 
+import hmac
 import math
 import uuid
 from datetime import UTC, datetime
@@ -130,8 +131,6 @@ def login_form(request: Request, next: str | None = None, error: str | None = No
 @router.post("/ui/login")
 def login(request: Request, form: FormDep, session: ReadSessionDep) -> Response:
     """Check the key like the API does; keep it in the session cookie."""
-    import hmac
-
     expected = request.cookies.get(LOGIN_COOKIE, "")
     if not expected or not hmac.compare_digest(form.get(CSRF_FIELD, ""), expected):
         raise Forbidden("the login form's token is missing or stale; reload the login page")
@@ -200,13 +199,11 @@ def queue(
     mine: bool = False,
 ) -> HTMLResponse:
     """Who runs what: every job, newest first (others' specs redacted as in the API)."""
-    _, count = jobs_service.list_jobs(
-        session, viewer.user, settings, mine=mine, status=None, limit=1, offset=0
+    offset = (page - 1) * PAGE_SIZE
+    data, count = jobs_service.list_jobs(
+        session, viewer.user, settings, mine=mine, status=None, limit=PAGE_SIZE, offset=offset
     )
     nav = pages(count, page)
-    data, _ = jobs_service.list_jobs(
-        session, viewer.user, settings, mine=mine, status=None, limit=PAGE_SIZE, offset=nav["offset"]
-    )
     now = datetime.now(UTC)
     rows = [
         {
