@@ -7,6 +7,7 @@ test's tmp folder. Skipped, with the reason, where Chromium or the `playwright` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from crosspatch.app.store.migrate import upgrade
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.prompts import load_prompts
 from tests.app.live import client, live_service, live_settings, start_worker
@@ -86,8 +88,11 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "controls": ["offmanifold"],
         "control_options": {"seeds": [0], "alphas": [0.0, 0.5, 1.0]},
     }
-    with live_service(settings, users, pairs) as (server, keys):
-        worker = start_worker(settings, root / "worker.log")
+    upgrade(settings.database_url)  # the worker (slow to import) starts while the service comes up
+    worker = start_worker(settings, root / "worker.log")
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: (worker.terminate(), worker.wait(timeout=60)))  # however setup ends
+        server, keys = stack.enter_context(live_service(settings, users, pairs))
         try:
             with client(server, keys["ada"]) as c:
                 r = c.post("/jobs", json={"spec": spec})
