@@ -27,6 +27,7 @@ from crosspatch.app.services.ingest import Housekeeper
 from crosspatch.app.store.duckdb import ResultsError, ResultsStore
 from crosspatch.app.store.migrate import upgrade
 from crosspatch.app.store.session import Store
+from crosspatch.app.web import router as web_router
 from crosspatch.app.worker.supervisor import PARENT_PID_ENV, DeviceLock
 
 log = logging.getLogger(__name__)
@@ -207,5 +208,6 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
     )
     install_error_handlers(app)
     app.include_router(api_router, prefix=API_PREFIX)
+    app.include_router(web_router)  # the dashboard pages (/ui/)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app

@@ -4,7 +4,8 @@ It starts the embedded service (SQLite job store, DuckDB results, one local work
 127.0.0.1 port, creates a local admin key, allow-lists the bundled trained organism pairs (one per family),
 submits one `pipeline` job over HTTP (divergence -> 2x2 cross-patch -> dictionary on IT's final MLP ->
 feature mediation), follows its progress, and prints the per-family table with 95% CIs, the family-balanced
-mean (each pair at its headline boundary), and the top mediating features. `--library` runs the 2x2 part in this process instead (no server).
+mean (each pair at its headline boundary), and the top mediating features, then the dashboard URL (`--serve` keeps
+the service up to browse it). `--library` runs the 2x2 part in this process instead (no server).
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ def demo(
     prompts_limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Top feature set size for mediation.")] = 20,
     library: Annotated[bool, typer.Option(help="Run the 2x2 in this process, without the service.")] = False,
+    serve: Annotated[
+        bool, typer.Option(help="Keep the service (API and dashboard) up after the job, until Ctrl-C.")
+    ] = False,
 ) -> None:
     """Start the embedded service, run a pipeline job on the bundled organisms over HTTP, print the results."""
     names = _demo_organisms(organism)
@@ -233,15 +237,33 @@ def demo(
         out_dir = data_dir / "demo-results"
         out_dir.mkdir(parents=True, exist_ok=True)
         _print_results(client, job["id"], out_dir, names)
-    figures = sorted(figures_dir(data_dir, job["id"]).glob("*.png"))
-    typer.echo(f"\njob {job['id']} succeeded in {time.perf_counter() - t0:.0f}s")
-    typer.echo(
-        f"results DuckDB: {settings.duckdb_path}  "
-        f"(query: CROSSPATCH_DATA_DIR={data_dir} crosspatch top-features --local --family llama)"
-    )
-    typer.echo(f"Parquet copies: {out_dir}")
-    if figures:
-        typer.echo(f"figures: {figures[0].parent} ({', '.join(f.name for f in figures)})")
+        figures = sorted(figures_dir(data_dir, job["id"]).glob("*.png"))
+        typer.echo(f"\njob {job['id']} succeeded in {time.perf_counter() - t0:.0f}s")
+        typer.echo(
+            f"results DuckDB: {settings.duckdb_path}  "
+            f"(query: CROSSPATCH_DATA_DIR={data_dir} crosspatch top-features --local --family llama)"
+        )
+        typer.echo(f"Parquet copies: {out_dir}")
+        if figures:
+            typer.echo(f"figures: {figures[0].parent} ({', '.join(f.name for f in figures)})")
+        typer.echo(f"dashboard: {service.url}/ui/jobs/{job['id']}  (log in with the demo admin key {key})")
+        if serve:
+            typer.echo("serving the dashboard and API until Ctrl-C (--serve)")
+            _serve_forever()
+        else:
+            typer.echo(
+                "(the service stops now; `crosspatch demo --serve` keeps it up to browse the dashboard)"
+            )
+
+
+def _serve_forever() -> None:
+    """Block this thread (the service runs in its own) until Ctrl-C."""
+    import threading
+
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        typer.echo("stopping the service")
 
 
 def _fail(job: dict[str, Any], logs: list[dict[str, Any]]) -> int:

@@ -73,9 +73,13 @@ def ablation_curve(results: ResultsStore, family: str | None, statistic: str) ->
 
 
 def compare_families(
-    results: ResultsStore, readout: str, boundary: int | None = None, pair_id: str | None = None
+    results: ResultsStore,
+    readout: str,
+    boundary: int | None = None,
+    pair_id: str | None = None,
+    subset: str = "all",
 ) -> Rows:
     return to_rows(
         "compare_families",
-        results.query("compare_families", readout=readout, boundary=boundary, pair_id=pair_id),
+        results.query("compare_families", readout=readout, subset=subset, boundary=boundary, pair_id=pair_id),
     )

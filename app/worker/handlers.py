@@ -206,7 +206,9 @@ def _summaries(ctx: JobContext, spec: CrosspatchSpec | PipelineSpec) -> None:
     if cells_all is not None and cells_all.num_rows:
         ctx.write_part(
             "summaries.all",
-            summarize(cells_all, n_resamples=spec.n_resamples, seed=spec.seed, position_min=(3, 5)),
+            summarize(
+                cells_all, n_resamples=spec.n_resamples, seed=spec.seed, position_min=(3, 5), by_category=True
+            ),
         )
 
 

@@ -33,6 +33,7 @@ def test_wheel_installs_only_crosspatch(tmp_path: Path) -> None:
     assert {"crosspatch/engine/data/holdout_600.jsonl", "crosspatch/engine/data/LICENSE-holdout"} <= set(
         names
     )
+    assert {"crosspatch/app/web/templates/job.html", "crosspatch/app/web/static/style.css"} <= set(names)
     assert not any(
         n.startswith(("crosspatch/tests/", "crosspatch/bench/", "crosspatch/.venv/")) for n in names
     )
