@@ -20,6 +20,7 @@ from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.store.models import Job, JobLog, JobPart
 from crosspatch.app.store.result_tables import PART_SCHEMAS, conform
 from crosspatch.app.store.session import Store
+from crosspatch.app.worker.executor import Executor, LocalExecutor
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class JobContext:
         dtype: str,
         load_pair: Callable[[str], Any],
         stopping: threading.Event,
+        executor: Executor | None = None,
     ) -> None:
         self.store, self.job_id, self.worker_id = store, job_id, worker_id
         self.lease_seconds = lease_seconds
@@ -57,6 +59,7 @@ class JobContext:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.provenance: dict[str, Any] = {}
         self._load_pair = load_pair
+        self.executor: Executor = executor or LocalExecutor()  # where handlers run their chunks
         self._stopping = stopping
         self._lost = threading.Event()
         self.budget_exceeded: str | None = None  # why the job must stop, when past its time/memory budget

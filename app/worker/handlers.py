@@ -31,7 +31,7 @@ from crosspatch.app.schemas.jobs import (
     TrainDictionarySpec,
 )
 from crosspatch.app.worker.context import JobContext
-from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
+from crosspatch.app.worker.executor import ChunkTask
 from crosspatch.engine.divergence import DivergenceEvent, iter_divergences
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.mediation import BranchView, MediationConfig
@@ -111,6 +111,27 @@ def _events_for(
     return [e for batch in batches for e in batch]
 
 
+def _chunk_task(
+    spec: DivergenceSpec,
+    chunk: Sequence[PromptRecord],
+    name: str,
+    boundaries: list[int] | None = None,
+    check_noop: bool = False,
+) -> ChunkTask:
+    """One chunk of `spec` as an executor task (events only without boundaries)."""
+    return ChunkTask(
+        name=name,
+        prompts=tuple(chunk),
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size,
+        chat_template=getattr(spec, "chat_template", False),
+        event=getattr(spec, "event", "first_diff"),
+        boundaries=None if boundaries is None else tuple(boundaries),
+        readouts=tuple(getattr(spec, "readouts", ("pt", "it"))),
+        check_noop=check_noop,
+    )
+
+
 def _provenance(ctx: JobContext, pair: ModelPair, spec: DivergenceSpec) -> None:
     ctx.provenance.update(
         pair=pair.pair_id,
@@ -137,10 +158,8 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
         name = f"events.{i:05d}"
         if name not in done:
             ctx.check_cancel()
-            ctx.write_part(
-                name,
-                events_table(_events_for(pair, chunk, spec, ctx.cancel_point), pair.family, pair.pair_id),
-            )
+            tables = ctx.executor.run_chunk(ctx, pair.pair_id, _chunk_task(spec, chunk, f"{i:05d}"))
+            ctx.write_part(name, tables["events"])
         ctx.progress((i + 1) / len(chunks), f"divergence: chunk {i + 1}/{len(chunks)}")
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
@@ -176,19 +195,11 @@ def _crosspatch_chunks(
             skipped += 1
         else:
             ctx.check_cancel()
-            events = _events_for(pair, chunk, spec, ctx.cancel_point)
+            task = _chunk_task(spec, chunk, f"{tag}{i:05d}", boundaries, check_noop=not checked)
+            tables = ctx.executor.run_chunk(ctx, pair.pair_id, task)  # local or a Ray actor: same function
             if ev_name not in done:
-                ctx.write_part(ev_name, events_table(events, pair.family, pair.pair_id))
-            ctx.check_cancel()
-            cells = run_crosspatch(
-                pair,
-                events,
-                boundary=boundaries,
-                readouts=tuple(spec.readouts),
-                batch_size=spec.batch_size,
-                check_noop=not checked,
-                on_batch=ctx.cancel_point,
-            )
+                ctx.write_part(ev_name, tables["events"])
+            cells = tables["cells"]
             checked = checked or _record_noop(ctx, pair, "cells", noop_report(cells))
             ctx.write_part(cell_name, cells)
         ctx.progress(
