@@ -335,13 +335,16 @@ def _train(
     events: Sequence[DivergenceEvent] | None = None,
     mediation: MediationOptions | None = None,
     max_new_tokens: int = 32,
+    ctx: JobContext | None = None,
 ) -> Dictionary:
-    """Train (or reload) the pair's dictionary on the prompts outside the mediation test split."""
+    """Train (or reload) the pair's dictionary on the prompts outside the mediation test split; with `ctx`
+    and its shared cache, a dictionary (and activation cache) any job computed from the same inputs is
+    reused instead (`app.worker.shared_cache`)."""
     from crosspatch.saes.for_pair import train_for_pair
     from crosspatch.saes.quality import GateConfig
 
     mediation = mediation or MediationOptions()
-    return train_for_pair(
+    train = lambda: train_for_pair(  # noqa: E731
         pair,
         prompts,
         out,
@@ -364,6 +367,42 @@ def _train(
             min_heldout_tokens=opts.min_heldout_tokens, alive_range=(0.01, opts.max_alive_fraction)
         ),
     )
+    if ctx is None or ctx.shared_cache is None:
+        return train()
+    material = _dictionary_key(ctx, pair, prompts, opts, role, events, mediation, max_new_tokens)
+    return ctx.shared_cache.reuse_or_compute(ctx, "dictionary", material, out, train)
+
+
+def _dictionary_key(
+    ctx: JobContext,
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
+    opts: DictionaryOptions,
+    role: str,
+    events: Sequence[DivergenceEvent] | None,
+    mediation: MediationOptions,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """Everything a trained dictionary depends on: pair revision, prompt set, events, settings."""
+    from crosspatch.app.services.cache import digest
+
+    settings = {
+        "role": role,
+        "dtype": ctx.dtype,
+        "dictionary": opts.model_dump(mode="json"),
+        "fit_fraction": mediation.fit_fraction,
+        "split_seed": mediation.split_seed,
+        "max_new_tokens": max_new_tokens,
+    }
+    return {
+        "pair_id": pair.pair_id,
+        "pair": pair.provenance(),  # weights and tokenizer fingerprints: the pair's revision
+        "prompts": digest([(p.id, p.text) for p in prompts]),
+        "events": None
+        if events is None
+        else digest([(e.prompt_id, e.diverged, e.position, e.t_pt, e.t_it) for e in events]),
+        "settings": settings,
+    }
 
 
 def _record_dictionary(ctx: JobContext, dictionary: Dictionary, pair: ModelPair) -> None:
@@ -405,6 +444,7 @@ def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
         ctx.checkpoint_dir / "dictionary",
         mediation=MediationOptions(fit_fraction=spec.fit_fraction, split_seed=spec.split_seed),
         max_new_tokens=spec.max_new_tokens,
+        ctx=ctx,
     )
     _record_dictionary(ctx, dictionary, pair)
     ctx.progress(1.0, "train_dictionary: done")
@@ -490,6 +530,7 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
             events=events,  # the events mediation tests below: their test split never trains it
             mediation=spec.mediation,
             max_new_tokens=spec.max_new_tokens,
+            ctx=ctx,
         )
         _record_dictionary(ctx, dictionary, pair)
         ctx.check_cancel()

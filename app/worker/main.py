@@ -26,6 +26,7 @@ from crosspatch.app.store.session import Store
 from crosspatch.app.worker.context import JobCancelled, JobContext
 from crosspatch.app.worker.executor import PairSource, make_executor
 from crosspatch.app.worker.handlers import run_job  # imports the engine before any claim (lease clock)
+from crosspatch.app.worker.shared_cache import SharedCache
 from crosspatch.app.worker.supervisor import budget_reason, resident_bytes
 from crosspatch.engine.errors import CrosspatchError
 
@@ -65,6 +66,9 @@ class Worker:
         self._pair_id: str | None = None
         self._status_fd = status_fd  # a supervisor reads `job <id> <kind>` / `idle` lines here
         self.executor = make_executor(settings, self.pair_source)  # local, or one Ray actor per pair
+        self.shared_cache = SharedCache(
+            self.store, settings.data_dir / "shared_cache", settings.shared_cache_bytes
+        )
 
     def _report(self, line: str) -> None:
         if self._status_fd is None:
@@ -168,6 +172,7 @@ class Worker:
             load_pair=self.load_pair,
             stopping=self.stopping,
             executor=self.executor,
+            shared_cache=self.shared_cache,
         )
         ctx.provenance["executor"] = self.executor.describe()
         beat_stop = threading.Event()
