@@ -198,7 +198,13 @@ class RayExecutor:
         self.ray = import_ray()
         if not self.ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS") or "auto"
-            self.ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False)
+            try:
+                self.ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise CrosspatchError(
+                    f"executor=ray cannot join the Ray cluster at {address!r} ({e}); start one "
+                    "(`ray start --head`) or set CROSSPATCH_RAY_ADDRESS / RAY_ADDRESS"
+                ) from e
         self.pair_source = pair_source
         self.num_gpus, self.retries, self.poll_seconds = num_gpus, retries, poll_seconds
         self._actor_cls = self.ray.remote(PairActor)
