@@ -145,6 +145,10 @@ class Client:
         return self.request("GET", "/features/top", params=params).json()
 
     # ---- catalog -----------------------------------------------------------------------------
+    def cache(self, pair_id: str | None = None) -> dict[str, Any]:
+        """The shared cache entries this key may see (GET /cache)."""
+        return self.request("GET", "/cache", params={"pair_id": pair_id} if pair_id else None).json()
+
     def pairs(self) -> dict[str, Any]:
         return self.request("GET", "/pairs").json()
 

@@ -138,6 +138,32 @@ class Settings(BaseSettings):
         "(e.g. 'gemma-scope-2b-pt-res-canonical/*'); empty: none. Workers read them from their local "
         "Hugging Face cache only.",
     )
+    executor: Literal["local", "ray"] = Field(
+        default="local",
+        description="Where workers run job chunks: 'local' (in the worker process) or 'ray' (in one warm Ray "
+        "actor per loaded pair on the cluster at ray_address; needs the `ray` extra).",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster to join with executor=ray ('ray://host:10001', 'auto'); default: the "
+        "RAY_ADDRESS environment variable, else 'auto'.",
+    )
+    ray_num_gpus: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs each pair actor asks Ray for; default: 1 when device is cuda, else 0.",
+    )
+    ray_chunk_retries: int = Field(
+        default=3,
+        ge=0,
+        description="Times a chunk whose Ray actor was lost is re-queued before the job fails.",
+    )
+    shared_cache_bytes: int = Field(
+        default=20 * 2**30,
+        ge=0,
+        description="Size cap of the cache of dictionaries / activation caches shared across jobs (LRU "
+        "eviction past it); 0 turns the cache off.",
+    )
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

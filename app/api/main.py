@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from crosspatch.app.api import admin, dictionaries, features, figures, health, jobs, pairs, results
+from crosspatch.app.api import admin, cache, dictionaries, features, figures, health, jobs, pairs, results
 from crosspatch.app.schemas.common import ERROR_RESPONSES
 
 api_router = APIRouter(responses=ERROR_RESPONSES)
@@ -16,3 +16,4 @@ api_router.include_router(figures.router)
 api_router.include_router(features.router)
 api_router.include_router(dictionaries.router)
 api_router.include_router(pairs.router)
+api_router.include_router(cache.router)

@@ -39,6 +39,7 @@ def _register_commands() -> None:
     """Import the command modules; each adds its commands to `cli`."""
     from crosspatch.app.cli import (  # noqa: F401
         admin_cmd,
+        cache_cmd,
         client_cmd,
         demo_cmd,
         dict_cmd,

@@ -219,3 +219,27 @@ class Dictionary(Base):
     path: Mapped[str] = mapped_column(String(1024))
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class CacheEntry(Base):
+    """A computed state shared across jobs (dictionary + activation cache), content-addressed by `key`.
+
+    Readable by whoever may read the results of `job_id` (its owner, admins, or the lab when the job is
+    shared); `last_used_at` orders LRU eviction under `Settings.shared_cache_bytes`.
+    """
+
+    __tablename__ = "cache_entries"
+    __table_args__ = (UniqueConstraint("key", "owner_id", name="uq_cache_entries_key_owner_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    pair_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    hits: Mapped[int] = mapped_column(Integer, default=0)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the key's inputs, for `cache ls`
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)

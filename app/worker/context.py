@@ -20,6 +20,8 @@ from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.store.models import Job, JobLog, JobPart
 from crosspatch.app.store.result_tables import PART_SCHEMAS, conform
 from crosspatch.app.store.session import Store
+from crosspatch.app.worker.executor import Executor, LocalExecutor
+from crosspatch.app.worker.shared_cache import SharedCache
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class JobContext:
         dtype: str,
         load_pair: Callable[[str], Any],
         stopping: threading.Event,
+        executor: Executor | None = None,
+        shared_cache: SharedCache | None = None,
     ) -> None:
         self.store, self.job_id, self.worker_id = store, job_id, worker_id
         self.lease_seconds = lease_seconds
@@ -57,6 +61,8 @@ class JobContext:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.provenance: dict[str, Any] = {}
         self._load_pair = load_pair
+        self.executor: Executor = executor or LocalExecutor()  # where handlers run their chunks
+        self.shared_cache = shared_cache  # dictionaries / activation caches reused across jobs; None: off
         self._stopping = stopping
         self._lost = threading.Event()
         self.budget_exceeded: str | None = None  # why the job must stop, when past its time/memory budget

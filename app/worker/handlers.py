@@ -32,7 +32,7 @@ from crosspatch.app.schemas.jobs import (
     TrainDictionarySpec,
 )
 from crosspatch.app.worker.context import JobContext
-from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
+from crosspatch.app.worker.executor import ChunkTask
 from crosspatch.engine.divergence import DivergenceEvent, iter_divergences
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.handoff import HandoffConfig, feature_upstream_table, handoff_balanced
@@ -113,6 +113,27 @@ def _events_for(
     return [e for batch in batches for e in batch]
 
 
+def _chunk_task(
+    spec: DivergenceSpec,
+    chunk: Sequence[PromptRecord],
+    name: str,
+    boundaries: list[int] | None = None,
+    check_noop: bool = False,
+) -> ChunkTask:
+    """One chunk of `spec` as an executor task (events only without boundaries)."""
+    return ChunkTask(
+        name=name,
+        prompts=tuple(chunk),
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size,
+        chat_template=getattr(spec, "chat_template", False),
+        event=getattr(spec, "event", "first_diff"),
+        boundaries=None if boundaries is None else tuple(boundaries),
+        readouts=tuple(getattr(spec, "readouts", ("pt", "it"))),
+        check_noop=check_noop,
+    )
+
+
 def _provenance(ctx: JobContext, pair: ModelPair, spec: DivergenceSpec) -> None:
     ctx.provenance.update(
         pair=pair.pair_id,
@@ -139,10 +160,8 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
         name = f"events.{i:05d}"
         if name not in done:
             ctx.check_cancel()
-            ctx.write_part(
-                name,
-                events_table(_events_for(pair, chunk, spec, ctx.cancel_point), pair.family, pair.pair_id),
-            )
+            tables = ctx.executor.run_chunk(ctx, pair.pair_id, _chunk_task(spec, chunk, f"{i:05d}"))
+            ctx.write_part(name, tables["events"])
         ctx.progress((i + 1) / len(chunks), f"divergence: chunk {i + 1}/{len(chunks)}")
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
@@ -178,19 +197,11 @@ def _crosspatch_chunks(
             skipped += 1
         else:
             ctx.check_cancel()
-            events = _events_for(pair, chunk, spec, ctx.cancel_point)
+            task = _chunk_task(spec, chunk, f"{tag}{i:05d}", boundaries, check_noop=not checked)
+            tables = ctx.executor.run_chunk(ctx, pair.pair_id, task)  # local or a Ray actor: same function
             if ev_name not in done:
-                ctx.write_part(ev_name, events_table(events, pair.family, pair.pair_id))
-            ctx.check_cancel()
-            cells = run_crosspatch(
-                pair,
-                events,
-                boundary=boundaries,
-                readouts=tuple(spec.readouts),
-                batch_size=spec.batch_size,
-                check_noop=not checked,
-                on_batch=ctx.cancel_point,
-            )
+                ctx.write_part(ev_name, tables["events"])
+            cells = tables["cells"]
             checked = checked or _record_noop(ctx, pair, "cells", noop_report(cells))
             ctx.write_part(cell_name, cells)
         ctx.progress(
@@ -349,13 +360,16 @@ def _train(
     events: Sequence[DivergenceEvent] | None = None,
     mediation: MediationOptions | None = None,
     max_new_tokens: int = 32,
+    ctx: JobContext | None = None,
 ) -> Dictionary:
-    """Train (or reload) the pair's dictionary on the prompts outside the mediation test split."""
+    """Train (or reload) the pair's dictionary on the prompts outside the mediation test split; with `ctx`
+    and its shared cache, a dictionary (and activation cache) any job computed from the same inputs is
+    reused instead (`app.worker.shared_cache`)."""
     from crosspatch.saes.for_pair import train_for_pair
     from crosspatch.saes.quality import GateConfig
 
     mediation = mediation or MediationOptions()
-    return train_for_pair(
+    train = lambda: train_for_pair(  # noqa: E731
         pair,
         prompts,
         out,
@@ -378,6 +392,42 @@ def _train(
             min_heldout_tokens=opts.min_heldout_tokens, alive_range=(0.01, opts.max_alive_fraction)
         ),
     )
+    if ctx is None or ctx.shared_cache is None:
+        return train()
+    material = _dictionary_key(ctx, pair, prompts, opts, role, events, mediation, max_new_tokens)
+    return ctx.shared_cache.reuse_or_compute(ctx, "dictionary", material, out, train)
+
+
+def _dictionary_key(
+    ctx: JobContext,
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
+    opts: DictionaryOptions,
+    role: str,
+    events: Sequence[DivergenceEvent] | None,
+    mediation: MediationOptions,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """Everything a trained dictionary depends on: pair revision, prompt set, events, settings."""
+    from crosspatch.app.services.cache import digest
+
+    settings = {
+        "role": role,
+        "dtype": ctx.dtype,
+        "dictionary": opts.model_dump(mode="json"),
+        "fit_fraction": mediation.fit_fraction,
+        "split_seed": mediation.split_seed,
+        "max_new_tokens": max_new_tokens,
+    }
+    return {
+        "pair_id": pair.pair_id,
+        "pair": pair.provenance(),  # weights and tokenizer fingerprints: the pair's revision
+        "prompts": digest([(p.id, p.text) for p in prompts]),
+        "events": None
+        if events is None
+        else digest([(e.prompt_id, e.diverged, e.position, e.t_pt, e.t_it) for e in events]),
+        "settings": settings,
+    }
 
 
 def _record_dictionary(ctx: JobContext, dictionary: Dictionary, pair: ModelPair) -> None:
@@ -419,6 +469,7 @@ def train_dictionary(spec: TrainDictionarySpec, ctx: JobContext) -> None:
         ctx.checkpoint_dir / "dictionary",
         mediation=MediationOptions(fit_fraction=spec.fit_fraction, split_seed=spec.split_seed),
         max_new_tokens=spec.max_new_tokens,
+        ctx=ctx,
     )
     _record_dictionary(ctx, dictionary, pair)
     ctx.progress(1.0, "train_dictionary: done")
@@ -506,6 +557,7 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
             events=events,  # the events mediation tests below: their test split never trains it
             mediation=spec.mediation,
             max_new_tokens=spec.max_new_tokens,
+            ctx=ctx,
         )
         _record_dictionary(ctx, dictionary, pair)
         ctx.check_cancel()

@@ -24,7 +24,9 @@ from crosspatch.app.services.paths import model_ref_to_open
 from crosspatch.app.store.models import Job, Pair
 from crosspatch.app.store.session import Store
 from crosspatch.app.worker.context import JobCancelled, JobContext
+from crosspatch.app.worker.executor import PairSource, make_executor
 from crosspatch.app.worker.handlers import run_job  # imports the engine before any claim (lease clock)
+from crosspatch.app.worker.shared_cache import SharedCache
 from crosspatch.app.worker.supervisor import budget_reason, resident_bytes
 from crosspatch.engine.errors import CrosspatchError
 
@@ -63,6 +65,10 @@ class Worker:
         self._pair: Any = None
         self._pair_id: str | None = None
         self._status_fd = status_fd  # a supervisor reads `job <id> <kind>` / `idle` lines here
+        self.executor = make_executor(settings, self.pair_source)  # local, or one Ray actor per pair
+        self.shared_cache = SharedCache(
+            self.store, settings.data_dir / "shared_cache", settings.shared_cache_bytes
+        )
 
     def _report(self, line: str) -> None:
         if self._status_fd is None:
@@ -73,12 +79,8 @@ class Worker:
             self._status_fd = None
 
     # ---- models ------------------------------------------------------------------------------
-    def load_pair(self, pair_id: str) -> Any:
-        """The `ModelPair` for `pair_id`, from the allow-list; reuses the one already loaded."""
-        if self._pair_id == pair_id:
-            return self._pair
-        from crosspatch.engine.pairs import load_pair
-
+    def pair_source(self, pair_id: str) -> PairSource:
+        """How to open `pair_id`: its allow-list row, paths checked against the model roots."""
         with self.store.session(write=False) as s:
             row = s.get(Pair, pair_id)
             if row is None:
@@ -87,6 +89,16 @@ class Worker:
         # checked here, by the process that opens them, on the real paths (not by the API at registration)
         pt = model_ref_to_open(pt, self.settings.model_roots, f"pair {pair_id!r} pt")
         it = model_ref_to_open(it, self.settings.model_roots, f"pair {pair_id!r} it")
+        return PairSource(pair_id, str(pt), str(it), family, self.settings.dtype, self.device)
+
+    def load_pair(self, pair_id: str) -> Any:
+        """The `ModelPair` for `pair_id`, from the allow-list; reuses the one already loaded."""
+        if self._pair_id == pair_id:
+            return self._pair
+        from crosspatch.engine.pairs import load_pair
+
+        src = self.pair_source(pair_id)
+        pt, it, family = src.pt, src.it, src.family
         self._pair = self._pair_id = None
         log.info("loading pair %s on %s", pair_id, self.device)
         self._pair = load_pair(
@@ -132,6 +144,7 @@ class Worker:
                 break
             self.stopping.wait(self.settings.poll_seconds)
         self.store.dispose()
+        self.executor.close()
         return ran
 
     def run_one(self, job_id: uuid.UUID) -> str:
@@ -158,7 +171,10 @@ class Worker:
             dtype=self.settings.dtype,
             load_pair=self.load_pair,
             stopping=self.stopping,
+            executor=self.executor,
+            shared_cache=self.shared_cache,
         )
+        ctx.provenance["executor"] = self.executor.describe()
         beat_stop = threading.Event()
         beat = threading.Thread(
             target=self._beat, args=(ctx, beat_stop, kind), daemon=True, name=f"heartbeat-{job_id}"

@@ -88,6 +88,7 @@ ROUTES = [
         {**ANY, "owner": 422, "other": 422, "admin": 422},
     ),
     ("GET", "/pairs", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/cache", None, {**ANY, "owner": 200, "other": 200, "admin": 200}),
     (
         "POST",
         "/pairs",

@@ -25,7 +25,7 @@ def test_models_match_migrations(store: Store) -> None:
 
 def test_upgrade_is_idempotent(db_url: str) -> None:
     head = _head(db_url)
-    assert head == "0005"
+    assert head == "0006"
     upgrade(db_url)
     s = Store(db_url)
     try:
