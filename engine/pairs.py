@@ -275,21 +275,31 @@ def load_pair(
     pt: str | Path,
     it: str | Path,
     *,
-    device: str = "cpu",
+    device: str | dict[str, int | str] = "cpu",
     dtype: str | torch.dtype = "float32",
     family: str | None = None,
     pair_id: str | None = None,
     pair_label: str | None = None,
     pt_revision: str | None = None,
     it_revision: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> ModelPair:
     """Load PT and IT by id or path onto `device` in `dtype` and wrap them as a `ModelPair`.
 
     Without `pair_id` the id is `pair_identity`'s (names + hash of resolved paths and revisions); a
     caller that passes one (an allow-list key, an organism name) vouches that it is unique.
     """
-    pt_model, pt_tok = load_model(pt, device=device, dtype=dtype, revision=pt_revision)
-    it_model, it_tok = load_model(it, device=device, dtype=dtype, revision=it_revision)
+    spread = dict(max_memory=max_memory)  # accelerate: each model fills the devices within max_memory
+    pt_off = it_off = None
+    if offload_folder is not None:
+        pt_off, it_off = Path(offload_folder) / "pt", Path(offload_folder) / "it"
+    pt_model, pt_tok = load_model(
+        pt, device=device, dtype=dtype, revision=pt_revision, offload_folder=pt_off, **spread
+    )
+    it_model, it_tok = load_model(
+        it, device=device, dtype=dtype, revision=it_revision, offload_folder=it_off, **spread
+    )
     derived_id, derived_label = pair_identity(pt, it, pt_revision, it_revision)
     return ModelPair.from_models(
         pt_model,

@@ -120,3 +120,23 @@ def test_saved_tiny_pair_staged(tmp_path) -> None:
     staged = load_staged_pair(pt, it)
     assert staged.resident() == [] and staged.n_layers == 5 and staged.family == "llama"
     assert torch.is_tensor(staged.use("pt").unembed.weight)
+
+
+def test_offloaded_blocks_equal_one_device(tmp_path) -> None:
+    """A device map that offloads blocks to disk (accelerate) gives the single-device events and cells."""
+    pt, it = save_tiny_pair(tmp_path, "qwen3")
+    prompts = random_prompts(4, seed=5)
+    plain = load_pair(pt, it, pair_id="p")
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    device_map |= {f"model.layers.{i}": "disk" if i in (1, 2) else "cpu" for i in range(5)}
+    shard = load_pair(pt, it, pair_id="p", device=device_map, offload_folder=tmp_path / "offload")
+    assert shard.pt.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # really offloaded
+    events = find_divergences(plain, prompts, max_new_tokens=5, batch_size=4)
+    _same_events(events, find_divergences(shard, prompts, max_new_tokens=5, batch_size=4))
+    lock = crosspatch(plain, events, boundary=[2, 3], batch_size=4)
+    assert _same_cells(lock, crosspatch(shard, events, boundary=[2, 3], batch_size=4)) == 0.0
