@@ -22,15 +22,17 @@ each times (1 + `OVERHEAD`) for the allocator's fragmentation and the framework'
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from crosspatch.engine.errors import CrosspatchError
 
 OVERHEAD = 0.10  # allocator fragmentation, CUDA context and workspace buffers (a fraction of the peak)
 GB = 1e9
 Mode = Literal["lockstep", "staged"]
+T = TypeVar("T")
 BYTES_PER_PARAM: dict[str, int] = {
     "float32": 4,
     "fp32": 4,
@@ -121,6 +123,11 @@ def read_shape(model_dir: str | Path) -> Shape:
     return shape_from_config(json.loads(path.read_text()), source=str(path))
 
 
+def fmt_bytes(n: float) -> str:
+    """`73.24 GB` (1e9 bytes), or MB below 0.1 GB (tiny models in tests)."""
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.2f} MB"
+
+
 @dataclass(frozen=True)
 class Workload:
     """What a job runs at its peak: batch, longest sequence, boundaries kept, weight precision."""
@@ -145,9 +152,8 @@ class Estimate:
     def describe(self) -> str:
         """One line for logs, errors and provenance."""
         return (
-            f"estimated peak {self.lockstep / GB:.2f} GB lockstep (both models resident), "
-            f"{self.staged / GB:.2f} GB staged (one model resident); "
-            f"weights {self.weights / GB:.2f} GB per model"
+            f"estimated peak {fmt_bytes(self.lockstep)} lockstep (both models resident), "
+            f"{fmt_bytes(self.staged)} staged (one model resident); weights {fmt_bytes(self.weights)} per model"
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -194,7 +200,7 @@ def choose_mode(est: Estimate, budget_bytes: int | None) -> Mode:
     if est.staged <= budget_bytes:
         return "staged"
     raise MemoryAdmissionError(
-        f"job does not fit the device memory budget of {budget_bytes / GB:.2f} GB even staged: "
+        f"job does not fit the device memory budget of {fmt_bytes(budget_bytes)} even staged: "
         f"{est.describe()}; lower batch_size or max_new_tokens, or give the worker more devices "
         "(CROSSPATCH_DEVICE_MEMORY_GB per device, device 'balanced')"
     )
@@ -217,3 +223,31 @@ def peak_memory_bytes(device: str) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def run_halving(
+    run: Callable[[int], T], batch_size: int, on_halve: Callable[[int, BaseException], None] | None = None
+) -> T:
+    """`run(batch_size)`; on `torch.OutOfMemoryError` free cached memory, halve the batch and run it again.
+
+    A chunk is redone whole at the smaller batch (its parts are written only when it finishes), so results
+    are the same cells; at batch size 1 the error is a `CrosspatchError` naming the estimate's knobs.
+    """
+    import torch
+
+    while True:
+        try:
+            return run(batch_size)
+        except torch.OutOfMemoryError as e:
+            if batch_size <= 1:
+                raise CrosspatchError(
+                    f"out of memory at batch size 1 ({e}); lower max_new_tokens or give the worker more memory"
+                ) from e
+            batch_size = max(1, batch_size // 2)
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if on_halve:
+                on_halve(batch_size, e)

@@ -59,7 +59,14 @@ from crosspatch.engine.divergence import (
 )
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.noop import NoopReport, attach, make_report, role_noop_diffs
-from crosspatch.engine.pairs import READOUTS, ModelPair, load_model, pair_identity
+from crosspatch.engine.pairs import (
+    READOUTS,
+    ModelPair,
+    load_model,
+    pair_identity,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 from crosspatch.engine.preflight import CHECK_PROMPT_IDS, TOKEN_MISMATCH, TokenPreflight
 from crosspatch.engine.prompts import PromptRecord
 from crosspatch.engine.results import CELLS_SCHEMA
@@ -102,6 +109,8 @@ class StagedPair:
         self.loads: list[str] = []  # every load, in order (the phases a job ran)
         self._models: dict[str, PreTrainedModel] = {}
         self._adapters: dict[str, ArchAdapter] = {}
+        self._fingerprints: dict[str, str] = {}  # role -> weights hash, taken at its first load
+        self._names: dict[str, str] = {}
 
     @classmethod
     def from_models(
@@ -114,6 +123,16 @@ class StagedPair:
         return cls(
             {"pt": lambda: pt, "it": lambda: it}, tokenizer, n_layers=a.n_layers, d_model=a.d_model, **kwargs
         )
+
+    def provenance(self) -> dict[str, str]:
+        """`ModelPair.provenance`'s hashes; a model never loaded yet reads `not loaded`."""
+        return {
+            "pt_weights": self._fingerprints.get("pt", "not loaded"),
+            "it_weights": self._fingerprints.get("it", "not loaded"),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "pt_name": self._names.get("pt", ""),
+            "it_name": self._names.get("it", ""),
+        }
 
     # ---- residency ---------------------------------------------------------------------------
     def resident(self) -> list[str]:
@@ -136,6 +155,9 @@ class StagedPair:
                 )
             self._models[role], self._adapters[role] = model, adapter
             self.loads.append(role)
+            if role not in self._fingerprints:
+                self._fingerprints[role] = weights_fingerprint(model)
+                self._names[role] = str(getattr(model.config, "_name_or_path", ""))
         return self._adapters[role]
 
     def release(self, role: str | None = None) -> None:

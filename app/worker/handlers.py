@@ -30,8 +30,8 @@ from crosspatch.app.schemas.jobs import (
     PipelineSpec,
     TrainDictionarySpec,
 )
+from crosspatch.app.worker import staging
 from crosspatch.app.worker.context import JobContext
-from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
 from crosspatch.engine.divergence import DivergenceEvent, iter_divergences
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.mediation import BranchView, MediationConfig
@@ -128,9 +128,9 @@ def _provenance(ctx: JobContext, pair: ModelPair, spec: DivergenceSpec) -> None:
 def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     """First divergence per prompt -> `events` parts."""
 
-    pair = ctx.load_pair(spec.pair_id)
-    _provenance(ctx, pair, spec)
     prompts = load_prompt_records(spec)
+    pair = ctx.load_pair(spec.pair_id, workload=staging.workload_for(spec, prompts))
+    _provenance(ctx, pair, spec)
     chunks = _chunks(prompts, spec.chunk_size)
     done = ctx.completed_parts()
     for i, chunk in enumerate(chunks):
@@ -139,9 +139,10 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
             ctx.check_cancel()
             ctx.write_part(
                 name,
-                events_table(_events_for(pair, chunk, spec, ctx.cancel_point), pair.family, pair.pair_id),
+                events_table(staging.events_for(pair, chunk, spec, ctx), pair.family, pair.pair_id),
             )
         ctx.progress((i + 1) / len(chunks), f"divergence: chunk {i + 1}/{len(chunks)}")
+    ctx.provenance["models"] = pair.provenance()  # a staged pair hashes each model when it first loads
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
 
@@ -176,19 +177,11 @@ def _crosspatch_chunks(
             skipped += 1
         else:
             ctx.check_cancel()
-            events = _events_for(pair, chunk, spec, ctx.cancel_point)
+            events = staging.events_for(pair, chunk, spec, ctx)
             if ev_name not in done:
                 ctx.write_part(ev_name, events_table(events, pair.family, pair.pair_id))
             ctx.check_cancel()
-            cells = run_crosspatch(
-                pair,
-                events,
-                boundary=boundaries,
-                readouts=tuple(spec.readouts),
-                batch_size=spec.batch_size,
-                check_noop=not checked,
-                on_batch=ctx.cancel_point,
-            )
+            cells = staging.cells_for(pair, events, spec, ctx, boundaries, check_noop=not checked)
             checked = checked or _record_noop(ctx, pair, "cells", noop_report(cells))
             ctx.write_part(cell_name, cells)
         ctx.progress(
@@ -211,7 +204,9 @@ def _summaries(ctx: JobContext, spec: CrosspatchSpec | PipelineSpec) -> None:
 @register("crosspatch")
 def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
     """Divergence -> 2x2 cells per chunk (`events`/`cells` parts) -> `summaries` over all cells."""
-    pair = ctx.load_pair(spec.pair_id)
+    prompts = load_prompt_records(spec)
+    workload = staging.workload_for(spec, prompts, spec.boundary) if staging.staged_ok(spec) else None
+    pair = ctx.load_pair(spec.pair_id, workload=workload)
     _provenance(ctx, pair, spec)
     boundaries = pair.resolve_boundaries(spec.boundary)
     ctx.provenance.update(
@@ -221,8 +216,8 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
         seed=spec.seed,
         n_resamples=spec.n_resamples,
     )
-    prompts = load_prompt_records(spec)
     _crosspatch_chunks(pair, prompts, spec, ctx, boundaries)
+    ctx.provenance["models"] = pair.provenance()  # a staged pair hashes each model when it first loads
     _summaries(ctx, spec)
     _controls(ctx, pair, spec, "", (0.95, 1.0))
     ctx.progress(1.0, "crosspatch: done")
