@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from crosspatch.app.config import Settings
 from crosspatch.app.queue import ops
@@ -108,3 +109,26 @@ def test_simulated_oom_halves_the_batch_and_finishes(settings: Settings, monkeyp
         {"stage": "crosspatch", "batch_size": 2},
     ]
     assert cells is not None and _max_diff(cells, _lockstep_cells(settings)) <= 1e-5
+
+
+def test_submit_refuses_a_job_that_cannot_fit_even_staged(settings: Settings) -> None:
+    """The service knows the budget: 422 at submit with the estimate; within it, the job's memory is the estimate."""
+    from crosspatch.app.errors import Invalid
+    from crosspatch.app.schemas.jobs import JobCreate
+    from crosspatch.app.services.jobs import validate_spec
+
+    upgrade(settings.database_url)
+    pt, it = save_tiny_pair(settings.model_roots[0])
+    worker = Worker(settings)
+    with worker.store.session() as s:
+        s.add(Pair(pair_id="tiny", family="llama", pt=str(pt), it=str(it), n_layers=5, default_boundary=3))
+    w = workload_for(type("S", (), {"batch_size": 4, "max_new_tokens": 6})(), PROMPTS, [2, 3])
+    est = estimate(read_shape(pt), Workload(w.batch_size, w.prompt_tokens, w.new_tokens, 2, 4))
+    with worker.store.session() as s:
+        _, memory = validate_spec(s, settings, JobCreate.model_validate({"spec": _spec()}))
+        assert memory == est.staged  # the queue's memory fit uses the staged peak of a stageable job
+        small = settings.model_copy(update={"device_memory_gb": est.staged / 2 / 1e9})
+        with pytest.raises(Invalid, match="even staged") as e:
+            validate_spec(s, small, JobCreate.model_validate({"spec": _spec()}))
+        assert e.value.status == 422 and f"{est.staged / 1e6:.2f} MB staged" in str(e.value)
+    worker.store.dispose()
