@@ -140,14 +140,17 @@ class ArchAdapter:
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Residual entering block 0 (the embedding scale of Gemma lives in its embedding module)."""
         if self.is_gpt2:
-            resid = self.decoder.wte(input_ids) + self.decoder.wpe(position_ids)  # [batch, seq, d_model]
-            return self.decoder.drop(resid)
-        return self.decoder.embed_tokens(input_ids)  # [batch, seq, d_model]
+            device = module_device(self.decoder.wte)
+            wte, wpe = self.decoder.wte(input_ids.to(device)), self.decoder.wpe(position_ids.to(device))
+            return self.decoder.drop(wte + wpe)  # [batch, seq, d_model]
+        embed = self.decoder.embed_tokens
+        return embed(input_ids.to(module_device(embed)))  # [batch, seq, d_model]
 
     def context(
         self, resid: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> LayerContext:
         """Masks and rotary tables for a `[batch, seq, d_model]` residual, built by the model's own code."""
+        attention_mask, position_ids = attention_mask.to(resid.device), position_ids.to(resid.device)
         ctx = LayerContext(position_ids=position_ids, layer_types=self.layer_types)
         mask_kwargs = dict(
             config=self.config,

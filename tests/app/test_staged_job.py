@@ -63,8 +63,10 @@ def _run(settings: Settings, **overrides) -> tuple[Job, pa.Table | None]:
     return job, cells
 
 
-def _lockstep_cells(settings: Settings) -> pa.Table:
-    pt, it = save_tiny_pair(settings.model_roots[0])
+@pytest.fixture(scope="module")
+def lockstep_cells(tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
+    """The job's cells computed in process, lockstep (the saved tiny pair is the same in every test)."""
+    pt, it = save_tiny_pair(tmp_path_factory.mktemp("models"))
     pair = load_pair(pt, it, pair_id="tiny", family="llama")
     events = find_divergences(pair, PROMPTS, max_new_tokens=6, batch_size=4)
     return crosspatch(pair, events, boundary=[2, 3], batch_size=4)
@@ -79,9 +81,8 @@ def _max_diff(a: pa.Table, b: pa.Table) -> float:
     )
 
 
-def test_small_budget_runs_staged_then_refuses_below_one_model(settings: Settings) -> None:
+def test_small_budget_runs_staged_then_refuses_below_one_model(settings: Settings, lockstep_cells) -> None:
     """Between the staged and lockstep estimates: staged, same cells; below staged: refused with the estimate."""
-    expected = _lockstep_cells(settings)
     shape = read_shape(settings.model_roots[0] / "pt")
     w = workload_for(type("S", (), {"batch_size": 4, "max_new_tokens": 6})(), PROMPTS, [2, 3])
     est = estimate(shape, Workload(w.batch_size, w.prompt_tokens, w.new_tokens, 2, 4))
@@ -92,14 +93,14 @@ def test_small_budget_runs_staged_then_refuses_below_one_model(settings: Setting
     assert memory["mode"] == "staged" and memory["estimate_bytes"] == est.to_dict()
     assert memory["measured_peak_bytes"] > 0 and "staged" in memory["note"]
     assert job.provenance["models"]["pt_weights"] != "not loaded"
-    assert cells is not None and _max_diff(cells, expected) <= 1e-5
+    assert cells is not None and _max_diff(cells, lockstep_cells) <= 1e-5
 
     job, _ = _run(settings, device_memory_gb=est.staged / 2 / 1e9)
     assert job.status == "failed"
     assert "even staged" in job.error and f"{est.staged / 1e6:.2f} MB staged" in job.error
 
 
-def test_simulated_oom_halves_the_batch_and_finishes(settings: Settings, monkeypatch) -> None:
+def test_simulated_oom_halves_the_batch_and_finishes(settings: Settings, monkeypatch, lockstep_cells) -> None:
     """A batch above 2 'runs out of memory' mid-chunk: the chunk is redone at 2, the cells are the same."""
     monkeypatch.setenv(OOM_ABOVE_BATCH_ENV, "2")
     job, cells = _run(settings)
@@ -108,7 +109,7 @@ def test_simulated_oom_halves_the_batch_and_finishes(settings: Settings, monkeyp
         {"stage": "divergence", "batch_size": 2},
         {"stage": "crosspatch", "batch_size": 2},
     ]
-    assert cells is not None and _max_diff(cells, _lockstep_cells(settings)) <= 1e-5
+    assert cells is not None and _max_diff(cells, lockstep_cells) <= 1e-5
 
 
 def test_submit_refuses_a_job_that_cannot_fit_even_staged(settings: Settings) -> None:
