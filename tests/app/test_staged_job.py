@@ -83,7 +83,7 @@ def _max_diff(a: pa.Table, b: pa.Table) -> float:
 
 def test_small_budget_runs_staged_then_refuses_below_one_model(settings: Settings, lockstep_cells) -> None:
     """Between the staged and lockstep estimates: staged, same cells; below staged: refused with the estimate."""
-    shape = read_shape(settings.model_roots[0] / "pt")
+    shape = read_shape(save_tiny_pair(settings.model_roots[0])[0])
     w = workload_for(type("S", (), {"batch_size": 4, "max_new_tokens": 6})(), PROMPTS, [2, 3])
     est = estimate(shape, Workload(w.batch_size, w.prompt_tokens, w.new_tokens, 2, 4))
     assert est.staged < est.lockstep
