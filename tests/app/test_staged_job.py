@@ -93,6 +93,7 @@ def test_small_budget_runs_staged_then_refuses_below_one_model(settings: Setting
     assert memory["mode"] == "staged" and memory["estimate_bytes"] == est.to_dict()
     assert memory["measured_peak_bytes"] > 0 and "staged" in memory["note"]
     assert job.provenance["models"]["pt_weights"] != "not loaded"
+    assert job.provenance["noop_checks"]["tiny"]["cells"]["passed"]  # each model checked in its own phase
     assert cells is not None and _max_diff(cells, lockstep_cells) <= 1e-5
 
     job, _ = _run(settings, device_memory_gb=est.staged / 2 / 1e9)

@@ -136,6 +136,7 @@ def test_offloaded_blocks_equal_one_device(tmp_path) -> None:
     device_map |= {f"model.layers.{i}": "disk" if i in (1, 2) else "cpu" for i in range(5)}
     shard = load_pair(pt, it, pair_id="p", device=device_map, offload_folder=tmp_path / "offload")
     assert shard.pt.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # really offloaded
+    assert {d.type for d in shard.pt_adapter.block_devices} == {"cpu"}  # accelerate's execution device
     events = find_divergences(plain, prompts, max_new_tokens=5, batch_size=4)
     _same_events(events, find_divergences(shard, prompts, max_new_tokens=5, batch_size=4))
     lock = crosspatch(plain, events, boundary=[2, 3], batch_size=4)
