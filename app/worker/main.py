@@ -74,7 +74,10 @@ class Worker:
         self.device = device
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}:{uuid.uuid4().hex[:6]}"
         self.store = Store.from_settings(settings)
-        self.memory_bytes = settings.worker_memory_bytes or device_memory_bytes(device)
+        # what the queue's memory fit offers this worker: explicit, else the admission budget, else the device
+        self.memory_bytes = (
+            settings.worker_memory_bytes or self.memory_budget() or device_memory_bytes(device)
+        )
         self.stopping = threading.Event()
         self._pair: Any = None
         self._pair_id: str | None = None
