@@ -142,7 +142,7 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
                 events_table(staging.events_for(pair, chunk, spec, ctx), pair.family, pair.pair_id),
             )
         ctx.progress((i + 1) / len(chunks), f"divergence: chunk {i + 1}/{len(chunks)}")
-    ctx.provenance["models"] = pair.provenance()  # a staged pair hashes each model when it first loads
+    staging.record_models(ctx, pair)
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
 
@@ -217,7 +217,7 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
         n_resamples=spec.n_resamples,
     )
     _crosspatch_chunks(pair, prompts, spec, ctx, boundaries)
-    ctx.provenance["models"] = pair.provenance()  # a staged pair hashes each model when it first loads
+    staging.record_models(ctx, pair)
     _summaries(ctx, spec)
     _controls(ctx, pair, spec, "", (0.95, 1.0))
     ctx.progress(1.0, "crosspatch: done")

@@ -103,3 +103,9 @@ def cells_for(
 def staged_ok(spec: Any) -> bool:
     """Whether a job may run staged: first-divergence events and no controls (those need both models)."""
     return getattr(spec, "event", "first_diff") == "first_diff" and not getattr(spec, "controls", None)
+
+
+def record_models(ctx: JobContext, pair: Any) -> None:
+    """A staged pair's weight hashes, taken as each model first loaded (a `ModelPair`'s are already in)."""
+    if isinstance(pair, StagedPair):
+        ctx.provenance["models"] = pair.provenance()
