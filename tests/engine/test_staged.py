@@ -71,8 +71,8 @@ def test_staged_equals_lockstep_per_family(family: str) -> None:
     _same_events(lock_events, events)
     assert sum(e.diverged for e in events) >= 3
     boundaries = [1, 3]
-    lock = crosspatch(pair, lock_events, boundary=boundaries, readouts=("it", "pt", "own"), batch_size=4)
-    cells = staged_crosspatch(staged, events, boundary=boundaries, readouts=("it", "pt", "own"), batch_size=4)
+    lock = crosspatch(pair, lock_events, boundary=boundaries, readouts=("it", "pt", "own"), batch_size=6)
+    cells = staged_crosspatch(staged, events, boundary=boundaries, readouts=("it", "pt", "own"), batch_size=6)
     assert _same_cells(lock, cells) <= 1e-5
     assert staged.loads == ["pt", "it", "pt", "it"]  # divergence PT, IT; 2x2 IT (kept), PT, IT
     assert noop_report(cells)["passed"] and set(noop_report(cells)["max_abs_diff"]) == {
