@@ -87,6 +87,19 @@ class Settings(BaseSettings):
     worker_memory_bytes: int | None = Field(
         default=None, description="Memory a worker offers; default: the device's total memory."
     )
+    device_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory budget per device, GB (1e9 bytes), for a job's estimated peak (engine.admission, "
+        "from config.json): lockstep when both models fit, staged (one model resident) when only one does, "
+        "refused with the estimate otherwise (also at submit). A device map (`balanced`) counts every GPU. "
+        "Default: no budget (lockstep).",
+    )
+    staged_state_bytes: int = Field(
+        default=2 << 30,
+        ge=0,
+        description="Host memory for the states a staged job keeps between phases; beyond it, memory-mapped files.",
+    )
     max_prompt_file_bytes: int = Field(
         default=64 << 20,
         ge=1,

@@ -44,6 +44,35 @@ class LayerContext:
     layer_types: list[str]  # one per block
     masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
     rotary: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+    copies: dict[torch.device, LayerContext] = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> LayerContext:
+        """This context on `device` (blocks spread over devices); each device's copy is made once."""
+        if self.position_ids.device == device:
+            return self
+        if device not in self.copies:
+            self.copies[device] = LayerContext(
+                position_ids=self.position_ids.to(device),
+                layer_types=self.layer_types,
+                masks={k: None if m is None else m.to(device) for k, m in self.masks.items()},
+                rotary={
+                    k: None if r is None else tuple(t.to(device) for t in r) for k, r in self.rotary.items()
+                },
+            )
+        return self.copies[device]
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: accelerate's execution device when it dispatched the module (its weights may
+    sit offloaded on cpu, disk or meta), else the device of its first parameter."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or [hook]  # accelerate's SequentialHook holds several
+    dev = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), None)
+    if dev is not None:
+        return dev if isinstance(dev, torch.device) else torch.device(dev)
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -76,6 +105,7 @@ class ArchAdapter:
         self.d_model: int = int(self.config.hidden_size if not self.is_gpt2 else self.config.n_embd)
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
         self.layer_types: list[str] = self._layer_types()
+        self.block_devices: list[torch.device] = [module_device(b) for b in self.blocks]  # one per block
 
     # ---- discovery ---------------------------------------------------------------------------
     @staticmethod
@@ -110,14 +140,17 @@ class ArchAdapter:
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Residual entering block 0 (the embedding scale of Gemma lives in its embedding module)."""
         if self.is_gpt2:
-            resid = self.decoder.wte(input_ids) + self.decoder.wpe(position_ids)  # [batch, seq, d_model]
-            return self.decoder.drop(resid)
-        return self.decoder.embed_tokens(input_ids)  # [batch, seq, d_model]
+            device = module_device(self.decoder.wte)
+            wte, wpe = self.decoder.wte(input_ids.to(device)), self.decoder.wpe(position_ids.to(device))
+            return self.decoder.drop(wte + wpe)  # [batch, seq, d_model]
+        embed = self.decoder.embed_tokens
+        return embed(input_ids.to(module_device(embed)))  # [batch, seq, d_model]
 
     def context(
         self, resid: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> LayerContext:
         """Masks and rotary tables for a `[batch, seq, d_model]` residual, built by the model's own code."""
+        attention_mask, position_ids = attention_mask.to(resid.device), position_ids.to(resid.device)
         ctx = LayerContext(position_ids=position_ids, layer_types=self.layer_types)
         mask_kwargs = dict(
             config=self.config,
@@ -138,9 +171,17 @@ class ArchAdapter:
         return ctx
 
     def run_block(self, layer: int, resid: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        """One decoder block: `[batch, seq, d_model]` in, `[batch, seq, d_model]` out."""
+        """One decoder block: `[batch, seq, d_model]` in, `[batch, seq, d_model]` out, on the block's device.
+
+        A model spread over devices (accelerate `device_map`) gets the residual and the context moved to each
+        block's device first; on one device nothing moves.
+        """
         kind = ctx.layer_types[layer]
         block = self.blocks[layer]
+        device = self.block_devices[layer]
+        if resid.device != device:
+            resid = resid.to(device)  # [batch, seq, d_model]
+        ctx = ctx.on(device)
         if self.is_gpt2:
             out = block(resid, None, ctx.masks[kind], position_ids=ctx.position_ids)
         else:
@@ -185,10 +226,12 @@ class ArchAdapter:
         (0.125 at |logit| ~ 20); with fp32 weights it is the same computation as in the weights' dtype, bit for bit.
         The full-vocabulary path (greedy decoding) stays in the model's dtype.
         """
+        final_resid = final_resid.to(module_device(self.final_norm))  # a no-op on one device
         if token_ids is None:
             logits = self.unembed(self.final_norm(final_resid))  # [..., vocab]
         else:
-            h = self.final_norm_fp32(final_resid)  # [..., d_model] fp32
+            h = self.final_norm_fp32(final_resid).to(self.device)  # [..., d_model] fp32
+            token_ids = token_ids.to(self.device)
             weight = self.unembed.weight[token_ids].float()  # [..., k, d_model]
             logits = torch.einsum("...d,...kd->...k", h, weight)  # [..., k]
             bias = getattr(self.unembed, "bias", None)

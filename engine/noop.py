@@ -110,6 +110,49 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def role_noop_diffs(
+    role: str,
+    model: torch.nn.Module,
+    adapter: ArchAdapter,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    final: torch.Tensor,
+    captured: dict[int, torch.Tensor],
+    context: Any,
+    boundaries: Sequence[int],
+) -> tuple[dict[str, float], float]:
+    """One model's checks (diagonal vs HF, self-patch at every boundary) and its compared logits' max |.|.
+
+    Needs only `role`'s model resident (staged execution checks each model in its own phase).
+    """
+    ref_logits = _hf_last_logits(model, input_ids, attention_mask)  # [batch, vocab]
+    picked = ref_logits.gather(-1, tokens.to(ref_logits.device))  # [batch, 2]
+    scale = float(picked.abs().max()) if picked.numel() else 1.0
+    ref = picked[:, 0] - picked[:, 1]  # [batch]
+    clean = _margin(adapter, final, tokens)  # [batch]
+    worst = 0.0
+    for b in boundaries:
+        late = adapter.run_layers(captured[b], context, start=b)[0][:, -1]  # [batch, d_model]
+        d = _max_abs(_margin(adapter, late, tokens), clean)
+        worst = d if math.isnan(d) or math.isnan(worst) else max(worst, d)
+    return {f"{role}_diagonal_vs_hf": _max_abs(clean, ref), f"{role}_self_patch": worst}, scale
+
+
+def make_report(
+    dtype: torch.dtype, scale: float, n_events: int, boundaries: Sequence[int], diffs: dict[str, float]
+) -> NoopReport:
+    """The report of measured `diffs` at the tolerance of `dtype` for logits reaching `scale`."""
+    return NoopReport(
+        dtype=str(dtype).removeprefix("torch."),
+        tolerance=tolerance(dtype, max(1.0, scale)),
+        n_events=int(n_events),
+        boundaries=[int(b) for b in boundaries],
+        max_abs_diff=diffs,
+    )
+
+
+@torch.no_grad()
 def check_cells_noop(
     pair: ModelPair,
     input_ids: torch.Tensor,
@@ -122,27 +165,21 @@ def check_cells_noop(
     diffs: dict[str, float] = {}
     scale = 1.0
     for role, model in (("pt", pair.pt), ("it", pair.it)):
-        adapter = pair.adapter(role)
-        ref_logits = _hf_last_logits(model, input_ids, attention_mask)  # [batch, vocab]
-        picked = ref_logits.gather(-1, tokens.to(ref_logits.device))  # [batch, 2]
-        scale = max(scale, float(picked.abs().max()) if picked.numel() else 1.0)
-        ref = picked[:, 0] - picked[:, 1]  # [batch]
-        clean = _margin(adapter, passes.final[role], tokens)  # [batch]
-        diffs[f"{role}_diagonal_vs_hf"] = _max_abs(clean, ref)
-        worst = 0.0
-        for b in boundaries:
-            resid = passes.captured[role][b]  # [batch, seq, d_model]
-            late = adapter.run_layers(resid, passes.contexts[role], start=b)[0][:, -1]  # [batch, d_model]
-            d = _max_abs(_margin(adapter, late, tokens), clean)
-            worst = d if math.isnan(d) or math.isnan(worst) else max(worst, d)
-        diffs[f"{role}_self_patch"] = worst
-    return NoopReport(
-        dtype=str(pair.it_adapter.dtype).removeprefix("torch."),
-        tolerance=tolerance(pair.it_adapter.dtype, scale),
-        n_events=int(input_ids.shape[0]),
-        boundaries=[int(b) for b in boundaries],
-        max_abs_diff=diffs,
-    )
+        d, s = role_noop_diffs(
+            role,
+            model,
+            pair.adapter(role),
+            input_ids,
+            attention_mask,
+            tokens,
+            passes.final[role],
+            passes.captured[role],
+            passes.contexts[role],
+            boundaries,
+        )
+        diffs.update(d)
+        scale = max(scale, s)
+    return make_report(pair.it_adapter.dtype, scale, int(input_ids.shape[0]), boundaries, diffs)
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ DTYPES: dict[str, torch.dtype] = {
 Readout = Literal["it", "pt", "own"]
 READOUTS: tuple[str, ...] = ("it", "pt", "own")
 DEFAULT_BOUNDARY_FRACTION = 0.6
+DEVICE_MAPS: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate strategies
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -48,26 +49,45 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def load_model(
     name_or_path: str | Path,
     *,
-    device: str = "cpu",
+    device: str | dict[str, int | str] = "cpu",
     dtype: str | torch.dtype = "float32",
     revision: str | None = None,
     require_tokenizer: bool = True,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer by hub id or local path (`trust_remote_code` is never on).
 
-    `device` is `cpu`, `cuda`, `cuda:N`, or an accelerate device map (`auto`, `balanced`) for models
-    that need several GPUs. Without `require_tokenizer`, a model saved without one loads with `None`.
+    `device` is `cpu`, `cuda`, `cuda:N`, or an accelerate device map for models larger than one GPU: a
+    strategy (`auto`, `balanced`, `balanced_low_0`, `sequential`, bounded per device by `max_memory`, e.g.
+    `{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`) or an explicit `{module: device}` map, where `"cpu"` and
+    `"disk"` offload blocks (disk weights under `offload_folder`). The adapters move the residual to each
+    block's device. Without `require_tokenizer`, a model saved without one loads with `None`.
     """
     name = str(name_or_path)
     local = Path(name).expanduser()
     if (name.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
         raise ModelLoadError(f"model path {name!r} has no config.json (is it a saved HF model directory?)")
     torch_dtype = resolve_dtype(dtype)
-    device_map = device if device in ("auto", "balanced", "balanced_low_0", "sequential") else None
+    device_map = device if isinstance(device, dict) or device in DEVICE_MAPS else None
+    if max_memory is not None and device_map is None:
+        raise CrosspatchError(
+            f"max_memory needs a device map (one of {', '.join(DEVICE_MAPS)}), not {device!r}"
+        )
     source = str(local) if local.exists() else name
+    extra: dict[str, object] = {}
+    if max_memory is not None:
+        extra["max_memory"] = max_memory
+    if offload_folder is not None:
+        extra["offload_folder"] = str(offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=False, device_map=device_map, revision=revision
+            source,
+            dtype=torch_dtype,
+            trust_remote_code=False,
+            device_map=device_map,
+            revision=revision,
+            **extra,
         )
     except Exception as e:  # HF raises many types (OSError, ValueError, HFValidationError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -79,7 +99,7 @@ def load_model(
             raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(e).strip()[:200]}") from e
         tokenizer = None
     if device_map is None:
-        model = model.to(device)
+        model = model.to(str(device))
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -255,21 +275,31 @@ def load_pair(
     pt: str | Path,
     it: str | Path,
     *,
-    device: str = "cpu",
+    device: str | dict[str, int | str] = "cpu",
     dtype: str | torch.dtype = "float32",
     family: str | None = None,
     pair_id: str | None = None,
     pair_label: str | None = None,
     pt_revision: str | None = None,
     it_revision: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> ModelPair:
     """Load PT and IT by id or path onto `device` in `dtype` and wrap them as a `ModelPair`.
 
     Without `pair_id` the id is `pair_identity`'s (names + hash of resolved paths and revisions); a
     caller that passes one (an allow-list key, an organism name) vouches that it is unique.
     """
-    pt_model, pt_tok = load_model(pt, device=device, dtype=dtype, revision=pt_revision)
-    it_model, it_tok = load_model(it, device=device, dtype=dtype, revision=it_revision)
+    spread = dict(max_memory=max_memory)  # accelerate: each model fills the devices within max_memory
+    pt_off = it_off = None
+    if offload_folder is not None:
+        pt_off, it_off = Path(offload_folder) / "pt", Path(offload_folder) / "it"
+    pt_model, pt_tok = load_model(
+        pt, device=device, dtype=dtype, revision=pt_revision, offload_folder=pt_off, **spread
+    )
+    it_model, it_tok = load_model(
+        it, device=device, dtype=dtype, revision=it_revision, offload_folder=it_off, **spread
+    )
     derived_id, derived_label = pair_identity(pt, it, pt_revision, it_revision)
     return ModelPair.from_models(
         pt_model,

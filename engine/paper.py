@@ -15,36 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from crosspatch.engine.admission import Estimate, Shape, Workload, choose_mode, estimate
+from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.pairs import DEFAULT_BOUNDARY_FRACTION
 from crosspatch.engine.prompts import PromptRecord
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The config.json fields that size a decoder-only checkpoint."""
-
-    n_layers: int
-    d_model: int
-    d_mlp: int
-    vocab: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    tied: bool
-    qkv_bias: bool = False
-    source: str = ""
-
-    @property
-    def n_params(self) -> int:
-        """Parameters from the shapes (embeddings, attention, gated MLP; norms ignored, < 0.01%)."""
-        d, hd = self.d_model, self.head_dim
-        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q, o + k, v
-        if self.qkv_bias:
-            attn += (self.n_heads + 2 * self.n_kv_heads) * hd
-        mlp = 3 * d * self.d_mlp  # gate, up, down
-        emb = self.vocab * d * (1 if self.tied else 2)
-        return self.n_layers * (attn + mlp) + emb
-
 
 # Published config.json of each base checkpoint (the instruct checkpoint of a pair has the same shapes).
 SHAPES: dict[str, Shape] = {
@@ -191,6 +165,7 @@ def pair_plan(pair: PaperPair, a: Assumptions = Assumptions()) -> PairPlan:
     # one decode step of one model: read its weights once, plus the eager per-step overhead
     step = p * a.bytes_per_param / (bw * a.hbm_efficiency) + a.step_overhead_s
     late = (s.n_layers - pair.boundary) / s.n_layers
+    est = pair_estimate(pair, a)  # divergence + 2x2 peak, the worker's own estimator (engine.admission)
     resid = a.batch_size * seq * s.d_model * a.bytes_per_param
     stages = [
         Stage(
@@ -202,13 +177,13 @@ def pair_plan(pair: PaperPair, a: Assumptions = Assumptions()) -> PairPlan:
         Stage(
             "divergence",
             f"lockstep greedy (KV cache, real-token mask, <= {a.divergence_budget} steps) on {a.n_prompts} prompts",
-            _gb(weights + 2 * a.batch_size * (a.prompt_tokens + a.divergence_budget) * kv_per_token),
+            _gb(est.lockstep),
             n_batches * (a.divergence_budget * 2 * step + 2 * 2 * p * a.batch_size * a.prompt_tokens / flops),
         ),
         Stage(
             "crosspatch",
             f"2x2 at b={pair.boundary} (2 full + 2 late-stack passes, no cache), bootstrap CIs per family",
-            _gb(weights + 2 * resid * (s.n_layers + 2) / s.n_layers * 4),
+            _gb(est.lockstep),
             a.n_prompts * seq * 2 * p * (2 + 2 * late) / flops,
         ),
         Stage(
@@ -239,6 +214,28 @@ def pair_plan(pair: PaperPair, a: Assumptions = Assumptions()) -> PairPlan:
         ),
     ]
     return PairPlan(pair=pair, n_params=p, n_gpus=n_gpus, stages=stages)
+
+
+def pair_estimate(pair: PaperPair, a: Assumptions = Assumptions()) -> Estimate:
+    """The divergence + 2x2 peak of one pair at the recipe's batch and longest sequence (engine.admission)."""
+    work = Workload(
+        batch_size=a.batch_size,
+        prompt_tokens=a.prompt_tokens,
+        new_tokens=a.divergence_budget,
+        n_boundaries=1,
+        bytes_per_param=a.bytes_per_param,
+    )
+    return estimate(pair.shape, work)
+
+
+def one_gpu_mode(pair: PaperPair, a: Assumptions = Assumptions()) -> str:
+    """How a worker with one GPU of `a.gpu_memory_gb` runs the pair: lockstep, staged, or refused."""
+    est = pair_estimate(pair, a)
+    try:
+        mode = choose_mode(est, int(a.gpu_memory_gb * 1e9))
+    except CrosspatchError:
+        mode = "refused"
+    return f"one {a.gpu_memory_gb:.0f} GB GPU: {mode} ({est.describe()})"
 
 
 def plan(a: Assumptions = Assumptions()) -> list[PairPlan]:
@@ -278,6 +275,7 @@ def render(plans: list[PairPlan], a: Assumptions = Assumptions()) -> str:
             f"{p.family}: {pp.n_params / 1e9:.2f}B params per model (shapes: {p.shape.source}), "
             f"{pp.n_gpus} GPU(s) of {a.gpu_memory_gb:.0f} GB"
         )
+        lines.append(f"  {one_gpu_mode(p, a)}")
         for st in pp.stages:
             lines.append(f"  {st.name:<14} {st.memory_gb:7.1f} GB  {st.seconds / 60:7.1f} min  {st.what}")
         lines.append(f"  {'total':<14} {'':>10} {pp.seconds / 60:7.1f} min")

@@ -5,7 +5,8 @@
 2. higher `priority` first (so it orders an owner's own jobs; researchers may only lower theirs);
 3. a job on the pair this worker already has loaded, before one that needs a reload;
 4. oldest first.
-A job whose estimated memory exceeds the worker's is never offered to it.
+A job whose estimated memory exceeds the worker's is never offered to it (the estimate: engine.admission at
+submit, the staged peak for a job that may run staged; the worker's: its admission budget or device memory).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from crosspatch.app.config import Settings
 from crosspatch.app.errors import Conflict, Invalid, QuotaExceeded
 from crosspatch.app.queue import ops
 from crosspatch.app.schemas.jobs import JobCreate, JobPublic
-from crosspatch.app.services.paths import resolve_under
+from crosspatch.app.services.paths import model_ref_to_open, resolve_under
 from crosspatch.app.store.duckdb import ResultsStore
 from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.store.models import (
@@ -150,7 +150,65 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
         _check_pretrained_allowed(settings, f"{spec.release}/{spec.sae_id}")
     elif spec.kind == "load_dictionary":
         spec.path = str(resolve_under(spec.path, settings.dictionary_roots, "spec.path"))
-    return pairs[0].pair_id, max(p.estimated_memory_bytes for p in pairs)
+    memory = _memory_estimate(settings, spec, pairs)
+    return pairs[0].pair_id, memory if memory is not None else max(p.estimated_memory_bytes for p in pairs)
+
+
+STAGED_KINDS = ("divergence", "crosspatch")  # kinds a worker may run with one model resident
+
+
+def _memory_estimate(settings: Settings, spec: Any, pairs: list[Pair]) -> int | None:
+    """The job's peak bytes by the workers' estimator (engine.admission, config.json only): staged for a kind
+    that may run staged, else lockstep. 422 when it cannot fit `device_memory_gb` even staged. None when a
+    model has no local config.json (a hub id): the pair's own estimate stands."""
+    from crosspatch.engine.admission import (
+        MemoryAdmissionError,
+        Workload,
+        bytes_per_param,
+        choose_mode,
+        estimate,
+        read_shape,
+    )
+    from crosspatch.engine.pairs import DEVICE_MAPS
+
+    staged = spec.kind in STAGED_KINDS and getattr(spec, "event", "first_diff") == "first_diff"
+    staged = staged and not getattr(spec, "controls", None)
+    prompts = getattr(spec, "prompts", None) or []
+    longest = max((len(p.text.encode()) for p in prompts), default=0) + 2  # a token covers >= 1 byte
+    boundary = getattr(spec, "boundary", None)
+    budget = None
+    if (
+        settings.device_memory_gb is not None and settings.device not in DEVICE_MAPS
+    ):  # GPUs counted by workers
+        budget = int(settings.device_memory_gb * 1e9)
+    need = 0
+    for pair in pairs:
+        try:
+            shape = read_shape(model_ref_to_open(pair.pt, settings.model_roots, "pt"))
+        except Exception:  # a hub id or a model not present here: no config.json to size it from
+            return None
+        n_boundaries = len(boundary) if isinstance(boundary, list) else 1
+        n_boundaries = shape.n_layers - 1 if boundary == "sweep" else n_boundaries
+        work = Workload(
+            getattr(spec, "batch_size", 1),
+            longest,
+            getattr(spec, "max_new_tokens", 0),
+            n_boundaries,
+            bytes_per_param(settings.dtype),
+        )
+        est = estimate(shape, work)
+        try:
+            mode = choose_mode(est, budget)
+        except MemoryAdmissionError as e:
+            raise Invalid("spec", f"pair {pair.pair_id!r}: {e}") from None
+        if mode == "staged" and not staged:
+            raise Invalid(
+                "spec",
+                f"pair {pair.pair_id!r}: a {spec.kind} job needs both models resident, which does not fit the "
+                f"budget of {settings.device_memory_gb} GB per device: {est.describe()}",
+            )
+        need = max(need, est.staged if staged else est.lockstep)
+    return need
 
 
 def _check_pretrained_allowed(settings: Settings, ref: str) -> None:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # can SIGKILL it at a known point instead of racing the clock.
 HOLD_AFTER_PARTS_ENV = "CROSSPATCH_FAULT_HOLD_AFTER_PARTS"
 HELD_MARKER = ".held"
+# Fault injection for the OOM path: a batch larger than N raises a simulated torch.OutOfMemoryError after it
+# ran (mid-chunk), so the job must halve its batch and redo the chunk.
+OOM_ABOVE_BATCH_ENV = "CROSSPATCH_FAULT_OOM_ABOVE_BATCH"
 
 
 class JobCancelled(Exception):
@@ -60,6 +63,9 @@ class JobContext:
         self.checkpoint_dir = parts_dir(data_dir, job_id)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.provenance: dict[str, Any] = {}
+        self.memory: dict[
+            str, Any
+        ] = {}  # admission: mode, budget, estimate; the worker adds the measured peak
         self._load_pair = load_pair
         self.executor: Executor = executor or LocalExecutor()  # where handlers run their chunks
         self.shared_cache = shared_cache  # dictionaries / activation caches reused across jobs; None: off
@@ -225,6 +231,22 @@ class JobContext:
         return dict_id
 
     # ---- models ------------------------------------------------------------------------------
-    def load_pair(self, pair_id: str) -> Any:
-        """The worker's warm `ModelPair` for `pair_id` (loaded on first use)."""
-        return self._load_pair(pair_id)
+    def load_pair(self, pair_id: str, workload: Any = None) -> Any:
+        """The worker's warm `ModelPair` for `pair_id` (loaded on first use).
+
+        A job that can run staged passes its `workload` (engine.admission.Workload): under a memory budget
+        it may get a `StagedPair` (one model resident) instead; the decision lands in `memory`.
+        """
+        if workload is None:
+            return self._load_pair(pair_id)
+        return self._load_pair(pair_id, workload=workload, admission=self.memory)
+
+    def oom_point(self, batch_size: int) -> None:
+        """Fault hook: raise a simulated `torch.OutOfMemoryError` on a batch above `OOM_ABOVE_BATCH_ENV`."""
+        limit = os.environ.get(OOM_ABOVE_BATCH_ENV)
+        if limit is not None and batch_size > int(limit):
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"simulated out of memory at batch size {batch_size} ({OOM_ABOVE_BATCH_ENV})"
+            )

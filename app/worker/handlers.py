@@ -31,6 +31,7 @@ from crosspatch.app.schemas.jobs import (
     PipelineSpec,
     TrainDictionarySpec,
 )
+from crosspatch.app.worker import staging
 from crosspatch.app.worker.context import JobContext
 from crosspatch.app.worker.executor import ChunkTask
 from crosspatch.engine.divergence import DivergenceEvent, iter_divergences
@@ -151,18 +152,19 @@ def _provenance(ctx: JobContext, pair: ModelPair, spec: DivergenceSpec) -> None:
 def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     """First divergence per prompt -> `events` parts."""
 
-    pair = ctx.load_pair(spec.pair_id)
-    _provenance(ctx, pair, spec)
     prompts = load_prompt_records(spec)
+    pair = ctx.load_pair(spec.pair_id, workload=staging.workload_for(spec, prompts))
+    _provenance(ctx, pair, spec)
     chunks = _chunks(prompts, spec.chunk_size)
     done = ctx.completed_parts()
     for i, chunk in enumerate(chunks):
         name = f"events.{i:05d}"
         if name not in done:
             ctx.check_cancel()
-            tables = ctx.executor.run_chunk(ctx, pair.pair_id, _chunk_task(spec, chunk, f"{i:05d}"))
+            tables = staging.run_chunk(ctx, pair, _chunk_task(spec, chunk, f"{i:05d}"))
             ctx.write_part(name, tables["events"])
         ctx.progress((i + 1) / len(chunks), f"divergence: chunk {i + 1}/{len(chunks)}")
+    staging.record_models(ctx, pair)
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
 
@@ -198,7 +200,7 @@ def _crosspatch_chunks(
         else:
             ctx.check_cancel()
             task = _chunk_task(spec, chunk, f"{tag}{i:05d}", boundaries, check_noop=not checked)
-            tables = ctx.executor.run_chunk(ctx, pair.pair_id, task)  # local or a Ray actor: same function
+            tables = staging.run_chunk(ctx, pair, task)  # here (lockstep or staged) or in a Ray actor
             if ev_name not in done:
                 ctx.write_part(ev_name, tables["events"])
             cells = tables["cells"]
@@ -226,7 +228,9 @@ def _summaries(ctx: JobContext, spec: CrosspatchSpec | PipelineSpec) -> None:
 @register("crosspatch")
 def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
     """Divergence -> 2x2 cells per chunk (`events`/`cells` parts) -> `summaries` over all cells."""
-    pair = ctx.load_pair(spec.pair_id)
+    prompts = load_prompt_records(spec)
+    workload = staging.workload_for(spec, prompts, spec.boundary) if staging.staged_ok(spec) else None
+    pair = ctx.load_pair(spec.pair_id, workload=workload)
     _provenance(ctx, pair, spec)
     boundaries = pair.resolve_boundaries(spec.boundary)
     ctx.provenance.update(
@@ -236,8 +240,8 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
         seed=spec.seed,
         n_resamples=spec.n_resamples,
     )
-    prompts = load_prompt_records(spec)
     _crosspatch_chunks(pair, prompts, spec, ctx, boundaries)
+    staging.record_models(ctx, pair)
     _summaries(ctx, spec)
     _controls(ctx, pair, spec, "", (0.95, 1.0))
     ctx.progress(1.0, "crosspatch: done")

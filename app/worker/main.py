@@ -46,6 +46,22 @@ def device_memory_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _reset_peak(device: str) -> None:
+    """Start a job's CUDA peak-memory count afresh (CPU: the process's peak RSS cannot be reset)."""
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(i)
+
+
+def _peak(device: str) -> int:
+    from crosspatch.engine.admission import peak_memory_bytes
+
+    return peak_memory_bytes(device)
+
+
 class Worker:
     """One worker on one device; keeps the last pair it loaded warm."""
 
@@ -60,7 +76,10 @@ class Worker:
         self.device = device
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device}:{uuid.uuid4().hex[:6]}"
         self.store = Store.from_settings(settings)
-        self.memory_bytes = settings.worker_memory_bytes or device_memory_bytes(device)
+        # what the queue's memory fit offers this worker: explicit, else the admission budget, else the device
+        self.memory_bytes = (
+            settings.worker_memory_bytes or self.memory_budget() or device_memory_bytes(device)
+        )
         self.stopping = threading.Event()
         self._pair: Any = None
         self._pair_id: str | None = None
@@ -91,14 +110,44 @@ class Worker:
         it = model_ref_to_open(it, self.settings.model_roots, f"pair {pair_id!r} it")
         return PairSource(pair_id, str(pt), str(it), family, self.settings.dtype, self.device)
 
-    def load_pair(self, pair_id: str) -> Any:
-        """The `ModelPair` for `pair_id`, from the allow-list; reuses the one already loaded."""
+    def memory_budget(self) -> int | None:
+        """Bytes a job may use on this worker's devices (`device_memory_gb` x devices); None: no budget."""
+        gb = self.settings.device_memory_gb
+        if gb is None:
+            return None
+        from crosspatch.engine.pairs import DEVICE_MAPS
+
+        n = 1
+        if self.device in DEVICE_MAPS:
+            import torch
+
+            n = max(1, torch.cuda.device_count())
+        return int(gb * 1e9 * n)
+
+    def load_pair(self, pair_id: str, workload: Any = None, admission: dict | None = None) -> Any:
+        """The pair for `pair_id`, from the allow-list; reuses the one already loaded.
+
+        With a memory budget the job's estimate (engine.admission, from config.json) decides: lockstep (a
+        warm `ModelPair`), staged (a `StagedPair`, only for jobs that pass their `workload`), or refusal
+        (`MemoryAdmissionError` with the estimate). `admission` receives the decision for provenance.
+        """
+        if self._pair_id == pair_id and self.memory_budget() is None:
+            return self._pair  # warm, and no budget to check against
+        src = self.pair_source(pair_id)
+        pt, it, family = src.pt, src.it, src.family
+        mode = self._admit(pt, workload, admission)
+        if mode == "staged":
+            from crosspatch.engine.staged import load_staged_pair
+
+            self._pair = self._pair_id = None  # free the warm pair first
+            log.info("loading pair %s staged on %s", pair_id, self.device)
+            return load_staged_pair(
+                pt, it, device=self.device, dtype=self.settings.dtype, family=family, pair_id=pair_id
+            )
         if self._pair_id == pair_id:
             return self._pair
         from crosspatch.engine.pairs import load_pair
 
-        src = self.pair_source(pair_id)
-        pt, it, family = src.pt, src.it, src.family
         self._pair = self._pair_id = None
         log.info("loading pair %s on %s", pair_id, self.device)
         self._pair = load_pair(
@@ -106,6 +155,47 @@ class Worker:
         )
         self._pair_id = pair_id
         return self._pair
+
+    def _admit(self, pt: Any, workload: Any, admission: dict | None) -> str:
+        """lockstep / staged for a job on the pair whose PT is `pt`; raises when even staged does not fit."""
+        budget = self.memory_budget()
+        if budget is None and workload is None:
+            return "lockstep"
+        from crosspatch.engine.admission import (
+            MemoryAdmissionError,
+            Workload,
+            bytes_per_param,
+            choose_mode,
+            estimate,
+            read_shape,
+        )
+
+        try:
+            shape = read_shape(str(pt))
+        except CrosspatchError as e:  # a hub id: no local config.json to size it from
+            log.warning("no memory estimate: %s", e)
+            return "lockstep"
+        work = workload or Workload(1, 0, 0, 1)
+        n_boundaries = shape.n_layers - 1 if work.n_boundaries < 0 else work.n_boundaries  # < 0: a sweep
+        work = Workload(
+            work.batch_size,
+            work.prompt_tokens,
+            work.new_tokens,
+            n_boundaries,
+            bytes_per_param(self.settings.dtype),
+        )
+        est = estimate(shape, work)
+        mode = choose_mode(est, budget)
+        if mode == "staged" and workload is None:
+            raise MemoryAdmissionError(
+                f"job needs both models resident but does not fit the budget of {budget / 1e9:.2f} GB: "
+                f"{est.describe()}; only divergence and crosspatch jobs (without controls) run staged"
+            )
+        if admission is not None:
+            admission.update(
+                mode=mode, budget_bytes=budget, estimate_bytes=est.to_dict(), note=est.describe()
+            )
+        return mode
 
     # ---- loop --------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -175,12 +265,14 @@ class Worker:
             shared_cache=self.shared_cache,
         )
         ctx.provenance["executor"] = self.executor.describe()
+        ctx.staged_state_bytes = self.settings.staged_state_bytes
         beat_stop = threading.Event()
         beat = threading.Thread(
             target=self._beat, args=(ctx, beat_stop, kind), daemon=True, name=f"heartbeat-{job_id}"
         )
         beat.start()
         t0 = time.monotonic()
+        _reset_peak(self.device)
         try:
             ctx.log(f"{kind} started on {self.worker_id} ({self.device})")
             run_job(spec, ctx)
@@ -205,6 +297,7 @@ class Worker:
             beat_stop.set()
             beat.join()
         ctx.provenance.update(self._provenance(kind, spec))
+        ctx.provenance["memory"] = {**ctx.memory, "measured_peak_bytes": _peak(self.device)}
         ctx.log(f"{kind} finished in {time.monotonic() - t0:.1f}s; waiting for ingest")
         progress = {"fraction": 1.0, "message": "ingesting"}
         ok = ops.finish_running(

@@ -41,3 +41,24 @@ def test_a_raising_hook_on_cuda_leaves_no_hook_behind() -> None:
     with pytest.raises(RuntimeError, match="hook failed"), mlp_hooks(a, {1: boom}):
         a.forward_logits(ids, torch.ones_like(ids))
     assert all(len(a.mlp(layer)._forward_hooks) == 0 for layer in range(a.n_layers))
+
+
+def test_blocks_split_between_cuda_and_cpu_equal_one_device() -> None:
+    """Blocks 2..4 on CUDA, the rest on CPU: the residual moves to each block's device; same cells and hooks."""
+    cpu = tiny_pair("llama")
+    events = forced_events(cpu, random_prompts(6, min_len=3, max_len=9))
+    want = crosspatch(cpu, events, boundary=[1, 3], batch_size=3).to_pydict()
+    split = tiny_pair("llama")
+    for model in (split.pt, split.it):
+        for layer in model.model.layers[2:]:
+            layer.to("cuda")
+        model.model.norm.to("cuda")
+        model.lm_head.to("cuda")
+    split = ModelPair.from_models(split.pt, split.it, split.tokenizer, family="llama", pair_id=split.pair_id)
+    assert [d.type for d in split.pt_adapter.block_devices] == ["cpu", "cpu", "cuda", "cuda", "cuda"]
+    seen: list[torch.device] = []
+    with mlp_hooks(split.it_adapter, {3: lambda x, out: seen.append(out.device)}):
+        got = crosspatch(split, events, boundary=[1, 3], batch_size=3, check_noop=False).to_pydict()
+    assert got["prompt_id"] == want["prompt_id"] and seen and all(d.type == "cuda" for d in seen)
+    for col in CELL_COLUMNS:
+        assert max(abs(a - b) for a, b in zip(want[col], got[col], strict=True)) <= 1e-4, col
