@@ -179,7 +179,12 @@ def train_for_pair(
         options["k"] = k
     if not crosscoder:
         options["model_role"] = roles[0]
-    elif balance_branches:
-        options["balance_branches"] = True
+    else:
+        # method 5.1: the inference threshold is the EMA (beta 0.999) of the BatchTopK cutoff from step 6,000
+        # of 24,000; scaled to this run: from a quarter of the steps, averaging over about 1/20 of them
+        steps = -(-options["training_tokens"] // batch_size)
+        options["threshold_start_step"] = steps // 4
+        options["threshold_beta"] = min(0.999, 1.0 - 1.0 / max(2, steps // 20))
+        options["balance_branches"] = balance_branches
     cfg = make_config(architecture, **options)
     return train_dictionary(cfg, cache, final, models=models, progress=progress, gate=gate)
