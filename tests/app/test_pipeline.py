@@ -70,7 +70,15 @@ def pipeline_job(env: dict) -> dict:
             "min_heldout_tokens": 100,
             "max_alive_fraction": 0.6,
         },
-        "mediation": {"top_k": 4, "ks": [4], "neighbours": 10, "allow_failed_gate": False},
+        # half the events rank (fit) so enough word latents fire on fit events with a score <= 0 to draw
+        # matched-random sets from (2 neighbours each); the dictionary trains on the fit half
+        "mediation": {
+            "top_k": 4,
+            "ks": [4],
+            "neighbours": 2,
+            "fit_fraction": 0.5,
+            "allow_failed_gate": False,
+        },
         "forced_tokens": True,  # method 6: forced tokens and constrained continuation per pair
         "continuation": True,
         # a control by flag: its rows land next to the cells, at the headline boundary
@@ -156,8 +164,10 @@ def test_pipeline_finds_the_planted_mediators(env: dict, pipeline_job: dict) -> 
     assert lo <= inter["estimate"] <= hi and inter["ci_low"] > 0
 
     got = {(r["intervention"], r["statistic"]): r for r in effects if r["k"] == 4 and r["latent"] is None}
-    assert got[("ablate_topk", "share")]["effect"] >= 0.8
-    assert got[("rescue_topk", "rescue_fraction")]["effect"] >= 0.5
+    # the crosscoder's IT branch alone (its encoder, its decoder) carries about 2/3 of the interaction in the
+    # 4 planted latents (an SAE on IT's MLP output: >= 0.8); rescuing them restores most of it
+    assert got[("ablate_topk", "share")]["effect"] >= 0.5
+    assert got[("rescue_topk", "rescue_fraction")]["effect"] >= 0.7
     # matched-random sets (drawn among the word latents) remove almost nothing
     status = provenance["provenance"]["mediation_splits"][ORGANISM]["controls"]["matched_random"]["by_k"]["4"]
     assert status["available"], status
@@ -263,7 +273,7 @@ def test_feature_page_of_a_planted_latent(env: dict, pipeline_job: dict, capsys)
         "--key",
         env["keys"]["ada"],
     )
-    assert f"feature {latent} of {dict_id}" in out and f"≪{shown[0]['token']}≫ {word}" in out
+    assert f"feature {latent} of {dict_id}" in out and f"≪{shown[0]['token']}≫" in out
     assert "PT decoder share" in out and word in out
 
 
@@ -304,7 +314,7 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
                     "dictionary_id": d["id"],
                     "prompts": prompts,
                     "max_new_tokens": 16,
-                    "mediation": {"top_k": 4, "ks": [4], "neighbours": 2},
+                    "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "fit_fraction": 0.5},
                 }
             },
         )
@@ -313,7 +323,7 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
         assert job["status"] == "succeeded", c.get(f"/jobs/{job['id']}/logs").json()
         effects = c.get(f"/jobs/{job['id']}/results/feature_effects", params={"limit": 5000}).json()["data"]
         share = next(e for e in effects if e["intervention"] == "ablate_topk" and e["statistic"] == "share")
-        assert share["effect"] >= 0.8
+        assert share["effect"] >= 0.5
         r = c.post(
             "/jobs", json={"spec": {"kind": "load_dictionary", "pair_id": ORGANISM, "path": d["path"]}}
         )
