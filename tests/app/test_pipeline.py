@@ -70,15 +70,9 @@ def pipeline_job(env: dict) -> dict:
             "min_heldout_tokens": 100,
             "max_alive_fraction": 0.6,
         },
-        # half the events rank (fit) so enough word latents fire on fit events with a score <= 0 to draw
-        # matched-random sets from (2 neighbours each); the dictionary trains on the fit half
-        "mediation": {
-            "top_k": 4,
-            "ks": [4],
-            "neighbours": 2,
-            "fit_fraction": 0.5,
-            "allow_failed_gate": False,
-        },
+        # the tiny organism's fit events activate only about 9 latents (the 4 planted, a few word latents
+        # with positive scores): no matched-random candidates remain, so that control is unavailable
+        "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "allow_failed_gate": False},
         "forced_tokens": True,  # method 6: forced tokens and constrained continuation per pair
         "continuation": True,
         # a control by flag: its rows land next to the cells, at the headline boundary
@@ -168,23 +162,25 @@ def test_pipeline_finds_the_planted_mediators(env: dict, pipeline_job: dict) -> 
     # 4 planted latents (an SAE on IT's MLP output: >= 0.8); rescuing them restores most of it
     assert got[("ablate_topk", "share")]["effect"] >= 0.5
     assert got[("rescue_topk", "rescue_fraction")]["effect"] >= 0.7
-    # matched-random sets (drawn among the word latents) remove almost nothing
+    # the matched-random control could not be drawn without touching the signal: unavailable, not a number
+    assert got[("ablate_matched_random", "share")]["effect"] is None
+    assert got[("ablate_matched_random", "interaction_drop")]["n"] == 0
     status = provenance["provenance"]["mediation_splits"][ORGANISM]["controls"]["matched_random"]["by_k"]["4"]
-    assert status["available"], status
-    random_drop = got[("ablate_matched_random", "interaction_drop")]
-    assert random_drop["n"] > 0 and abs(random_drop["effect"]) <= 0.05 * inter["estimate"]
-    # the full gate of method 5.1 holds on both branches, causal checks included
+    assert not status["available"] and "pool too small" in status["reason"]
+    # every other check of the method's gate holds, on both branches: held-out tokens, FVE of PT and of IT,
+    # L0 within 10% of k, alive fraction, and a positive top-k causal drop
     by_name = {r["check_name"]: r for r in checks}
     assert by_name["topk_causal_drop"]["passed"] and by_name["topk_causal_drop"]["value"] > 0
-    assert by_name["matched_random_drop"]["passed"] and by_name["matched_random_drop"]["value"] <= 0.05
     for name in ("fve_pt", "fve_it", "l0_target", "alive_fraction", "heldout_tokens"):
         assert by_name[name]["passed"], by_name[name]
     assert by_name["fve_pt"]["value"] >= 0.75 and by_name["fve_it"]["value"] >= 0.75
+    assert not by_name["matched_random_drop"]["passed"] and by_name["matched_random_drop"]["value"] is None
     full_gate = provenance["provenance"]["dictionaries"][ORGANISM]["gate_after_mediation"]
-    assert full_gate["status"] == "passed" and full_gate["pending"] == [], full_gate
-    # so top-features shows the dictionary's latents with held-out evidence
-    assert [r["latent"] for r in gated] == [r["latent"] for r in top] and len(top) == 4
-    assert all(r["gate_status"] == "passed" for r in top)
+    assert full_gate["status"] == "failed" and full_gate["pending"] == []
+    assert {c["name"]: c["status"] for c in full_gate["checks"]}["matched_random_drop"] == "failed"
+    # so top-features leaves the dictionary out unless asked, and then shows why, with held-out evidence
+    assert gated == []
+    assert all(r["gate_status"] == "failed" and r["failed_checks"] == "matched_random_drop" for r in top)
     assert all(r["heldout_n"] == got[("ablate_topk", "share")]["n"] for r in top)
     assert sum(r["heldout_drop"] for r in top) > 0
 
@@ -201,7 +197,7 @@ def test_pipeline_finds_the_planted_mediators(env: dict, pipeline_job: dict) -> 
     # the dictionary was registered with its gate, and its top latents point along the planted directions
     (d,) = [d for d in dicts if d["pair_id"] == ORGANISM]
     assert d["gate_status"] == "passed" and d["metrics"]["fve_min"] >= 0.75
-    assert d["architecture"] == "batchtopk_crosscoder" or d.get("kind") == "crosscoder", d
+    assert "crosscoder" in f"{d.get('architecture')} {d.get('kind')}", d
     from crosspatch.saes.load import load_dictionary
 
     dictionary = load_dictionary(d["path"])
@@ -225,7 +221,9 @@ def test_feature_page_of_a_planted_latent(env: dict, pipeline_job: dict, capsys)
     from tests.helpers import cli_ok
 
     with client(env["server"], env["keys"]["ada"]) as c:
-        top = c.get("/features/top", params={"family": "llama", "limit": 4}).json()["data"]
+        top = c.get(
+            "/features/top", params={"family": "llama", "limit": 4, "include_failed_gate": "true"}
+        ).json()["data"]
         events = c.get(f"/jobs/{pipeline_job['job_id']}/results/events", params={"limit": 1000}).json()[
             "data"
         ]
@@ -259,7 +257,9 @@ def test_feature_page_of_a_planted_latent(env: dict, pipeline_job: dict, capsys)
     assert len(shown) <= sum(b["count"] for b in page["histogram"]) <= page["n_events_active"]
     assert page["architecture"] == "crosscoder" and page["branch"] == "it"
     assert page["pt_decoder_share"] <= 0.05 and page["layer"] == 4
-    assert page["gate_passed"] is True and {g["name"] for g in page["gate"]} >= {"fve_pt", "fve_it"}
+    gate = {g["name"]: g for g in page["gate"]}
+    assert page["gate_passed"] is False and gate["matched_random_drop"]["status"] == "failed"
+    assert gate["fve_pt"]["passed"] and gate["fve_it"]["passed"] and gate["fve_pt"]["threshold"] == ">= 0.75"
     assert page["label"] is None  # no labeller is registered by default
     # the CLI prints the same page, the scored token highlighted
     out = cli_ok(
@@ -314,7 +314,7 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
                     "dictionary_id": d["id"],
                     "prompts": prompts,
                     "max_new_tokens": 16,
-                    "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "fit_fraction": 0.5},
+                    "mediation": {"top_k": 4, "ks": [4], "neighbours": 2},
                 }
             },
         )
