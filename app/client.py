@@ -144,6 +144,13 @@ class Client:
             params["family"] = family
         return self.request("GET", "/features/top", params=params).json()
 
+    def feature_page(
+        self, dictionary_id: str, latent: int, family: str | None = None, n_examples: int | None = None
+    ) -> dict[str, Any]:
+        """One feature's page (app.schemas.features.FeaturePage as JSON)."""
+        params = {k: v for k, v in {"family": family, "n_examples": n_examples}.items() if v is not None}
+        return self.request("GET", f"/features/page/{dictionary_id}/{latent}", params=params).json()
+
     # ---- catalog -----------------------------------------------------------------------------
     def cache(self, pair_id: str | None = None) -> dict[str, Any]:
         """The shared cache entries this key may see (GET /cache)."""

@@ -116,6 +116,46 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "split": "'fit' (ranking) or 'test' (held-out mediation)",
         },
     ),
+    "feature_examples": (
+        "One row per latent x top-activating event (its top events by IT-up activation, stored at mediation "
+        "time for feature pages): the scored token decoded with its context (engine/feature_pages.py).",
+        {
+            "family": _EVENT_KEY["family"],
+            "pair_id": _EVENT_KEY["pair_id"],
+            "dictionary_id": "the dictionary (registry id or path)",
+            "layer": "the layer whose MLP output the dictionary reads",
+            "latent": "latent index in the dictionary",
+            "rank": "0 = the event where the latent fired most in (IT upstream, IT late)",
+            "prompt_id": _EVENT_KEY["prompt_id"],
+            "split": "'fit' (ranking) or 'test' (held-out mediation)",
+            "activation": "activation in (IT upstream, IT late) at the scored position (= feature_acts.act_itup)",
+            "activation_ptup": "activation in (PT upstream, IT late) (= feature_acts.act_ptup)",
+            "context_before": "decoded prompt + shared prefix before the scored token (its last 240 characters)",
+            "token": "the decoded scored token: the last input token, whose MLP output mediation reads",
+            "context_after": "the decoded token after it: IT's divergent token t_IT",
+        },
+    ),
+    "feature_decoder_tokens": (
+        "One row per latent x direction x rank: the tokens a latent's decoder row promotes (top) or "
+        "suppresses (bottom) read through IT's unembedding without the final norm (W_dec[f] @ W_U.T, over "
+        "real tokens), with the crosscoder PT decoder share (engine/feature_pages.py).",
+        {
+            "family": _EVENT_KEY["family"],
+            "pair_id": _EVENT_KEY["pair_id"],
+            "dictionary_id": "the dictionary (registry id or path)",
+            "layer": "the layer whose MLP output the dictionary reads",
+            "latent": "latent index in the dictionary",
+            "architecture": "the dictionary's kind: sae, transcoder or crosscoder",
+            "branch": "the decoder branch read ('it' for crosscoders, the one branch otherwise)",
+            "direction": "'top' (largest logits, promoted) or 'bottom' (smallest, suppressed)",
+            "rank": "0 = the most extreme token in this direction",
+            "token_id": "token id in the pair's tokenizer",
+            "token": "the decoded token",
+            "value": "W_dec[latent, branch] . W_U(IT)[token]: the direct logit per unit activation, no final norm",
+            "pt_decoder_share": "crosscoders: |W_dec[f, pt]| / (|W_dec[f, pt]| + |W_dec[f, it]|), 0 = IT-only; "
+            "null for single-branch dictionaries",
+        },
+    ),
     "feature_effects": (
         "One row per dictionary x latent-or-set x intervention x k x statistic: ablation / rescue effects "
         "on held-out events with 95% CIs, and per-feature attribution scores (docs/method.md §5).",

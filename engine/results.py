@@ -344,3 +344,42 @@ FEATURE_UPSTREAM_SCHEMA = pa.schema(
         ("n", pa.int64()),  # events of the split (a latent inactive in both cells counts as 0, 0)
     ]
 )
+
+# feature pages (engine/feature_pages.py): stored at mediation time so a page needs no model or tokenizer.
+# feature_examples: one row per latent x top-activating event (top N by act_itup), decoded
+FEATURE_EXAMPLES_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("dictionary_id", pa.string()),
+        ("layer", pa.int32()),
+        ("latent", pa.int64()),
+        ("rank", pa.int32()),  # 0 = the event where the latent fired most (IT up, IT late)
+        ("prompt_id", pa.string()),
+        ("split", pa.string()),  # 'fit' or 'test'
+        ("activation", pa.float64()),  # act_itup
+        ("activation_ptup", pa.float64()),  # act_ptup
+        ("context_before", pa.string()),  # decoded prompt + shared prefix before the scored token (tail)
+        ("token", pa.string()),  # the decoded scored token (last input token)
+        ("context_after", pa.string()),  # t_IT decoded
+    ]
+)
+
+# feature_decoder_tokens: one row per latent x direction (top/bottom) x rank: logit lens of the decoder row
+FEATURE_DECODER_TOKENS_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("pair_id", pa.string()),
+        ("dictionary_id", pa.string()),
+        ("layer", pa.int32()),
+        ("latent", pa.int64()),
+        ("architecture", pa.string()),  # sae / transcoder / crosscoder
+        ("branch", pa.string()),  # the decoder branch read (crosscoders: it)
+        ("direction", pa.string()),  # 'top' (promoted) or 'bottom' (suppressed)
+        ("rank", pa.int32()),
+        ("token_id", pa.int64()),
+        ("token", pa.string()),
+        ("value", pa.float64()),  # W_dec[latent, branch] . W_U(IT)[token] (no final norm)
+        ("pt_decoder_share", pa.float64()),  # crosscoders: |W_pt| / (|W_pt| + |W_it|); null otherwise
+    ]
+)

@@ -306,6 +306,7 @@ class BatchTopKCrosscoderTrainingSAEConfig(TrainingSAEConfig):
     threshold_beta: float = 0.999
     threshold_start_step: int = 0
     apply_b_dec_to_input: bool = False
+    balance_branches: bool = False  # train on each branch scaled to mean norm sqrt(d) (folded in at save)
 
     @classmethod
     def architecture(cls) -> str:
@@ -328,6 +329,7 @@ class BatchTopKCrosscoderTrainingSAE(TrainingSAE[BatchTopKCrosscoderTrainingSAEC
     W_dec: nn.Parameter  # [F, n_branches, d]
     b_dec: nn.Parameter  # [n_branches, d]
     input_mean: torch.Tensor  # [n_branches, d]
+    branch_scale: torch.Tensor  # [n_branches]: 1, or sqrt(d) / mean centered norm (balance_branches)
     topk_threshold: torch.Tensor
 
     def __init__(self, cfg: BatchTopKCrosscoderTrainingSAEConfig, use_error_term: bool = False) -> None:
@@ -335,6 +337,7 @@ class BatchTopKCrosscoderTrainingSAE(TrainingSAE[BatchTopKCrosscoderTrainingSAEC
         self.register_buffer(
             "topk_threshold", torch.tensor(0.0, dtype=torch.double, device=self.W_dec.device)
         )
+        self.register_buffer("branch_scale", torch.ones(cfg.n_branches, device=self.W_dec.device))
 
     def initialize_weights(self) -> None:
         _init_crosscoder(self, self.cfg.decoder_init_norm)
@@ -351,41 +354,54 @@ class BatchTopKCrosscoderTrainingSAE(TrainingSAE[BatchTopKCrosscoderTrainingSAEC
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype).reshape(*x.shape[:-1], self.cfg.n_branches, self.cfg.d_in)
 
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, n_branches * d]` -> centered, per-branch scaled `[B, n_branches, d]` (the training space)."""
+        return (self._split(x) - self.input_mean) * self.branch_scale[:, None].to(self.dtype)
+
     def encode_with_hidden_pre(
         self, x: torch.Tensor, k: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, n_branches * d]` -> (BatchTopK acts in score space, scores), both `[B, F]`."""
-        centered = self._split(x) - self.input_mean  # [B, n_branches, d]
+        centered = self._scaled(x)  # [B, n_branches, d]
         hidden_pre = torch.einsum("bnd,ndf->bf", centered, self.W_enc) + self.b_enc  # [B, F]
         scores = hidden_pre.relu() * self.dec_norm_sum()  # [B, F]
         acts = BatchTopK(self.cfg.k if k is None else k)(scores)  # [B, F]
         return self.hook_sae_acts_post(acts), scores
 
+    def _decode_scaled(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Score-space acts `[B, F]` -> the reconstruction in the training space `[B, n_branches, d]`."""
+        out = torch.einsum("bf,fnd->bnd", feature_acts / self.dec_norm_sum(), self.W_dec)
+        return out + self.b_dec
+
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """Score-space acts `[B, F]` -> `[B, n_branches * d]`."""
-        out = torch.einsum("bf,fnd->bnd", feature_acts / self.dec_norm_sum(), self.W_dec)
-        return (out + self.b_dec + self.input_mean).flatten(-2)
+        out = self._decode_scaled(feature_acts) / self.branch_scale[:, None].to(self.dtype)
+        return (out + self.input_mean).flatten(-2)
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         x = step_input.sae_in.to(self.dtype)  # [B, n_branches * d]
         acts, scores = self.encode_with_hidden_pre(x, self.cfg.k_at(step_input.n_training_steps))
-        out = self.decode(acts)  # [B, n_branches * d]
-        mse = (out - x).pow(2).sum(-1).mean()
+        scaled = self._decode_scaled(acts)  # [B, n_branches, d]
+        out = (scaled / self.branch_scale[:, None].to(self.dtype) + self.input_mean).flatten(-2)
+        target = self._scaled(x)  # [B, n_branches, d]
+        mse = (scaled - target).pow(2).sum((-2, -1)).mean()
         losses = {"mse_loss": mse}
         mask = step_input.dead_neuron_mask
         if mask is not None and (n_dead := int(mask.sum())) > 0:
             aux_acts = calculate_topk_aux_acts(min(self.cfg.auxk, n_dead), scores, mask)  # [B, F]
             recon = torch.einsum("bf,fnd->bnd", aux_acts / self.dec_norm_sum(), self.W_dec).flatten(-2)
-            residual = (x - out).detach()
+            residual = (target - scaled).detach().flatten(-2)
             losses["auxk_loss"] = self.cfg.aux_loss_coefficient * (recon - residual).pow(2).sum(-1).mean()
         return _finish_step(self, step_input, x, out, acts, scores, losses)
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         """Fold the summed decoder norms in (so acts are scores) and store the EMA cutoff as threshold."""
         s = self.dec_norm_sum().detach()  # [F]
-        state_dict["W_enc"] = state_dict["W_enc"] * s
+        scale = state_dict.pop("branch_scale").to(state_dict["W_enc"].dtype)  # [n_branches]
+        state_dict["W_enc"] = state_dict["W_enc"] * s * scale[:, None, None]
         state_dict["b_enc"] = state_dict["b_enc"] * s
-        state_dict["W_dec"] = state_dict["W_dec"] / s[:, None, None]
+        state_dict["W_dec"] = state_dict["W_dec"] / s[:, None, None] / scale[None, :, None]
+        state_dict["b_dec"] = state_dict["b_dec"] / scale[:, None]
         state_dict["threshold"] = torch.full_like(
             self.b_enc.detach(), float(state_dict.pop("topk_threshold"))
         )

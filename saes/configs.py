@@ -324,6 +324,9 @@ class CrosscoderTrain(TrainConfig):
     threshold_beta: float = 0.999
     threshold_start_step: int = 0
     mean_estimate_batches: int = 16
+    # scale each branch to mean norm sqrt(d) for training (folded into the saved weights), so a branch with
+    # small activations (a model whose MLP barely writes) still counts in the summed MSE
+    balance_branches: bool = False
 
     @classmethod
     def architecture(cls) -> str:
@@ -352,6 +355,7 @@ class CrosscoderTrain(TrainConfig):
             aux_loss_coefficient=self.aux_loss_coefficient,
             threshold_beta=self.threshold_beta,
             threshold_start_step=self.threshold_start_step,
+            balance_branches=self.balance_branches,
         )
 
 

@@ -119,11 +119,14 @@ def train_for_pair(
     split_seed: int = 0,
     max_new_tokens: int = 128,
     gate: GateConfig | None = None,
+    balance_branches: bool = False,
 ) -> Dictionary:
     """Cache `role`'s MLP activations at `layer` (default: the last) and train an `architecture` dictionary.
 
     `training_prompts="mediation_fit"` trains only on prompts outside the mediation test split of
-    `events` (see `mediation_training_prompts`); `"all"` uses every prompt (a separate corpus). `gate` is
+    `events` (see `mediation_training_prompts`); `"all"` uses every prompt (a separate corpus). Crosscoders
+    default to the method's shape scaled to the model (width 32 x d_model, k = 64 x d_model / 4096, at least
+    1); `balance_branches` trains them on per-branch normalised activations (see `CrosscoderTrain`). `gate` is
     the quality gate applied after training (default: the method's, 10,000 held-out tokens minimum).
     Resumes: an existing finished dictionary in `out_dir/dictionary` is loaded instead of retrained, and
     the cache and training resume from their own checkpoints.
@@ -148,8 +151,11 @@ def train_for_pair(
     else:
         split = {"kind": "all", "n_prompts": len(prompts), "note": "the prompts are a separate corpus"}
     layer = pair.n_layers - 1 if layer is None else layer
-    width = width or 8 * pair.it_adapter.d_model
     crosscoder = architecture.endswith("crosscoder")
+    d_model = pair.it_adapter.d_model
+    width = width or (32 if crosscoder else 8) * d_model
+    if crosscoder and k is None:
+        k = max(1.0, 64 * d_model / 4096)  # method 5.1: k=64 at d_model 4096
     roles = ROLE_MODELS["paired" if crosscoder else role]
     models = {r: pair.it if r == "it" else pair.pt for r in roles}
     hooks = ("mlp_in", "mlp_out") if "transcoder" in architecture else ("mlp_out",)
@@ -173,5 +179,12 @@ def train_for_pair(
         options["k"] = k
     if not crosscoder:
         options["model_role"] = roles[0]
+    else:
+        # method 5.1: the inference threshold is the EMA (beta 0.999) of the BatchTopK cutoff from step 6,000
+        # of 24,000; scaled to this run: from a quarter of the steps, averaging over about 1/20 of them
+        steps = -(-options["training_tokens"] // batch_size)
+        options["threshold_start_step"] = steps // 4
+        options["threshold_beta"] = min(0.999, 1.0 - 1.0 / max(2, steps // 20))
+        options["balance_branches"] = balance_branches
     cfg = make_config(architecture, **options)
     return train_dictionary(cfg, cache, final, models=models, progress=progress, gate=gate)

@@ -218,6 +218,8 @@ def train_dictionary(
     sae = build_training_sae(cfg, d_model)
     if isinstance(sae, arch.BatchTopKCrosscoderTrainingSAE):
         sae.input_mean.copy_(_estimate_mean(stream(0), cfg))
+        if getattr(cfg, "balance_branches", False):
+            sae.branch_scale.copy_(_estimate_branch_scale(stream(0), cfg, sae.input_mean))
     ckpt = _Checkpointer(out, cfg)
     latest = ckpt.latest() if resume else None
     if not resume and (out / "checkpoints").exists():
@@ -299,6 +301,18 @@ def _estimate_mean(batches: Iterator[torch.Tensor], cfg: TrainConfig) -> torch.T
     xs = [next(batches) for _ in range(n)]
     x = torch.cat(xs).float()  # [n * B, n_branches * d]
     return x.mean(0).reshape(len(getattr(cfg, "branches", [0])), -1)
+
+
+@torch.no_grad()
+def _estimate_branch_scale(
+    batches: Iterator[torch.Tensor], cfg: TrainConfig, mean: torch.Tensor
+) -> torch.Tensor:
+    """Per branch sqrt(d) / mean centered norm over the mean's batches: `[n_branches]`."""
+    n = getattr(cfg, "mean_estimate_batches", 16)
+    x = torch.cat([next(batches) for _ in range(n)]).float()  # [n * B, n_branches * d]
+    centered = x.reshape(x.shape[0], *mean.shape) - mean  # [n * B, n_branches, d]
+    norms = centered.norm(dim=-1).mean(0).clamp_min(1e-12)  # [n_branches]
+    return mean.shape[-1] ** 0.5 / norms
 
 
 def _estimate_scaling(trainer: SAETrainer, sae: TrainingSAE[Any]) -> None:

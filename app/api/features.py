@@ -7,8 +7,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 
 from crosspatch.app.deps import CurrentUser, ResultsDep
+from crosspatch.app.schemas.features import FeaturePage
 from crosspatch.app.schemas.jobs import Name
 from crosspatch.app.schemas.results import Rows
+from crosspatch.app.services import features as pages
 from crosspatch.app.services import results as service
 
 router = APIRouter(prefix="/features", tags=["features"])
@@ -81,6 +83,24 @@ def compare_families(
 ) -> Rows:
     """Per family, pair and boundary: the 2x2 interaction with CI and the top-k ablation share at each k."""
     return service.compare_families(results, readout, boundary=boundary, pair_id=pair_id)
+
+
+@router.get("/page/{dictionary_id}/{latent}", response_model=FeaturePage)
+def feature_page(
+    dictionary_id: Name,
+    latent: Annotated[int, Path(ge=0, le=1 << 24)],
+    results: ResultsDep,
+    _user: CurrentUser,
+    family: Family = None,
+    n_examples: Annotated[int, Query(ge=1, le=100)] = pages.N_EXAMPLES,
+    labeller: Annotated[
+        str | None, Query(max_length=64, description="A registered automatic labeller (none by default).")
+    ] = None,
+) -> FeaturePage:
+    """One feature's page: top events in context, histogram, causal drop (CI), logit-lens tokens, gate."""
+    return pages.feature_page(
+        results, dictionary_id, latent, family, n_examples=n_examples, labeller=labeller
+    )
 
 
 @router.get("/{dictionary_id}/{latent}", response_model=Rows)

@@ -43,6 +43,7 @@ def _register_commands() -> None:
         client_cmd,
         demo_cmd,
         dict_cmd,
+        feature_cmd,
         lineage_cmd,
         mediate_cmd,
         recipe_cmd,

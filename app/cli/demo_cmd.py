@@ -2,8 +2,8 @@
 
 It starts the embedded service (SQLite job store, DuckDB results, one local worker process) on a free
 127.0.0.1 port, creates a local admin key, allow-lists the bundled trained organism pairs (one per family),
-submits one `pipeline` job over HTTP (divergence -> 2x2 cross-patch -> dictionary on IT's final MLP ->
-feature mediation), follows its progress, and prints the per-family table with 95% CIs, the family-balanced
+submits one `pipeline` job over HTTP (divergence -> 2x2 cross-patch -> a paired PT/IT crosscoder on the
+final MLP -> feature mediation), follows its progress, and prints the per-family table with 95% CIs, the family-balanced
 mean (each pair at its headline boundary), and the top mediating features, then the dashboard URL (`--serve` keeps
 the service up to browse it). `--library` runs the 2x2 part in this process instead (no server).
 """
@@ -22,11 +22,14 @@ from crosspatch.app.cli import cli
 
 # The tiny organisms have 64 prompts; the dictionary sees only the mediation fit split (about 17 prompts
 # with 192 PT-greedy tokens each, about 3,500 tokens, 3 sequences held out). That cannot reach the method's
-# 10,000 held-out tokens, so the demo lowers that one threshold explicitly (and prints it). A wide (1024)
-# dictionary keeps the alive fraction inside the method's [0.01, 0.20] band.
+# 10,000 held-out tokens, so the demo lowers that one threshold explicitly (and prints it). The dictionary
+# is the pipeline's default, the method's paired PT/IT BatchTopK crosscoder, at width 1024 (16 x d_model;
+# the method's 32 x costs more time for nothing here) and k = 8 (the method's 64 scaled to d_model 64 would
+# be 1, too few for these trained models). Measured on trained_llama: FVE PT 0.94 / IT 0.91, L0 8.47,
+# alive 0.12 (every intrinsic check passes on both branches); 20 s CPU per pair vs 18 s for the old TopK SAE.
 DEMO_NEIGHBOURS = 10  # matched-random candidates per feature (the method's 50 needs more active latents)
 DEMO_DICTIONARY: dict[str, Any] = {
-    "architecture": "topk",
+    "architecture": "batchtopk_crosscoder",
     "k": 8,
     "width": 1024,
     "training_tokens": 60_000,
@@ -128,7 +131,8 @@ def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str])
     )
     effects = effects.select(FEATURE_EFFECTS_SCHEMA.names).cast(FEATURE_EFFECTS_SCHEMA)
     typer.echo(
-        "\nFeature mediation (SAE on IT's final MLP output; ranked on a fit split, tested on the rest)"
+        "\nFeature mediation (paired PT/IT crosscoder on the final MLP output, IT branch ablated; ranked on a "
+        "fit split, tested on the rest)"
     )
     typer.echo(format_mediation(effects))
     from crosspatch.saes.quality import describe_check

@@ -225,7 +225,8 @@ class MediationOptions(_Spec):
 
 
 class DictionaryOptions(_Spec):
-    """The dictionary a pipeline trains per pair on IT's final MLP output (or PT+IT for crosscoders)."""
+    """The dictionary a pipeline trains per pair: by default the method's paired PT/IT BatchTopK crosscoder
+    on the final MLP output (section 5.1); SAEs and transcoders on IT's are options."""
 
     architecture: Literal[
         "topk",
@@ -235,11 +236,17 @@ class DictionaryOptions(_Spec):
         "batchtopk_transcoder",
         "batchtopk_skip_transcoder",
         "batchtopk_crosscoder",
-    ] = "topk"
+    ] = "batchtopk_crosscoder"
     layer: int | None = Field(default=None, ge=0, le=1024, description="Default: the last layer.")
-    width: int | None = Field(default=None, ge=1, le=1 << 20, description="Default: 8 x d_model.")
+    width: int | None = Field(
+        default=None, ge=1, le=1 << 20, description="Default: 32 x d_model (crosscoders, method), else 8 x."
+    )
     k: float | None = Field(
-        default=8, gt=0, le=4096, description="Active latents per token (batchtopk may be fractional)."
+        default=None,
+        gt=0,
+        le=4096,
+        description="Active latents per token (batchtopk may be fractional). Default: crosscoders the "
+        "method's 64 at d_model 4096 scaled to d_model (at least 1); other architectures 8.",
     )
     training_tokens: int | None = Field(default=None, ge=1, le=10**11, description="Default: 30 epochs.")
     continuation_tokens: int = Field(
@@ -260,8 +267,16 @@ class DictionaryOptions(_Spec):
         default=0.20, ge=0.01, le=1.0, description="Quality gate: alive fraction must lie in [0.01, this]."
     )
 
+    balance_branches: bool = Field(
+        default=True,
+        description="Crosscoders: train on each branch scaled to mean norm sqrt(d_model) (folded into the "
+        "saved weights), so a branch with small MLP outputs still counts in the summed MSE.",
+    )
+
     @model_validator(mode="after")
     def _k_width(self) -> DictionaryOptions:
+        if self.k is None and not self.architecture.endswith("crosscoder"):
+            self.k = 8
         if self.k is not None and self.width is not None and self.k > self.width:
             raise ValueError(f"k={self.k} exceeds width {self.width}")
         return self

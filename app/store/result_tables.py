@@ -9,6 +9,8 @@ schemas (`engine.results`) define every part table; this module adds `job_id`, p
                      x subset x statistic: estimate, CI, n, p, Holm p, sweep-wide p (engine.stats.summarize)
     feature_acts     one row per event x dictionary x latent: activation under PT-up / IT-up, attribution
     feature_effects  one row per family x dictionary x latent-or-set x intervention x k: effect with CI
+    feature_examples one row per latent x top-activating event: the scored token decoded in its context
+    feature_decoder_tokens  one row per latent x top/bottom x rank: decoder row's logit-lens tokens
     gate_checks      one row per dictionary x quality-gate check a job measured: value, threshold, passed
     handoff          one row per level x analysis (gate, dose, grafts) x window-or-alpha x set x statistic
     feature_upstream one row per pair x dictionary x latent x split: mean act IT-up vs PT-up, paired diff (CI)
@@ -65,7 +67,9 @@ from crosspatch.engine.results import (
     CONTINUATION_SUMMARY_SCHEMA,
     EVENTS_SCHEMA,
     FEATURE_ACTS_SCHEMA,
+    FEATURE_DECODER_TOKENS_SCHEMA,
     FEATURE_EFFECTS_SCHEMA,
+    FEATURE_EXAMPLES_SCHEMA,
     FEATURE_UPSTREAM_SCHEMA,
     FORCED_SCHEMA,
     FORCED_SUMMARY_SCHEMA,
@@ -90,6 +94,8 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
     "summaries": SUMMARY_SCHEMA,
     "feature_acts": FEATURE_ACTS_SCHEMA,
     "feature_effects": FEATURE_EFFECTS_SCHEMA,
+    "feature_examples": FEATURE_EXAMPLES_SCHEMA,
+    "feature_decoder_tokens": FEATURE_DECODER_TOKENS_SCHEMA,
     "gate_checks": GATE_CHECKS_SCHEMA,
     "handoff": HANDOFF_SCHEMA,  # engine.handoff (mediation / pipeline jobs with `handoff`)
     "feature_upstream": FEATURE_UPSTREAM_SCHEMA,

@@ -311,6 +311,7 @@ def _mediate_pair(
     full_gate = record_causal_checks(dictionary, result.checks, source=f"job {ctx.job_id}", save=False)
     ctx.provenance["dictionaries"][pair.pair_id]["gate_after_mediation"] = full_gate
     ctx.write_part(f"gate_checks.{tag}all", _gate_checks(pair, view.id, full_gate))
+    _feature_page_parts(ctx, pair, events, dictionary, view, result, tag)
     ctx.write_part(f"feature_acts.{tag}all", result.feature_acts)
     ctx.write_part(f"feature_effects.{tag}all", result.effects)
     n_events = {(pair.pair_id, "fit"): len(result.fit_ids), (pair.pair_id, "test"): len(result.test_ids)}
@@ -333,6 +334,23 @@ def _handoff_balanced(ctx: JobContext) -> None:
         pairs = table.filter(pc.equal(table["level"], "pair"))
         balanced = handoff_balanced(pairs)
         ctx.write_part("handoff.balanced", balanced.filter(pc.not_equal(balanced["level"], "pair")))
+
+
+def _feature_page_parts(
+    ctx: JobContext, pair: ModelPair, events: list, dictionary: Dictionary, view: Any, result: Any, tag: str
+) -> None:
+    """What feature pages need (engine.feature_pages): decoded top events and decoder logit-lens tokens."""
+    from crosspatch.engine import feature_pages as fp
+
+    scores = fp.scores_by_key(result.ranking.keys, result.ranking.score)
+    keys = fp.page_latents(result.feature_acts, scores)
+    examples = fp.feature_examples_table(pair, events, result.feature_acts, keys)
+    latents = [latent for d, latent in keys if d == view.id]
+    tokens = fp.decoder_tokens_table(
+        pair, view.id, view.layer, dictionary.W_dec, latents, branch=view.branch, architecture=dictionary.kind
+    )
+    ctx.write_part(f"feature_examples.{tag}all", examples)
+    ctx.write_part(f"feature_decoder_tokens.{tag}all", tokens)
 
 
 def _gate_checks(pair: ModelPair, dictionary_id: str, gate: dict) -> pa.Table:
@@ -395,6 +413,7 @@ def _train(
         gate=GateConfig(
             min_heldout_tokens=opts.min_heldout_tokens, alive_range=(0.01, opts.max_alive_fraction)
         ),
+        balance_branches=opts.balance_branches,
     )
     if ctx is None or ctx.shared_cache is None:
         return train()
@@ -523,7 +542,8 @@ def mediation(spec: MediationSpec, ctx: JobContext) -> None:
 
 @register("pipeline")
 def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
-    """Per pair: divergence -> 2x2 -> dictionary on IT's final MLP -> mediation; then summaries over all."""
+    """Per pair: divergence -> 2x2 -> dictionary on the final MLP (default: paired PT/IT crosscoder) ->
+    mediation; then summaries over all."""
 
     prompts = load_prompt_records(spec)
     n = len(spec.pair_ids)

@@ -1,8 +1,9 @@
 """The pipeline job end to end on a planted organism: real server, real worker, real DuckDB.
 
 `llama_mediated` plants the upstream-dependent effect in four known final-MLP directions, so a pipeline
-(divergence -> 2x2 -> SAE on IT's final MLP -> mediation) must find a large interaction, a dictionary that
-passes the gate, and top-k features whose ablation removes far more of it than matched-random sets.
+(divergence -> 2x2 -> its default dictionary, a paired PT/IT crosscoder on the final MLP -> mediation) must
+find a large interaction, a crosscoder that passes the full gate on both branches with the planted latents
+IT-only, and top-k features whose ablation removes far more of it than matched-random sets.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         yield {"server": server, "keys": keys, "settings": settings, "org": org}
 
 
-def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
+@pytest.fixture(scope="module")
+def pipeline_job(env: dict) -> dict:
+    """One pipeline job on the organism (its default dictionary), run to success; its id and prompts."""
     prompts = [
         {"id": p.id, "text": p.text, "category": p.category}
         for p in load_prompts(env["org"] / "prompts.jsonl")
@@ -50,23 +53,25 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         "max_new_tokens": 16,
         "n_resamples": 200,
         "boundary": "sweep",  # mediation must run at the headline boundary, not at boundaries[0] = 1
-        # the final MLP writes through 4 planted neurons, at most one per token (about half the tokens):
-        # a width-16 batch-top-k SAE at the organism's true L0 (k = 0.5), as in tests/saes
+        # the default dictionary: a paired PT/IT BatchTopK crosscoder (method 5.1). IT's final MLP writes
+        # through 4 planted neurons (at most one per token, about half the tokens); PT's (and IT's) also
+        # write a small dense per-word term, which shared latents (one per word) reconstruct: k = 2 covers
+        # one word latent + the planted one, width 256 leaves the word latents room. Branches are balanced
+        # (the default), so PT's small outputs count in the loss.
         "dictionary": {
-            "architecture": "batchtopk",
-            "width": 16,
-            "k": 0.5,
-            "training_tokens": 60_000,
+            "width": 256,
+            "k": 2,
+            "training_tokens": 150_000,
             "continuation_tokens": 160,
             "batch_size": 128,
             "lr": 3e-3,
             # the dictionary trains only on the mediation fit split (about a quarter of 48 prompts): an
-            # explicit, lowered held-out minimum, and 4 planted features in 16 latents (alive 0.25)
+            # explicit, lowered held-out minimum; about 130 words + 4 planted latents alive in 256
             "min_heldout_tokens": 100,
-            "max_alive_fraction": 0.5,
+            "max_alive_fraction": 0.6,
         },
-        # width 16: the 4 planted latents fill the top set and most others score > 0 or never fire, so the
-        # matched-random pool cannot give even 2 candidates per draw: the control is unavailable
+        # the tiny organism's fit events activate only about 9 latents (the 4 planted, a few word latents
+        # with positive scores): no matched-random candidates remain, so that control is unavailable
         "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "allow_failed_gate": False},
         "forced_tokens": True,  # method 6: forced tokens and constrained continuation per pair
         "continuation": True,
@@ -80,11 +85,17 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
         job_id = r.json()["id"]
         import time
 
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900  # a shared, loaded machine
         while (job := c.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
             assert time.monotonic() < deadline, job
             time.sleep(0.5)
         assert job["status"] == "succeeded", (job, c.get(f"/jobs/{job_id}/logs").json())
+    return {"job_id": job_id, "prompts": prompts}
+
+
+def test_pipeline_finds_the_planted_mediators(env: dict, pipeline_job: dict) -> None:
+    job_id, prompts = pipeline_job["job_id"], pipeline_job["prompts"]
+    with client(env["server"], env["keys"]["ada"]) as c:
         summaries = c.get(f"/jobs/{job_id}/results/summaries", params={"limit": 1000}).json()["data"]
         cells = c.get(f"/jobs/{job_id}/results/cells", params={"limit": 10_000}).json()["data"]
         effects = c.get(f"/jobs/{job_id}/results/feature_effects", params={"limit": 10_000}).json()["data"]
@@ -147,17 +158,23 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
     assert lo <= inter["estimate"] <= hi and inter["ci_low"] > 0
 
     got = {(r["intervention"], r["statistic"]): r for r in effects if r["k"] == 4 and r["latent"] is None}
-    assert got[("ablate_topk", "share")]["effect"] >= 0.8
-    assert got[("rescue_topk", "rescue_fraction")]["effect"] >= 0.5
+    # the crosscoder's IT branch alone (its encoder, its decoder) carries about 2/3 of the interaction in the
+    # 4 planted latents (an SAE on IT's MLP output: >= 0.8); rescuing them restores most of it
+    assert got[("ablate_topk", "share")]["effect"] >= 0.5
+    assert got[("rescue_topk", "rescue_fraction")]["effect"] >= 0.7
     # the matched-random control could not be drawn without touching the signal: unavailable, not a number
     assert got[("ablate_matched_random", "share")]["effect"] is None
     assert got[("ablate_matched_random", "interaction_drop")]["n"] == 0
     status = provenance["provenance"]["mediation_splits"][ORGANISM]["controls"]["matched_random"]["by_k"]["4"]
     assert not status["available"] and "pool too small" in status["reason"]
+    # every other check of the method's gate holds, on both branches: held-out tokens, FVE of PT and of IT,
+    # L0 within 10% of k, alive fraction, and a positive top-k causal drop
     by_name = {r["check_name"]: r for r in checks}
     assert by_name["topk_causal_drop"]["passed"] and by_name["topk_causal_drop"]["value"] > 0
+    for name in ("fve_pt", "fve_it", "l0_target", "alive_fraction", "heldout_tokens"):
+        assert by_name[name]["passed"], by_name[name]
+    assert by_name["fve_pt"]["value"] >= 0.75 and by_name["fve_it"]["value"] >= 0.75
     assert not by_name["matched_random_drop"]["passed"] and by_name["matched_random_drop"]["value"] is None
-    assert by_name["fve_it"]["passed"] and by_name["alive_fraction"]["passed"]  # the intrinsic checks held
     full_gate = provenance["provenance"]["dictionaries"][ORGANISM]["gate_after_mediation"]
     assert full_gate["status"] == "failed" and full_gate["pending"] == []
     assert {c["name"]: c["status"] for c in full_gate["checks"]}["matched_random_drop"] == "failed"
@@ -180,17 +197,84 @@ def test_pipeline_finds_the_planted_mediators(env: dict) -> None:
     # the dictionary was registered with its gate, and its top latents point along the planted directions
     (d,) = [d for d in dicts if d["pair_id"] == ORGANISM]
     assert d["gate_status"] == "passed" and d["metrics"]["fve_min"] >= 0.75
+    assert "crosscoder" in f"{d.get('architecture')} {d.get('kind')}", d
     from crosspatch.saes.load import load_dictionary
 
-    w = load_dictionary(d["path"]).W_dec["it"]
+    dictionary = load_dictionary(d["path"])
+    w_pt, w = dictionary.W_dec["pt"], dictionary.W_dec["it"]
+    pt_share = w_pt.norm(dim=-1) / (w_pt.norm(dim=-1) + w.norm(dim=-1))  # [F]
     w = w / w.norm(dim=-1, keepdim=True)
     planted = torch.tensor(expected["mediators"]["directions"], dtype=w.dtype)
     top_latents = [r["latent"] for r in top]
     assert len(top_latents) == 4
     cos = (planted @ w[top_latents].T).abs().max(dim=1).values
     assert (cos >= 0.9).all(), cos
+    # the planted mediators are IT-only latents: their PT decoder share is about 0
+    assert pt_share[top_latents].max() <= 0.05, pt_share[top_latents]
     assert {r["intervention"] for r in curve} >= {"ablate_topk", "ablate_matched_random"}
     assert any(r["family"] == "llama" and r["k"] == 4 for r in families)
+
+
+def test_feature_page_of_a_planted_latent(env: dict, pipeline_job: dict, capsys) -> None:
+    """The top latent's page: its planted events on top, a causal drop CI > 0, the planted token promoted."""
+    from crosspatch.engine.organisms.tokenizer import ANSWER_WORDS
+    from tests.helpers import cli_ok
+
+    with client(env["server"], env["keys"]["ada"]) as c:
+        top = c.get(
+            "/features/top", params={"family": "llama", "limit": 4, "include_failed_gate": "true"}
+        ).json()["data"]
+        events = c.get(f"/jobs/{pipeline_job['job_id']}/results/events", params={"limit": 1000}).json()[
+            "data"
+        ]
+        dict_id, latent = top[0]["dictionary_id"], top[0]["latent"]
+        r = c.get(f"/features/page/{dict_id}/{latent}", params={"family": "llama"})
+        assert r.status_code == 200, r.text
+        page = r.json()
+        missing = c.get(f"/features/page/{dict_id}/255", params={"family": "qwen3"})
+        unknown = c.get("/features/page/no-such-dictionary/3")
+    assert missing.status_code == 404 and "latent 255" in missing.json()["message"]
+    assert unknown.status_code == 404 and "no-such-dictionary" in unknown.json()["message"]
+    # the decoder row, read through IT's unembedding, promotes its class's planted answer word
+    word = page["decoder_top_tokens"][0]["token"]
+    assert word in ANSWER_WORDS and page["decoder_top_tokens"][0]["value"] > 0
+    assert page["decoder_top_tokens"][0]["value"] > page["decoder_top_tokens"][1]["value"] + 0.5
+    assert page["decoder_bottom_tokens"][0]["value"] <= page["decoder_top_tokens"][1]["value"]
+    # its top events are the planted ones: IT diverges to that word, and the neuron needs IT's upstream u
+    # (PT upstream: activation 0); every event of that class where the latent fired is among them
+    planted = {e["prompt_id"] for e in events if e["diverged"] and e["t_it_text"] == word}
+    shown = page["examples"]
+    assert shown and {e["prompt_id"] for e in shown} <= planted
+    assert all(e["context_after"] == word and e["activation"] > 0 for e in shown)
+    assert all(abs(e["activation_ptup"] or 0.0) < 1e-3 * e["activation"] for e in shown)
+    assert [e["activation"] for e in shown] == sorted((e["activation"] for e in shown), reverse=True)
+    assert all(e["token"] and e["context_before"] for e in shown)
+    # the held-out single-feature ablation drop and its CI, the fit attribution, histogram and gate
+    assert (
+        page["causal_drop_lo"] > 0 and page["causal_drop"] >= page["causal_drop_lo"] and page["causal_n"] > 0
+    )
+    assert page["causal_drop"] == pytest.approx(top[0]["heldout_drop"]) and page["attribution"] > 0
+    assert len(shown) <= sum(b["count"] for b in page["histogram"]) <= page["n_events_active"]
+    assert page["architecture"] == "crosscoder" and page["branch"] == "it"
+    assert page["pt_decoder_share"] <= 0.05 and page["layer"] == 4
+    gate = {g["name"]: g for g in page["gate"]}
+    assert page["gate_passed"] is False and gate["matched_random_drop"]["status"] == "failed"
+    assert gate["fve_pt"]["passed"] and gate["fve_it"]["passed"] and gate["fve_pt"]["threshold"] == ">= 0.75"
+    assert page["label"] is None  # no labeller is registered by default
+    # the CLI prints the same page, the scored token highlighted
+    out = cli_ok(
+        capsys,
+        "feature",
+        "llama",
+        dict_id,
+        str(latent),
+        "--url",
+        env["server"].url,
+        "--key",
+        env["keys"]["ada"],
+    )
+    assert f"feature {latent} of {dict_id}" in out and f"≪{shown[0]['token']}≫" in out
+    assert "PT decoder share" in out and word in out
 
 
 def _wait(c, job_id: str) -> dict:
@@ -216,11 +300,11 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
                     "pair_id": ORGANISM,
                     "dictionary_id": d["id"],
                     "prompts": prompts,
-                    "mediation": {"top_k": 17},
+                    "mediation": {"top_k": 257},
                 }
             },
         )
-        assert bad.status_code == 422 and "exceeds" in bad.text  # width 16
+        assert bad.status_code == 422 and "exceeds" in bad.text  # width 256
         r = c.post(
             "/jobs",
             json={
@@ -245,7 +329,7 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
         assert job["status"] == "succeeded", c.get(f"/jobs/{job['id']}/logs").json()
         effects = c.get(f"/jobs/{job['id']}/results/feature_effects", params={"limit": 5000}).json()["data"]
         share = next(e for e in effects if e["intervention"] == "ablate_topk" and e["statistic"] == "share")
-        assert share["effect"] >= 0.8
+        assert share["effect"] >= 0.5
         handoff = c.get(f"/jobs/{job['id']}/results/handoff", params={"limit": 5000}).json()["data"]
         upstream = c.get("/features/upstream", params={"dictionary_id": d["id"], "limit": 4}).json()["data"]
         r = c.post(
