@@ -24,12 +24,12 @@ from crosspatch.app.api import jobs as jobs_api
 from crosspatch.app.deps import ReadSessionDep, ResultsDep, SessionDep, SettingsDep, StoreDep
 from crosspatch.app.errors import AppError, Conflict, Forbidden, NotFound
 from crosspatch.app.schemas.jobs import JobPublic, Name
+from crosspatch.app.services import features as features_service
 from crosspatch.app.services import jobs as jobs_service
 from crosspatch.app.services import results as results_service
 from crosspatch.app.services import users as users_service
 from crosspatch.app.store.models import ACTIVE_STATUSES, Job
 from crosspatch.app.store.result_tables import TABLES
-from crosspatch.app.web import features as feature_data
 from crosspatch.app.web import forms, svg
 from crosspatch.app.web.session import (
     CSRF_FIELD,
@@ -476,7 +476,7 @@ def feature(
     page: Page = 1,
 ) -> HTMLResponse:
     """One latent's page: what it fires on, what ablating it does, whether its dictionary passed its gate."""
-    fp = feature_data.feature_page(results, dictionary_id, latent)
+    fp = features_service.feature_page(results, dictionary_id, latent)
     nav = pages(len(fp.examples), page, size=20)
     chart = svg.histogram(
         [(b.lo, b.hi, b.count) for b in fp.histogram], "Activation histogram (IT up)", "activation"

@@ -264,26 +264,25 @@ def test_families_and_feature_pages_match_the_api(dash: dict[str, Any]) -> None:
     assert got == subset_row("position>=3")["estimate"]
     page.screenshot(path=str(dash["shots"] / "families.png"), full_page=True)
 
-    # the feature page of the top latent: its events are the API's feature_acts rows where it fired
+    # the feature page of the top latent: the service's page (GET /features/page), its top events in order
     top = _api(dash, "ada", "/features/top", family="llama", limit=1, include_failed_gate="true")["data"][0]
     events = _api(dash, "ada", f"/features/{top['dictionary_id']}/{top['latent']}", limit=10_000)["data"]
     fired = {r["prompt_id"]: r["act_itup"] for r in events if r["act_itup"] > 0 or r["act_ptup"] > 0}
+    api_page = _api(dash, "ada", f"/features/page/{top['dictionary_id']}/{top['latent']}")
     page.goto(f"{url}/ui/features")
     page.get_by_role("link", name=f"{top['dictionary_id']} #{top['latent']}").click()
-    assert page.locator("#n-active").inner_text() == str(len(fired)) and fired
-    shown = {}
-    while True:
-        rows = page.locator("#events tbody tr")
-        for i in range(rows.count()):
-            r = rows.nth(i)
-            shown[r.get_attribute("data-prompt")] = float(
-                r.locator("td[data-value]").get_attribute("data-value")
-            )
-        nxt = page.get_by_role("link", name="Next")
-        if nxt.count() == 0:
-            break
-        nxt.click()
-    assert shown == fired
+    assert page.locator("#n-active").inner_text() == str(api_page["n_events_active"]) and fired
+    rows = page.locator("#events tbody tr")
+    shown = [
+        (
+            rows.nth(i).get_attribute("data-prompt"),
+            float(rows.nth(i).locator("td[data-value]").get_attribute("data-value")),
+        )
+        for i in range(rows.count())
+    ]
+    assert shown == [(e["prompt_id"], e["activation"]) for e in api_page["examples"]] and shown
+    assert shown[0][1] == max(fired.values())  # the event where it fired most is on top
+    assert {p for p, _ in shown} <= set(fired)
     # the planted mechanism: the top latent fires on far more upstream-IT events than upstream-PT ones
     assert sum(r["act_itup"] for r in events) > sum(r["act_ptup"] for r in events)
     page.screenshot(path=str(dash["shots"] / "feature.png"), full_page=True)
