@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import BOUND  # tests/helpers.py
 
 from crosspatch.app.client import Client
 from crosspatch.app.worker.main import Worker
@@ -107,7 +108,7 @@ def test_worker_registers_a_pretrained_dictionary_from_the_local_cache(
     with Client(env["server"].url, env["keys"]["ada"], timeout=30) as c:
         job = c.submit(_load_spec()["spec"])
         assert Worker(env["settings"]).run(max_jobs=1, exit_when_idle=True) == 1
-        job = c.wait(job["id"], timeout=60)
+        job = c.wait(job["id"], timeout=BOUND)
         assert job["status"] == "succeeded", job.get("error")
         rows = {d["id"]: d for d in c.request("GET", "/dictionaries").json()["data"]}
     d = rows[pretrained_id(RELEASE, SAE_ID)]
@@ -136,7 +137,7 @@ def test_chat_template_option_is_applied_and_recorded(env: dict) -> None:
         assert Worker(env["settings"]).run(max_jobs=2, exit_when_idle=True) == 2
         ids = {}
         for flag, job in jobs.items():
-            done = c.wait(job["id"], timeout=60)
+            done = c.wait(job["id"], timeout=BOUND)
             assert done["status"] == "succeeded", done.get("error")
             prov = c.request("GET", f"/jobs/{job['id']}/provenance").json()
             assert prov["provenance"]["chat_template"] is flag and prov["spec"]["chat_template"] is flag

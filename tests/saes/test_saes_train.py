@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import planted
-from helpers import wait_for_file
+from helpers import BOUND, wait_for_file
 
 from crosspatch.saes.cache import TensorSource
 from crosspatch.saes.errors import CacheError, DictionaryConfigError
@@ -196,7 +196,7 @@ def test_sigterm_checkpoints_then_exits(tmp_path: Path) -> None:
         wait_for_file(Path(str(out) + ".held"), proc)  # the child is held inside step 5's progress
         proc.send_signal(signal.SIGTERM)
         release.touch()
-        code = proc.wait(timeout=60)
+        code = proc.wait(timeout=BOUND)
     finally:
         proc.kill()
     assert code == -signal.SIGTERM  # re-raised with the default handler after checkpointing
