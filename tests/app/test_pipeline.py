@@ -208,30 +208,13 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
     prompts = [{"id": p.id, "text": p.text} for p in load_prompts(env["org"] / "prompts.jsonl")]
     with client(env["server"], env["keys"]["ada"]) as c:
         (d,) = [d for d in c.get("/dictionaries").json()["data"] if d["pair_id"] == ORGANISM]
-        bad = c.post(
-            "/jobs",
-            json={
-                "spec": {
-                    "kind": "mediation",
-                    "pair_id": ORGANISM,
-                    "dictionary_id": d["id"],
-                    "prompts": prompts,
-                    "mediation": {"top_k": 17},
-                }
-            },
-        )
+        spec = {"kind": "mediation", "pair_id": ORGANISM, "dictionary_id": d["id"], "prompts": prompts}
+        bad = c.post("/jobs", json={"spec": {**spec, "mediation": {"top_k": 17}}})
         assert bad.status_code == 422 and "exceeds" in bad.text  # width 16
         r = c.post(
             "/jobs",
             json={
-                "spec": {
-                    "kind": "mediation",
-                    "pair_id": ORGANISM,
-                    "dictionary_id": d["id"],
-                    "prompts": prompts,
-                    "max_new_tokens": 16,
-                    "mediation": {"top_k": 4, "ks": [4], "neighbours": 2},
-                }
+                "spec": {**spec, "max_new_tokens": 16, "mediation": {"top_k": 4, "ks": [4], "neighbours": 2}}
             },
         )
         assert r.status_code == 201, r.text
