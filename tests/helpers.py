@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,6 +18,31 @@ from crosspatch.engine.organisms.tiny import (
     tiny_pair,
     word_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from crosspatch.engine.divergence import DivergenceEvent
+    from crosspatch.engine.pairs import ModelPair
+
+
+@functools.cache
+def _organism_events(name: str, limit: int | None) -> tuple[Path, ModelPair, tuple[DivergenceEvent, ...]]:
+    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.organisms import organism_path
+    from crosspatch.engine.pairs import load_pair
+    from crosspatch.engine.prompts import load_prompts
+
+    root = organism_path(name)
+    pair = load_pair(root / "pt", root / "it")
+    return root, pair, tuple(find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=limit)))
+
+
+def organism_events(
+    name: str, limit: int | None = None, diverged_only: bool = True
+) -> tuple[Path, ModelPair, list[DivergenceEvent]]:
+    """(directory, pair, divergence events) of organism `name` on its first `limit` prompts, the diverged
+    ones unless `diverged_only=False`; loaded and computed once per test process."""
+    root, pair, events = _organism_events(name, limit)
+    return root, pair, [e for e in events if e.diverged or not diverged_only]
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
