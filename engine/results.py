@@ -48,7 +48,13 @@ and the dictionary's own gate), each with value, threshold and passed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
+
+if TYPE_CHECKING:  # this module stays torch-free (the API process imports it)
+    from crosspatch.engine.divergence import DivergenceEvent
 
 CELL_COLUMNS = ("y_ptup_ptlate", "y_ptup_itlate", "y_itup_ptlate", "y_itup_itlate")
 EFFECT_COLUMNS = ("pt_late_effect", "it_late_effect", "interaction")
@@ -163,6 +169,18 @@ GATE_CHECKS_SCHEMA = pa.schema(
         ("detail", STR),
     ]
 )
+
+
+def event_key_columns(family: str, pair_id: str, events: Sequence[DivergenceEvent]) -> dict[str, list]:
+    """The EVENT_KEY columns (family, pair_id, prompt_id, category, position) of `events`, a row each."""
+    n = len(events)
+    return {
+        "family": [family] * n,
+        "pair_id": [pair_id] * n,
+        "prompt_id": [e.prompt_id for e in events],
+        "category": [e.category for e in events],
+        "position": [e.position for e in events],
+    }
 
 
 def events_table(events: list, family: str, pair_id: str) -> pa.Table:
