@@ -30,7 +30,11 @@ class ServiceThread:
         self, settings: Settings, embedded_worker: bool = False, startup_timeout: float = 60.0
     ) -> None:
         self.settings = settings
-        self.port = free_port()
+        # bound here and handed to uvicorn: no window in which a parallel test could take the port (and
+        # no chance of polling another test's server that got it)
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = int(self.socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout
         config = uvicorn.Config(
@@ -40,23 +44,26 @@ class ServiceThread:
             log_level="warning",
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def start(self) -> ServiceThread:
         self.thread.start()
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.thread.is_alive():
             try:
                 if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
+        if not self.thread.is_alive():
+            raise RuntimeError(f"the service on port {self.port} exited during start-up")
         raise RuntimeError(f"the service did not start within {self.startup_timeout:.0f} s")
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+        self.socket.close()
 
     def __enter__(self) -> ServiceThread:
         return self.start()

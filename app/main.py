@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crosspatch.app.api.main import api_router
 from crosspatch.app.config import Settings, get_settings
-from crosspatch.app.errors import AppError
+from crosspatch.app.errors import AppError, PayloadTooLarge
 from crosspatch.app.services.ingest import Housekeeper
 from crosspatch.app.store.duckdb import ResultsError, ResultsStore
 from crosspatch.app.store.migrate import upgrade
@@ -101,10 +101,8 @@ class BodySizeLimit:
         await self.app(scope, limited, guarded_send)
 
     async def _refuse(self, send: Send) -> None:
-        response = JSONResponse(
-            {"message": f"request body larger than {self.max_bytes} bytes", "code": "payload_too_large"},
-            status_code=413,
-        )
+        err = PayloadTooLarge(f"request body larger than {self.max_bytes} bytes")
+        response = JSONResponse({"message": err.message, "code": err.code}, status_code=err.status)
         await response({"type": "http"}, _noop_receive, send)
 
 

@@ -28,6 +28,7 @@ from crosspatch.engine.crosspatch import event_batches, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.recipe import single_boundary
+from crosspatch.engine.results import event_key_columns
 from crosspatch.engine.stats import bootstrap_ci, bootstrap_means
 
 
@@ -74,11 +75,7 @@ def boundary_margins(
         parts.append(
             pa.table(
                 {
-                    "family": [pair.family] * len(batch),
-                    "pair_id": [pair.pair_id] * len(batch),
-                    "prompt_id": [e.prompt_id for e in batch],
-                    "category": [e.category for e in batch],
-                    "position": [e.position for e in batch],
+                    **event_key_columns(pair.family, pair.pair_id, batch),
                     "boundary": [b] * len(batch),
                     "boundary_margin": m,
                     "favours_it": m > 0,

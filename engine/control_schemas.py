@@ -7,27 +7,29 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from crosspatch.engine.results import CELLS_SCHEMA
+from crosspatch.engine.results import (
+    BOOL,
+    CELLS_SCHEMA,
+    CI,
+    ESTIMATE_CI,
+    EVENT_KEY,
+    F64,
+    I32,
+    I64,
+    RUN_KEY,
+    SITE,
+    STR,
+    typed,
+)
 
 # one pair's run of a control: the leading columns of every per-run summary table
-_RUN_FIELDS = [
-    ("family", pa.string()),
-    ("pair_id", pa.string()),
-    ("boundary", pa.int32()),
-    ("readout", pa.string()),
-]
+_RUN_FIELDS = RUN_KEY
+# one base model's lineage sweep at one site: the leading columns of the recipe tables
+_LINEAGE_FIELDS = [*typed(STR, "family", "base_id"), *SITE]
 
 # ---- engine.offmanifold ------------------------------------------------------------
 
-_EVENT_FIELDS = [
-    ("family", pa.string()),
-    ("pair_id", pa.string()),
-    ("prompt_id", pa.string()),
-    ("category", pa.string()),
-    ("position", pa.int32()),
-    ("boundary", pa.int32()),
-    ("readout", pa.string()),
-]
+_EVENT_FIELDS = [*EVENT_KEY, *SITE]  # one event of one run
 
 # interpolation: one row per event x alpha.
 #   alpha        interpolation weight a of U_IT in U(a) = (1 - a) U_PT + a U_IT
@@ -37,11 +39,7 @@ _EVENT_FIELDS = [
 INTERPOLATION_SCHEMA = pa.schema(
     [
         *_EVENT_FIELDS,
-        ("alpha", pa.float64()),
-        ("y_itlate", pa.float64()),
-        ("y_ptlate", pa.float64()),
-        ("late_effect", pa.float64()),
-        ("contrast", pa.float64()),
+        *typed(F64, "alpha", "y_itlate", "y_ptlate", "late_effect", "contrast"),
     ]
 )
 
@@ -53,11 +51,8 @@ INTERPOLATION_SCHEMA = pa.schema(
 SIGNPERM_SCHEMA = pa.schema(
     [
         *_EVENT_FIELDS,
-        ("seed", pa.int64()),
-        ("y_itlate", pa.float64()),
-        ("y_ptlate", pa.float64()),
-        ("random_interaction", pa.float64()),
-        ("observed_interaction", pa.float64()),
+        ("seed", I64),
+        *typed(F64, "y_itlate", "y_ptlate", "random_interaction", "observed_interaction"),
     ]
 )
 
@@ -69,12 +64,10 @@ SIGNPERM_SCHEMA = pa.schema(
 OFFMANIFOLD_SUMMARY_SCHEMA = pa.schema(
     [
         *_RUN_FIELDS,
-        ("statistic", pa.string()),
-        ("alpha", pa.float64()),
-        ("estimate", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n", pa.int64()),
+        ("statistic", STR),
+        ("alpha", F64),
+        *ESTIMATE_CI,
+        ("n", I64),
     ]
 )
 
@@ -87,14 +80,10 @@ OFFMANIFOLD_SUMMARY_SCHEMA = pa.schema(
 #   favours_it       boundary_margin > 0 (IT's boundary readout already prefers t_IT)
 BOUNDARY_MARGIN_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("category", pa.string()),
-        ("position", pa.int32()),
-        ("boundary", pa.int32()),
-        ("boundary_margin", pa.float64()),
-        ("favours_it", pa.bool_()),
+        *EVENT_KEY,
+        ("boundary", I32),
+        ("boundary_margin", F64),
+        ("favours_it", BOOL),
     ]
 )
 
@@ -107,13 +96,10 @@ BOUNDARY_MARGIN_SCHEMA = pa.schema(
 COMMITMENT_SCHEMA = pa.schema(
     [
         *_RUN_FIELDS,
-        ("view", pa.string()),
-        ("margin_low", pa.float64()),
-        ("margin_high", pa.float64()),
-        ("estimate", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n", pa.int64()),
+        ("view", STR),
+        *typed(F64, "margin_low", "margin_high"),
+        *ESTIMATE_CI,
+        ("n", I64),
     ]
 )
 
@@ -131,14 +117,11 @@ BASELINE_CELLS_SCHEMA = CELLS_SCHEMA.append(pa.field("condition", pa.string()))
 BASELINE_SUMMARY_SCHEMA = pa.schema(
     [
         *_RUN_FIELDS,
-        ("condition", pa.string()),
-        ("n", pa.int64()),
-        ("interaction", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("share", pa.float64()),
-        ("share_ci_low", pa.float64()),
-        ("share_ci_high", pa.float64()),
+        ("condition", STR),
+        ("n", I64),
+        ("interaction", F64),
+        *CI,
+        *typed(F64, "share", "share_ci_low", "share_ci_high"),
     ]
 )
 
@@ -155,23 +138,15 @@ BASELINE_SUMMARY_SCHEMA = pa.schema(
 #   native_top1_rate      share of events where the stage's own greedy token (native pass) is t_IT
 LINEAGE_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("base_id", pa.string()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
-        ("stage", pa.string()),
-        ("n", pa.int64()),
-        ("interaction", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("p_value", pa.float64()),
-        ("pt_late_effect", pa.float64()),
-        ("it_late_effect", pa.float64()),
-        ("portable_share", pa.float64()),
-        ("share_of_reference", pa.float64()),
-        ("share_ci_low", pa.float64()),
-        ("share_ci_high", pa.float64()),
-        ("native_top1_rate", pa.float64()),
+        *_LINEAGE_FIELDS,
+        ("stage", STR),
+        ("n", I64),
+        ("interaction", F64),
+        *CI,
+        ("p_value", F64),
+        *typed(F64, "pt_late_effect", "it_late_effect", "portable_share"),
+        *typed(F64, "share_of_reference", "share_ci_low", "share_ci_high"),
+        ("native_top1_rate", F64),
     ]
 )
 
@@ -186,15 +161,9 @@ LINEAGE_CELLS_SCHEMA = CELLS_SCHEMA.append(pa.field("stage", pa.string())).appen
 #   p_value                     one-sided sign-flip (label-swap) p of estimate > 0; n_permutations its budget
 RECIPE_CONTRAST_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("base_id", pa.string()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
-        ("stage_a", pa.string()),
-        ("stage_b", pa.string()),
-        ("estimate", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
+        *_LINEAGE_FIELDS,
+        *typed(STR, "stage_a", "stage_b"),
+        *ESTIMATE_CI,
         ("p_value", pa.float64()),
         ("n", pa.int64()),
         ("n_permutations", pa.int64()),

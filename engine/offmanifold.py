@@ -39,6 +39,7 @@ from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batche
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.pairs import READOUTS, ModelPair
 from crosspatch.engine.recipe import Ratio, ratio_of_means, single_boundary
+from crosspatch.engine.results import event_key_columns
 from crosspatch.engine.stats import bootstrap_ci
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -152,11 +153,7 @@ def iter_offmanifold(
     for batch, ids, mask, tokens in event_batches(pair, events, batch_size):
         interp, rand, late0, interaction = offmanifold_batch(pair, ids, mask, tokens, b, readout, grid, seeds)
         base = {
-            "family": [pair.family] * len(batch),
-            "pair_id": [pair.pair_id] * len(batch),
-            "prompt_id": [e.prompt_id for e in batch],
-            "category": [e.category for e in batch],
-            "position": [e.position for e in batch],
+            **event_key_columns(pair.family, pair.pair_id, batch),
             "boundary": [b] * len(batch),
             "readout": [readout] * len(batch),
         }

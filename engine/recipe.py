@@ -26,6 +26,7 @@ from crosspatch.engine.control_schemas import LINEAGE_CELLS_SCHEMA, LINEAGE_SCHE
 from crosspatch.engine.crosspatch import CELLS, clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent, real_token_mask
 from crosspatch.engine.pairs import READOUTS, ModelPair
+from crosspatch.engine.results import event_key_columns
 from crosspatch.engine.stats import bootstrap_ci, bootstrap_means, sign_flip_pvalue
 
 
@@ -182,11 +183,7 @@ def _stage_cells(
         parts.append(
             pa.table(
                 {
-                    "family": [pair.family] * n,
-                    "pair_id": [pair.pair_id] * n,
-                    "prompt_id": [e.prompt_id for e in batch],
-                    "category": [e.category for e in batch],
-                    "position": [e.position for e in batch],
+                    **event_key_columns(pair.family, pair.pair_id, batch),
                     "t_pt": [e.t_pt for e in batch],
                     "t_it": [e.t_it for e in batch],
                     "boundary": [boundary] * n,

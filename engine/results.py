@@ -49,136 +49,139 @@ and the dictionary's own gate), each with value, threshold and passed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
+
+if TYPE_CHECKING:  # this module stays torch-free (the API process imports it)
+    from crosspatch.engine.divergence import DivergenceEvent
 
 CELL_COLUMNS = ("y_ptup_ptlate", "y_ptup_itlate", "y_itup_ptlate", "y_itup_itlate")
 EFFECT_COLUMNS = ("pt_late_effect", "it_late_effect", "interaction")
 
+STR, I32, I64, F64, BOOL = pa.string(), pa.int32(), pa.int64(), pa.float64(), pa.bool_()
+
+
+def typed(kind: pa.DataType, *names: str) -> list[pa.Field]:
+    """Columns `names`, all of Arrow type `kind`: a run of same-typed columns on one line."""
+    return [pa.field(name, kind) for name in names]
+
+
+# Column groups many tables share, spliced in with `*` (a schema list may mix them with plain tuples).
+EVENT_ID = typed(STR, "family", "pair_id", "prompt_id", "category")  # one prompt of one pair
+EVENT_KEY = [*EVENT_ID, pa.field("position", I32)]  # ... and its scored (divergence) position
+SITE = [pa.field("boundary", I32), pa.field("readout", STR)]  # where the 2x2 is cut and read
+RUN_KEY = [*typed(STR, "family", "pair_id"), *SITE]  # one pair's run at one site
+TOKENS = typed(I64, "t_pt", "t_it")  # the divergent token ids
+CI = typed(F64, "ci_low", "ci_high")  # percentile bootstrap (pair) or normal (pooled) 95% CI
+ESTIMATE_CI = [pa.field("estimate", F64), *CI]
+
 CELLS_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("category", pa.string()),
-        ("position", pa.int32()),
-        ("t_pt", pa.int64()),
-        ("t_it", pa.int64()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
-        ("pair_label", pa.string()),
-        ("n_layers", pa.int32()),
-        ("headline_boundary", pa.int32()),
-        *[(c, pa.float64()) for c in CELL_COLUMNS],
-        *[(c, pa.float64()) for c in EFFECT_COLUMNS],
-        ("near_tie", pa.bool_()),
+        *EVENT_KEY,
+        *TOKENS,
+        *SITE,
+        ("pair_label", STR),
+        *typed(I32, "n_layers", "headline_boundary"),
+        *typed(F64, *CELL_COLUMNS, *EFFECT_COLUMNS),
+        ("near_tie", BOOL),
     ]
 )
 
 EVENTS_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("category", pa.string()),
-        ("diverged", pa.bool_()),
-        ("reason", pa.string()),
-        ("token_check", pa.string()),
-        ("position", pa.int32()),
-        ("t_pt", pa.int64()),
-        ("t_it", pa.int64()),
-        ("n_prompt_tokens", pa.int32()),
-        ("prompt_ids", pa.list_(pa.int64())),
-        ("prefix_ids", pa.list_(pa.int64())),
-        ("prompt_text", pa.string()),
-        ("prefix_text", pa.string()),
-        ("t_pt_text", pa.string()),
-        ("t_it_text", pa.string()),
-        ("event", pa.string()),  # event definition: first_diff (headline), first_nonformat_diff, ...
-        ("gap_pt", pa.float64()),
-        ("gap_it", pa.float64()),
-        ("near_tie", pa.bool_()),
+        *EVENT_ID,
+        ("diverged", BOOL),
+        *typed(STR, "reason", "token_check"),
+        ("position", I32),
+        *TOKENS,
+        ("n_prompt_tokens", I32),
+        *typed(pa.list_(I64), "prompt_ids", "prefix_ids"),
+        *typed(STR, "prompt_text", "prefix_text", "t_pt_text", "t_it_text"),
+        ("event", STR),  # event definition: first_diff (headline), first_nonformat_diff, ...
+        *typed(F64, "gap_pt", "gap_it"),
+        ("near_tie", BOOL),
     ]
 )
 
 SUMMARY_SCHEMA = pa.schema(
     [
-        ("level", pa.string()),  # 'pair', 'family' or 'balanced'
-        ("family", pa.string()),  # null on balanced rows
-        ("pair_id", pa.string()),  # null on family and balanced rows
-        ("pair_label", pa.string()),
-        ("boundary", pa.int32()),  # null where the combined pairs' boundaries differ
-        ("n_layers", pa.int32()),  # null where the combined pairs' depths differ
-        ("depth", pa.float64()),  # boundary / n_layers (null where they differ)
-        ("headline", pa.bool_()),  # at each pair's headline boundary (else a swept or depth-matched row)
-        ("readout", pa.string()),
-        ("subset", pa.string()),
-        ("statistic", pa.string()),
-        ("estimate", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n", pa.int64()),  # prompts (summed over pairs on family and balanced rows)
-        ("n_pairs", pa.int64()),
-        ("p_value", pa.float64()),  # one-sided sign-flip p (pair interaction rows)
-        ("p_adjusted", pa.float64()),  # Holm over the pair's boundaries (= p_value for one boundary)
-        ("p_sweep", pa.float64()),  # sweep-wide p: max statistic over boundaries, same flips (sweeps)
-        ("n_permutations", pa.int64()),  # p-values are >= 1 / (n_permutations + 1)
+        ("level", STR),  # 'pair', 'family' or 'balanced'
+        ("family", STR),  # null on balanced rows
+        ("pair_id", STR),  # null on family and balanced rows
+        ("pair_label", STR),
+        ("boundary", I32),  # null where the combined pairs' boundaries differ
+        ("n_layers", I32),  # null where the combined pairs' depths differ
+        ("depth", F64),  # boundary / n_layers (null where they differ)
+        ("headline", BOOL),  # at each pair's headline boundary (else a swept or depth-matched row)
+        *typed(STR, "readout", "subset", "statistic"),
+        *ESTIMATE_CI,
+        ("n", I64),  # prompts (summed over pairs on family and balanced rows)
+        ("n_pairs", I64),
+        # p_value: one-sided sign-flip p (pair interaction rows); p_adjusted: Holm over the pair's
+        # boundaries (= p_value for one boundary); p_sweep: sweep-wide p, max statistic over boundaries
+        *typed(F64, "p_value", "p_adjusted", "p_sweep"),
+        ("n_permutations", I64),  # p-values are >= 1 / (n_permutations + 1)
     ]
 )
 
 
 FEATURE_ACTS_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("dictionary_id", pa.string()),
-        ("layer", pa.int32()),
-        ("latent", pa.int64()),
-        ("act_ptup", pa.float64()),  # activation at the scored position in (PT up, IT late)
-        ("act_itup", pa.float64()),  # ... in (IT up, IT late)
-        ("attribution", pa.float64()),  # attr(II) - attr(PI) for this event (fit split; null on test)
-        ("split", pa.string()),  # 'fit' or 'test'
+        *typed(STR, "family", "pair_id", "prompt_id", "dictionary_id"),
+        ("layer", I32),
+        ("latent", I64),
+        # activation at the scored position in (PT up, IT late) and in (IT up, IT late)
+        *typed(F64, "act_ptup", "act_itup"),
+        ("attribution", F64),  # attr(II) - attr(PI) for this event (fit split; null on test)
+        ("split", STR),  # 'fit' or 'test'
     ]
 )
 
 FEATURE_EFFECTS_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("dictionary_id", pa.string()),  # one id, or comma-joined ids for a multi-layer feature set
-        ("layer", pa.int32()),  # the latent's layer for per-feature rows; null for set-level rows
-        ("intervention", pa.string()),  # ablate_topk, ablate_matched_random, ablate_same_delta_random,
-        #                                 rescue_*, ablate_single (one feature, held out),
-        #                                 attribution (per-feature score), baseline
-        ("k", pa.int32()),  # real set size; for attribution and ablate_single rows the feature's rank
-        ("latent", pa.int64()),  # per-feature rows only
-        ("statistic", pa.string()),  # interaction_drop, share, it_late_drop, rescue_gain,
-        #                              rescue_fraction, attribution_score, interaction, missing_margin
-        (
-            "effect",
-            pa.float64(),
-        ),  # null: share/fraction whose denominator CI covers 0, or control unavailable
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n", pa.int64()),  # events; 0 for an unavailable control
+        *typed(STR, "family", "pair_id"),
+        ("dictionary_id", STR),  # one id, or comma-joined ids for a multi-layer feature set
+        ("layer", I32),  # the latent's layer for per-feature rows; null for set-level rows
+        # intervention: ablate_topk, ablate_matched_random, ablate_same_delta_random, rescue_*,
+        # ablate_single (one feature, held out), attribution (per-feature score), baseline
+        ("intervention", STR),
+        ("k", I32),  # real set size; for attribution and ablate_single rows the feature's rank
+        ("latent", I64),  # per-feature rows only
+        # statistic: interaction_drop, share, it_late_drop, rescue_gain, rescue_fraction,
+        # attribution_score, interaction, missing_margin
+        ("statistic", STR),
+        ("effect", F64),  # null: share/fraction whose denominator CI covers 0, or control unavailable
+        *CI,
+        ("n", I64),  # events; 0 for an unavailable control
     ]
 )
 
 GATE_CHECKS_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("dictionary_id", pa.string()),
-        (
-            "check_name",
-            pa.string(),
-        ),  # heldout_tokens, fve_it, l0_target, alive_fraction, topk_causal_drop, matched_random_drop, ...
-        ("value", pa.float64()),  # measured value; null when it could not be measured
-        ("threshold", pa.float64()),
-        ("passed", pa.bool_()),
-        ("detail", pa.string()),
+        *typed(STR, "family", "pair_id", "dictionary_id"),
+        # check_name: heldout_tokens, fve_it, l0_target, alive_fraction, topk_causal_drop,
+        # matched_random_drop, ...
+        ("check_name", STR),
+        ("value", F64),  # measured value; null when it could not be measured
+        ("threshold", F64),
+        ("passed", BOOL),
+        ("detail", STR),
     ]
 )
+
+
+def event_key_columns(family: str, pair_id: str, events: Sequence[DivergenceEvent]) -> dict[str, list]:
+    """The EVENT_KEY columns (family, pair_id, prompt_id, category, position) of `events`, a row each."""
+    n = len(events)
+    return {
+        "family": [family] * n,
+        "pair_id": [pair_id] * n,
+        "prompt_id": [e.prompt_id for e in events],
+        "category": [e.category for e in events],
+        "position": [e.position for e in events],
+    }
 
 
 def events_table(events: list, family: str, pair_id: str) -> pa.Table:
@@ -213,80 +216,65 @@ CONTINUATION_CELL_KEYS: dict[tuple[str, str], str] = {
 
 CONTINUATION_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("category", pa.string()),
-        ("position", pa.int32()),
-        ("boundary", pa.int32()),
-        ("readout", pa.string()),
-        ("variant", pa.string()),  # native | same_forced | shuffled_tail
-        ("n", pa.int32()),  # tail length N
-        *[(f"c_{k}", pa.float64()) for k in CONTINUATION_CELL_KEYS.values()],  # C_N per cell
-        *[(f"tail_{k}", pa.float64()) for k in CONTINUATION_CELL_KEYS.values()],  # tail-only C_N per cell
-        ("interaction", pa.float64()),  # 2x2 contrast of C_N
-        ("tail_interaction", pa.float64()),  # 2x2 contrast of tail-only C_N (0 at N = 0)
-        ("it_candidate", pa.list_(pa.int64())),  # t_IT + tail[:N]
-        ("pt_candidate", pa.list_(pa.int64())),  # t_PT + tail[:N]
-        ("it_candidate_text", pa.string()),
-        ("pt_candidate_text", pa.string()),
+        *EVENT_KEY,
+        *SITE,
+        ("variant", STR),  # native | same_forced | shuffled_tail
+        ("n", I32),  # tail length N
+        *typed(F64, *(f"c_{k}" for k in CONTINUATION_CELL_KEYS.values())),  # C_N per cell
+        *typed(F64, *(f"tail_{k}" for k in CONTINUATION_CELL_KEYS.values())),  # tail-only C_N per cell
+        ("interaction", F64),  # 2x2 contrast of C_N
+        ("tail_interaction", F64),  # 2x2 contrast of tail-only C_N (0 at N = 0)
+        *typed(pa.list_(I64), "it_candidate", "pt_candidate"),  # t_IT + tail[:N], t_PT + tail[:N]
+        *typed(STR, "it_candidate_text", "pt_candidate_text"),
     ]
 )
 
 CONTINUATION_SUMMARY_SCHEMA = pa.schema(
     [
-        ("pair_id", pa.string()),
-        ("variant", pa.string()),
-        ("n", pa.int32()),
-        ("statistic", pa.string()),  # interaction | tail_interaction
-        ("mean", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n_events", pa.int64()),
+        *typed(STR, "pair_id", "variant"),
+        ("n", I32),
+        ("statistic", STR),  # interaction | tail_interaction
+        ("mean", F64),
+        *CI,
+        ("n_events", I64),
     ]
 )
 
 FORCED_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("category", pa.string()),
-        ("position", pa.int32()),
-        ("branch", pa.string()),  # it | pt | rank_matched | class_matched
-        ("forced_token", pa.int64()),
-        ("forced_text", pa.string()),
-        ("it_rank", pa.int32()),  # rank of the forced token in IT's masked ranking at the event (1 = top)
-        ("validator", pa.string()),  # exact_answer | format | refusal | null (not objectively scoreable)
-        ("success", pa.bool_()),  # suffix-only (primary); null when not scoreable
-        ("success_with_token", pa.bool_()),  # forced token + suffix
-        ("n_new_tokens", pa.int32()),
-        ("stop", pa.string()),  # eos | budget
-        ("continuation_ids", pa.list_(pa.int64())),
-        ("continuation_text", pa.string()),  # the suffix, decoded with IT's tokenizer
+        *EVENT_KEY,
+        ("branch", STR),  # it | pt | rank_matched | class_matched
+        ("forced_token", I64),
+        ("forced_text", STR),
+        ("it_rank", I32),  # rank of the forced token in IT's masked ranking at the event (1 = top)
+        ("validator", STR),  # exact_answer | format | refusal | null (not objectively scoreable)
+        ("success", BOOL),  # suffix-only (primary); null when not scoreable
+        ("success_with_token", BOOL),  # forced token + suffix
+        ("n_new_tokens", I32),
+        ("stop", STR),  # eos | budget
+        ("continuation_ids", pa.list_(I64)),
+        ("continuation_text", STR),  # the suffix, decoded with IT's tokenizer
     ]
 )
 
 FORCED_SUMMARY_SCHEMA = pa.schema(
     [
-        ("level", pa.string()),  # pair | balanced
-        ("pair_id", pa.string()),  # null on balanced rows
-        ("category", pa.string()),
-        ("statistic", pa.string()),  # contrast (it - pt), or success_<branch>
-        ("view", pa.string()),  # suffix | with_token
-        ("mean", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n_events", pa.int64()),  # events scored in both branches
-        ("n_families", pa.int32()),
+        ("level", STR),  # pair | balanced
+        ("pair_id", STR),  # null on balanced rows
+        ("category", STR),
+        ("statistic", STR),  # contrast (it - pt), or success_<branch>
+        ("view", STR),  # suffix | with_token
+        ("mean", F64),
+        *CI,
+        ("n_events", I64),  # events scored in both branches
+        ("n_families", I32),
     ]
 )
 
 # lora_controls (engine/lora.py, method §4.2): one row per trained control; interaction null unless valid
 LORA_CONTROL_SCHEMA = pa.schema(
     [
-        ("family", pa.string()),
-        ("pair_id", pa.string()),
+        *typed(STR, "family", "pair_id"),
         ("status", pa.string()),  # valid | not_valid
         ("failed_checks", pa.string()),  # comma-separated: domain_nll, merge_equivalence, generation_health
         ("nll_before", pa.float64()),  # held-out domain NLL (nats/token), base
@@ -298,8 +286,7 @@ LORA_CONTROL_SCHEMA = pa.schema(
         ("max_token_share", pa.float64()),
         ("steps", pa.int64()),
         ("interaction", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
+        *CI,
         ("n_events", pa.int64()),
     ]
 )

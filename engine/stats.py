@@ -415,6 +415,12 @@ def _common(values: list) -> object:
     return values[0] if len(set(values)) == 1 else None
 
 
+def _combine_statistic(group: list[dict], stat: str, **fields: object) -> dict:
+    """One pooled row of statistic `stat`: a ratio of means for RATIO_STATISTICS, else the mean."""
+    combine = _combine_ratio if stat in RATIO_STATISTICS else _combine
+    return combine(group, **fields, statistic=stat)
+
+
 def _combine(group: list[dict], **fields: object) -> dict:
     """Unweighted mean of `group`'s estimates with the normal-approximation CI of their CIs."""
     center, lo, hi = family_balanced([(r["estimate"], r["ci_low"], r["ci_high"]) for r in group])
@@ -459,15 +465,8 @@ def _family_rows(pair_rows: list[dict]) -> list[dict]:
             if hit:
                 groups.setdefault((r["family"], r["readout"], r["subset"], r["statistic"]), []).append(r)
         for (family, readout, subset, stat), group in groups.items():
-            combine = _combine_ratio if stat in RATIO_STATISTICS else _combine
-            row = combine(
-                group,
-                level="family",
-                family=family,
-                headline=headline,
-                readout=readout,
-                subset=subset,
-                statistic=stat,
+            row = _combine_statistic(
+                group, stat, level="family", family=family, headline=headline, readout=readout, subset=subset
             )
             if depth is not None:
                 row["depth"] = float(depth)
@@ -498,15 +497,8 @@ def _balanced_rows(
     for (headline, depth, readout, subset, stat), group in groups.items():
         if {r["family"] for r in group} != families:
             continue
-        combine = _combine_ratio if stat in RATIO_STATISTICS else _combine
-        row = combine(
-            group,
-            level="balanced",
-            family=None,
-            headline=headline,
-            readout=readout,
-            subset=subset,
-            statistic=stat,
+        row = _combine_statistic(
+            group, stat, level="balanced", family=None, headline=headline, readout=readout, subset=subset
         )
         if depth is not None:
             row["depth"] = depth

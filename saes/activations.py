@@ -3,6 +3,7 @@ and `ActivationSource`, the Protocol training and quality read."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,16 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if m.get("format") != FORMAT:
         raise CacheError(f"{mpath} is not a crosspatch activation cache manifest")
     return m
+
+
+def _rebatch(chunks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Cut a stream of row chunks `[n_i, d]` into consecutive `[batch_size, d]` batches (resumable streams)."""
+    buf: torch.Tensor | None = None
+    for rows in chunks:
+        buf = rows if buf is None else torch.cat([buf, rows])  # [n_buf, d]
+        while len(buf) >= batch_size:
+            yield buf[:batch_size]
+            buf = buf[batch_size:]
 
 
 def is_heldout(seq_index: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -170,25 +181,21 @@ class ActivationCache:
         total = sum(counts)
         if total < batch_size:
             raise CacheError(f"cache split {split!r} has {total} rows, fewer than one batch of {batch_size}")
-        buf: torch.Tensor | None = None
-        skip = start_sample
-        epoch = 0
-        while True:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(len(shards), generator=g).tolist()
-            for si in order:
-                if skip >= counts[si]:
-                    skip -= counts[si]
-                    continue
-                rows = self._shard_rows(shards[si], keys, split, heldout_fraction)
-                gs = torch.Generator().manual_seed(seed * 100_003 + epoch * 7919 + si + 1)
-                rows = rows[torch.randperm(len(rows), generator=gs)][skip:]
-                skip = 0
-                buf = rows if buf is None else torch.cat([buf, rows])
-                while len(buf) >= batch_size:
-                    yield buf[:batch_size]
-                    buf = buf[batch_size:]
-            epoch += 1
+
+        def chunks() -> Iterator[torch.Tensor]:
+            skip = start_sample
+            for epoch in itertools.count():
+                g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+                for si in torch.randperm(len(shards), generator=g).tolist():
+                    if skip >= counts[si]:
+                        skip -= counts[si]
+                        continue
+                    rows = self._shard_rows(shards[si], keys, split, heldout_fraction)
+                    gs = torch.Generator().manual_seed(seed * 100_003 + epoch * 7919 + si + 1)
+                    yield rows[torch.randperm(len(rows), generator=gs)][skip:]
+                    skip = 0
+
+        yield from _rebatch(chunks(), batch_size)
 
 
 class TensorSource:
@@ -244,14 +251,10 @@ class TensorSource:
         n = len(x)
         if n < batch_size:
             raise CacheError(f"split {split!r} has {n} rows, fewer than one batch of {batch_size}")
-        epoch, offset = divmod(start_sample, n)
-        buf: torch.Tensor | None = None
-        while True:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            rows = x[torch.randperm(n, generator=g)][offset:]
-            offset = 0
-            buf = rows if buf is None else torch.cat([buf, rows])
-            while len(buf) >= batch_size:
-                yield buf[:batch_size]
-                buf = buf[batch_size:]
-            epoch += 1
+        first, offset = divmod(start_sample, n)
+        chunks = (
+            x[torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))]
+            for epoch in itertools.count(first)
+        )
+        next_chunk = next(chunks)[offset:]  # resume mid-epoch
+        yield from _rebatch(itertools.chain([next_chunk], chunks), batch_size)

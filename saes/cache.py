@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from crosspatch.engine.adapters import adapter_for
 from crosspatch.engine.divergence import left_pad
@@ -86,7 +86,7 @@ def build_cache(
     source: str | Path | Sequence[Sequence[int]] | TokenSource,
     layers: str | int | Sequence[int] = "last:3",
     hook_points: str | Sequence[str] = ("mlp_in", "mlp_out"),
-    tokenizer: Any | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     *,
     model_paths: Mapping[str, str] | None = None,
     revisions: Mapping[str, str | None] | None = None,

@@ -8,11 +8,14 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crosspatch.engine.errors import PromptFileError
 from crosspatch.engine.prompts import PromptRecord, load_prompts
 from crosspatch.saes.errors import CacheError
+
+if TYPE_CHECKING:  # transformers is heavy; only the annotation needs it
+    from transformers import PreTrainedTokenizerBase
 
 
 # ---- token sources ------------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ class TokenSource:
         else:
             raise CacheError(f"source kind {self.kind!r} has no texts")
 
-    def sequences(self, tokenizer: Any | None, max_seq_len: int) -> Iterator[list[int]]:
+    def sequences(self, tokenizer: PreTrainedTokenizerBase | None, max_seq_len: int) -> Iterator[list[int]]:
         """Token id sequences, truncated to `max_seq_len` (BOS added by the tokenizer where it has one)."""
         if self.kind == "ids":
             seqs: Iterable[list[int]] = self.ids if self.ids is not None else self._ids_from_file()

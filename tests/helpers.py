@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,6 +18,31 @@ from crosspatch.engine.organisms.tiny import (
     tiny_pair,
     word_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from crosspatch.engine.divergence import DivergenceEvent
+    from crosspatch.engine.pairs import ModelPair
+
+
+@functools.cache
+def _organism_events(name: str, limit: int | None) -> tuple[Path, ModelPair, tuple[DivergenceEvent, ...]]:
+    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.organisms import organism_path
+    from crosspatch.engine.pairs import load_pair
+    from crosspatch.engine.prompts import load_prompts
+
+    root = organism_path(name)
+    pair = load_pair(root / "pt", root / "it")
+    return root, pair, tuple(find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=limit)))
+
+
+def organism_events(
+    name: str, limit: int | None = None, diverged_only: bool = True
+) -> tuple[Path, ModelPair, list[DivergenceEvent]]:
+    """(directory, pair, divergence events) of organism `name` on its first `limit` prompts, the diverged
+    ones unless `diverged_only=False`; loaded and computed once per test process."""
+    root, pair, events = _organism_events(name, limit)
+    return root, pair, [e for e in events if e.diverged or not diverged_only]
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -38,7 +65,12 @@ def cli_ok(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     return out
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+# seconds: the bound on any one wait for a child process or a job. Only a broken build waits this long; a
+# loaded 2-core machine (parallel workers, other jobs) can take minutes where an idle one takes seconds.
+BOUND = 600.0
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = BOUND) -> None:
     """Wait until a child process creates `path` (its signal that it reached a known point, e.g. held
     before a kill); fail at once if the child exits first. The timeout only bounds a broken child."""
     deadline = time.monotonic() + timeout

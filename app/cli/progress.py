@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from crosspatch.engine.divergence import DivergenceEvent
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from crosspatch.engine.prompts import PromptRecord
 
 
-def progress_enabled(stream: Any = None) -> bool:
+def progress_enabled(stream: TextIO | None = None) -> bool:
     """True when progress bars should draw: `CROSSPATCH_PROGRESS` if set, else whether stderr is a tty."""
     forced = os.environ.get("CROSSPATCH_PROGRESS")
     if forced in ("0", "1"):

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import CursorResult, and_, insert, select, update
+from sqlalchemy.orm import Session
 
 from crosspatch.app.queue.policy import candidate
 from crosspatch.app.store.models import ACTIVE_STATUSES, Job, JobAttempt, JobLog, utcnow
@@ -63,7 +64,7 @@ def claim(
 
 
 def end_attempt(
-    session: Any, job_id: uuid.UUID, outcome: str, detail: str | None = None, worker_id: str | None = None
+    session: Session, job_id: uuid.UUID, outcome: str, detail: str | None = None, worker_id: str | None = None
 ) -> None:
     """Close the job's open attempt (its history row) with how it ended, in the caller's transaction."""
     where = [attempts_.c.job_id == job_id, attempts_.c.ended_at.is_(None)]

@@ -608,7 +608,13 @@ def _part_tag(pair_id: str) -> str:
 
 # ---- forced-token scoring and constrained continuation (method §6) ----------------------------------
 def _forced_and_continuation(
-    pair: Any, prompts: Sequence[Any], events: list[Any], spec: Any, ctx: JobContext, tag: str, boundary: int
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
+    events: list[DivergenceEvent],
+    spec: PipelineSpec,
+    ctx: JobContext,
+    tag: str,
+    boundary: int,
 ) -> None:
     """Pipeline option: forced tokens / continuation on a pair's events (defaults of those job kinds)."""
     from crosspatch.engine.continuation import continuation_table
@@ -628,7 +634,7 @@ def _forced_and_continuation(
         ctx.write_part(f"continuation.{tag}all", table)
 
 
-def _forced_summaries(ctx: JobContext, spec: Any) -> None:
+def _forced_summaries(ctx: JobContext, spec: ForcedTokensSpec) -> None:
     from crosspatch.engine.forced import summarize_forced
 
     table = ctx.read_parts("forced_tokens")
@@ -638,7 +644,7 @@ def _forced_summaries(ctx: JobContext, spec: Any) -> None:
         )
 
 
-def _continuation_summaries(ctx: JobContext, spec: Any) -> None:
+def _continuation_summaries(ctx: JobContext, spec: ContinuationSpec) -> None:
     from crosspatch.engine.continuation import summarize_continuation
 
     table = ctx.read_parts("continuation")
@@ -647,9 +653,13 @@ def _continuation_summaries(ctx: JobContext, spec: Any) -> None:
         ctx.write_part("continuation_summaries.all", summary)
 
 
+# one chunk's table of a method-§6 job: run(pair, prompts of the chunk, their divergence events)
+ChunkRun = Callable[[ModelPair, Sequence[PromptRecord], list[DivergenceEvent]], pa.Table]
+
+
 def _method_chunks(
-    spec: Any, ctx: JobContext, table: str, run: Callable[[Any, Sequence[Any], list[Any]], Any]
-) -> Any:
+    spec: ForcedTokensSpec | ContinuationSpec, ctx: JobContext, table: str, run: ChunkRun
+) -> ModelPair:
     """Divergence + `run(pair, chunk, events)` per chunk as `events.NNNNN` / `<table>.NNNNN` parts (resumable)."""
     from crosspatch.engine.results import events_from_table, events_table
 
@@ -680,7 +690,7 @@ def forced_tokens(spec: ForcedTokensSpec, ctx: JobContext) -> None:
 
     ctx.provenance.update(branches=spec.branches, budgets=spec.budgets, n_resamples=spec.n_resamples)
 
-    def run(pair: Any, chunk: Sequence[Any], events: list[Any]) -> Any:
+    def run(pair: ModelPair, chunk: Sequence[PromptRecord], events: list[DivergenceEvent]) -> pa.Table:
         return forced_table(pair, events, chunk, tuple(spec.branches), spec.budgets, spec.batch_size)
 
     _method_chunks(spec, ctx, "forced_tokens", run)
@@ -694,7 +704,7 @@ def continuation(spec: ContinuationSpec, ctx: JobContext) -> None:
     from crosspatch.engine.continuation import continuation_table
     from crosspatch.engine.recipe import single_boundary
 
-    def run(pair: Any, chunk: Sequence[Any], events: list[Any]) -> Any:
+    def run(pair: ModelPair, chunk: Sequence[PromptRecord], events: list[DivergenceEvent]) -> pa.Table:
         b = single_boundary(pair, spec.boundary)
         ctx.provenance.update(boundary=b, ns=spec.ns, variants=spec.variants, readout=spec.readout)
         return continuation_table(

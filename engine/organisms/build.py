@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,7 @@ def cache_root() -> Path:
     return Path(env) / "organisms" if env else Path.home() / ".cache" / "crosspatch" / "organisms"
 
 
-def build_atomic(final: Path, build: Any) -> Path:
+def build_atomic(final: Path, build: Callable[[Path], object]) -> Path:
     """Run `build(tmp_dir)` into a temp dir beside `final`, then rename; a concurrent winner is kept."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crosspatch.app.store.models import Job, Pair, User, utcnow
 from crosspatch.app.store.session import Store
+
+if TYPE_CHECKING:
+    from crosspatch.app.config import Settings
+    from crosspatch.app.store.duckdb import ResultsStore
+    from crosspatch.engine.pairs import ModelPair
 
 
 def make_user(store: Store, name: str, role: str = "researcher") -> int:
@@ -73,3 +78,29 @@ def effect_row(**fields: Any) -> dict[str, Any]:
         n=10,
     )
     return {**row, **fields}
+
+
+def run_job_in_process(settings: Settings, pair: ModelPair, spec: dict[str, Any]) -> tuple[Job, ResultsStore]:
+    """Run one job of `spec` on a warm in-process worker holding `pair` (user 'ada', the pair
+    registered), ingest it into the DuckDB file; returns the finished (detached) job and the store."""
+    from crosspatch.app.queue import ops
+    from crosspatch.app.services.ingest import ingest_job
+    from crosspatch.app.store.duckdb import ResultsStore
+    from crosspatch.app.store.migrate import upgrade
+    from crosspatch.app.worker.main import Worker
+
+    upgrade(settings.database_url)
+    worker = Worker(settings)
+    worker._pair, worker._pair_id = pair, pair.pair_id
+    owner = make_user(worker.store, "ada")
+    make_pair(worker.store, pair.pair_id)
+    job_id = make_job(worker.store, owner, pair.pair_id, spec=spec)
+    assert ops.claim(worker.store, worker.worker_id, lease_seconds=30.0, loaded_pair=pair.pair_id) == job_id
+    worker.run_one(job_id)
+    results = ResultsStore(settings.data_dir / "results.duckdb")
+    assert ingest_job(worker.store, results, job_id) == "succeeded"
+    with worker.store.session(write=False) as s:
+        job = s.get(Job, job_id)
+        s.expunge(job)
+    worker.store.dispose()
+    return job, results

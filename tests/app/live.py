@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from helpers import BOUND  # tests/helpers.py
 
 from crosspatch.app.config import Settings
 from crosspatch.app.embedded import ServiceThread
@@ -85,7 +86,7 @@ def live_service(
     finally:
         if worker is not None:
             worker.terminate()
-            worker.wait(timeout=30)
+            worker.wait(timeout=BOUND)
         server.stop()
 
 

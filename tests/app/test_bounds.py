@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from crosspatch.app.config import Settings
-from tests.app.live import LiveServer, bootstrap_users, client
+from tests.app.live import LiveServer, bootstrap_users, client, config_only_pair
 
 MAX_PROMPT_CHARS, MAX_FILE_BYTES, MAX_REQUEST = 1000, 200_000, 100_000
 
@@ -17,9 +17,7 @@ MAX_PROMPT_CHARS, MAX_FILE_BYTES, MAX_REQUEST = 1000, 200_000, 100_000
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("bounds")
     models = root / "models"
-    for d in ("pt", "it"):
-        (models / d).mkdir(parents=True)
-        (models / d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 5}')
+    config_only_pair(models)
     settings = Settings(
         data_dir=root / "data",
         model_roots=[models],

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from helpers import BOUND  # tests/helpers.py
 
 from crosspatch.app.config import Settings
 from crosspatch.engine.organisms import organism_path
@@ -44,7 +45,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             assert r.status_code == 201, r.text
     yield {"server": server, "keys": keys, "orgs": orgs}
     worker.terminate()
-    worker.wait(timeout=30)
+    worker.wait(timeout=BOUND)
     server.stop()
 
 

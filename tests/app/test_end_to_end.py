@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import save_tiny_pair, wait_for_file  # tests/helpers.py
+from helpers import BOUND, save_tiny_pair, wait_for_file  # tests/helpers.py
 
 from crosspatch.app.config import Settings
 from crosspatch.app.store.layout import parts_dir
@@ -121,7 +121,7 @@ def test_crosspatch_job_end_to_end(env: dict, library_cells: list[dict], tmp_pat
             r = c.post("/jobs", json={"spec": {**SPEC, "prompts": _prompts()}})
             assert r.status_code == 201, r.text
             job_id = r.json()["id"]
-            with c.stream("GET", f"/jobs/{job_id}/progress", timeout=120) as stream:
+            with c.stream("GET", f"/jobs/{job_id}/progress", timeout=BOUND) as stream:
                 events = [line for line in stream.iter_lines() if line.startswith("event:")]
             assert events[-1] == "event: end" and "event: progress" in events
             job = _wait(c, job_id)
@@ -141,7 +141,7 @@ def test_crosspatch_job_end_to_end(env: dict, library_cells: list[dict], tmp_pat
             assert c.post(f"/jobs/{job_id}/retry").status_code == 409
     finally:
         worker.terminate()
-        worker.wait(timeout=30)
+        worker.wait(timeout=BOUND)
 
 
 def test_killed_worker_loses_nothing(env: dict, library_cells: list[dict], tmp_path: Path) -> None:
@@ -162,7 +162,7 @@ def test_killed_worker_loses_nothing(env: dict, library_cells: list[dict], tmp_p
             job = _wait(c, job_id)
         finally:
             second.terminate()
-            second.wait(timeout=30)
+            second.wait(timeout=BOUND)
         assert job["status"] == "succeeded", (job, log.read_text()[-3000:])
         assert job["attempts"] == 2
         messages = [line["message"] for line in c.get(f"/jobs/{job_id}/logs").json()["data"]]

@@ -7,17 +7,13 @@ import json
 import pytest
 
 from crosspatch.app.config import Settings
-from crosspatch.app.queue import ops
 from crosspatch.app.schemas.jobs import JOB_SPEC_ADAPTER
-from crosspatch.app.services.ingest import ingest_job
 from crosspatch.app.services.plots import write_job_figures
 from crosspatch.app.store.duckdb import ResultsStore
-from crosspatch.app.store.migrate import upgrade
 from crosspatch.app.store.models import Job
-from crosspatch.app.worker.main import Worker
 from crosspatch.engine.organisms.forced import forced_organism_path
 from crosspatch.engine.pairs import load_pair
-from tests.app.builders import make_job, make_pair, make_user
+from tests.app.builders import run_job_in_process
 
 
 def _inline_prompts() -> list[dict]:
@@ -32,23 +28,7 @@ def _inline_prompts() -> list[dict]:
 
 def _run(settings: Settings, spec: dict) -> tuple[Job, ResultsStore]:
     root = forced_organism_path()
-    pair = load_pair(root / "pt", root / "it", pair_id="forced_answer")
-    upgrade(settings.database_url)
-    worker = Worker(settings)
-    worker._pair, worker._pair_id = pair, pair.pair_id
-    owner = make_user(worker.store, "ada")
-    make_pair(worker.store, pair.pair_id)
-    job_id = make_job(worker.store, owner, pair.pair_id, spec=spec)
-    claimed = ops.claim(worker.store, worker.worker_id, lease_seconds=30.0, loaded_pair=pair.pair_id)
-    assert claimed == job_id
-    worker.run_one(job_id)
-    results = ResultsStore(settings.data_dir / "results.duckdb")
-    assert ingest_job(worker.store, results, job_id) == "succeeded"
-    with worker.store.session(write=False) as s:
-        job = s.get(Job, job_id)
-        s.expunge(job)
-    worker.store.dispose()
-    return job, results
+    return run_job_in_process(settings, load_pair(root / "pt", root / "it", pair_id="forced_answer"), spec)
 
 
 def test_forced_tokens_job(settings: Settings) -> None:

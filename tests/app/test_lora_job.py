@@ -7,15 +7,9 @@ import random
 import pytest
 
 from crosspatch.app.config import Settings
-from crosspatch.app.queue import ops
-from crosspatch.app.services.ingest import ingest_job
-from crosspatch.app.store.duckdb import ResultsStore
-from crosspatch.app.store.migrate import upgrade
-from crosspatch.app.store.models import Job
-from crosspatch.app.worker.main import Worker
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.pairs import load_pair
-from tests.app.builders import make_job, make_pair, make_user
+from tests.app.builders import run_job_in_process
 
 pytest.importorskip("peft")
 
@@ -30,26 +24,13 @@ def _corpus(n: int, seed: int) -> list[str]:
 def test_lora_control_job(settings: Settings, lr: float, steps: int, status: str) -> None:
     root = organism_path("trained_llama")
     pair = load_pair(root / "pt", root / "it", pair_id="trained_llama")
-    upgrade(settings.database_url)
-    worker = Worker(settings)
-    worker._pair, worker._pair_id = pair, pair.pair_id
-    owner = make_user(worker.store, "ada")
-    make_pair(worker.store, pair.pair_id)
     prompts = [{"id": f"d{i}", "text": " ".join(t.split()[:3])} for i, t in enumerate(_corpus(24, 2))]
     lora = dict(
         rank=4, alpha=8, lr=lr, seq_len=16, batch_size=8, train_tokens=16 * 8 * steps, checkpoint_every=10
     )
     spec = {"kind": "lora_control", "pair_id": pair.pair_id, "prompts": prompts, "n_resamples": 200}
     spec.update(corpus=_corpus(200, 0) + _corpus(40, 1), heldout_fraction=40 / 240, lora=lora)
-    job_id = make_job(worker.store, owner, pair.pair_id, spec=spec)
-    assert ops.claim(worker.store, worker.worker_id, lease_seconds=30.0, loaded_pair=pair.pair_id) == job_id
-    worker.run_one(job_id)
-    results = ResultsStore(settings.data_dir / "results.duckdb")
-    assert ingest_job(worker.store, results, job_id) == "succeeded"
-    with worker.store.session(write=False) as s:
-        job = s.get(Job, job_id)
-        s.expunge(job)
-    worker.store.dispose()
+    job, results = run_job_in_process(settings, pair, spec)
     (row,) = results.job_table("lora_controls", str(job.id), limit=10).to_pylist()
     assert row["status"] == status and row["pair_id"] == "trained_llama+lora" and row["steps"] == steps
     assert job.provenance["lora_control"]["status"] == status

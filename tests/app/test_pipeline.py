@@ -292,33 +292,20 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
     prompts = [{"id": p.id, "text": p.text} for p in load_prompts(env["org"] / "prompts.jsonl")]
     with client(env["server"], env["keys"]["ada"]) as c:
         (d,) = [d for d in c.get("/dictionaries").json()["data"] if d["pair_id"] == ORGANISM]
-        bad = c.post(
-            "/jobs",
-            json={
-                "spec": {
-                    "kind": "mediation",
-                    "pair_id": ORGANISM,
-                    "dictionary_id": d["id"],
-                    "prompts": prompts,
-                    "mediation": {"top_k": 257},
-                }
-            },
-        )
+        spec = {"kind": "mediation", "pair_id": ORGANISM, "dictionary_id": d["id"], "prompts": prompts}
+        bad = c.post("/jobs", json={"spec": {**spec, "mediation": {"top_k": 257}}})
         assert bad.status_code == 422 and "exceeds" in bad.text  # width 256
         r = c.post(
             "/jobs",
             json={
                 "spec": {
-                    "kind": "mediation",
-                    "pair_id": ORGANISM,
-                    "dictionary_id": d["id"],
-                    "prompts": prompts,
+                    **spec,
                     "max_new_tokens": 16,
                     "mediation": {
                         "top_k": 4,
                         "ks": [4],
                         "neighbours": 2,
-                        "handoff": True,  # method §5.4-5.5 on the trained SAE's top set
+                        "handoff": True,  # method §5.4-5.5 on the pipeline dictionary's top set
                         "handoff_alphas": [0, 1],
                     },
                 }

@@ -62,26 +62,32 @@ def test_a_failed_ingest_leaves_no_rows(tmp_path: Path) -> None:
     store.close()
 
 
+def _old_results_file(tmp_path: Path, *statements: str) -> Path:
+    """A DuckDB file as an older crosspatch wrote it: `statements` (CREATE / INSERT) run on a fresh file."""
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    for sql in statements:
+        con.execute(sql)
+    con.close()
+    return path
+
+
 def test_a_results_file_with_the_old_summaries_table_is_upgraded_in_place(tmp_path: Path) -> None:
     """A DuckDB file written before summary levels existed opens, keeps its rows, and takes new ones."""
-    import duckdb
 
     from crosspatch.engine.stats import summarize
     from tests.engine.test_stats import _cells
 
-    path = tmp_path / "old.duckdb"
-    con = duckdb.connect(str(path))
-    con.execute(
+    path = _old_results_file(
+        tmp_path,
         "CREATE TABLE summaries (job_id VARCHAR NOT NULL, family VARCHAR, pair_id VARCHAR, boundary INTEGER, "
         "readout VARCHAR, subset VARCHAR, statistic VARCHAR, estimate DOUBLE, ci_low DOUBLE, ci_high DOUBLE, "
-        "n BIGINT, p_value DOUBLE)"
-    )
-    con.execute(
+        "n BIGINT, p_value DOUBLE)",
         "INSERT INTO summaries VALUES ('old', 'llama', 'p', 3, 'it', 'all', 'interaction', 1.5, 1.0, 2.0, 9, 0.01),"
-        " ('old', '__mean__', '__mean__', -1, 'it', 'all', 'interaction', 1.2, 0.9, 1.5, 18, NULL)"
+        " ('old', '__mean__', '__mean__', -1, 'it', 'all', 'interaction', 1.2, 0.9, 1.5, 18, NULL)",
     )
-    con.close()
-
     store = ResultsStore(path)
     assert [(r["family"], r["interaction"]) for r in store.query("compare_families").to_pylist()] == [
         ("llama", 1.5)
@@ -325,15 +331,12 @@ def test_top_features_endpoint_serves_the_evidence_and_the_gate_flag(tmp_path: P
 
 def test_events_written_before_event_kinds_read_as_first_diff(tmp_path: Path) -> None:
     """An events table without the `event` column gains it; its old rows were headline first divergences."""
-    import duckdb
 
-    path = tmp_path / "old.duckdb"
-    con = duckdb.connect(str(path))
-    con.execute(
-        "CREATE TABLE events (job_id VARCHAR NOT NULL, family VARCHAR, pair_id VARCHAR, prompt_id VARCHAR)"
+    path = _old_results_file(
+        tmp_path,
+        "CREATE TABLE events (job_id VARCHAR NOT NULL, family VARCHAR, pair_id VARCHAR, prompt_id VARCHAR)",
+        "INSERT INTO events VALUES ('old', 'llama', 'p', 'q1')",
     )
-    con.execute("INSERT INTO events VALUES ('old', 'llama', 'p', 'q1')")
-    con.close()
     store = ResultsStore(path)
     (row,) = store.job_table("events", "old", limit=10).to_pylist()
     assert row["prompt_id"] == "q1" and row["event"] == "first_diff" and row["diverged"] is None

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from crosspatch.app.config import Settings
-from tests.app.live import LiveServer, bootstrap_users, client
+from tests.app.live import LiveServer, bootstrap_users, client, config_only_pair
 
 PER_USER, TOTAL = 2, 3
 
@@ -20,9 +20,7 @@ PER_USER, TOTAL = 2, 3
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root: Path = tmp_path_factory.mktemp("streams")
     models = root / "models"
-    for d in ("pt", "it"):
-        (models / d).mkdir(parents=True)
-        (models / d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 5}')
+    config_only_pair(models)
     settings = Settings(
         data_dir=root / "data",
         model_roots=[models],

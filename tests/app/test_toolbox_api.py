@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import BOUND  # tests/helpers.py
 
 from crosspatch.app.client import Client
 from crosspatch.app.worker.main import Worker
@@ -53,10 +54,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 def test_openapi_declares_the_key_schemes_and_a_key_sent_that_way_authenticates(env: dict) -> None:
+    import functools
+
     import httpx
 
+    get = functools.partial(httpx.get, timeout=30)  # httpx's default 5 s is short on a loaded machine
     base = f"{env['server'].url}/api/v1"
-    doc = httpx.get(f"{env['server'].url}/openapi.json").json()
+    doc = get(f"{env['server'].url}/openapi.json").json()
     schemes = doc["components"]["securitySchemes"]
     assert schemes["APIKeyBearer"]["type"] == "http" and schemes["APIKeyBearer"]["scheme"] == "bearer"
     assert schemes["APIKeyHeader"] == {
@@ -69,12 +73,12 @@ def test_openapi_declares_the_key_schemes_and_a_key_sent_that_way_authenticates(
     assert {"APIKeyBearer": []} in jobs_get["security"] and {"APIKeyHeader": []} in jobs_get["security"]
     key = env["keys"]["ada"]
     # what /docs "Authorize" sends for each scheme
-    assert httpx.get(f"{base}/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-    assert httpx.get(f"{base}/jobs", headers={"X-API-Key": key}).status_code == 200
-    assert httpx.get(f"{base}/jobs").status_code == 401
-    r = httpx.get(f"{base}/jobs", headers={"Authorization": f"Basic {key}"})
+    assert get(f"{base}/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert get(f"{base}/jobs", headers={"X-API-Key": key}).status_code == 200
+    assert get(f"{base}/jobs").status_code == 401
+    r = get(f"{base}/jobs", headers={"Authorization": f"Basic {key}"})
     assert r.status_code == 401 and "Bearer" in r.json()["message"]
-    assert httpx.get(f"{base}/jobs", headers={"X-API-Key": "cpk_000000000000_nope"}).status_code == 401
+    assert get(f"{base}/jobs", headers={"X-API-Key": "cpk_000000000000_nope"}).status_code == 401
 
 
 def _load_spec(**over: object) -> dict:
@@ -107,7 +111,7 @@ def test_worker_registers_a_pretrained_dictionary_from_the_local_cache(
     with Client(env["server"].url, env["keys"]["ada"], timeout=30) as c:
         job = c.submit(_load_spec()["spec"])
         assert Worker(env["settings"]).run(max_jobs=1, exit_when_idle=True) == 1
-        job = c.wait(job["id"], timeout=60)
+        job = c.wait(job["id"], timeout=BOUND)
         assert job["status"] == "succeeded", job.get("error")
         rows = {d["id"]: d for d in c.request("GET", "/dictionaries").json()["data"]}
     d = rows[pretrained_id(RELEASE, SAE_ID)]
@@ -136,7 +140,7 @@ def test_chat_template_option_is_applied_and_recorded(env: dict) -> None:
         assert Worker(env["settings"]).run(max_jobs=2, exit_when_idle=True) == 2
         ids = {}
         for flag, job in jobs.items():
-            done = c.wait(job["id"], timeout=60)
+            done = c.wait(job["id"], timeout=BOUND)
             assert done["status"] == "succeeded", done.get("error")
             prov = c.request("GET", f"/jobs/{job['id']}/provenance").json()
             assert prov["provenance"]["chat_template"] is flag and prov["spec"]["chat_template"] is flag

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import random_prompts, save_tiny_pair, wait_for_file  # tests/helpers.py
+from helpers import BOUND, random_prompts, save_tiny_pair, wait_for_file  # tests/helpers.py
 
 from crosspatch.app.config import Settings
 from crosspatch.app.main import settings_env
@@ -35,7 +35,6 @@ from tests.app.live import start_worker
 pytestmark = pytest.mark.slow
 
 GRACE = 1.0
-BOUND = 90.0  # only a broken build waits this long
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import functools
 
 import numpy as np
 import pytest
+from helpers import organism_events  # tests/helpers.py
 
 from crosspatch.engine.baselines import (
     BASELINE_CELLS_SCHEMA,
@@ -23,19 +24,14 @@ from crosspatch.engine.baselines import (
     random_disagreements,
     summarize_baselines,
 )
-from crosspatch.engine.divergence import find_divergences
-from crosspatch.engine.organisms import load_expected, organism_path
-from crosspatch.engine.pairs import load_pair
-from crosspatch.engine.prompts import load_prompts
+from crosspatch.engine.organisms import load_expected
 
 NAME = "llama_paper_sized"
 
 
 @functools.cache
 def _run():
-    root = organism_path(NAME)
-    pair = load_pair(root / "pt", root / "it")
-    events = find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=24))
+    _root, pair, events = organism_events(NAME, limit=24, diverged_only=False)
     cells = baseline_cells(pair, events, max_new_tokens=32, batch_size=8)
     return pair, events, cells
 

@@ -6,6 +6,7 @@ import functools
 
 import numpy as np
 import pytest
+from helpers import organism_events  # tests/helpers.py
 
 from crosspatch.engine.commitment import (
     BOUNDARY_MARGIN_SCHEMA,
@@ -14,19 +15,14 @@ from crosspatch.engine.commitment import (
     commitment_summary,
 )
 from crosspatch.engine.crosspatch import crosspatch
-from crosspatch.engine.divergence import find_divergences
-from crosspatch.engine.organisms import load_expected, organism_path
-from crosspatch.engine.pairs import load_pair
-from crosspatch.engine.prompts import load_prompts
+from crosspatch.engine.organisms import load_expected
 
 NAME = "llama_paper_sized"
 
 
 @functools.cache
 def _run():
-    root = organism_path(NAME)
-    pair = load_pair(root / "pt", root / "it")
-    events = [e for e in find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=24)) if e.diverged]
+    _root, pair, events = organism_events(NAME, limit=24)
     return pair, events, crosspatch(pair, events), boundary_margins(pair, events, batch_size=5)
 
 

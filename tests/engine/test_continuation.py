@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from helpers import organism_events  # tests/helpers.py
 
 from crosspatch.engine.continuation import (
     CONTINUATION_SCHEMA,
@@ -14,10 +15,6 @@ from crosspatch.engine.continuation import (
     token_log_probs,
 )
 from crosspatch.engine.crosspatch import crosspatch
-from crosspatch.engine.divergence import find_divergences
-from crosspatch.engine.organisms import organism_path
-from crosspatch.engine.pairs import load_pair
-from crosspatch.engine.prompts import load_prompts
 from crosspatch.engine.report import format_continuation
 
 NAME = "llama_paper_sized"
@@ -25,9 +22,7 @@ NAME = "llama_paper_sized"
 
 @functools.cache
 def _run():
-    root = organism_path(NAME)
-    pair = load_pair(root / "pt", root / "it")
-    events = [e for e in find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=16)) if e.diverged]
+    _root, pair, events = organism_events(NAME, limit=16)
     table = continuation_table(pair, events, ns=(0, 1, 2, 4), batch_size=5)
     return pair, events, table
 

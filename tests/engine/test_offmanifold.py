@@ -7,9 +7,9 @@ import functools
 import numpy as np
 import pytest
 import torch
+from helpers import organism_events  # tests/helpers.py
 
 from crosspatch.engine.crosspatch import crosspatch
-from crosspatch.engine.divergence import find_divergences
 from crosspatch.engine.offmanifold import (
     INTERPOLATION_SCHEMA,
     SIGNPERM_SCHEMA,
@@ -17,9 +17,6 @@ from crosspatch.engine.offmanifold import (
     signed_permutation,
     summarize_offmanifold,
 )
-from crosspatch.engine.organisms import organism_path
-from crosspatch.engine.pairs import load_pair
-from crosspatch.engine.prompts import load_prompts
 
 N_PROMPTS = 24
 
@@ -27,11 +24,7 @@ N_PROMPTS = 24
 @functools.cache
 def _run(name: str):
     """Pair, diverged events, cells table and the two off-manifold tables of organism `name`."""
-    root = organism_path(name)
-    pair = load_pair(root / "pt", root / "it")
-    events = [
-        e for e in find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=N_PROMPTS)) if e.diverged
-    ]
+    _root, pair, events = organism_events(name, limit=N_PROMPTS)
     cells = crosspatch(pair, events)
     interp, perm = offmanifold(pair, events, batch_size=7)  # odd batch size: several padded batches
     return pair, events, cells, interp, perm

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import BOUND  # tests/helpers.py
 
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.paper import CORE5, SHAPES, PaperPair, check_boundaries, pair_plan, plan, run_recipe
@@ -53,7 +54,7 @@ def test_dry_run_prints_the_plan_on_cpu_without_downloading(tmp_path: Path) -> N
     hf_home = tmp_path / "hf"
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     code = "from crosspatch.app.cli import main; main(['recipe', 'paper-core5', '--dry-run'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=BOUND)
     assert out.returncode == 0, out.stderr
     text = out.stdout
     for p in CORE5:

@@ -11,12 +11,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from helpers import organism_events  # tests/helpers.py
 
 from crosspatch.engine.crosspatch import crosspatch
-from crosspatch.engine.divergence import find_divergences
-from crosspatch.engine.organisms import load_expected, organism_path
-from crosspatch.engine.pairs import load_model, load_pair
-from crosspatch.engine.prompts import load_prompts
+from crosspatch.engine.organisms import load_expected
+from crosspatch.engine.pairs import load_model
 from crosspatch.engine.recipe import (
     LINEAGE_CELLS_SCHEMA,
     LINEAGE_SCHEMA,
@@ -34,9 +33,7 @@ ORDER = ("sft", "dpo", "final", "portable")
 
 @functools.cache
 def _run():
-    root = organism_path(NAME)
-    pair = load_pair(root / "pt", root / "it")  # base -> final: the support and its labels
-    events = [e for e in find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=24)) if e.diverged]
+    root, pair, events = organism_events(NAME, limit=24)  # base -> final: the support and its labels
     stages = {name: load_model(root / "stages" / name)[0] for name in ORDER}
     cells = lineage_sweep(pair.pt, stages, pair.tokenizer, events, base_id="lineage-base", batch_size=10)
     return pair, events, cells

@@ -43,26 +43,20 @@ def test_wheel_installs_only_crosspatch(tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    site = subprocess.run(
-        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        env=clean_env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+
+    def in_venv(code: str) -> str:
+        """stdout of `python -c code` in the fresh venv, run from tmp_path (not the checkout)."""
+        return subprocess.run(
+            [py, "-c", code], env=clean_env, check=True, capture_output=True, text=True, cwd=tmp_path
+        ).stdout
+
+    site = in_venv("import sysconfig; print(sysconfig.get_paths()['purelib'])").strip()
     subprocess.run(
         [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], env=clean_env, check=True
     )
     installed = {p.name for p in Path(site).iterdir() if not p.name.endswith(".dist-info")}
     assert "crosspatch" in installed
     assert not installed & {"app", "engine", "saes", "migrations", "tests"}
-    out = subprocess.run(
-        [py, "-c", "import crosspatch, sys; print(crosspatch.__file__); print(sorted(crosspatch.__all__))"],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=clean_env,
-    ).stdout
+    out = in_venv("import crosspatch, sys; print(crosspatch.__file__); print(sorted(crosspatch.__all__))")
     assert out.splitlines()[0].startswith(site)
     assert "load_pair" in out and "mediate" in out

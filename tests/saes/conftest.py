@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from crosspatch.saes.cache import ActivationCache, TensorSource, build_cache
+from crosspatch.saes.configs import TrainConfig, make_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -36,6 +37,20 @@ def planted(n: int = 12000, d: int = 32, n_dirs: int = 12, p: float = 0.08, seed
 def planted_source() -> tuple[TensorSource, torch.Tensor]:
     x, dirs = planted()
     return TensorSource({"it.L4.mlp_out": x}), dirs
+
+
+def fast_config(architecture: str, **overrides: object) -> TrainConfig:
+    """A training config for the tests' small planted data (layer 4, batch 128, lr 3e-3, a 50-step dead
+    window; auxk 8 and threshold_beta 0.99 for crosscoders): one place for what the tests tune."""
+    base: dict[str, object] = dict(layer=4, batch_size=128, lr=3e-3, dead_feature_window=50)
+    if architecture.endswith("crosscoder"):
+        base.update(auxk=8, threshold_beta=0.99)
+    return make_config(architecture, **{**base, **overrides})
+
+
+def resume_config() -> TrainConfig:
+    """The config of the kill-and-resume tests, shared by the killed child and the uninterrupted parent."""
+    return fast_config("batchtopk", width=24, k=1, training_tokens=25_600, feature_sampling_window=60)
 
 
 def random_sequences(n: int, vocab: int = 512, seed: int = 0, lo: int = 6, hi: int = 30) -> list[list[int]]:

@@ -94,60 +94,26 @@ def test_dict_cli_end_to_end(tmp_path: Path, model_dir: Path, capsys: pytest.Cap
     assert code == 0 and json.loads(out)["gate"] == "passed"
 
 
+CACHE_ARGS = "dict cache --it {model} --source {model}/ids.jsonl --out {tmp}/c"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["dict", "train", "--cache", "{tmp}/nope", "--layer", "4"], "no activation cache at"),
-        (
-            ["dict", "train", "--cache", "{tmp}", "--layer", "4", "--width", "8", "--k", "9"],
-            "k=9.0 must be in (0, width=8]",
-        ),
-        (
-            ["dict", "train", "--cache", "{tmp}", "--layer", "4", "--arch", "wat"],
-            "unknown architecture 'wat'",
-        ),
-        (
-            ["dict", "train", "--cache", "{tmp}", "--layer", "4", "--hook", "resid"],
-            "unknown hook point 'resid'",
-        ),
-        (["dict", "show", "{tmp}"], "cfg.json missing"),
-        (
-            [
-                "dict",
-                "cache",
-                "--it",
-                "{model}",
-                "--source",
-                "{model}/ids.jsonl",
-                "--out",
-                "{tmp}/c",
-                "--layers",
-                "9",
-            ],
-            "layer 9 out of range: the model has 5 layers",
-        ),
-        (
-            [
-                "dict",
-                "cache",
-                "--it",
-                "{model}",
-                "--source",
-                "{model}/ids.jsonl",
-                "--out",
-                "{tmp}/c",
-                "--hooks",
-                "x",
-            ],
-            "unknown hook point(s) ['x']; valid: mlp_in, mlp_out",
-        ),
+        ("dict train --cache {tmp}/nope --layer 4", "no activation cache at"),
+        ("dict train --cache {tmp} --layer 4 --width 8 --k 9", "k=9.0 must be in (0, width=8]"),
+        ("dict train --cache {tmp} --layer 4 --arch wat", "unknown architecture 'wat'"),
+        ("dict train --cache {tmp} --layer 4 --hook resid", "unknown hook point 'resid'"),
+        ("dict show {tmp}", "cfg.json missing"),
+        (f"{CACHE_ARGS} --layers 9", "layer 9 out of range: the model has 5 layers"),
+        (f"{CACHE_ARGS} --hooks x", "unknown hook point(s) ['x']; valid: mlp_in, mlp_out"),
     ],
 )
 def test_bad_inputs_one_line(
-    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str], args: str, message: str
 ) -> None:
-    args = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(model_dir)) for a in args]
-    code, _, err = run_cli(capsys, *args)
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(model_dir)) for a in args.split()]
+    code, _, err = run_cli(capsys, *argv)
     last = err.strip().splitlines()[-1]  # (loading a model may print a progress bar first)
     assert code == 1 and last.startswith("crosspatch: error: ") and message in last
     assert sum(line.startswith("crosspatch: error") for line in err.splitlines()) == 1

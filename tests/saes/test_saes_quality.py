@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fast_config
 
 from crosspatch.saes.errors import GateFailedError
 from crosspatch.saes.load import load_dictionary
@@ -28,16 +29,7 @@ def test_mediated_sae_passes_gate_and_finds_planted_directions(tmp_path: Path, m
     _pt, it, expected, cache = mediated
     med = expected["mediators"]
     layer, dirs = med["layer"], torch.tensor(med["directions"])  # [4, d_model]
-    cfg = make_config(
-        "batchtopk",
-        layer=layer,
-        width=16,
-        k=0.5,
-        training_tokens=100_000,
-        batch_size=128,
-        lr=3e-3,
-        dead_feature_window=50,
-    )
+    cfg = fast_config("batchtopk", layer=layer, width=16, k=0.5, training_tokens=100_000)
     # explicit, lowered gate settings for a 10k-token organism cache with 4 planted features in 16 latents
     gate = GateConfig(min_heldout_tokens=500, alive_range=(0.01, 0.5))
     d = train_dictionary(cfg, cache, tmp_path, models={"it": it}, gate=gate)
@@ -62,18 +54,7 @@ def test_mediated_crosscoder_finds_it_only_latents(tmp_path: Path, mediated) -> 
     pt, it, expected, cache = mediated
     med = expected["mediators"]
     dirs = torch.tensor(med["directions"])
-    cfg = make_config(
-        "batchtopk_crosscoder",
-        layer=med["layer"],
-        width=16,
-        k=0.5,
-        training_tokens=100_000,
-        batch_size=128,
-        lr=3e-3,
-        dead_feature_window=50,
-        auxk=8,
-        threshold_beta=0.99,
-    )
+    cfg = fast_config("batchtopk_crosscoder", layer=med["layer"], width=16, k=0.5, training_tokens=100_000)
     x = train_dictionary(cfg, cache, tmp_path, models={"it": it, "pt": pt})
     W_it, W_pt = x.W_dec["it"], x.W_dec["pt"]
     best = (dirs @ _unit(W_it).T).argmax(-1)  # [4]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import planted
-from helpers import wait_for_file
+from conftest import fast_config, planted, resume_config
+from helpers import BOUND, wait_for_file
 
 from crosspatch.saes.cache import TensorSource
 from crosspatch.saes.errors import CacheError, DictionaryConfigError
@@ -43,16 +43,7 @@ def _max_cos(dirs: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("arch", "extra"), [("batchtopk", {"k": 1}), ("topk", {"k": 2})])
 def test_planted_directions_recovered(tmp_path: Path, planted_source, arch: str, extra: dict) -> None:
     src, dirs = planted_source
-    cfg = make_config(
-        arch,
-        layer=4,
-        width=24,
-        training_tokens=40_000,
-        batch_size=128,
-        lr=3e-3,
-        dead_feature_window=50,
-        **extra,
-    )
+    cfg = fast_config(arch, width=24, training_tokens=40_000, **extra)
     seen: list[Progress] = []
     d = train_dictionary(cfg, src, tmp_path, progress=seen.append, log_every=50, gate=SYNTH_GATE)
     cos = _max_cos(dirs, d.W_dec["it"])
@@ -76,18 +67,7 @@ def test_crosscoder_recovers_shared_and_it_only(tmp_path: Path) -> None:
     pt = a_sh @ shared + 0.01 * torch.randn(n, d, generator=g)
     it = a_sh @ shared + a_it @ it_only + 0.01 * torch.randn(n, d, generator=g)
     src = TensorSource({"pt.L4.mlp_out": pt, "it.L4.mlp_out": it})
-    cfg = make_config(
-        "batchtopk_crosscoder",
-        layer=4,
-        width=24,
-        k=1,
-        training_tokens=150_000,
-        batch_size=128,
-        lr=3e-3,
-        dead_feature_window=50,
-        auxk=8,
-        threshold_beta=0.99,
-    )
+    cfg = fast_config("batchtopk_crosscoder", width=24, k=1, training_tokens=150_000)
     x = train_dictionary(cfg, src, tmp_path, gate=SYNTH_GATE)
     W_pt, W_it = x.W_dec["pt"], x.W_dec["it"]
     rel_pt = W_pt.norm(dim=-1) / (W_pt.norm(dim=-1) + W_it.norm(dim=-1))  # [F]: ~0.5 shared, ~0 IT-only
@@ -112,9 +92,7 @@ def test_transcoder_learns_a_sparse_map(tmp_path: Path, arch: str) -> None:
     write = torch.nn.functional.normalize(torch.randn(12, 32, generator=g), dim=-1)
     x_out = (x_in @ dirs.T).relu() @ write  # [n, 32]
     src = TensorSource({"it.L4.mlp_in": x_in, "it.L4.mlp_out": x_out})
-    cfg = make_config(
-        arch, layer=4, width=24, k=1, training_tokens=40_000, batch_size=128, lr=3e-3, dead_feature_window=50
-    )
+    cfg = fast_config(arch, width=24, k=1, training_tokens=40_000)
     t = train_dictionary(cfg, src, tmp_path)
     assert t.kind == "transcoder" and t.meta["metrics"]["fve_it"] >= 0.75
     assert t.meta["saved_architecture"] == arch.replace("batchtopk", "jumprelu")
@@ -127,12 +105,11 @@ def _train_script(out: Path, ckpt_every: int, hold_at_step: int, release: Path |
 import os, sys, threading, time, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 torch.set_num_threads(1)
-from conftest import planted
+from conftest import planted, resume_config
 from crosspatch.saes.cache import TensorSource
-from crosspatch.saes.train import make_config, train_dictionary
+from crosspatch.saes.train import train_dictionary
 x, _ = planted()
-cfg = make_config("batchtopk", layer=4, width=24, k=1, training_tokens=25_600, batch_size=128, lr=3e-3,
-                  dead_feature_window=50, feature_sampling_window=60)
+cfg = resume_config()
 release = {str(release) if release else None!r}
 def progress(p):
     if p.step != {hold_at_step}:
@@ -163,17 +140,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert step == 60 and not (killed / "cfg.json").exists()  # killed mid-run
     x, _ = planted()
     src = TensorSource({"it.L4.mlp_out": x})
-    cfg = make_config(
-        "batchtopk",
-        layer=4,
-        width=24,
-        k=1,
-        training_tokens=25_600,
-        batch_size=128,
-        lr=3e-3,
-        dead_feature_window=50,
-        feature_sampling_window=60,
-    )
+    cfg = resume_config()
     seen: list[Progress] = []
     resumed = train_dictionary(
         cfg, src, killed, checkpoint_every=30, evaluate=False, progress=seen.append, log_every=1
@@ -196,7 +163,7 @@ def test_sigterm_checkpoints_then_exits(tmp_path: Path) -> None:
         wait_for_file(Path(str(out) + ".held"), proc)  # the child is held inside step 5's progress
         proc.send_signal(signal.SIGTERM)
         release.touch()
-        code = proc.wait(timeout=60)
+        code = proc.wait(timeout=BOUND)
     finally:
         proc.kill()
     assert code == -signal.SIGTERM  # re-raised with the default handler after checkpointing
