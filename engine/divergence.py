@@ -335,7 +335,7 @@ class EventCapture:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _left_pad_dim(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+def left_pad_to(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zero-pad `x` on the left of `dim` to `width` columns."""
     missing = width - x.shape[dim]
     if missing <= 0:
@@ -424,12 +424,10 @@ class _Slots:
             return tokens
         assert self.cache is not None and self.final is not None
         for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_left_pad_dim(old.keys, width, -2), _left_pad_dim(new.keys, width, -2)])
-            old.values = torch.cat(
-                [_left_pad_dim(old.values, width, -2), _left_pad_dim(new.values, width, -2)]
-            )
+            old.keys = torch.cat([left_pad_to(old.keys, width, -2), left_pad_to(new.keys, width, -2)])
+            old.values = torch.cat([left_pad_to(old.values, width, -2), left_pad_to(new.values, width, -2)])
         for b, x in seen.items():
-            self.inputs[b] = torch.cat([_left_pad_dim(self.inputs[b], width, 1), _left_pad_dim(x, width, 1)])
+            self.inputs[b] = torch.cat([left_pad_to(self.inputs[b], width, 1), left_pad_to(x, width, 1)])
         self.final = torch.cat([self.final, final])
         return tokens
 
@@ -497,7 +495,7 @@ def _decode_continuous(
             live = len(active)
             a += pt.admit(new_ids, new_attn, new_pos, width, live).tolist()
             c += it.admit(new_ids, new_attn, new_pos, width, live).tolist()
-            attn = torch.cat([_left_pad_dim(attn, width, 1), _left_pad_dim(new_attn, width, 1)])
+            attn = torch.cat([left_pad_to(attn, width, 1), left_pad_to(new_attn, width, 1)])
             pos = torch.cat([pos, new_pos[:, -1:]])
             active = active + new
         keep_rows: list[int] = []
