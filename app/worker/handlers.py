@@ -97,16 +97,22 @@ def _events_for(
     chunk: Sequence[PromptRecord],
     spec: DivergenceSpec,
     on_batch: Callable[[int, int], None] | None = None,
+    capture: Sequence[int] | None = None,
 ) -> list[DivergenceEvent]:
-    """The chunk's first divergences, batch by batch (`on_batch`: the job's cancellation point)."""
+    """The chunk's first divergences, batch by batch (`on_batch`: the job's cancellation point).
+
+    `capture`: boundaries whose inputs the decoding pass keeps for the fused 2x2 (first_diff events only).
+    """
+    event = getattr(spec, "event", "first_diff")
     batches = iter_divergences(
         pair,
         chunk,
         max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size,
         chat_template=getattr(spec, "chat_template", False),
-        event=getattr(spec, "event", "first_diff"),
+        event=event,
         on_batch=on_batch,
+        capture=capture if event == "first_diff" else None,
     )
     return [e for batch in batches for e in batch]
 
@@ -176,7 +182,7 @@ def _crosspatch_chunks(
             skipped += 1
         else:
             ctx.check_cancel()
-            events = _events_for(pair, chunk, spec, ctx.cancel_point)
+            events = _events_for(pair, chunk, spec, ctx.cancel_point, capture=boundaries)  # fused 2x2
             if ev_name not in done:
                 ctx.write_part(ev_name, events_table(events, pair.family, pair.pair_id))
             ctx.check_cancel()
