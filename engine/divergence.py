@@ -394,6 +394,7 @@ class _Slots:
                     attention_mask=attn,
                     position_ids=pos,
                     use_cache=True,
+                    logits_to_keep=1,  # a prefill reads only its last position's logits
                     **{self.cache_kw: cache},
                 )
         finally:
