@@ -107,7 +107,7 @@ def main() -> None:
     res = mediate(pair, events, [dictionary], cfg)
     runs = [[lat for _, lat in feats] for feats in res.sets.values()]
     n_single = min(cfg.n_single_features, max(len(f) for f in runs))
-    runs_all = runs + [[f] for f in runs[0][:n_single]]
+    runs_all = runs + [[f] for f in max(runs, key=len)[:n_single]]  # singles: from the largest set
     b = args.boundary
     fit, test = split_events(events, cfg.fit_fraction, cfg.split_seed)
     n_passes_per_event = 3 * len(runs) + 2 * n_single  # late stacks per test event besides the 2x2
