@@ -1,13 +1,15 @@
-"""Divergence fused with the 2x2: cells from the decoding pass's captures equal the unfused 2x2 on every family."""
+"""Divergence fused with the 2x2: cells from the decoding pass's captures equal the unfused 2x2 on every family,
+and continuous batching gives the lockstep events on every family."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from helpers import random_prompts, tiny_pair
+from test_continuous import assert_same_events
 
 from crosspatch.engine.crosspatch import crosspatch
-from crosspatch.engine.divergence import iter_divergences
+from crosspatch.engine.divergence import find_divergences, iter_divergences
 from crosspatch.engine.noop import noop_report
 from crosspatch.engine.organisms.tiny import FAMILIES
 from crosspatch.engine.results import CELL_COLUMNS
@@ -22,8 +24,9 @@ def test_fused_cells_equal_unfused_and_pass_the_noop_checks(family):
     pair = tiny_pair(family, it_scale=0.004, seed=5)
     prompts = random_prompts(8, seed=6)
     bounds = [1, 3, pair.n_layers]  # n_layers: the late stack is empty, every cell is a diagonal
-    fused = _events(pair, prompts, capture=bounds)
-    plain = _events(pair, prompts)
+    fused = _events(pair, prompts, capture=bounds)  # continuous batching, capturing
+    plain = find_divergences(pair, prompts, 9, 3, continuous=False)  # lockstep batches, no capture
+    assert_same_events(plain, fused)  # continuous == lockstep, event for event
     scored = [e for e in fused if e.diverged]
     assert len(scored) >= 4 and all(e.capture is not None for e in scored)
     assert all(e.capture is None for e in fused if not e.diverged)
