@@ -101,7 +101,10 @@ def bench_fused(args, pair, prompts) -> None:
         warmup=0,
     )
     t = {x.name: x for x in timings}
-    floor = [d + s for d, s in zip(t["divergence alone"].times, t["2x2 on captures (late stacks)"].times, strict=True)]
+    floor = [
+        d + s
+        for d, s in zip(t["divergence alone"].times, t["2x2 on captures (late stacks)"].times, strict=True)
+    ]
     fused_over_floor = float(np.median([f / x for f, x in zip(t["fused job"].times, floor, strict=True)]))
     report(
         f"fused vs unfused whole job, random Llama {args.layers}x{args.d_model}, {args.prompts} prompts, boundary {b}",
@@ -109,7 +112,9 @@ def bench_fused(args, pair, prompts) -> None:
         {
             "unfused / fused": paired_ratio(t["unfused job"], t["fused job"]),
             "fused / (divergence + late stacks)": fused_over_floor,
-            "capture overhead (with / without)": paired_ratio(t["divergence with capture"], t["divergence alone"]),
+            "capture overhead (with / without)": paired_ratio(
+                t["divergence with capture"], t["divergence alone"]
+            ),
         },
         extra={"max |cell diff|": worst},
         out=None if args.json is None else args.json.with_suffix(".fused.json"),
