@@ -6,8 +6,13 @@ For a batch of events (prompt + shared prefix, scored at the last position):
   2. For each boundary b, IT's late stack (blocks b..L-1) runs on PT's captured residual, and PT's late
      stack on IT's: the off-diagonal cells.
 That is all the forward work the 2x2 needs: two full passes plus two late-stack passes per boundary.
-A boundary sweep reuses step 1 for every b. On the first batch only, the runtime no-op checks
-(`engine.noop`) compare that batch's clean passes with each model's own forward before any cell is kept.
+A boundary sweep reuses step 1 for every b.
+Fused path (the pipeline's and CLI's default): events from `iter_divergences(capture=boundaries)` carry
+step 1's results from the decoding pass itself (`DivergenceEvent.capture`: boundary inputs at every position
+of prompt + shared prefix, and the diagonal final residuals), so only step 2 runs; the captures are
+consumed (released) as their batch is scored. Events without a capture take the unfused path.
+On the first batch only, the runtime no-op checks (`engine.noop`) compare that batch's clean passes
+(fused: its first `NOOP_EVENTS` events) with each model's own forward before any cell is kept.
 
 Y = logit(t_it) - logit(t_pt), read through the chosen readout: common-IT (IT's final norm and
 unembedding for every cell, the method's default), common-PT, or each late stack's own.
@@ -17,17 +22,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from crosspatch.engine.adapters import ArchAdapter, LayerContext, positions_from_mask
-from crosspatch.engine.divergence import DivergenceEvent, left_pad
+from crosspatch.engine.divergence import DivergenceEvent, left_pad, left_pad_to
 from crosspatch.engine.memory import release_host_memory
 from crosspatch.engine.noop import NoopReport, attach, check_cells_noop
 from crosspatch.engine.pairs import READOUTS, ModelPair
 from crosspatch.engine.results import CELL_COLUMNS, CELLS_SCHEMA
+
+NOOP_EVENTS = 8  # events of the first fused batch the no-op check runs on (it costs two HF forwards)
 
 # (upstream, late) -> column
 CELLS: dict[tuple[str, str], str] = {
@@ -126,6 +134,50 @@ def event_batches(
         yield batch, ids, mask, tokens
 
 
+def has_capture(event: DivergenceEvent, boundaries: Sequence[int]) -> bool:
+    """True when the event carries the decoding pass's capture of every boundary (the fused path)."""
+    cap = event.capture
+    return event.diverged and cap is not None and set(boundaries) <= set(cap.boundaries)
+
+
+def fused_passes(
+    pair: ModelPair, batch: Sequence[DivergenceEvent], boundaries: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, CleanPasses]:
+    """(ids, mask, tokens[t_it, t_pt], clean passes) of captured events, rebuilt from their captures (no forward)."""
+    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
+    passes = CleanPasses(contexts={}, captured={}, final={})
+    for role in ("pt", "it"):
+        adapter = pair.adapter(role)
+        ids, mask = left_pad([e.input_ids for e in batch], pad, adapter.device)
+        width = ids.shape[1]
+        passes.captured[role] = {
+            b: torch.stack([left_pad_to(e.capture.inputs[role][b], width, 0) for e in batch]).to(
+                adapter.device
+            )
+            for b in boundaries
+        }  # each [batch, seq, d_model]; padded positions are zeros, masked out of every real position
+        passes.final[role] = torch.stack([e.capture.final[role] for e in batch]).to(adapter.device)
+        first = passes.captured[role][boundaries[0]]
+        passes.contexts[role] = adapter.context(first, mask, positions_from_mask(mask))
+    ids, mask = left_pad([e.input_ids for e in batch], pad, pair.pt_adapter.device)
+    tokens = torch.tensor([[e.t_it, e.t_pt] for e in batch], device=pair.pt_adapter.device)  # [batch, 2]
+    return ids, mask, tokens, passes
+
+
+def fused_batches(
+    pair: ModelPair, events: Sequence[DivergenceEvent], boundaries: Sequence[int], batch_size: int
+) -> Iterator[tuple[list[DivergenceEvent], torch.Tensor, torch.Tensor, torch.Tensor, CleanPasses]]:
+    """As `event_batches`, plus each batch's clean passes rebuilt from the events' captures (no forward).
+
+    A batch's captures are released when the consumer asks for the next batch, so host memory stays
+    bounded by the batches not yet scored.
+    """
+    for batch in _batches([e for e in events if has_capture(e, boundaries)], batch_size):
+        yield batch, *fused_passes(pair, batch, boundaries)
+        for e in batch:
+            e.capture = None  # consumed
+
+
 def _batches(events: Sequence[DivergenceEvent], batch_size: int) -> Iterator[list[DivergenceEvent]]:
     """Length-sorted batches (less padding); results are re-ordered by the caller's keys."""
     order = sorted(events, key=lambda e: len(e.input_ids))
@@ -146,9 +198,10 @@ def iter_crosspatch(
 ) -> Iterator[pa.Table]:
     """Stream the cells table batch by batch (see `engine.results.CELLS_SCHEMA`).
 
-    Only diverged events are scored; activations live for one batch at a time. With `check_noop`, the
-    first batch runs the runtime no-op checks (`engine.noop`): `on_noop` receives the report, and a
-    failure raises `NoopCheckError` before any table is yielded. Every row records the pair's headline
+    Only diverged events are scored; activations live for one batch at a time. Events carrying a capture
+    of every boundary (`iter_divergences(capture=...)`) are scored first, on the fused path (late stacks
+    only). With `check_noop`, the first batch (fused: its first `NOOP_EVENTS` events) runs the runtime
+    no-op checks (`engine.noop`): `on_noop` receives the report, and a failure raises `NoopCheckError` before any table is yielded. Every row records the pair's headline
     boundary: `headline`, or `ModelPair.headline_boundary(boundary)`.
     """
     for r in readouts:
@@ -162,10 +215,22 @@ def iter_crosspatch(
         raise ValueError(f"headline boundary {headline} is not among the boundaries {boundaries}")
     n_scored = sum(e.diverged for e in events)
     done = 0
-    for batch, ids, mask, tokens in event_batches(pair, events, batch_size):
-        passes = clean_passes(pair, ids, mask, boundaries)  # 2 full forwards
+    unfused = (
+        (*batch, None)
+        for batch in event_batches(pair, [e for e in events if not has_capture(e, boundaries)], batch_size)
+    )
+    for batch, ids, mask, tokens, passes in chain(
+        fused_batches(pair, events, boundaries, batch_size), unfused
+    ):
+        if passes is None:
+            passes = clean_passes(pair, ids, mask, boundaries)  # 2 full forwards
         if check_noop and done == 0:
-            report = check_cells_noop(pair, ids, mask, tokens, passes, boundaries)
+            if has_capture(batch[0], boundaries):  # fused: the HF forwards of the check on a few events
+                report = check_cells_noop(
+                    pair, *fused_passes(pair, batch[:NOOP_EVENTS], boundaries), boundaries
+                )
+            else:
+                report = check_cells_noop(pair, ids, mask, tokens, passes, boundaries)
             if on_noop:
                 on_noop(report)
             report.raise_if_failed()

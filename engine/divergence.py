@@ -70,6 +70,8 @@ class DivergenceEvent:
     gap_pt: float | None = None  # fp32 logit(t_pt) - runner-up under PT at the divergence step
     gap_it: float | None = None  # the same under IT
     near_tie: bool | None = None  # a gap below the near-tie threshold (None: not a divergence)
+    # not a field (never serialised): the fused path's `EventCapture`, set by `iter_divergences(capture=...)`
+    capture = None
 
     @property
     def input_ids(self) -> list[int]:
@@ -237,8 +239,8 @@ class _Stepper:
 def _flag_near_ties(
     events: list[DivergenceEvent],
     rows: list[int],
-    pt: _Stepper,
-    it: _Stepper,
+    pt: _Stepper | _Slots,
+    it: _Stepper | _Slots,
     near_tie_threshold: float | None,
 ) -> None:
     """Fill gap_pt, gap_it and near_tie of the `events` that diverged at batch `rows` this step."""
@@ -310,6 +312,236 @@ def _decode_batch(
     return events
 
 
+# ---- continuous batching -------------------------------------------------------------------------------
+
+
+@dataclass
+class EventCapture:
+    """What the 2x2 needs from the decoding pass of one diverged event (fused path), on the host.
+
+    `inputs[role][b]` `[seq, d_model]`: the residual entering block b at every position of prompt + shared
+    prefix (b == n_layers: the final block's output); `final[role]` `[d_model]`: the final residual at the
+    divergence step (the diagonal cell).
+    """
+
+    boundaries: tuple[int, ...]
+    inputs: dict[str, dict[int, torch.Tensor]]
+    final: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held by this capture."""
+        tensors = [t for per in self.inputs.values() for t in per.values()] + list(self.final.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def left_pad_to(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad `x` on the left of `dim` to `width` columns."""
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class _Slots:
+    """One model's live decoding state: a KV cache with one row per slot, plus the captured block inputs.
+
+    Every row's real tokens are right-aligned and contiguous (left padding only), so rows of different
+    lengths share one cache: a newcomer's prefill cache is left-padded to the batch's width and stacked
+    under it, and columns padded in every row are trimmed. The cache holds plain full layers (also for
+    sliding-window models): the sliding mask is built on column distances, which equal position distances
+    for contiguous rows.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, adapter: ArchAdapter, mask: torch.Tensor, capture: Sequence[int]
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.neg_mask = torch.where(mask, 0.0, float("-inf")).to(model.device)  # [vocab]
+        self.cache_kw = _cache_kwarg(model)
+        self.capture = tuple(capture)
+        self.cache: DynamicCache | None = None
+        self.inputs: dict[
+            int, torch.Tensor
+        ] = {}  # boundary -> [batch, width, d_model], aligned with the mask
+        self.final: torch.Tensor | None = None  # [batch, d_model] at the last position of the last step
+
+    @torch.no_grad()
+    def forward(
+        self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache: DynamicCache
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """One cached step (or prefill): greedy tokens `[batch]`, final residual `[batch, d_model]`, block inputs."""
+        seen: dict[int, torch.Tensor] = {}
+        handles = []
+        n_layers = self.adapter.n_layers
+        for b in self.capture:
+            if b < n_layers:
+                handles.append(
+                    self.adapter.blocks[b].register_forward_pre_hook(
+                        lambda _m, args, kwargs, b=b: seen.__setitem__(
+                            b, (args[0] if args else kwargs["hidden_states"]).detach()
+                        ),
+                        with_kwargs=True,
+                    )
+                )
+        try:
+            with _final_resid_capture(self.adapter.final_norm) as fin:
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    position_ids=pos,
+                    use_cache=True,
+                    logits_to_keep=1,  # a prefill reads only its last position's logits
+                    **{self.cache_kw: cache},
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        if n_layers in self.capture:
+            seen[n_layers] = fin[-1]
+        logits = out.logits[:, -1].float()  # [batch, vocab]
+        tokens = (logits + self.neg_mask[: logits.shape[-1]]).argmax(-1)  # [batch]
+        return tokens, fin[-1][:, -1], seen
+
+    def step(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Decode one token for every live row (`ids` `[batch, 1]`); returns greedy tokens `[batch]`."""
+        assert self.cache is not None
+        tokens, self.final, seen = self.forward(ids, attn, pos, self.cache)
+        for b, x in seen.items():
+            self.inputs[b] = torch.cat([self.inputs[b], x], dim=1)
+        return tokens
+
+    def admit(
+        self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, width: int, live: int
+    ) -> torch.Tensor:
+        """Prefill newcomers (`ids` `[new, seq]`) and stack them under the `live` rows at `width` columns."""
+        cache = DynamicCache()
+        tokens, final, seen = self.forward(ids, attn, pos, cache)
+        if not live:
+            self.cache, self.final, self.inputs = cache, final, seen
+            return tokens
+        assert self.cache is not None and self.final is not None
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([left_pad_to(old.keys, width, -2), left_pad_to(new.keys, width, -2)])
+            old.values = torch.cat([left_pad_to(old.values, width, -2), left_pad_to(new.values, width, -2)])
+        for b, x in seen.items():
+            self.inputs[b] = torch.cat([left_pad_to(self.inputs[b], width, 1), left_pad_to(x, width, 1)])
+        self.final = torch.cat([self.final, final])
+        return tokens
+
+    def keep(self, rows: torch.Tensor, lead: int) -> None:
+        """Keep batch `rows` and drop the first `lead` columns (padding in every kept row)."""
+        assert self.cache is not None
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[rows, :, lead:]
+            layer.values = layer.values[rows, :, lead:]
+        self.inputs = {b: x[rows, lead:] for b, x in self.inputs.items()}
+
+    def gaps(self, rows: list[int], chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 top-2 gaps (and logit magnitudes) of batch `rows` whose greedy choices were `chosen`."""
+        assert self.final is not None
+        idx = torch.tensor(rows, device=self.final.device)
+        tokens = torch.tensor(chosen, device=self.final.device)
+        return top2_gaps(self.adapter, self.final[idx], tokens, self.neg_mask)
+
+    def spill(self, row: int, length: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Row `row`'s last `length` positions of every captured input, and its final residual, on the host."""
+        assert self.final is not None
+        return {b: x[row, -length:].to("cpu") for b, x in self.inputs.items()}, self.final[row].to("cpu")
+
+
+def _decode_continuous(
+    pair: ModelPair,
+    events: list[DivergenceEvent],
+    max_new_tokens: int,
+    masks: tuple[torch.Tensor, torch.Tensor],
+    eos: set[int],
+    batch_size: int,
+    near_tie_threshold: float | None = None,
+    capture: Sequence[int] = (),
+    refill_at: int = 1,
+) -> Iterator[int]:
+    """Decode `events` (prompt ids set) with continuous batching; yield each event's index as it finishes.
+
+    At most `batch_size` rows decode together; as soon as `refill_at` slots are free (or the batch is
+    empty) the next queued prompts are prefilled and join the batch, so decode steps run full batches
+    until the queue is empty. Each row follows exactly the lockstep rule (same tokens, same events).
+    With `capture` (boundaries), a diverged event gets `capture` set (`EventCapture`) as it finishes.
+    """
+    device = pair.pt.device
+    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
+    pt = _Slots(pair.pt, pair.pt_adapter, masks[0], capture)
+    it = _Slots(pair.it, pair.it_adapter, masks[1], capture)
+    queue = list(range(len(events)))[::-1]  # pop() takes the next prompt in input order
+    active: list[int] = []  # event index of each live row
+    attn = torch.zeros((0, 0), dtype=torch.long, device=device)  # [batch, width]
+    pos = torch.zeros((0, 1), dtype=torch.long, device=device)  # [batch, 1] position of each row's last token
+    while active or queue:
+        a: list[int] = []
+        c: list[int] = []
+        if active:
+            ids = torch.tensor([[events[i].prefix_ids[-1]] for i in active], device=device)  # [batch, 1]
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            pos = pos + 1
+            a, c = pt.step(ids, attn, pos).tolist(), it.step(ids, attn, pos).tolist()  # one sync per step
+        free = batch_size - len(active)
+        if queue and (not active or free >= min(refill_at, len(queue))):
+            new = [queue.pop() for _ in range(min(free, len(queue)))]
+            new_ids, new_attn = left_pad([events[i].prompt_ids for i in new], pad, device)
+            new_pos = positions_from_mask(new_attn)
+            width = max(attn.shape[1], new_attn.shape[1])
+            live = len(active)
+            a += pt.admit(new_ids, new_attn, new_pos, width, live).tolist()
+            c += it.admit(new_ids, new_attn, new_pos, width, live).tolist()
+            attn = torch.cat([left_pad_to(attn, width, 1), left_pad_to(new_attn, width, 1)])
+            pos = torch.cat([pos, new_pos[:, -1:]])
+            active = active + new
+        keep_rows: list[int] = []
+        div_rows: list[int] = []
+        done_rows: list[int] = []
+        for row, ev_idx in enumerate(active):
+            ev = events[ev_idx]
+            if a[row] != c[row]:
+                ev.diverged, ev.reason, ev.position = True, DIVERGED, len(ev.prefix_ids)
+                ev.t_pt, ev.t_it = a[row], c[row]
+                div_rows.append(row)
+            elif a[row] in eos:
+                ev.reason = EOS_BEFORE_DIVERGENCE
+            else:
+                ev.prefix_ids.append(a[row])
+                if len(ev.prefix_ids) < max_new_tokens:
+                    keep_rows.append(row)
+                    continue
+            done_rows.append(row)
+        if div_rows:
+            _flag_near_ties([events[active[r]] for r in div_rows], div_rows, pt, it, near_tie_threshold)
+            if capture:
+                for r in div_rows:
+                    ev = events[active[r]]
+                    n = len(ev.input_ids)
+                    (pt_in, pt_fin), (it_in, it_fin) = pt.spill(r, n), it.spill(r, n)
+                    ev.capture = EventCapture(
+                        tuple(capture), {"pt": pt_in, "it": it_in}, {"pt": pt_fin, "it": it_fin}
+                    )
+        finished = [active[r] for r in done_rows]
+        if len(keep_rows) < len(active):
+            if keep_rows:
+                rows = torch.tensor(keep_rows, device=device)
+                attn, pos = attn[rows], pos[rows]
+                lead = int((attn.sum(0) == 0).long().cumprod(0).sum())  # columns padded in every kept row
+                attn = attn[:, lead:]
+                pt.keep(rows, lead)
+                it.keep(rows, lead)
+            else:
+                attn, pos = attn[:0, :0], pos[:0]
+                pt.cache = it.cache = None
+            active = [active[r] for r in keep_rows]
+        yield from finished
+
+
 def _describe(pair: ModelPair, ev: DivergenceEvent) -> DivergenceEvent:
     """Texts of the prefix (PT's tokenizer) and of each target under its own model's tokenizer."""
     ev.prefix_text = pair.tokenizer.decode(ev.prefix_ids)
@@ -339,12 +571,19 @@ def iter_divergences(
     on_batch: Callable[[int, int], None] | None = None,
     event: str = "first_diff",
     near_tie_threshold: float | None = None,
+    continuous: bool = True,
+    capture: Sequence[int] | None = None,
+    max_capture_bytes: int = 2 << 30,
 ) -> Iterator[list[DivergenceEvent]]:
     """Yield one list of events per batch of prompts (in input order), for streaming and checkpoints.
 
     `event`: first_diff (the headline), first_nonformat_diff or first_assistant_marker_diff (see
     engine.event_kinds). `near_tie_threshold`: an absolute fp32 gap below which an event is a near tie;
     None (default) uses the bf16 step at the two logits' magnitude (see the module docstring).
+    `continuous` (default): continuous batching (a finished row's slot takes the next prompt at once);
+    False: the lockstep batches of `batch_size` prompts (same events). `capture` (boundaries, continuous
+    first_diff only): keep on each diverged event what the fused 2x2 needs (`DivergenceEvent.capture`), up to
+    `max_capture_bytes` of host memory in all; events past that budget are scored by the unfused 2x2.
     """
     from crosspatch.engine.event_kinds import check_kind, refine_events
 
@@ -357,9 +596,50 @@ def iter_divergences(
         raise ValueError("max_new_tokens must be >= 1")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    if capture and not (continuous and event == "first_diff"):
+        raise ValueError("capture (the fused 2x2) needs continuous batching and the first_diff event")
     masks = (real_token_mask(pair.pt, pair.tokenizer), real_token_mask(pair.it, pair.it_tokenizer))
     preflight = TokenPreflight(pair, {"pt": masks[0], "it": masks[1]})
     eos = set(eos_ids(pair.pt, pair.tokenizer)) | set(eos_ids(pair.it, pair.it_tokenizer))
+    if continuous:
+        chunks = _continuous_chunks(
+            pair, prompts, preflight, max_new_tokens, batch_size, chat_template, masks, eos,
+            near_tie_threshold, tuple(capture or ()), max_capture_bytes,
+        )  # fmt: skip
+    else:
+        chunks = _lockstep_chunks(
+            pair,
+            prompts,
+            preflight,
+            max_new_tokens,
+            batch_size,
+            chat_template,
+            masks,
+            eos,
+            near_tie_threshold,
+        )
+    done = 0
+    for events in chunks:
+        if event != "first_diff":
+            events = refine_events(pair, events, event, max_new_tokens, batch_size)
+        done += len(events)
+        if on_batch:
+            on_batch(done, len(prompts))
+        yield events
+
+
+def _lockstep_chunks(
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
+    preflight: TokenPreflight,
+    max_new_tokens: int,
+    batch_size: int,
+    chat_template: bool,
+    masks: tuple[torch.Tensor, torch.Tensor],
+    eos: set[int],
+    near_tie_threshold: float | None,
+) -> Iterator[list[DivergenceEvent]]:
+    """Lockstep: each batch of prompts decodes together until its last row finishes."""
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         same = [preflight.prompt_ids_match(r.text) for r in batch]
@@ -369,15 +649,60 @@ def iter_divergences(
             if ok
             else []
         )
-        events = [
+        yield [
             _describe(pair, preflight.apply(next(decoded))) if s else _prompt_mismatch(pair, r)
             for r, s in zip(batch, same, strict=True)
         ]
-        if event != "first_diff":
-            events = refine_events(pair, events, event, max_new_tokens, batch_size)
-        if on_batch:
-            on_batch(start + len(batch), len(prompts))
-        yield events
+
+
+def _continuous_chunks(
+    pair: ModelPair,
+    prompts: Sequence[PromptRecord],
+    preflight: TokenPreflight,
+    max_new_tokens: int,
+    batch_size: int,
+    chat_template: bool,
+    masks: tuple[torch.Tensor, torch.Tensor],
+    eos: set[int],
+    near_tie_threshold: float | None,
+    capture: tuple[int, ...],
+    max_capture_bytes: int,
+) -> Iterator[list[DivergenceEvent]]:
+    """Continuous batching over all prompts; chunks of `batch_size` prompts are yielded as they complete."""
+    events: list[DivergenceEvent] = []
+    finished: list[bool] = []
+    todo: list[int] = []  # indices of prompts to decode
+    for r in prompts:
+        if preflight.prompt_ids_match(r.text):
+            todo.append(len(events))
+            ev = DivergenceEvent(
+                r.id, r.category, encode_prompt(pair, r.text, chat_template), prompt_text=r.text
+            )
+            events.append(ev)
+            finished.append(False)
+        else:
+            events.append(_prompt_mismatch(pair, r))
+            finished.append(True)
+    held = 0
+    start = 0
+    decoder = _decode_continuous(
+        pair, [events[i] for i in todo], max_new_tokens, masks, eos, batch_size, near_tie_threshold, capture
+    )
+    for k in decoder:
+        i = todo[k]
+        ev = _describe(pair, preflight.apply(events[i]))
+        if ev.capture is not None:
+            if not ev.diverged or held + ev.capture.nbytes > max_capture_bytes:
+                ev.capture = None  # unscored, or over the budget: the unfused 2x2 (if any) recomputes it
+            else:
+                held += ev.capture.nbytes
+        finished[i] = True
+        while start < len(events) and all(finished[start : start + batch_size]):
+            yield events[start : start + batch_size]
+            start += batch_size
+    while start < len(events):  # only prompt mismatches remain
+        yield events[start : start + batch_size]
+        start += batch_size
 
 
 def find_divergences(
@@ -388,6 +713,7 @@ def find_divergences(
     chat_template: bool = False,
     event: str = "first_diff",
     near_tie_threshold: float | None = None,
+    continuous: bool = True,
 ) -> list[DivergenceEvent]:
     """One `DivergenceEvent` per prompt, in input order (non-divergent prompts carry their reason)."""
     return [
@@ -400,6 +726,7 @@ def find_divergences(
             chat_template,
             event=event,
             near_tie_threshold=near_tie_threshold,
+            continuous=continuous,
         )
         for e in batch
     ]

@@ -267,6 +267,58 @@ def it_late_margin(
     return margin(pair.it_adapter, final, tokens)
 
 
+@torch.no_grad()
+def it_late_margins(
+    pair: ModelPair,
+    upstream: str,
+    passes: CleanPasses,
+    boundary: int,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor,
+    runs: Sequence[dict[int, Edit]],
+    max_rows: int = 512,
+) -> list[torch.Tensor]:
+    """`it_late_margin` for many edit sets at once: one `[batch]` Y per entry of `runs`.
+
+    `attention_mask` `[batch, seq]`: the batch's (left-padded) mask, as given to `clean_passes`.
+    The runs are stacked along the batch (at most `max_rows` rows per forward), and the blocks before the
+    first edited layer run once (the edits touch only later blocks). Equal to calling `it_late_margin` per
+    run, up to fp32 rounding of the larger matmuls.
+    """
+    if not runs:
+        return []
+    batch = tokens.shape[0]
+    edited = sorted({layer for run in runs for layer in run})
+    start = min(edited) if edited else pair.n_layers
+    resid = passes.captured[upstream][boundary]  # [batch, seq, d_model]
+    shared = pair.it_adapter.run_layers(resid, passes.contexts["it"], start=boundary, stop=start)[0]
+    per_chunk = max(1, max_rows // max(1, batch))
+    out: list[torch.Tensor] = []
+    for lo in range(0, len(runs), per_chunk):
+        chunk = runs[lo : lo + per_chunk]
+        r = len(chunk)
+        stacked = shared.repeat(r, 1, 1)  # [r * batch, seq, d_model]
+        ctx = pair.it_adapter.context(
+            stacked, attention_mask.repeat(r, 1), passes.contexts["it"].position_ids.repeat(r, 1)
+        )  # IT's masks and rotary for the stacked rows
+
+        def make(layer: int, chunk: Sequence[dict[int, Edit]] = chunk) -> Edit:
+            def edit(x: torch.Tensor, x_in: torch.Tensor, _layer: int) -> torch.Tensor:
+                parts = []
+                for i, run in enumerate(chunk):
+                    rows = slice(i * batch, (i + 1) * batch)
+                    parts.append(run[layer](x[rows], x_in[rows], layer) if layer in run else x[rows])
+                return torch.cat(parts)  # [r * batch, d_model]
+
+            return edit
+
+        with mlp_edits(pair, {layer: make(layer) for layer in edited}):
+            final = pair.it_adapter.run_layers(stacked, ctx, start=start)[0][:, -1]  # [r * batch, d_model]
+        y = margin(pair.it_adapter, final, tokens.repeat(r, 1))  # [r * batch]
+        out += list(y.split(batch))
+    return out
+
+
 def _capture_mlp(
     pair: ModelPair,
     upstream: str,
@@ -588,35 +640,31 @@ def mediate(
         ]
         prompt_ids = [e.prompt_id for e in batch]
         d_model = pair.it_adapter.d_model
-        for (kind, k, s), (features, sd) in runs.items():
+        # every run's edits, then one stacked forward per kind of pass (ablate II, ablate PI, rescue PI)
+        target = acts_pi if cfg.ablation == "pt_value" else None
+        ablate_ii, ablate_pi, rescue = [], [], []
+        for (kind, _k, _s), (features, sd) in runs.items():
             groups = _by_layer(features, ranking, dictionaries)
             # per layer `[batch, d_model]` unit directions of the same-delta control, else None
             dirs = None if sd is None else {L: random_directions(prompt_ids, sd, L, d_model) for L in groups}
-            target = acts_pi if cfg.ablation == "pt_value" else None
-            ii = it_late_margin(
-                pair, "it", passes, b, tokens, {L: _ablate_edit(groups, target, dirs) for L in groups}
-            )
-            pi = (
-                y["pt", "it"]
-                if cfg.ablation == "pt_value"
-                else it_late_margin(
-                    pair, "pt", passes, b, tokens, {L: _ablate_edit(groups, None, dirs) for L in groups}
-                )
-            )
+            ablate_ii.append({L: _ablate_edit(groups, target, dirs) for L in groups})
+            ablate_pi.append({L: _ablate_edit(groups, None, dirs) for L in groups})
+            if kind != "single":
+                rescue.append({L: _rescue_edit(groups, acts_ii, cfg.alpha, dirs) for L in groups})
+        y_ii = it_late_margins(pair, "it", passes, b, tokens, mask, ablate_ii)
+        y_pi = (
+            [y["pt", "it"]] * len(runs)
+            if cfg.ablation == "pt_value"
+            else it_late_margins(pair, "pt", passes, b, tokens, mask, ablate_pi)
+        )
+        y_rescued = iter(it_late_margins(pair, "pt", passes, b, tokens, mask, rescue))
+        for (kind, k, s), ii, pi in zip(runs, y_ii, y_pi, strict=True):
             i_abl = (ii - y["it", "pt"]) - (pi - y["pt", "pt"])
             _add(per_event, ("ablate", kind, k, s, "interaction_drop"), (interaction - i_abl).tolist())
             if kind == "single":
                 continue
             _add(per_event, ("ablate", kind, k, s, "it_late_drop"), (y["it", "it"] - ii).tolist())
-            rescued = it_late_margin(
-                pair,
-                "pt",
-                passes,
-                b,
-                tokens,
-                {L: _rescue_edit(groups, acts_ii, cfg.alpha, dirs) for L in groups},
-            )
-            _add(per_event, ("rescue", kind, k, s, "rescue_gain"), (rescued - y["pt", "it"]).tolist())
+            _add(per_event, ("rescue", kind, k, s, "rescue_gain"), (next(y_rescued) - y["pt", "it"]).tolist())
         if on_progress:
             on_progress(f"intervened on {len(base['interaction'])}/{len(test)} test events")
     top_k = max(chosen) if chosen else None

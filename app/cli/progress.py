@@ -90,8 +90,12 @@ def divergences_with_bar(
     batch_size: int,
     chat_template: bool,
     event: str = "first_diff",
+    capture: Sequence[int] | None = None,
 ) -> list[DivergenceEvent]:
-    """First divergence of every prompt, batch by batch, under a "first divergence" bar (`run`, `mediate`)."""
+    """First divergence of every prompt, batch by batch, under a "first divergence" bar (`run`, `mediate`).
+
+    `capture`: boundaries kept for the fused 2x2 (`run`), first_diff events only.
+    """
     from crosspatch.engine.divergence import iter_divergences
 
     with progress_bar("first divergence", len(records)) as bar:
@@ -105,6 +109,7 @@ def divergences_with_bar(
                 chat_template,
                 on_batch=lambda d, n: bar.update(d, n),
                 event=event,
+                capture=capture if event == "first_diff" else None,
             )
             for e in batch
         ]

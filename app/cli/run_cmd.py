@@ -114,7 +114,9 @@ def run(
     typer.echo(
         f"pair {pair.pair_id} ({pair.family}, {pair.n_layers} layers), {len(records)} prompts, boundary {boundary}"
     )
-    events = divergences_with_bar(pair, records, max_new_tokens, batch_size, chat_template, event=event)
+    events = divergences_with_bar(
+        pair, records, max_new_tokens, batch_size, chat_template, event=event, capture=bounds
+    )  # the 2x2 below runs fused: only its off-diagonal late stacks
     typer.echo(format_event_counts(events))
     n_div = sum(e.diverged for e in events)
     with progress_bar("2x2 cross-patch", n_div) as bar:

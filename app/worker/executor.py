@@ -86,6 +86,7 @@ def run_chunk(
         chat_template=task.chat_template,
         event=task.event,
         on_batch=on_batch,
+        capture=task.boundaries if task.event == "first_diff" else None,  # the fused 2x2
     )
     events = [e for batch in batches for e in batch]
     out = {"events": events_table(events, pair.family, pair.pair_id)}

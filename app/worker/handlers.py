@@ -100,16 +100,22 @@ def _events_for(
     chunk: Sequence[PromptRecord],
     spec: DivergenceSpec,
     on_batch: Callable[[int, int], None] | None = None,
+    capture: Sequence[int] | None = None,
 ) -> list[DivergenceEvent]:
-    """The chunk's first divergences, batch by batch (`on_batch`: the job's cancellation point)."""
+    """The chunk's first divergences, batch by batch (`on_batch`: the job's cancellation point).
+
+    `capture`: boundaries whose inputs the decoding pass keeps for the fused 2x2 (first_diff events only).
+    """
+    event = getattr(spec, "event", "first_diff")
     batches = iter_divergences(
         pair,
         chunk,
         max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size,
         chat_template=getattr(spec, "chat_template", False),
-        event=getattr(spec, "event", "first_diff"),
+        event=event,
         on_batch=on_batch,
+        capture=capture if event == "first_diff" else None,
     )
     return [e for batch in batches for e in batch]
 

@@ -58,8 +58,17 @@ def _halved(ctx: JobContext, what: str) -> Callable[[int, BaseException], None]:
     return on_halve
 
 
-def events_for(pair: Any, chunk: Sequence[PromptRecord], spec: Any, ctx: JobContext) -> list[DivergenceEvent]:
-    """The chunk's first divergences (lockstep or staged), halving the batch on out-of-memory."""
+def events_for(
+    pair: Any,
+    chunk: Sequence[PromptRecord],
+    spec: Any,
+    ctx: JobContext,
+    capture: Sequence[int] | None = None,
+) -> list[DivergenceEvent]:
+    """The chunk's first divergences (lockstep or staged), halving the batch on out-of-memory.
+
+    `capture`: boundaries whose inputs a lockstep decode keeps for the fused 2x2 (first_diff events only).
+    """
 
     def run(batch_size: int) -> list[DivergenceEvent]:
         kwargs = dict(
@@ -71,7 +80,8 @@ def events_for(pair: Any, chunk: Sequence[PromptRecord], spec: Any, ctx: JobCont
         )
         if isinstance(pair, StagedPair):
             return staged_divergences(pair, chunk, **kwargs)
-        return [e for batch in iter_divergences(pair, chunk, **kwargs) for e in batch]
+        fused = capture if kwargs["event"] == "first_diff" else None
+        return [e for batch in iter_divergences(pair, chunk, capture=fused, **kwargs) for e in batch]
 
     return run_halving(run, spec.batch_size, _halved(ctx, "divergence"))
 
@@ -110,7 +120,7 @@ def run_chunk(ctx: JobContext, pair: Any, task: ChunkTask) -> dict[str, pa.Table
     """
     if ctx.executor.kind != "local" and not isinstance(pair, StagedPair):
         return ctx.executor.run_chunk(ctx, pair.pair_id, task)
-    events = events_for(pair, task.prompts, task, ctx)
+    events = events_for(pair, task.prompts, task, ctx, capture=task.boundaries)  # fused 2x2 when lockstep
     out = {"events": events_table(events, pair.family, pair.pair_id)}
     if task.boundaries is not None:
         ctx.check_cancel()

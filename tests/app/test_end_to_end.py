@@ -59,7 +59,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 def library_cells(env: dict) -> list[dict]:
     """The same job run in-process through the library, chunk by chunk as the worker runs it."""
     from crosspatch.engine.crosspatch import crosspatch
-    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.divergence import iter_divergences
     from crosspatch.engine.pairs import load_pair
     from crosspatch.engine.prompts import PromptRecord
 
@@ -68,9 +68,17 @@ def library_cells(env: dict) -> list[dict]:
     rows: list[dict] = []
     for i in range(0, len(prompts), SPEC["chunk_size"]):
         chunk = prompts[i : i + SPEC["chunk_size"]]
-        events = find_divergences(
-            pair, chunk, max_new_tokens=SPEC["max_new_tokens"], batch_size=SPEC["batch_size"]
-        )
+        events = [  # as the worker: decoding keeps the boundary inputs, the 2x2 runs fused
+            e
+            for batch in iter_divergences(
+                pair,
+                chunk,
+                max_new_tokens=SPEC["max_new_tokens"],
+                batch_size=SPEC["batch_size"],
+                capture=pair.resolve_boundaries("sweep"),
+            )
+            for e in batch
+        ]
         table = crosspatch(
             pair, events, boundary="sweep", readouts=("it", "pt"), batch_size=SPEC["batch_size"]
         )

@@ -115,13 +115,13 @@ def test_pipeline_finds_the_planted_mediators(env: dict, pipeline_job: dict) -> 
 
     # the service's cells equal the library's for the same inputs (one chunk, same batch size)
     from crosspatch.engine.crosspatch import crosspatch
-    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.divergence import iter_divergences
     from crosspatch.engine.pairs import load_pair
 
     pair = load_pair(env["org"] / "pt", env["org"] / "it", family="llama", pair_id=ORGANISM)
-    events = find_divergences(
-        pair, load_prompts(env["org"] / "prompts.jsonl"), max_new_tokens=16, batch_size=16
-    )
+    sweep = list(range(1, pair.n_layers))  # as the job: decoding keeps every boundary, the 2x2 runs fused
+    records = load_prompts(env["org"] / "prompts.jsonl")
+    events = [e for b in iter_divergences(pair, records, 16, 16, capture=sweep) for e in b]
     headline = round(0.6 * pair.n_layers)
     library = {r["prompt_id"]: r for r in crosspatch(pair, events, batch_size=16).to_pylist()}
     assert {r["boundary"] for r in cells} == set(range(1, pair.n_layers))
