@@ -138,7 +138,9 @@ def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str])
     from crosspatch.saes.quality import describe_check
 
     dicts = client.request("GET", "/dictionaries").json()["data"]
-    prov = (client.provenance(job_id).get("provenance") or {}).get("dictionaries") or {}
+    provenance = client.provenance(job_id).get("provenance") or {}
+    prov = provenance.get("dictionaries") or {}
+    excluded = provenance.get("excluded_from_features") or {}
     for d in (d for d in dicts if d["pair_id"] in pair_ids):
         fve = (d.get("metrics") or {}).get("fve_min")
         typer.echo(
@@ -158,6 +160,8 @@ def _print_results(client: Any, job_id: str, out_dir: Path, pair_ids: list[str])
         )
         if full:
             typer.echo(f"    full quality gate after mediation: {full.get('status')}")
+        if d["pair_id"] in excluded:  # method 5.1: a dictionary below the gate makes no feature claims
+            typer.echo(f"    {d['pair_id']}: excluded from feature claims (its dictionary failed the gate)")
         for c in gate.get("checks") or record.get("gate_checks") or []:
             detail = f"  ({c['detail']})" if c.get("status") == "failed" and c.get("detail") else ""
             typer.echo(f"    {describe_check(c)}{detail}")

@@ -44,6 +44,7 @@ from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.prompts import PromptRecord, load_prompts
 from crosspatch.engine.results import GATE_CHECKS_SCHEMA, events_from_table, events_table
 from crosspatch.engine.stats import summarize
+from crosspatch.saes.errors import GateFailedError
 
 if TYPE_CHECKING:  # saes imports sae_lens (seconds): its handlers import it when a job needs it
     from crosspatch.saes.load import Dictionary
@@ -333,6 +334,20 @@ def _mediate_pair(
         ctx.write_part(f"handoff.{tag}all", result.handoff.table)
 
 
+def _exclude_from_features(
+    ctx: JobContext, pair: ModelPair, dictionary: Dictionary, tag: str, error: GateFailedError
+) -> None:
+    """A pipeline pair whose dictionary failed its gate: no mediation, its gate rows and the reason kept."""
+    gate = dictionary.meta.get("gate") or {}
+    ctx.log(f"{pair.pair_id}: excluded from feature claims: {error}", "WARNING")
+    ctx.provenance.setdefault("excluded_from_features", {})[pair.pair_id] = str(error)
+    ctx.provenance.setdefault("dictionaries", {}).setdefault(pair.pair_id, {}).update(
+        id=dictionary.id, path=str(dictionary.path), gate=gate, metrics=dictionary.meta.get("metrics")
+    )
+    if gate.get("checks"):
+        ctx.write_part(f"gate_checks.{tag}all", _gate_checks(pair, dictionary.id, gate))
+
+
 def _handoff_balanced(ctx: JobContext) -> None:
     """Family and family-balanced handoff rows over every pair's rows (engine.stats conventions)."""
     table = ctx.read_parts("handoff")
@@ -592,7 +607,10 @@ def pipeline(spec: PipelineSpec, ctx: JobContext) -> None:
         _record_dictionary(ctx, dictionary, pair)
         ctx.check_cancel()
         ctx.progress(lo + 0.7 * span, f"{pair_id}: mediation")
-        _mediate_pair(pair, events, dictionary, spec.mediation, headline, spec.batch_size, ctx, tag)
+        try:
+            _mediate_pair(pair, events, dictionary, spec.mediation, headline, spec.batch_size, ctx, tag)
+        except GateFailedError as e:  # method 5.1: a family whose dictionary fails the gate makes no
+            _exclude_from_features(ctx, pair, dictionary, tag, e)  # feature claims; the job goes on
         _controls(ctx, pair, spec, tag, (lo + 0.9 * span, lo + span))
         ctx.progress(lo + span, f"{pair_id}: done")
         if spec.forced_tokens or spec.continuation:
