@@ -36,7 +36,9 @@ def test_a_pair_below_the_gate_is_excluded_from_feature_claims(settings: Setting
     assert "heldout_tokens" in reason and "failed" in reason
     cells = results.job_table("cells", str(job.id), limit=1000).to_pylist()
     assert cells and all(r["pair_id"] == ORGANISM for r in cells)  # the 2x2 stands
-    checks = {r["check_name"]: r for r in results.job_table("gate_checks", str(job.id), limit=100).to_pylist()}
+    checks = {
+        r["check_name"]: r for r in results.job_table("gate_checks", str(job.id), limit=100).to_pylist()
+    }
     assert checks["heldout_tokens"]["passed"] is False
     assert checks["fve_it"]["value"] is not None
     assert results.job_table("feature_effects", str(job.id), limit=10).num_rows == 0  # no feature claims
