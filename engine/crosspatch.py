@@ -128,7 +128,7 @@ def event_batches(
     """Length-sorted batches of diverged events as (events, ids, mask, tokens[t_it, t_pt])."""
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
     device = pair.pt_adapter.device
-    for batch in _batches([e for e in events if e.diverged], batch_size):
+    for batch in length_batches([e for e in events if e.diverged], batch_size):
         ids, mask = left_pad([e.input_ids for e in batch], pad, device)
         tokens = torch.tensor([[e.t_it, e.t_pt] for e in batch], device=device)  # [batch, 2]
         yield batch, ids, mask, tokens
@@ -172,17 +172,37 @@ def fused_batches(
     A batch's captures are released when the consumer asks for the next batch, so host memory stays
     bounded by the batches not yet scored.
     """
-    for batch in _batches([e for e in events if has_capture(e, boundaries)], batch_size):
+    for batch in length_batches([e for e in events if has_capture(e, boundaries)], batch_size):
         yield batch, *fused_passes(pair, batch, boundaries)
         for e in batch:
             e.capture = None  # consumed
 
 
-def _batches(events: Sequence[DivergenceEvent], batch_size: int) -> Iterator[list[DivergenceEvent]]:
+def length_batches(events: Sequence[DivergenceEvent], batch_size: int) -> Iterator[list[DivergenceEvent]]:
     """Length-sorted batches (less padding); results are re-ordered by the caller's keys."""
     order = sorted(events, key=lambda e: len(e.input_ids))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def cells_plan(
+    pair: ModelPair,
+    boundary: int | float | str | Sequence[int] | None,
+    readouts: Sequence[str],
+    batch_size: int,
+    headline: int | None,
+) -> tuple[list[int], int]:
+    """Check the 2x2's arguments and resolve (boundaries, headline); shared with `engine.staged`."""
+    for r in readouts:
+        if r not in READOUTS:
+            raise ValueError(f"unknown readout {r!r}; choose from {', '.join(READOUTS)}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    boundaries = pair.resolve_boundaries(boundary)
+    headline = pair.headline_boundary(boundary) if headline is None else headline
+    if headline not in boundaries:
+        raise ValueError(f"headline boundary {headline} is not among the boundaries {boundaries}")
+    return boundaries, headline
 
 
 def iter_crosspatch(
@@ -204,15 +224,7 @@ def iter_crosspatch(
     no-op checks (`engine.noop`): `on_noop` receives the report, and a failure raises `NoopCheckError` before any table is yielded. Every row records the pair's headline
     boundary: `headline`, or `ModelPair.headline_boundary(boundary)`.
     """
-    for r in readouts:
-        if r not in READOUTS:
-            raise ValueError(f"unknown readout {r!r}; choose from {', '.join(READOUTS)}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    boundaries = pair.resolve_boundaries(boundary)
-    headline = pair.headline_boundary(boundary) if headline is None else headline
-    if headline not in boundaries:
-        raise ValueError(f"headline boundary {headline} is not among the boundaries {boundaries}")
+    boundaries, headline = cells_plan(pair, boundary, readouts, batch_size, headline)
     n_scored = sum(e.diverged for e in events)
     done = 0
     unfused = (

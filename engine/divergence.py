@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -542,7 +543,17 @@ def _decode_continuous(
         yield from finished
 
 
-def _describe(pair: ModelPair, ev: DivergenceEvent) -> DivergenceEvent:
+class Tokenizers(Protocol):
+    """What naming an event needs from a pair: both tokenizers (a `ModelPair` or an `engine.staged.StagedPair`)."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    @property
+    def it_tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+
+def describe_event(pair: Tokenizers, ev: DivergenceEvent) -> DivergenceEvent:
     """Texts of the prefix (PT's tokenizer) and of each target under its own model's tokenizer."""
     ev.prefix_text = pair.tokenizer.decode(ev.prefix_ids)
     if ev.t_pt is not None and ev.t_it is not None:
@@ -550,7 +561,7 @@ def _describe(pair: ModelPair, ev: DivergenceEvent) -> DivergenceEvent:
     return ev
 
 
-def _prompt_mismatch(pair: ModelPair, record: PromptRecord) -> DivergenceEvent:
+def mismatch_event(pair: Tokenizers, record: PromptRecord) -> DivergenceEvent:
     """An unscored event for a prompt the two tokenizers encode differently (never decoded)."""
     return DivergenceEvent(
         prompt_id=record.id,
@@ -650,7 +661,7 @@ def _lockstep_chunks(
             else []
         )
         yield [
-            _describe(pair, preflight.apply(next(decoded))) if s else _prompt_mismatch(pair, r)
+            describe_event(pair, preflight.apply(next(decoded))) if s else mismatch_event(pair, r)
             for r, s in zip(batch, same, strict=True)
         ]
 
@@ -681,7 +692,7 @@ def _continuous_chunks(
             events.append(ev)
             finished.append(False)
         else:
-            events.append(_prompt_mismatch(pair, r))
+            events.append(mismatch_event(pair, r))
             finished.append(True)
     held = 0
     start = 0
@@ -690,7 +701,7 @@ def _continuous_chunks(
     )
     for k in decoder:
         i = todo[k]
-        ev = _describe(pair, preflight.apply(events[i]))
+        ev = describe_event(pair, preflight.apply(events[i]))
         if ev.capture is not None:
             if not ev.diverged or held + ev.capture.nbytes > max_capture_bytes:
                 ev.capture = None  # unscored, or over the budget: the unfused 2x2 (if any) recomputes it

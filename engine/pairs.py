@@ -153,6 +153,19 @@ def pair_identity(
     return f"{label}-{digest}", label
 
 
+def resolve_identity(
+    pt: str | Path,
+    it: str | Path,
+    pt_revision: str | None,
+    it_revision: str | None,
+    pair_id: str | None,
+    pair_label: str | None,
+) -> tuple[str, str]:
+    """(pair_id, pair_label) a loader records: the caller's, else `pair_identity`'s (a given id is its label)."""
+    derived_id, derived_label = pair_identity(pt, it, pt_revision, it_revision)
+    return pair_id or derived_id, pair_label or (pair_id if pair_id else derived_label)
+
+
 @dataclass
 class ModelPair:
     """A PT/IT pair with adapters; `tokenizer` (PT's) supplies the shared ids for both models."""
@@ -300,13 +313,7 @@ def load_pair(
     it_model, it_tok = load_model(
         it, device=device, dtype=dtype, revision=it_revision, offload_folder=it_off, **spread
     )
-    derived_id, derived_label = pair_identity(pt, it, pt_revision, it_revision)
+    pair_id, pair_label = resolve_identity(pt, it, pt_revision, it_revision, pair_id, pair_label)
     return ModelPair.from_models(
-        pt_model,
-        it_model,
-        pt_tok,
-        it_tok,
-        family=family,
-        pair_id=pair_id or derived_id,
-        pair_label=pair_label or (pair_id if pair_id else derived_label),
+        pt_model, it_model, pt_tok, it_tok, family=family, pair_id=pair_id, pair_label=pair_label
     )

@@ -28,7 +28,7 @@ import inspect
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,30 +44,31 @@ from crosspatch.engine.adapters import (
     positions_from_mask,
 )
 from crosspatch.engine.admission import read_shape
-from crosspatch.engine.crosspatch import CELLS, _cells_table, margin
+from crosspatch.engine.crosspatch import CELLS, _cells_table, cells_plan, length_batches, margin
 from crosspatch.engine.divergence import (
     DIVERGED,
     EOS_BEFORE_DIVERGENCE,
     NO_DIVERGENCE_IN_BUDGET,
     DivergenceEvent,
     bf16_step,
+    describe_event,
     encode_prompt,
     eos_ids,
     left_pad,
+    mismatch_event,
     real_token_mask,
     top2_gaps,
 )
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.noop import NoopReport, attach, make_report, role_noop_diffs
 from crosspatch.engine.pairs import (
-    READOUTS,
     ModelPair,
     load_model,
-    pair_identity,
+    resolve_identity,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
-from crosspatch.engine.preflight import CHECK_PROMPT_IDS, TOKEN_MISMATCH, TokenPreflight
+from crosspatch.engine.preflight import TokenPreflight
 from crosspatch.engine.prompts import PromptRecord
 from crosspatch.engine.results import CELLS_SCHEMA
 
@@ -215,7 +216,7 @@ def load_staged_pair(
         )[0]
 
     model_type = json.loads((Path(pt).expanduser() / "config.json").read_text()).get("model_type", "")
-    derived_id, derived_label = pair_identity(pt, it, pt_revision, it_revision)
+    pair_id, pair_label = resolve_identity(pt, it, pt_revision, it_revision, pair_id, pair_label)
     return StagedPair(
         {"pt": loader(pt, pt_revision), "it": loader(it, it_revision)},
         AutoTokenizer.from_pretrained(str(pt), revision=pt_revision),
@@ -223,8 +224,8 @@ def load_staged_pair(
         n_layers=shape.n_layers,
         d_model=shape.d_model,
         family=family or SUPPORTED_MODEL_TYPES.get(model_type, model_type),
-        pair_id=pair_id or derived_id,
-        pair_label=pair_label or (pair_id if pair_id else derived_label),
+        pair_id=pair_id,
+        pair_label=pair_label,
     )
 
 
@@ -447,7 +448,7 @@ def staged_divergences(
     events = []
     for i, record in enumerate(prompts):
         if not same[i]:
-            events.append(_prompt_mismatch(pair, record))
+            events.append(mismatch_event(pair, record))
             continue
         ev = _compare(
             record,
@@ -460,7 +461,7 @@ def staged_divergences(
             eos,
             near_tie_threshold,
         )
-        events.append(_describe(pair, preflight.apply(ev)))
+        events.append(describe_event(pair, preflight.apply(ev)))
     return events
 
 
@@ -497,34 +498,7 @@ def _compare(
     return ev
 
 
-def _describe(pair: StagedPair, ev: DivergenceEvent) -> DivergenceEvent:
-    """Texts of the prefix (PT's tokenizer) and of each target under its own model's tokenizer."""
-    ev.prefix_text = pair.tokenizer.decode(ev.prefix_ids)
-    if ev.t_pt is not None and ev.t_it is not None:
-        ev.t_pt_text, ev.t_it_text = pair.tokenizer.decode([ev.t_pt]), pair.it_tokenizer.decode([ev.t_it])
-    return ev
-
-
-def _prompt_mismatch(pair: StagedPair, record: PromptRecord) -> DivergenceEvent:
-    """An unscored event for a prompt the two tokenizers encode differently (never decoded)."""
-    return DivergenceEvent(
-        prompt_id=record.id,
-        category=record.category,
-        prompt_ids=pair.tokenizer.encode(record.text, add_special_tokens=True),
-        reason=TOKEN_MISMATCH,
-        prompt_text=record.text,
-        token_check=CHECK_PROMPT_IDS,
-    )
-
-
 # ---- the 2x2 ---------------------------------------------------------------------------------
-def _batches(events: Sequence[DivergenceEvent], batch_size: int) -> Iterator[list[DivergenceEvent]]:
-    """Length-sorted batches of the diverged events (engine.crosspatch's order)."""
-    order = sorted([e for e in events if e.diverged], key=lambda e: len(e.input_ids))
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
-
-
 @torch.no_grad()
 def staged_crosspatch(
     pair: StagedPair,
@@ -541,16 +515,8 @@ def staged_crosspatch(
 
     `store` bounds the host memory of the stored states (default: 2 GiB, then memory-mapped files).
     """
-    for r in readouts:
-        if r not in READOUTS:
-            raise ValueError(f"unknown readout {r!r}; choose from {', '.join(READOUTS)}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    boundaries = pair.resolve_boundaries(boundary)
-    headline = pair.headline_boundary(boundary) if headline is None else headline
-    if headline not in boundaries:
-        raise ValueError(f"headline boundary {headline} is not among the boundaries {boundaries}")
-    batches = list(_batches(events, batch_size))
+    boundaries, headline = cells_plan(pair, boundary, readouts, batch_size, headline)  # type: ignore[arg-type]
+    batches = list(length_batches([e for e in events if e.diverged], batch_size))
     if not batches:
         return CELLS_SCHEMA.empty_table()
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
