@@ -482,47 +482,31 @@ def handoff_balanced(table: pa.Table) -> pa.Table:
             return None, None, None
         return family_balanced([(r["effect"], r["ci_low"], r["ci_high"]) for r in ok])
 
+    def pooled(key: Sequence[object], family: str | None, level: str, group: list[dict]) -> dict:
+        """One pooled row of `group` (a family's pairs, or the families)."""
+        mean, lo, hi = combine(group)  # within a family: SE = sqrt(sum se^2) / m, as engine.stats
+        return dict(
+            zip(_GROUP, key, strict=True),
+            family=family,
+            pair_id=None,
+            dictionary_id=None,
+            level=level,
+            boundary=None,
+            k=None,
+            effect=mean,
+            ci_low=lo,
+            ci_high=hi,
+            n=sum(r["n"] for r in group),
+        )
+
     by_family: dict[tuple, list[dict]] = {}
     for r in pair_rows:
         by_family.setdefault((r["family"], *(r[c] for c in _GROUP)), []).append(r)
-    fam_rows = []
-    for (family, *key), group in by_family.items():
-        mean, lo, hi = combine(group)  # within a family: SE = sqrt(sum se^2) / m, as engine.stats
-        fam_rows.append(
-            dict(
-                zip(_GROUP, key, strict=True),
-                family=family,
-                pair_id=None,
-                dictionary_id=None,
-                level="family",
-                boundary=None,
-                k=None,
-                effect=mean,
-                ci_low=lo,
-                ci_high=hi,
-                n=sum(r["n"] for r in group),
-            )
-        )
+    fam_rows = [pooled(key, family, "family", group) for (family, *key), group in by_family.items()]
     by_key: dict[tuple, list[dict]] = {}
     for r in fam_rows:
         by_key.setdefault(tuple(r[c] for c in _GROUP), []).append(r)
-    for key, group in by_key.items():
-        mean, lo, hi = combine(group)
-        out.append(
-            dict(
-                zip(_GROUP, key, strict=True),
-                family=None,
-                pair_id=None,
-                dictionary_id=None,
-                level="balanced",
-                boundary=None,
-                k=None,
-                effect=mean,
-                ci_low=lo,
-                ci_high=hi,
-                n=sum(r["n"] for r in group),
-            )
-        )
+    out += [pooled(key, None, "balanced", group) for key, group in by_key.items()]
     return pa.Table.from_pylist(out + fam_rows, schema=HANDOFF_SCHEMA)
 
 
