@@ -612,23 +612,11 @@ def iter_divergences(
     masks = (real_token_mask(pair.pt, pair.tokenizer), real_token_mask(pair.it, pair.it_tokenizer))
     preflight = TokenPreflight(pair, {"pt": masks[0], "it": masks[1]})
     eos = set(eos_ids(pair.pt, pair.tokenizer)) | set(eos_ids(pair.it, pair.it_tokenizer))
+    run = _Run(pair, preflight, max_new_tokens, batch_size, chat_template, masks, eos, near_tie_threshold)
     if continuous:
-        chunks = _continuous_chunks(
-            pair, prompts, preflight, max_new_tokens, batch_size, chat_template, masks, eos,
-            near_tie_threshold, tuple(capture or ()), max_capture_bytes,
-        )  # fmt: skip
+        chunks = _continuous_chunks(run, prompts, tuple(capture or ()), max_capture_bytes)
     else:
-        chunks = _lockstep_chunks(
-            pair,
-            prompts,
-            preflight,
-            max_new_tokens,
-            batch_size,
-            chat_template,
-            masks,
-            eos,
-            near_tie_threshold,
-        )
+        chunks = _lockstep_chunks(run, prompts)
     done = 0
     for events in chunks:
         if event != "first_diff":
@@ -639,24 +627,31 @@ def iter_divergences(
         yield events
 
 
-def _lockstep_chunks(
-    pair: ModelPair,
-    prompts: Sequence[PromptRecord],
-    preflight: TokenPreflight,
-    max_new_tokens: int,
-    batch_size: int,
-    chat_template: bool,
-    masks: tuple[torch.Tensor, torch.Tensor],
-    eos: set[int],
-    near_tie_threshold: float | None,
-) -> Iterator[list[DivergenceEvent]]:
+@dataclass(frozen=True)
+class _Run:
+    """What both decoding schedules (lockstep, continuous) share for one `iter_divergences` call."""
+
+    pair: ModelPair
+    preflight: TokenPreflight
+    max_new_tokens: int
+    batch_size: int
+    chat_template: bool
+    masks: tuple[torch.Tensor, torch.Tensor]  # real-token masks over each vocabulary: ([V_pt], [V_it])
+    eos: set[int]
+    near_tie_threshold: float | None
+
+
+def _lockstep_chunks(run: _Run, prompts: Sequence[PromptRecord]) -> Iterator[list[DivergenceEvent]]:
     """Lockstep: each batch of prompts decodes together until its last row finishes."""
+    pair, preflight, batch_size = run.pair, run.preflight, run.batch_size
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         same = [preflight.prompt_ids_match(r.text) for r in batch]
         ok = [r for r, s in zip(batch, same, strict=True) if s]
         decoded = iter(
-            _decode_batch(pair, ok, max_new_tokens, chat_template, masks, eos, near_tie_threshold)
+            _decode_batch(
+                pair, ok, run.max_new_tokens, run.chat_template, run.masks, run.eos, run.near_tie_threshold
+            )
             if ok
             else []
         )
@@ -667,19 +662,10 @@ def _lockstep_chunks(
 
 
 def _continuous_chunks(
-    pair: ModelPair,
-    prompts: Sequence[PromptRecord],
-    preflight: TokenPreflight,
-    max_new_tokens: int,
-    batch_size: int,
-    chat_template: bool,
-    masks: tuple[torch.Tensor, torch.Tensor],
-    eos: set[int],
-    near_tie_threshold: float | None,
-    capture: tuple[int, ...],
-    max_capture_bytes: int,
+    run: _Run, prompts: Sequence[PromptRecord], capture: tuple[int, ...], max_capture_bytes: int
 ) -> Iterator[list[DivergenceEvent]]:
     """Continuous batching over all prompts; chunks of `batch_size` prompts are yielded as they complete."""
+    pair, preflight, batch_size = run.pair, run.preflight, run.batch_size
     events: list[DivergenceEvent] = []
     finished: list[bool] = []
     todo: list[int] = []  # indices of prompts to decode
@@ -687,7 +673,7 @@ def _continuous_chunks(
         if preflight.prompt_ids_match(r.text):
             todo.append(len(events))
             ev = DivergenceEvent(
-                r.id, r.category, encode_prompt(pair, r.text, chat_template), prompt_text=r.text
+                r.id, r.category, encode_prompt(pair, r.text, run.chat_template), prompt_text=r.text
             )
             events.append(ev)
             finished.append(False)
@@ -697,7 +683,14 @@ def _continuous_chunks(
     held = 0
     start = 0
     decoder = _decode_continuous(
-        pair, [events[i] for i in todo], max_new_tokens, masks, eos, batch_size, near_tie_threshold, capture
+        pair,
+        [events[i] for i in todo],
+        run.max_new_tokens,
+        run.masks,
+        run.eos,
+        batch_size,
+        run.near_tie_threshold,
+        capture,
     )
     for k in decoder:
         i = todo[k]
