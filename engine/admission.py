@@ -206,6 +206,20 @@ def choose_mode(est: Estimate, budget_bytes: int | None) -> Mode:
     )
 
 
+def admit(shape: Shape, work: Workload, dtype: str, budget_bytes: int | None) -> tuple[Mode, Estimate]:
+    """Size `work` on `shape` in `dtype` and choose its mode: the API's and the workers' one admission rule.
+
+    `work.n_boundaries < 0` means a sweep (every boundary, `n_layers - 1`); `work.bytes_per_param` is
+    replaced by `dtype`'s. Raises `MemoryAdmissionError` when the job does not fit even staged.
+    """
+    n_boundaries = shape.n_layers - 1 if work.n_boundaries < 0 else work.n_boundaries
+    sized = Workload(
+        work.batch_size, work.prompt_tokens, work.new_tokens, n_boundaries, bytes_per_param(dtype)
+    )
+    est = estimate(shape, sized)
+    return choose_mode(est, budget_bytes), est
+
+
 def bytes_per_param(dtype: str) -> int:
     """Bytes per weight for a dtype name (`bf16` -> 2); unknown names are a clear error."""
     if dtype not in BYTES_PER_PARAM:

@@ -161,14 +161,7 @@ def _memory_estimate(settings: Settings, spec: Any, pairs: list[Pair]) -> int | 
     """The job's peak bytes by the workers' estimator (engine.admission, config.json only): staged for a kind
     that may run staged, else lockstep. 422 when it cannot fit `device_memory_gb` even staged. None when a
     model has no local config.json (a hub id): the pair's own estimate stands."""
-    from crosspatch.engine.admission import (
-        MemoryAdmissionError,
-        Workload,
-        bytes_per_param,
-        choose_mode,
-        estimate,
-        read_shape,
-    )
+    from crosspatch.engine.admission import MemoryAdmissionError, Workload, admit, read_shape
     from crosspatch.engine.pairs import DEVICE_MAPS
 
     staged = spec.kind in STAGED_KINDS and getattr(spec, "event", "first_diff") == "first_diff"
@@ -188,17 +181,12 @@ def _memory_estimate(settings: Settings, spec: Any, pairs: list[Pair]) -> int | 
         except Exception:  # a hub id or a model not present here: no config.json to size it from
             return None
         n_boundaries = len(boundary) if isinstance(boundary, list) else 1
-        n_boundaries = shape.n_layers - 1 if boundary == "sweep" else n_boundaries
+        n_boundaries = -1 if boundary == "sweep" else n_boundaries  # < 0: every boundary
         work = Workload(
-            getattr(spec, "batch_size", 1),
-            longest,
-            getattr(spec, "max_new_tokens", 0),
-            n_boundaries,
-            bytes_per_param(settings.dtype),
+            getattr(spec, "batch_size", 1), longest, getattr(spec, "max_new_tokens", 0), n_boundaries
         )
-        est = estimate(shape, work)
         try:
-            mode = choose_mode(est, budget)
+            mode, est = admit(shape, work, settings.dtype, budget)
         except MemoryAdmissionError as e:
             raise Invalid("spec", f"pair {pair.pair_id!r}: {e}") from None
         if mode == "staged" and not staged:

@@ -161,31 +161,14 @@ class Worker:
         budget = self.memory_budget()
         if budget is None and workload is None:
             return "lockstep"
-        from crosspatch.engine.admission import (
-            MemoryAdmissionError,
-            Workload,
-            bytes_per_param,
-            choose_mode,
-            estimate,
-            read_shape,
-        )
+        from crosspatch.engine.admission import MemoryAdmissionError, Workload, admit, read_shape
 
         try:
             shape = read_shape(str(pt))
         except CrosspatchError as e:  # a hub id: no local config.json to size it from
             log.warning("no memory estimate: %s", e)
             return "lockstep"
-        work = workload or Workload(1, 0, 0, 1)
-        n_boundaries = shape.n_layers - 1 if work.n_boundaries < 0 else work.n_boundaries  # < 0: a sweep
-        work = Workload(
-            work.batch_size,
-            work.prompt_tokens,
-            work.new_tokens,
-            n_boundaries,
-            bytes_per_param(self.settings.dtype),
-        )
-        est = estimate(shape, work)
-        mode = choose_mode(est, budget)
+        mode, est = admit(shape, workload or Workload(1, 0, 0, 1), self.settings.dtype, budget)
         if mode == "staged" and workload is None:
             raise MemoryAdmissionError(
                 f"job needs both models resident but does not fit the budget of {budget / 1e9:.2f} GB: "
