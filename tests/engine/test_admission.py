@@ -8,6 +8,7 @@ import torch
 from crosspatch.engine.admission import (
     MemoryAdmissionError,
     Workload,
+    admit,
     choose_mode,
     estimate,
     run_halving,
@@ -35,6 +36,11 @@ def test_estimate_by_hand_and_modes() -> None:
     assert choose_mode(est, est.lockstep - 1) == "staged"
     with pytest.raises(MemoryAdmissionError, match=r"even staged: estimated peak 2\.\d\d MB lockstep"):
         choose_mode(est, est.staged - 1)
+    # admit: float32 -> 4 bytes a weight, and n_boundaries < 0 (a sweep) -> every boundary (5 - 1)
+    mode, same = admit(shape, Workload(2, 6, 4, n_boundaries=1), "float32", est.lockstep - 1)
+    assert (mode, same) == ("staged", est)
+    _, swept = admit(shape, Workload(2, 6, 4, n_boundaries=-1), "float32", None)
+    assert swept == estimate(shape, Workload(2, 6, 4, n_boundaries=4, bytes_per_param=4))
 
 
 def test_qwen25_32b_on_one_80gb_gpu_runs_staged() -> None:
