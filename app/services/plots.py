@@ -240,13 +240,7 @@ def plot_ablation_curve(feature_effects: pa.Table, path: Path, *, statistic: str
     axes = fig.subplots(len(families), 1, squeeze=False)[:, 0]
     for ax, family in zip(axes, families, strict=True):
         mine = [r for r in rows if r["family"] == family]
-        for intervention in sorted({r["intervention"] for r in mine}):
-            curve = sorted((r for r in mine if r["intervention"] == intervention), key=lambda r: r["k"])
-            xs = [r["k"] for r in curve]
-            (line,) = ax.plot(xs, [r["effect"] for r in curve], marker="o", markersize=3, label=intervention)
-            lo = [r["ci_low"] if r["ci_low"] is not None else r["effect"] for r in curve]
-            hi = [r["ci_high"] if r["ci_high"] is not None else r["effect"] for r in curve]
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        _ci_curves(ax, mine, "intervention", "k")
         ax.axhline(0, color="k", linewidth=0.6)
         ax.set_xlabel("k (features in the set)")
         ax.set_ylabel(statistic)
@@ -422,6 +416,17 @@ def plot_closure(closure: pa.Table, path: Path, *, alpha: float = 1.0) -> Path |
     return _save(fig, path)
 
 
+def _ci_curves(ax: Any, rows: list[dict[str, Any]], series: str, x: str) -> None:
+    """One line per value of `series` (its label) of effect over `x`, with its 95% CI as a band."""
+    for name in sorted({r[series] for r in rows}):
+        curve = sorted((r for r in rows if r[series] == name), key=lambda r: r[x])
+        xs = [r[x] for r in curve]
+        (line,) = ax.plot(xs, [r["effect"] for r in curve], marker="o", markersize=3, label=name)
+        lo = [r["ci_low"] if r["ci_low"] is not None else r["effect"] for r in curve]
+        hi = [r["ci_high"] if r["ci_high"] is not None else r["effect"] for r in curve]
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
 def _pair_rows(handoff: pa.Table, **equal: Any) -> list[dict[str, Any]]:
     return [r for r in _rows(handoff, level="pair", **equal) if r["effect"] is not None]
 
@@ -436,13 +441,7 @@ def plot_handoff_dose(handoff: pa.Table, path: Path) -> Path | None:
     axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
     for ax, pair_id in zip(axes, pairs, strict=True):
         mine = [r for r in rows if r["pair_id"] == pair_id]
-        for kind in sorted({r["set_kind"] for r in mine}):
-            curve = sorted((r for r in mine if r["set_kind"] == kind), key=lambda r: r["alpha"])
-            xs = [r["alpha"] for r in curve]
-            (line,) = ax.plot(xs, [r["effect"] for r in curve], marker="o", markersize=3, label=kind)
-            lo = [r["ci_low"] if r["ci_low"] is not None else r["effect"] for r in curve]
-            hi = [r["ci_high"] if r["ci_high"] is not None else r["effect"] for r in curve]
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        _ci_curves(ax, mine, "set_kind", "alpha")
         ax.axhline(0, color="k", linewidth=0.6)
         ax.axhline(1, color="k", linewidth=0.6, linestyle=":")
         ax.set_xlabel("alpha (PT-up -> IT-up feature activations)")
