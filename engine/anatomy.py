@@ -33,10 +33,16 @@ import pyarrow as pa
 import torch
 
 from crosspatch.engine.control_schemas import ANATOMY_EVENTS_SCHEMA, ANATOMY_SCHEMA
-from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
+from crosspatch.engine.crosspatch import (
+    CleanPasses,
+    clean_passes,
+    event_batches,
+    late_stack_final,
+    readout_margin,
+)
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.hooks import mlp_hooks
-from crosspatch.engine.pairs import READOUTS, ModelPair
+from crosspatch.engine.pairs import ModelPair, check_readout
 from crosspatch.engine.recipe import ratio_of_means, single_boundary
 from crosspatch.engine.stats import bootstrap_ci
 
@@ -53,11 +59,6 @@ def depth_bands(boundary: int, n_layers: int) -> dict[str, tuple[int, int]]:
 def _zero_mlps(layers: range) -> dict[int, object]:
     """{layer: hook} replacing each MLP output by zeros."""
     return {layer: (lambda _x, out: torch.zeros_like(out)) for layer in layers}
-
-
-def _y(pair: ModelPair, readout: str, late: str, final: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
-    adapter = pair.adapter(late if readout == "own" else readout)
-    return margin(adapter, final, tokens).double().cpu().numpy()  # [batch]
 
 
 def _interaction(y: dict[tuple[str, str], np.ndarray]) -> np.ndarray:
@@ -84,7 +85,7 @@ def _cells(
                 resid = passes.captured[up][start].to(adapter.device)  # [batch, seq, d_model]
                 with mlp_hooks(adapter, _zero_mlps(hooks)):
                     final = adapter.run_layers(resid, passes.contexts[late], start=start)[0][:, -1]
-            out[(up, late)] = _y(pair, readout, late, final, tokens)
+            out[(up, late)] = readout_margin(pair, readout, late, final, tokens)
     return out
 
 
@@ -118,7 +119,9 @@ def anatomy_batch(
         resid = passes.captured["it"][start]  # [batch, seq, d_model]
         with mlp_hooks(it, _zero_mlps(range(start, stop))):
             final = it.run_layers(resid, passes.contexts["it"], start=start)[0][:, -1]  # [batch, d_model]
-        out[("mlp_support", None, name)] = full[("it", "it")] - _y(pair, readout, "it", final, tokens)
+        out[("mlp_support", None, name)] = full[("it", "it")] - readout_margin(
+            pair, readout, "it", final, tokens
+        )
     return out
 
 
@@ -140,8 +143,7 @@ def anatomy(
     seed: int = 23,
 ) -> tuple[pa.Table, pa.Table]:
     """(per-event ANATOMY_EVENTS_SCHEMA rows, ANATOMY_SCHEMA summary rows) for the diverged `events`."""
-    if readout not in READOUTS:
-        raise ValueError(f"unknown readout {readout!r}; choose from {', '.join(READOUTS)}")
+    check_readout(readout)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if not windows or len(set(windows)) != len(windows):

@@ -35,7 +35,7 @@ import torch
 from crosspatch.engine.control_schemas import CLOSURE_CELLS_SCHEMA, CLOSURE_SCHEMA
 from crosspatch.engine.crosspatch import clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent
-from crosspatch.engine.pairs import READOUTS, ModelPair
+from crosspatch.engine.pairs import ModelPair, check_readout
 from crosspatch.engine.recipe import ratio_of_means, single_boundary
 
 FULL = "full"
@@ -133,8 +133,7 @@ def closure(
     seed: int = 23,
 ) -> tuple[pa.Table, pa.Table]:
     """(CLOSURE_CELLS_SCHEMA rows of the held-out events, CLOSURE_SCHEMA summary rows) at one boundary."""
-    if readout not in READOUTS:
-        raise ValueError(f"unknown readout {readout!r}; choose from {', '.join(READOUTS)}")
+    check_readout(readout)
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; choose from {', '.join(POSITIONS)}")
     if batch_size < 1:

@@ -35,7 +35,7 @@ import torch
 from crosspatch.engine.adapters import ArchAdapter, positions_from_mask
 from crosspatch.engine.baselines import greedy_rollouts
 from crosspatch.engine.divergence import DivergenceEvent, eos_ids, left_pad, real_token_mask
-from crosspatch.engine.pairs import READOUTS, ModelPair
+from crosspatch.engine.pairs import ModelPair, check_readout
 from crosspatch.engine.recipe import single_boundary
 from crosspatch.engine.results import (
     CONTINUATION_CELL_KEYS,
@@ -172,8 +172,7 @@ def continuation_table(
     ns = sorted({int(n) for n in ns})
     if not ns or ns[0] < 0:
         raise ValueError(f"ns must be a non-empty list of tail lengths >= 0, got {list(ns)}")
-    if readout not in READOUTS:
-        raise ValueError(f"unknown readout {readout!r}; choose from {', '.join(READOUTS)}")
+    check_readout(readout)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")

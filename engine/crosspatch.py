@@ -32,7 +32,7 @@ from crosspatch.engine.adapters import ArchAdapter, LayerContext, positions_from
 from crosspatch.engine.divergence import DivergenceEvent, left_pad, left_pad_to
 from crosspatch.engine.memory import release_host_memory
 from crosspatch.engine.noop import NoopReport, attach, check_cells_noop
-from crosspatch.engine.pairs import READOUTS, ModelPair
+from crosspatch.engine.pairs import ModelPair, check_readout
 from crosspatch.engine.results import CELL_COLUMNS, CELLS_SCHEMA
 
 NOOP_EVENTS = 8  # events of the first fused batch the no-op check runs on (it costs two HF forwards)
@@ -91,6 +91,14 @@ def margin(adapter: ArchAdapter, final_resid: torch.Tensor, tokens: torch.Tensor
     """`[batch, d_model]` final residual -> `[batch]` Y = logit(t_it) - logit(t_pt); `tokens` is `[batch, 2]` (t_it, t_pt)."""
     logits = adapter.readout(final_resid.to(adapter.device), tokens.to(adapter.device)).float()  # [batch, 2]
     return logits[:, 0] - logits[:, 1]
+
+
+def readout_margin(
+    pair: ModelPair, readout: str, late: str, final: torch.Tensor, tokens: torch.Tensor
+) -> np.ndarray:
+    """`[batch]` float64 margin of the `late` model's final residual through `readout` (own: `late`'s head)."""
+    adapter = pair.adapter(late if readout == "own" else readout)
+    return margin(adapter, final, tokens).double().cpu().numpy()  # [batch]
 
 
 @torch.no_grad()
@@ -194,8 +202,7 @@ def cells_plan(
 ) -> tuple[list[int], int]:
     """Check the 2x2's arguments and resolve (boundaries, headline); shared with `engine.staged`."""
     for r in readouts:
-        if r not in READOUTS:
-            raise ValueError(f"unknown readout {r!r}; choose from {', '.join(READOUTS)}")
+        check_readout(r)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     boundaries = pair.resolve_boundaries(boundary)

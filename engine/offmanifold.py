@@ -35,9 +35,15 @@ from crosspatch.engine.control_schemas import (
     OFFMANIFOLD_SUMMARY_SCHEMA,
     SIGNPERM_SCHEMA,
 )
-from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, late_stack_final, margin
+from crosspatch.engine.crosspatch import (
+    CleanPasses,
+    clean_passes,
+    event_batches,
+    late_stack_final,
+    readout_margin,
+)
 from crosspatch.engine.divergence import DivergenceEvent
-from crosspatch.engine.pairs import READOUTS, ModelPair
+from crosspatch.engine.pairs import ModelPair, check_readout
 from crosspatch.engine.recipe import Ratio, ratio_of_means, single_boundary
 from crosspatch.engine.results import event_key_columns
 from crosspatch.engine.stats import bootstrap_ci
@@ -84,11 +90,6 @@ def _late(
     return pair.adapter(late).run_layers(upstream, passes.contexts[late], start=boundary)[0][:, -1]
 
 
-def _y(pair: ModelPair, readout: str, late: str, final: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
-    adapter = pair.adapter(late if readout == "own" else readout)
-    return margin(adapter, final, tokens).double().cpu().numpy()  # [batch]
-
-
 @torch.no_grad()
 def offmanifold_batch(
     pair: ModelPair,
@@ -105,7 +106,9 @@ def offmanifold_batch(
     u_pt = passes.captured["pt"][boundary]  # [batch, seq, d_model]
     u_it = passes.captured["it"][boundary].to(u_pt.device)  # [batch, seq, d_model]
     ends = {
-        (up, late): _y(pair, readout, late, late_stack_final(pair, up, late, passes, boundary), tokens)
+        (up, late): readout_margin(
+            pair, readout, late, late_stack_final(pair, up, late, passes, boundary), tokens
+        )
         for up in ("pt", "it")
         for late in ("it", "pt")
     }
@@ -116,7 +119,9 @@ def offmanifold_batch(
                 interp[i, k] = ends[("it" if a == 1.0 else "pt", late)]
             else:
                 u = torch.lerp(u_pt, u_it, a)  # [batch, seq, d_model]
-                interp[i, k] = _y(pair, readout, late, _late(pair, late, passes, u, boundary), tokens)
+                interp[i, k] = readout_margin(
+                    pair, readout, late, _late(pair, late, passes, u, boundary), tokens
+                )
     delta = u_it - u_pt  # [batch, seq, d_model]
     rand = np.empty((len(seeds), 2, len(tokens)))
     for i, seed in enumerate(seeds):
@@ -125,7 +130,7 @@ def offmanifold_batch(
             delta.device, delta.dtype
         )  # [batch, seq, d_model]
         for k, late in enumerate(("it", "pt")):
-            rand[i, k] = _y(pair, readout, late, _late(pair, late, passes, u, boundary), tokens)
+            rand[i, k] = readout_margin(pair, readout, late, _late(pair, late, passes, u, boundary), tokens)
     pt_late = ends[("pt", "it")] - ends[("pt", "pt")]  # [batch] L(0)
     return interp, rand, pt_late, (ends[("it", "it")] - ends[("it", "pt")]) - pt_late
 
@@ -141,8 +146,7 @@ def iter_offmanifold(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Stream (interpolation, signperm) tables batch by batch for the diverged `events`."""
-    if readout not in READOUTS:
-        raise ValueError(f"unknown readout {readout!r}; choose from {', '.join(READOUTS)}")
+    check_readout(readout)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if not seeds:

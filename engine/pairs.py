@@ -37,6 +37,12 @@ DEFAULT_BOUNDARY_FRACTION = 0.6
 DEVICE_MAPS: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate strategies
 
 
+def check_readout(readout: str) -> None:
+    """Refuse a readout that is not one of `READOUTS`, naming the valid ones."""
+    if readout not in READOUTS:
+        raise ValueError(f"unknown readout {readout!r}; choose from {', '.join(READOUTS)}")
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """`"bf16"`/`"bfloat16"`/`torch.bfloat16` -> `torch.bfloat16`; an unknown name is a clear error."""
     if isinstance(dtype, torch.dtype):

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from crosspatch.engine.control_schemas import LINEAGE_CELLS_SCHEMA, LINEAGE_SCHEMA, RECIPE_CONTRAST_SCHEMA
 from crosspatch.engine.crosspatch import CELLS, clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent, real_token_mask
-from crosspatch.engine.pairs import READOUTS, ModelPair
+from crosspatch.engine.pairs import ModelPair, check_readout
 from crosspatch.engine.results import event_key_columns
 from crosspatch.engine.stats import bootstrap_ci, bootstrap_means, sign_flip_pvalue
 
@@ -223,8 +223,7 @@ def lineage_sweep(
 
     `events` are the support (e.g. base -> final first divergences) with their (t_base, t_final) labels.
     """
-    if readout not in READOUTS:
-        raise ValueError(f"unknown readout {readout!r}; choose from {', '.join(READOUTS)}")
+    check_readout(readout)
     if not stages:
         raise ValueError("lineage_sweep needs at least one stage")
     if reference is not None and reference not in stages:
