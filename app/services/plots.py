@@ -241,12 +241,9 @@ def plot_ablation_curve(feature_effects: pa.Table, path: Path, *, statistic: str
     for ax, family in zip(axes, families, strict=True):
         mine = [r for r in rows if r["family"] == family]
         _ci_curves(ax, mine, "intervention", "k")
-        ax.axhline(0, color="k", linewidth=0.6)
-        ax.set_xlabel("k (features in the set)")
-        ax.set_ylabel(statistic)
-        ax.set_title(f"{family}: {statistic} over k (band: 95% CI)", fontsize=9, loc="left")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish(
+            ax, f"{family}: {statistic} over k (band: 95% CI)", "k (features in the set)", statistic, legend=7
+        )
     return _save(fig, path)
 
 
@@ -297,12 +294,13 @@ def plot_continuation_by_n(continuation_summaries: pa.Table, path: Path) -> Path
                 color=line.get_color(),
                 alpha=0.15,
             )
-    ax.axhline(0, color="k", linewidth=0.6)
-    ax.set_xlabel("N (tail tokens)")
-    ax.set_ylabel("C_N interaction")
-    ax.set_title("constrained continuation: C_N by N (band: 95% CI)", fontsize=9, loc="left")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    _finish(
+        ax,
+        "constrained continuation: C_N by N (band: 95% CI)",
+        "N (tail tokens)",
+        "C_N interaction",
+        legend=6,
+    )
     return _save(fig, path)
 
 
@@ -406,14 +404,25 @@ def plot_closure(closure: pa.Table, path: Path, *, alpha: float = 1.0) -> Path |
             if not any(r["valid"] for r in mine if ("full" if r["full_delta"] else str(r["rank"])) == label):
                 ax.annotate("not valid", (x[label], 0), fontsize=6, ha="center", rotation=90)
         ax.set_xticks(range(len(labels)), labels)
-        ax.axhline(0, color="k", linewidth=0.6)
         ax.axhline(1, color="k", linewidth=0.4, linestyle="--")
-        ax.set_xlabel("PCA rank of the injected boundary shift")
-        ax.set_ylabel("closure")
-        ax.set_title(f"{pair_id}: boundary-state closure at alpha {alpha:g} (95% CI)", fontsize=9, loc="left")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _finish(
+            ax,
+            f"{pair_id}: boundary-state closure at alpha {alpha:g} (95% CI)",
+            "PCA rank of the injected boundary shift",
+            "closure",
+            legend=6,
+        )
     return _save(fig, path)
+
+
+def _finish(ax: Any, title: str, xlabel: str, ylabel: str, legend: int) -> None:
+    """A line panel's furniture: zero line, axis labels, left title, grid, legend (font size `legend`)."""
+    ax.axhline(0, color="k", linewidth=0.6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend)
 
 
 def _ci_curves(ax: Any, rows: list[dict[str, Any]], series: str, x: str) -> None:
@@ -442,13 +451,14 @@ def plot_handoff_dose(handoff: pa.Table, path: Path) -> Path | None:
     for ax, pair_id in zip(axes, pairs, strict=True):
         mine = [r for r in rows if r["pair_id"] == pair_id]
         _ci_curves(ax, mine, "set_kind", "alpha")
-        ax.axhline(0, color="k", linewidth=0.6)
         ax.axhline(1, color="k", linewidth=0.6, linestyle=":")
-        ax.set_xlabel("alpha (PT-up -> IT-up feature activations)")
-        ax.set_ylabel("rescue fraction")
-        ax.set_title(f"{pair_id}: rescue dose-response (band: 95% CI)", fontsize=9, loc="left")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish(
+            ax,
+            f"{pair_id}: rescue dose-response (band: 95% CI)",
+            "alpha (PT-up -> IT-up feature activations)",
+            "rescue fraction",
+            legend=7,
+        )
     return _save(fig, path)
 
 
