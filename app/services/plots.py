@@ -236,8 +236,7 @@ def plot_ablation_curve(feature_effects: pa.Table, path: Path, *, statistic: str
     families = _families(rows)
     if not families:
         return None
-    fig = _new_figure(7, 3.2 * len(families) + 0.4)
-    axes = fig.subplots(len(families), 1, squeeze=False)[:, 0]
+    fig, axes = _stacked(len(families), 7, 3.2)
     for ax, family in zip(axes, families, strict=True):
         mine = [r for r in rows if r["family"] == family]
         _ci_curves(ax, mine, "intervention", "k")
@@ -310,8 +309,7 @@ def plot_interpolation(offmanifold: pa.Table, path: Path) -> Path | None:
     pairs = sorted({r["pair_id"] for r in rows if r["statistic"] == "curve"})
     if not pairs:
         return None
-    fig = _new_figure(6, 3.0 * len(pairs) + 0.4)
-    axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+    fig, axes = _stacked(len(pairs), 6, 3.0)
     for ax, pair_id in zip(axes, pairs, strict=True):
         mine = [r for r in rows if r["pair_id"] == pair_id]
         curve = sorted((r for r in mine if r["statistic"] == "curve"), key=lambda r: r["alpha"])
@@ -337,8 +335,7 @@ def plot_baselines(baselines: pa.Table, path: Path) -> Path | None:
     pairs = sorted({r["pair_id"] for r in rows})
     if not pairs:
         return None
-    fig = _new_figure(7, 2.8 * len(pairs) + 0.4)
-    axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+    fig, axes = _stacked(len(pairs), 7, 2.8)
     for ax, pair_id in zip(axes, pairs, strict=True):
         mine = [r for r in rows if r["pair_id"] == pair_id]
         xs = range(len(mine))
@@ -380,8 +377,7 @@ def plot_closure(closure: pa.Table, path: Path, *, alpha: float = 1.0) -> Path |
     pairs = sorted({r["pair_id"] for r in rows})
     if not pairs:
         return None
-    fig = _new_figure(6.5, 3.0 * len(pairs) + 0.4)
-    axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+    fig, axes = _stacked(len(pairs), 6.5, 3.0)
     styles = {"pca": ("o", "-", "#5c7fa3"), "gaussian": ("s", ":", "#999999"),
               "random": ("^", ":", "#c49a3a"), "sign_flip": ("v", ":", "#b05050")}  # fmt: skip
     for ax, pair_id in zip(axes, pairs, strict=True):
@@ -415,6 +411,12 @@ def plot_closure(closure: pa.Table, path: Path, *, alpha: float = 1.0) -> Path |
     return _save(fig, path)
 
 
+def _stacked(n: int, width: float, height: float) -> tuple[Figure, Any]:
+    """A figure of `n` panels one above the other, `height` inches each (+0.4 for the titles), and its axes."""
+    fig = _new_figure(width, height * n + 0.4)
+    return fig, fig.subplots(n, 1, squeeze=False)[:, 0]
+
+
 def _finish(ax: Any, title: str, xlabel: str, ylabel: str, legend: int) -> None:
     """A line panel's furniture: zero line, axis labels, left title, grid, legend (font size `legend`)."""
     ax.axhline(0, color="k", linewidth=0.6)
@@ -446,8 +448,7 @@ def plot_handoff_dose(handoff: pa.Table, path: Path) -> Path | None:
     pairs = sorted({r["pair_id"] for r in rows})
     if not pairs:
         return None
-    fig = _new_figure(6, 3.0 * len(pairs) + 0.4)
-    axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+    fig, axes = _stacked(len(pairs), 6, 3.0)
     for ax, pair_id in zip(axes, pairs, strict=True):
         mine = [r for r in rows if r["pair_id"] == pair_id]
         _ci_curves(ax, mine, "set_kind", "alpha")
@@ -472,8 +473,7 @@ def plot_handoff_windows(handoff: pa.Table, path: Path) -> Path | None:
     ]
     if not panels:
         return None
-    fig = _new_figure(7, 2.8 * len(panels) + 0.4)
-    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    fig, axes = _stacked(len(panels), 7, 2.8)
     for ax, (pair_id, analysis) in zip(axes, panels, strict=True):
         total = {
             r["window_name"]: r
