@@ -332,12 +332,11 @@ def plot_interpolation(offmanifold: pa.Table, path: Path) -> Path | None:
 def plot_baselines(baselines: pa.Table, path: Path) -> Path | None:
     """Per pair, the interaction of each selection condition (bars, 95% CI)."""
     rows = [r for r in baselines.to_pylist() if r["interaction"] is not None]
-    pairs = sorted({r["pair_id"] for r in rows})
-    if not pairs:
+    groups = _groups(rows, "pair_id")
+    if not groups:
         return None
-    fig, axes = _stacked(len(pairs), 7, 2.8)
-    for ax, pair_id in zip(axes, pairs, strict=True):
-        mine = [r for r in rows if r["pair_id"] == pair_id]
+    fig, axes = _stacked(len(groups), 7, 2.8)
+    for ax, (pair_id, mine) in zip(axes, groups.items(), strict=True):
         xs = range(len(mine))
         ax.bar(xs, [r["interaction"] for r in mine], color="#5c7fa3")
         ax.errorbar(
@@ -374,14 +373,13 @@ def plot_lineage(lineage: pa.Table, path: Path) -> Path | None:
 def plot_closure(closure: pa.Table, path: Path, *, alpha: float = 1.0) -> Path | None:
     """Per pair, boundary-state closure by PCA rank at `alpha` (95% CI) with its controls; invalid ranks marked."""
     rows = [r for r in closure.to_pylist() if r["alpha"] == alpha]
-    pairs = sorted({r["pair_id"] for r in rows})
-    if not pairs:
+    groups = _groups(rows, "pair_id")
+    if not groups:
         return None
-    fig, axes = _stacked(len(pairs), 6.5, 3.0)
+    fig, axes = _stacked(len(groups), 6.5, 3.0)
     styles = {"pca": ("o", "-", "#5c7fa3"), "gaussian": ("s", ":", "#999999"),
               "random": ("^", ":", "#c49a3a"), "sign_flip": ("v", ":", "#b05050")}  # fmt: skip
-    for ax, pair_id in zip(axes, pairs, strict=True):
-        mine = [r for r in rows if r["pair_id"] == pair_id]
+    for ax, (pair_id, mine) in zip(axes, groups.items(), strict=True):
         labels: list[str] = []
         for r in mine:
             label = "full" if r["full_delta"] else str(r["rank"])
@@ -409,6 +407,11 @@ def plot_closure(closure: pa.Table, path: Path, *, alpha: float = 1.0) -> Path |
             legend=6,
         )
     return _save(fig, path)
+
+
+def _groups(rows: list[dict[str, Any]], key: str) -> dict[Any, list[dict[str, Any]]]:
+    """`rows` grouped by `key`, groups in sorted key order (one panel each)."""
+    return {v: [r for r in rows if r[key] == v] for v in sorted({r[key] for r in rows})}
 
 
 def _stacked(n: int, width: float, height: float) -> tuple[Figure, Any]:
@@ -445,12 +448,11 @@ def _pair_rows(handoff: pa.Table, **equal: Any) -> list[dict[str, Any]]:
 def plot_handoff_dose(handoff: pa.Table, path: Path) -> Path | None:
     """Per pair: rescue fraction over alpha for the top set and its controls (band: 95% CI)."""
     rows = _pair_rows(handoff, analysis="dose", statistic="rescue_fraction")
-    pairs = sorted({r["pair_id"] for r in rows})
-    if not pairs:
+    groups = _groups(rows, "pair_id")
+    if not groups:
         return None
-    fig, axes = _stacked(len(pairs), 6, 3.0)
-    for ax, pair_id in zip(axes, pairs, strict=True):
-        mine = [r for r in rows if r["pair_id"] == pair_id]
+    fig, axes = _stacked(len(groups), 6, 3.0)
+    for ax, (pair_id, mine) in zip(axes, groups.items(), strict=True):
         _ci_curves(ax, mine, "set_kind", "alpha")
         ax.axhline(1, color="k", linewidth=0.6, linestyle=":")
         _finish(
