@@ -30,8 +30,9 @@ def test_bf16_margins_are_not_quantised() -> None:
     cells = crosspatch(pair, events, boundary=0.6)
     y = cells.column("y_itup_itlate").to_numpy()
     assert np.abs(y).max() > 1.0
-    # fraction of margins that sit on a 1/64 grid: bf16 logits of magnitude 2-32 have steps 1/64..1/8
-    on_grid = np.mean(np.isclose(y * 64, np.round(y * 64), atol=1e-6))
+    # fraction of margins that sit on a 1/64 grid (bf16 logits of magnitude >= 2 have steps >= 1/64); rtol=0:
+    # a relative tolerance would count every large margin as on the grid; atol covers fp32 rounding at |y| ~ 200
+    on_grid = np.mean(np.isclose(y * 64, np.round(y * 64), rtol=0, atol=1e-3))
     assert on_grid < 0.2
 
     torch.set_grad_enabled(False)  # restored below
@@ -41,7 +42,7 @@ def test_bf16_margins_are_not_quantised() -> None:
     h_bf16 = adapter.final_norm(final)  # the old computation: all in bf16
     logits_bf16 = torch.einsum("bd,bkd->bk", h_bf16, adapter.unembed.weight[tokens]).float()
     y_bf16 = (logits_bf16[:, 0] - logits_bf16[:, 1]).numpy()
-    assert np.mean(np.isclose(y_bf16 * 64, np.round(y_bf16 * 64), atol=1e-6)) == 1.0
+    assert np.mean(np.isclose(y_bf16 * 64, np.round(y_bf16 * 64), rtol=0, atol=1e-6)) == 1.0
     y_fp32 = margin(adapter, final, tokens).numpy()
     # the fp32 readout equals the same computation done in float64 from the same bf16 residual
     h64 = torch.func.functional_call(
@@ -71,47 +72,45 @@ def test_fp32_readout_is_the_models_own_computation() -> None:
     torch.testing.assert_close(cols, torch.gather(full, 1, tokens), atol=1e-5, rtol=0)
 
 
-def test_fp32_readout_drifts_less_from_the_fp32_run_than_a_bf16_readout() -> None:
-    """The drift report's claim on a tiny pair with real logit magnitudes: score the fp32 run's events with
-    the weights cast to bf16; the engine's fp32 readout is closer to the fp32 run's interactions (mean
-    per-event |dI|) than the old bf16 readout (norm and columns in bf16, computed here by hand)."""
-    import copy
+def test_fp32_readout_removes_the_readout_error_of_a_bf16_run() -> None:
+    """On a bf16 run's own final residuals, the engine's fp32 readout gives each event's interaction as a
+    float64 readout of the same residuals does (to fp32 rounding), while the old bf16 readout (norm and
+    columns in bf16) is off by about a bf16 step; the blocks' own bf16 drift, common to both readouts and
+    machine-dependent, is measured in bench/bench_precision.py, not here."""
+    from crosspatch.engine.crosspatch import CELLS, clean_passes, event_batches, late_stack_final, margin
 
-    from crosspatch.engine.crosspatch import CELLS, clean_passes, event_batches, late_stack_final
-    from crosspatch.engine.pairs import ModelPair
+    pair = _bf16_pair_with_large_logits()
+    events = [e for e in find_divergences(pair, random_prompts(24, seed=3), max_new_tokens=8) if e.diverged]
+    assert len(events) >= 12
+    adapter = pair.it_adapter
+    norm64 = {k: v.double() for k, v in adapter.final_norm.state_dict().items()}
 
-    pair32 = tiny_pair("llama", it_scale=0.05)
+    def readouts(h, tokens):  # [batch, d_model] bf16 -> margins: engine fp32, old bf16, float64
+        old = torch.einsum("bd,bkd->bk", adapter.final_norm(h), adapter.unembed.weight[tokens]).float()
+        h64 = torch.func.functional_call(adapter.final_norm, norm64, (h.double(),))
+        exact = torch.einsum("bd,bkd->bk", h64, adapter.unembed.weight[tokens].double())
+        return (
+            margin(adapter, h, tokens).double(),
+            (old[:, 0] - old[:, 1]).double(),
+            exact[:, 0] - exact[:, 1],
+        )
+
+    def interaction(y):  # dict cell -> [batch]
+        return (y["y_itup_itlate"] - y["y_itup_ptlate"]) - (y["y_ptup_itlate"] - y["y_ptup_ptlate"])
+
+    fp32_err, bf16_err = [], []
     with torch.no_grad():
-        for adapter in (pair32.pt_adapter, pair32.it_adapter):
-            adapter.final_norm.weight.mul_(7.0)  # median top-1 logit ~25, where bf16's step is 1/8
-    events = [e for e in find_divergences(pair32, random_prompts(48, seed=5), max_new_tokens=8) if e.diverged]
-    assert len(events) >= 24
-    ref = crosspatch(pair32, events, boundary=3).column("interaction").to_numpy()  # sorted by prompt id
-    pair16 = ModelPair.from_models(
-        copy.deepcopy(pair32.pt).to(torch.bfloat16),
-        copy.deepcopy(pair32.it).to(torch.bfloat16),
-        pair32.tokenizer,
-        family="llama",
-        pair_id="tiny-llama-bf16",
-    )
-    fp32_readout = crosspatch(pair16, events, boundary=3).column("interaction").to_numpy()
-
-    def old_margin(adapter, h, tokens):  # the computation before fp32 readout: all in the weights' dtype
-        logits = torch.einsum("bd,bkd->bk", adapter.final_norm(h), adapter.unembed.weight[tokens]).float()
-        return (logits[:, 0] - logits[:, 1]).double()
-
-    old: dict[str, float] = {}
-    with torch.no_grad():
-        for batch, ids, mask, tokens in event_batches(pair16, events, 16):
-            passes = clean_passes(pair16, ids, mask, [3])
-            y = {
-                col: old_margin(pair16.it_adapter, late_stack_final(pair16, up, late, passes, 3), tokens)
+        for _batch, ids, mask, tokens in event_batches(pair, events, 16):
+            passes = clean_passes(pair, ids, mask, [3])
+            per_cell = {
+                col: readouts(late_stack_final(pair, up, late, passes, 3), tokens)
                 for (up, late), col in CELLS.items()
             }
-            inter = (y["y_itup_itlate"] - y["y_itup_ptlate"]) - (y["y_ptup_itlate"] - y["y_ptup_ptlate"])
-            old |= {e.prompt_id: v for e, v in zip(batch, inter.tolist(), strict=True)}
-    bf16_readout = np.array([old[k] for k in sorted(old)])
-    drift_fp32 = np.abs(fp32_readout - ref).mean()
-    drift_bf16 = np.abs(bf16_readout - ref).mean()
-    # measured: 0.185 vs 0.213 (the rest of the drift is the bf16 blocks, common to both readouts)
-    assert drift_fp32 < drift_bf16
+            fp32, bf16, exact = (interaction({col: r[i] for col, r in per_cell.items()}) for i in range(3))
+            fp32_err.append((fp32 - exact).abs())
+            bf16_err.append((bf16 - exact).abs())
+    fp32_err, bf16_err = torch.cat(fp32_err), torch.cat(bf16_err)
+    # measured on a 2-core AMD EPYC: fp32 max 9.6e-5 (|y| up to ~190, where an fp32 ulp is 1.5e-5), mean 3.6e-5;
+    # bf16 mean 0.54
+    assert float(fp32_err.max()) < 1e-3
+    assert float(bf16_err.mean()) > 100 * float(fp32_err.mean())
