@@ -87,7 +87,7 @@ def library_cells(env: dict) -> list[dict]:
     return rows
 
 
-def _wait(c: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+def _wait(c: httpx.Client, job_id: str, timeout: float = BOUND) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = c.get(f"/jobs/{job_id}").json()
