@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from crosspatch.engine.control_schemas import CLOSURE_CELLS_SCHEMA, CLOSURE_SCHEMA
+from crosspatch.engine.control_schemas import CLOSURE_CELLS_SCHEMA, CLOSURE_SCHEMA, NO_SECOND_DESCENDANT
 from crosspatch.engine.crosspatch import clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.pairs import ModelPair, check_readout, weights_fingerprint
@@ -49,7 +49,6 @@ FULL = "full"
 DEFAULT_RANKS: tuple[int | str, ...] = (1, 4, 16, 64, 256, FULL)
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5)
 ARMS: tuple[str, ...] = ("pca", "gaussian", "random", "sign_flip", "wrong_descendant")
-NO_SECOND = "no second descendant given (wrong_descendant: the base paired with another descendant of it)"
 POSITIONS: tuple[str, ...] = ("last", "all")
 
 
@@ -194,7 +193,7 @@ def _one_boundary(
     reasons = {("own", r): _rank_reason(r, len(fit), dirs.shape[0], d_model) for r in ranks}
     wrong_dirs = None
     if wrong is None:
-        reasons |= {("wrong", r): NO_SECOND for r in ranks}
+        reasons |= {("wrong", r): NO_SECOND_DESCENDANT for r in ranks}
     else:
         wrong_dirs = pca_directions(boundary_shifts(wrong, fit, b, batch_size))  # [n_avail_b, d_model]
         reasons |= {("wrong", r): _rank_reason(r, len(fit), wrong_dirs.shape[0], d_model) for r in ranks}

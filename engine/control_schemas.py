@@ -212,8 +212,14 @@ ANATOMY_SCHEMA = pa.schema(
 
 # ---- engine.closure (structured boundary-state closure, method 5.6) --------------------------
 
-# closure_cells: one row per held-out event x arm x rank x alpha.
-#   arm          'pca' (the shift's projection on the top-r train PCs), 'gaussian', 'random', 'sign_flip'
+# the closure rows of the wrong-descendant arm when no second descendant was given
+NO_SECOND_DESCENDANT = (
+    "no second descendant given (wrong_descendant: the base paired with another descendant of it)"
+)
+
+# closure_cells: one row per boundary x held-out event x arm x rank x alpha.
+#   arm          'pca' (the shift's projection on the top-r train PCs), 'gaussian', 'random', 'sign_flip',
+#                'wrong_descendant' (the shift projected on a second descendant's top-r train PCs)
 #   rank         r (d_model for the full delta); full_delta  true for the unprojected shift
 #   alpha        injection scale: U = U_PT + alpha * v at the injected positions
 #   y_rescued    Y(U, L_IT); y_floor  Y(U_PT, L_IT); y_native  Y(U_IT, L_IT)
@@ -230,7 +236,7 @@ CLOSURE_CELLS_SCHEMA = pa.schema(
     ]
 )
 
-# closure (summary): one row per arm x rank x alpha of one pair x boundary.
+# closure (summary): one row per arm x rank x alpha of one pair x boundary (several boundaries: rows per boundary).
 #   positions    'last' (the scored position, the method's) or 'all'
 #   n_fit, n_test  events of the train split (PCA) and of the held-out split
 #   closure      mean(y_rescued - y_floor) / mean(y_native - y_floor), CI from shared prompt resamples

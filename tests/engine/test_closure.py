@@ -72,7 +72,7 @@ def test_closure_by_rank_with_controls() -> None:
     assert len(r16) == 3 + 3 and all(not r["valid"] and r["closure"] is None for r in r16)
     assert r16[0]["reason"] == "rank 16 needs at least 16 train events; the fit split has 8"
     text = format_controls({"closure": summary})
-    assert "pca       rank 1     alpha 1" in text and "not valid: rank 16 needs" in text
+    assert "pca              rank 1     alpha 1" in text and "not valid: rank 16 needs" in text
 
 
 def test_split_and_pca_edges() -> None:
