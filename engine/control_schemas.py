@@ -267,7 +267,7 @@ CLOSURE_SCHEMA = pa.schema(
 # identity_transfer_events: one row per event x host x window.
 #   host         'pt' or 'it': the model whose stack runs; the donor is the other model
 #   graft        'blocks' (the donor's whole blocks) or 'mlp' (the donor's MLPs on the host's MLP inputs)
-#   window       'early', 'middle', 'late' (blocks), 'late' or 'final_<k>' (mlp); layer_start, layer_stop [start, stop)
+#   window_name  'early', 'middle', 'late' (blocks), 'late' or 'final_<k>' (mlp); layer_start, layer_stop [start, stop)
 #   top1         the host's masked greedy token with the window grafted (its own readout)
 #   transferred  top1 is the donor's token (t_IT for the PT host, t_PT for the IT host)
 #   y_host, y_grafted  Y of the host's own pass and of the grafted pass through `readout`
@@ -275,7 +275,7 @@ CLOSURE_SCHEMA = pa.schema(
 IDENTITY_TRANSFER_EVENTS_SCHEMA = pa.schema(
     [
         *_EVENT_FIELDS,
-        *typed(STR, "host", "graft", "window"),
+        *typed(STR, "host", "graft", "window_name"),
         *typed(I32, "layer_start", "layer_stop"),
         ("top1", I64),
         ("transferred", BOOL),
@@ -289,7 +289,7 @@ IDENTITY_TRANSFER_EVENTS_SCHEMA = pa.schema(
 IDENTITY_TRANSFER_SCHEMA = pa.schema(
     [
         *_RUN_FIELDS,
-        *typed(STR, "host", "graft", "window"),
+        *typed(STR, "host", "graft", "window_name"),
         *typed(I32, "layer_start", "layer_stop"),
         ("statistic", STR),
         *ESTIMATE_CI,

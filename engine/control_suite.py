@@ -293,7 +293,7 @@ def format_controls(tables: dict[str, pa.Table]) -> str:
             )
             lines.append(f"anatomy       {r['pair_id']}: {what:<27} {span:<13} {value}")
     for table, label, what in (
-        ("identity_transfer", "transfer", lambda r: f"{r['host']} host {r['graft']} {r['window']} {r['statistic']}"),
+        ("identity_transfer", "transfer", lambda r: f"{r['host']} host {r['graft']} {r['window_name']} {r['statistic']}"),
         ("source_decomposition", "sources", lambda r: f"{r['source']} {r['statistic']}"),
     ):  # fmt: skip
         for r in tables.get(table, pa.table({})).to_pylist():

@@ -130,7 +130,7 @@ def identity_transfer(
                             "readout": [readout] * n,
                             "host": [host] * n,
                             "graft": [graft] * n,
-                            "window": [name] * n,
+                            "window_name": [name] * n,
                             "layer_start": [span[0]] * n,
                             "layer_stop": [span[1]] * n,
                             "top1": top1.numpy(),
@@ -158,11 +158,11 @@ def summarize_transfer(
 ) -> pa.Table:
     """Per host x window: transfer rate and mean margin gain with prompt-bootstrap CIs (invalid windows kept)."""
     keys = {"family": pair.family, "pair_id": pair.pair_id, "boundary": boundary, "readout": readout}
-    data = per_event.select(["host", "graft", "window", "transferred", "margin_gain"]).to_pylist()
+    data = per_event.select(["host", "graft", "window_name", "transferred", "margin_gain"]).to_pylist()
     rows = []
     for host in HOSTS:
         for graft, name, span, reason in windows:
-            mine = [r for r in data if (r["host"], r["graft"], r["window"]) == (host, graft, name)]
+            mine = [r for r in data if (r["host"], r["graft"], r["window_name"]) == (host, graft, name)]
             if reason is None and not mine:
                 reason = "no diverged events"
             for statistic, column in (("transfer_rate", "transferred"), ("margin_gain", "margin_gain")):
@@ -170,7 +170,7 @@ def summarize_transfer(
                 if reason is None:
                     values = np.array([float(r[column]) for r in mine])
                     est, lo, hi = bootstrap_ci(values, n_resamples, seed)
-                rows.append({**keys, "host": host, "graft": graft, "window": name, "layer_start": span[0],
+                rows.append({**keys, "host": host, "graft": graft, "window_name": name, "layer_start": span[0],
                              "layer_stop": span[1], "statistic": statistic, "estimate": est, "ci_low": lo,
                              "ci_high": hi, "n": len(mine), "valid": reason is None, "reason": reason})  # fmt: skip
     return pa.Table.from_pylist(rows, schema=IDENTITY_TRANSFER_SCHEMA)

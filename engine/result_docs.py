@@ -489,7 +489,7 @@ CONTROL_TABLE_DOCS |= {
             **_PER_EVENT,
             "host": "'pt' or 'it': the model whose stack runs (the donor is the other model)",
             "graft": "'blocks' (the donor's whole blocks) or 'mlp' (the donor's MLPs on the host's MLP inputs)",
-            "window": "'early', 'middle', 'late' (blocks; the method's windows scaled to L) or 'late', "
+            "window_name": "'early', 'middle', 'late' (blocks; the method's windows scaled to L) or 'late', "
             "'final_<k>' (mlp)",
             "layer_start": "first grafted block",
             "layer_stop": "one past the last grafted block",
@@ -506,7 +506,7 @@ CONTROL_TABLE_DOCS |= {
             **_KEYS,
             "host": "'pt' or 'it' (the donor is the other model)",
             "graft": "'blocks' or 'mlp'",
-            "window": "as in identity_transfer_events",
+            "window_name": "as in identity_transfer_events",
             "layer_start": "first grafted block",
             "layer_stop": "one past the last grafted block",
             "statistic": "'transfer_rate' (fraction of events whose host top-1 becomes the donor's token) or "

@@ -31,7 +31,7 @@ def _run(name: str):
     events = find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=N_PROMPTS))
     per_event, summary = identity_transfer(pair, events, mlp_windows=(3, 1, 6), batch_size=4, n_resamples=200)
     assert per_event.schema == IDENTITY_TRANSFER_EVENTS_SCHEMA and summary.schema == IDENTITY_TRANSFER_SCHEMA
-    rows = {(r["host"], r["graft"], r["window"], r["statistic"]): r for r in summary.to_pylist()}
+    rows = {(r["host"], r["graft"], r["window_name"], r["statistic"]): r for r in summary.to_pylist()}
     return per_event, rows, summary
 
 
@@ -39,7 +39,7 @@ def _gains(per_event, host: str, graft: str, window: str) -> list[float]:
     return [
         r["margin_gain"]
         for r in per_event.to_pylist()
-        if (r["host"], r["graft"], r["window"]) == (host, graft, window)
+        if (r["host"], r["graft"], r["window_name"]) == (host, graft, window)
     ]
 
 
