@@ -11,10 +11,11 @@ import torch
 
 from crosspatch.engine.control_schemas import SOURCE_DECOMPOSITION_EVENTS_SCHEMA, SOURCE_DECOMPOSITION_SCHEMA
 from crosspatch.engine.control_suite import format_controls
-from crosspatch.engine.crosspatch import crosspatch, event_batches
+from crosspatch.engine.crosspatch import clean_passes, crosspatch, event_batches
 from crosspatch.engine.divergence import find_divergences
 from crosspatch.engine.hooks import mlp_hooks
 from crosspatch.engine.organisms import organism_path
+from crosspatch.engine.organisms.tiny import FAMILIES, forced_events, random_prompts, tiny_pair
 from crosspatch.engine.pairs import load_pair
 from crosspatch.engine.prompts import load_prompts
 from crosspatch.engine.source_decomposition import source_decomposition, upstream_sources
@@ -67,3 +68,28 @@ def test_the_interaction_sits_in_the_source_that_holds_the_mechanism() -> None:
     assert mlp["estimate"] == pytest.approx(1.0, abs=2e-3) and mlp["ci_low"] > 0.99
     assert abs(rows[("all", "non_additivity")]["estimate"]) < 0.01 * rows[("all", "interaction")]["estimate"]
     assert "mlp share" in format_controls({"source_decomposition": summary})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decomposition_is_exact_in_every_family(family: str) -> None:
+    """Tiny random pairs (post-norm blocks in OLMo2 and Gemma3, GPT-2's LayerNorm, left padding): the sources
+    sum to the boundary difference, the block runs are the clean pass's, and 'all' is the 2x2 interaction."""
+    pair = tiny_pair(family)
+    events = forced_events(pair, random_prompts(4, seed=1))
+    per_event = source_decomposition(pair, events, batch_size=2, n_resamples=50)[0]
+    assert max(per_event.column("reconstruction_error").to_pylist()) <= 1e-9
+    _, ids, mask, _ = next(event_batches(pair, events, 2))
+    passes = upstream_sources(pair, "it", ids, mask, pair.default_boundary)[2]
+    clean = clean_passes(pair, ids, mask, [pair.default_boundary])
+    assert torch.equal(
+        passes.captured["it"][pair.default_boundary], clean.captured["it"][pair.default_boundary]
+    )
+    assert torch.equal(passes.final["it"], clean.final["it"])
+    cells = crosspatch(pair, events, check_noop=False).sort_by("prompt_id")
+    full = sorted((r for r in per_event.to_pylist() if r["source"] == "all"), key=lambda r: r["prompt_id"])
+    np.testing.assert_allclose(
+        [r["interaction"] for r in full], cells.column("interaction").to_numpy(), atol=1e-5
+    )
+    same = tiny_pair(family, it_scale=0.0)  # IT == PT: no difference anywhere, every interaction exactly 0
+    rows = source_decomposition(same, events, batch_size=4, n_resamples=50)[0].to_pylist()
+    assert all(r["interaction"] == 0.0 and r["diff_norm"] == 0.0 for r in rows)
