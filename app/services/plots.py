@@ -414,6 +414,7 @@ def plot_closure(closure: pa.Table, path: Path) -> Path | None:
             "closure",
             legend=6,
         )
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the panel, off the lines
     return _save(fig, path)
 
 
