@@ -15,12 +15,19 @@ Controls, at alpha = 1 per rank, each with the norm of v_r at every injected pos
 the signal: 'gaussian' (a fresh isotropic draw per event and position, projected off the top-K train
 directions), 'random' (one fixed random unit direction off the top-K directions), with K = r (for 'full',
 every direction the train shifts span); and 'sign_flip' (-v_r), which the method reports as strongly
-negative. A rank the train split cannot support (r above its event count or the span of its shifts, or
+negative. 'wrong_descendant' (method: "the wrong-descendant controls are nonzero, so the directions are not
+recipe-unique"): the PCA directions fitted the same way on a second descendant's train shifts (h_B - h_PT,
+the same base and train events), the event's whole shift projected on its top r (for 'full', all it spans),
+injected into this descendant's hybrid; without a second descendant its rows are not valid, with the
+reason. A rank the train split cannot support (r above its event count or the span of its shifts, or
 above d_model) is a row with `valid` false and the reason, never a silent null.
 
-Forward work: 2 clean passes per batch of train events (the fit), then per batch of held-out events 2 clean
-passes, 1 late stack (the floor) and one IT late stack per valid rank x nonzero alpha plus 3 per valid
-rank (controls): with the default 6 ranks x 5 alphas, 24 + 18 late stacks.
+Boundaries: one, a list or a sweep; each boundary is computed as a run of its own (same split, control
+generator seeded afresh), so a sweep's rows equal the single-boundary runs'.
+Forward work per boundary: 2 clean passes per batch of train events (the fit; 2 more with a second
+descendant), then per batch of held-out events 2 clean passes, 1 late stack (the floor) and one IT late
+stack per valid rank x nonzero alpha plus 3 per valid rank (controls; 4 with a second descendant): with the
+default 6 ranks x 5 alphas, 24 + 18 late stacks.
 """
 
 from __future__ import annotations
@@ -32,16 +39,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from crosspatch.engine.control_schemas import CLOSURE_CELLS_SCHEMA, CLOSURE_SCHEMA
+from crosspatch.engine.control_schemas import CLOSURE_CELLS_SCHEMA, CLOSURE_SCHEMA, NO_SECOND_DESCENDANT
 from crosspatch.engine.crosspatch import clean_passes, event_batches, late_stack_final, margin
 from crosspatch.engine.divergence import DivergenceEvent
-from crosspatch.engine.pairs import ModelPair, check_readout
-from crosspatch.engine.recipe import ratio_of_means, single_boundary
+from crosspatch.engine.pairs import ModelPair, check_readout, weights_fingerprint
+from crosspatch.engine.recipe import ratio_of_means
 
 FULL = "full"
 DEFAULT_RANKS: tuple[int | str, ...] = (1, 4, 16, 64, 256, FULL)
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5)
-ARMS: tuple[str, ...] = ("pca", "gaussian", "random", "sign_flip")
+ARMS: tuple[str, ...] = ("pca", "gaussian", "random", "sign_flip", "wrong_descendant")
 POSITIONS: tuple[str, ...] = ("last", "all")
 
 
@@ -120,7 +127,7 @@ def check_ranks(ranks: Sequence[int | str]) -> list[int | str]:
 def closure(
     pair: ModelPair,
     events: Sequence[DivergenceEvent],
-    boundary: int | None = None,
+    boundary: int | float | str | Sequence[int] | None = None,
     readout: str = "it",
     ranks: Sequence[int | str] = DEFAULT_RANKS,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -131,8 +138,14 @@ def closure(
     batch_size: int = 16,
     n_resamples: int = 2000,
     seed: int = 23,
+    wrong_descendant: ModelPair | None = None,
 ) -> tuple[pa.Table, pa.Table]:
-    """(CLOSURE_CELLS_SCHEMA rows of the held-out events, CLOSURE_SCHEMA summary rows) at one boundary."""
+    """(CLOSURE_CELLS_SCHEMA rows of the held-out events, CLOSURE_SCHEMA summary rows) at each boundary.
+
+    `boundary`: one, a list or 'sweep' (`ModelPair.resolve_boundaries`); each boundary is run as on its own
+    (same split, control draws seeded afresh), its rows carrying it. `wrong_descendant`: the base and a second
+    descendant of it (its PT must be `pair`'s PT) for the wrong-descendant control.
+    """
     check_readout(readout)
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; choose from {', '.join(POSITIONS)}")
@@ -142,17 +155,53 @@ def closure(
     alphas = sorted({float(a) for a in alphas})
     if not alphas:
         raise ValueError("alphas must name at least one injection scale")
-    b = single_boundary(pair, boundary)
-    d_model = pair.pt_adapter.d_model
+    if wrong_descendant is not None and weights_fingerprint(wrong_descendant.pt) != weights_fingerprint(
+        pair.pt
+    ):
+        raise ValueError(
+            f"the wrong descendant's base ({wrong_descendant.pair_id}) is not {pair.pair_id}'s PT: "
+            "the control needs a second descendant of the same base"
+        )
     fit, test = split_fit_test(events, fit_fraction, split_seed)
+    cells, summaries = [], []
+    for b in pair.resolve_boundaries(boundary):
+        c, s = _one_boundary(pair, fit, test, b, readout, ranks, alphas, positions, control_seed, batch_size,
+                             n_resamples, seed, wrong_descendant)  # fmt: skip
+        cells.append(c)
+        summaries.append(s)
+    return pa.concat_tables(cells), pa.concat_tables(summaries)
+
+
+def _one_boundary(
+    pair: ModelPair,
+    fit: list[DivergenceEvent],
+    test: list[DivergenceEvent],
+    b: int,
+    readout: str,
+    ranks: list[int | str],
+    alphas: list[float],
+    positions: str,
+    control_seed: int,
+    batch_size: int,
+    n_resamples: int,
+    seed: int,
+    wrong: ModelPair | None,
+) -> tuple[pa.Table, pa.Table]:
+    """Closure cells and summary at boundary `b` (the fit on `fit`, the scores on `test`)."""
+    d_model = pair.pt_adapter.d_model
     dirs = pca_directions(boundary_shifts(pair, fit, b, batch_size))  # [n_avail, d_model]
-    reasons = {r: _rank_reason(r, len(fit), dirs.shape[0], d_model) for r in ranks}
+    reasons = {("own", r): _rank_reason(r, len(fit), dirs.shape[0], d_model) for r in ranks}
+    wrong_dirs = None
+    if wrong is None:
+        reasons |= {("wrong", r): NO_SECOND_DESCENDANT for r in ranks}
+    else:
+        wrong_dirs = pca_directions(boundary_shifts(wrong, fit, b, batch_size))  # [n_avail_b, d_model]
+        reasons |= {("wrong", r): _rank_reason(r, len(fit), wrong_dirs.shape[0], d_model) for r in ranks}
     if not test:
-        reasons = {r: f"the held-out split is empty ({len(fit)} train events)" for r in ranks}
-    valid = [r for r in ranks if reasons[r] is None]
+        reasons = {key: f"the held-out split is empty ({len(fit)} train events)" for key in reasons}
     gen = torch.Generator().manual_seed(control_seed)
-    bases: dict[int | str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
-    for r in valid:
+    bases: dict[int | str, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
+    for r in (r for r in ranks if reasons[("own", r)] is None):
         top = dirs if r == FULL else dirs[:r]  # [K, d_model]
         comp = _complement(top, d_model)  # [d_model - K, d_model]
         w = None
@@ -162,7 +211,12 @@ def closure(
             w = w / w.norm()
         p = None if r == FULL else torch.from_numpy(dirs[:r])  # [r, d_model]
         bases[r] = (p, torch.from_numpy(comp) if comp.shape[0] else None, w)
-    rows = _held_out_rows(pair, test, b, readout, bases, alphas, positions, gen, batch_size)
+    wrong_bases = {
+        r: torch.from_numpy(wrong_dirs if r == FULL else wrong_dirs[:r])  # [r or n_avail_b, d_model]
+        for r in ranks
+        if wrong_dirs is not None and reasons[("wrong", r)] is None
+    }
+    rows = _held_out_rows(pair, test, b, readout, bases, wrong_bases, alphas, positions, gen, batch_size)
     cells = (
         pa.Table.from_pylist(rows, schema=CLOSURE_CELLS_SCHEMA)
         if rows
@@ -180,6 +234,7 @@ def _held_out_rows(
     boundary: int,
     readout: str,
     bases: dict,
+    wrong_bases: dict[int | str, torch.Tensor],
     alphas: Sequence[float],
     positions: str,
     gen: torch.Generator,
@@ -221,6 +276,9 @@ def _held_out_rows(
                 ys.append(("gaussian", r, 1.0, run(_norm_match(g.to(dev), v), 1.0)))
                 ys.append(("random", r, 1.0, run(_norm_match(w.to(dev).expand_as(v), v), 1.0)))
             ys.append(("sign_flip", r, 1.0, run(-v, 1.0)))
+        for r, q in wrong_bases.items():  # the event's whole shift projected on the other descendant's PCs
+            q = q.to(shift.device)  # [r, d_model]
+            ys.append(("wrong_descendant", r, 1.0, run((shift @ q.T) @ q, 1.0)))
         floor_np, native_np = floor.double().cpu().numpy(), native.double().cpu().numpy()  # [batch]
         for arm, r, a, y in ys:
             y_np = y.double().cpu().numpy()  # [batch]
@@ -263,7 +321,7 @@ def _summary(
             row = {**keys, "arm": arm, "rank": rank, "full_delta": full, "alpha": a, "closure": None,
                    "ci_low": None, "ci_high": None, "rescued_gap": None, "native_gap": None}  # fmt: skip
             members = sorted(groups.get((arm, full, rank, a), []), key=lambda m: m["prompt_id"])
-            reason = reasons[r]
+            reason = reasons[("wrong" if arm == "wrong_descendant" else "own", r)]
             if reason is None and not members:
                 reason = (
                     f"no directions orthogonal to the top {rank} PCs in d_model {pair.pt_adapter.d_model}"

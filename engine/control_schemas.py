@@ -212,8 +212,14 @@ ANATOMY_SCHEMA = pa.schema(
 
 # ---- engine.closure (structured boundary-state closure, method 5.6) --------------------------
 
-# closure_cells: one row per held-out event x arm x rank x alpha.
-#   arm          'pca' (the shift's projection on the top-r train PCs), 'gaussian', 'random', 'sign_flip'
+# the closure rows of the wrong-descendant arm when no second descendant was given
+NO_SECOND_DESCENDANT = (
+    "no second descendant given (wrong_descendant: the base paired with another descendant of it)"
+)
+
+# closure_cells: one row per boundary x held-out event x arm x rank x alpha.
+#   arm          'pca' (the shift's projection on the top-r train PCs), 'gaussian', 'random', 'sign_flip',
+#                'wrong_descendant' (the shift projected on a second descendant's top-r train PCs)
 #   rank         r (d_model for the full delta); full_delta  true for the unprojected shift
 #   alpha        injection scale: U = U_PT + alpha * v at the injected positions
 #   y_rescued    Y(U, L_IT); y_floor  Y(U_PT, L_IT); y_native  Y(U_IT, L_IT)
@@ -230,7 +236,7 @@ CLOSURE_CELLS_SCHEMA = pa.schema(
     ]
 )
 
-# closure (summary): one row per arm x rank x alpha of one pair x boundary.
+# closure (summary): one row per arm x rank x alpha of one pair x boundary (several boundaries: rows per boundary).
 #   positions    'last' (the scored position, the method's) or 'all'
 #   n_fit, n_test  events of the train split (PCA) and of the held-out split
 #   closure      mean(y_rescued - y_floor) / mean(y_native - y_floor), CI from shared prompt resamples
@@ -253,5 +259,73 @@ CLOSURE_SCHEMA = pa.schema(
         ("native_gap", pa.float64()),
         ("valid", pa.bool_()),
         ("reason", pa.string()),
+    ]
+)
+
+# ---- engine.identity_transfer (window grafts at the divergence event, method 4.8) ----------------------
+
+# identity_transfer_events: one row per event x host x window.
+#   host         'pt' or 'it': the model whose stack runs; the donor is the other model
+#   graft        'blocks' (the donor's whole blocks) or 'mlp' (the donor's MLPs on the host's MLP inputs)
+#   window_name  'early', 'middle', 'late' (blocks), 'late' or 'final_<k>' (mlp); layer_start, layer_stop [start, stop)
+#   top1         the host's masked greedy token with the window grafted (its own readout)
+#   transferred  top1 is the donor's token (t_IT for the PT host, t_PT for the IT host)
+#   y_host, y_grafted  Y of the host's own pass and of the grafted pass through `readout`
+#   margin_gain  y_grafted - y_host toward the donor's token (negated for the IT host)
+IDENTITY_TRANSFER_EVENTS_SCHEMA = pa.schema(
+    [
+        *_EVENT_FIELDS,
+        *typed(STR, "host", "graft", "window_name"),
+        *typed(I32, "layer_start", "layer_stop"),
+        ("top1", I64),
+        ("transferred", BOOL),
+        *typed(F64, "y_host", "y_grafted", "margin_gain"),
+    ]
+)
+
+# identity_transfer (summary): one row per host x window x statistic of one pair x boundary x readout.
+#   statistic    'transfer_rate' (fraction of events transferred) or 'margin_gain' (mean), prompt-bootstrap CI
+#   valid, reason  false with the reason when the window cannot be measured (e.g. final_k with k > L)
+IDENTITY_TRANSFER_SCHEMA = pa.schema(
+    [
+        *_RUN_FIELDS,
+        *typed(STR, "host", "graft", "window_name"),
+        *typed(I32, "layer_start", "layer_stop"),
+        ("statistic", STR),
+        *ESTIMATE_CI,
+        ("n", I64),
+        ("valid", BOOL),
+        ("reason", STR),
+    ]
+)
+
+# ---- engine.source_decomposition (upstream difference by sublayer source, method 4.8) ---------------------
+
+# source_decomposition_events: one row per event x source.
+#   source       'embedding', 'attention', 'mlp' (only that source's IT - PT difference added to U_PT at every
+#                position) or 'all' (U_IT: the headline 2x2)
+#   interaction  [Y(U_s, L_IT) - Y(U_s, L_PT)] - [Y(U_PT, L_IT) - Y(U_PT, L_PT)]
+#   diff_norm    norm of the source's difference at the scored position
+#   reconstruction_error  max |embedding + attention + mlp - (h_IT - h_PT)| over the event's positions
+SOURCE_DECOMPOSITION_EVENTS_SCHEMA = pa.schema(
+    [
+        *_EVENT_FIELDS,
+        ("source", STR),
+        *typed(F64, "interaction", "diff_norm", "reconstruction_error"),
+    ]
+)
+
+# source_decomposition (summary): one row per source x statistic of one pair x boundary x readout.
+#   statistic    'interaction' (mean, CI), 'share' (mean source interaction / mean full interaction),
+#                'non_additivity' (source 'all': full - sum of the sources' interactions, CI),
+#                'reconstruction_error' (source 'all': the largest over events, no CI)
+SOURCE_DECOMPOSITION_SCHEMA = pa.schema(
+    [
+        *_RUN_FIELDS,
+        *typed(STR, "source", "statistic"),
+        *ESTIMATE_CI,
+        ("n", I64),
+        ("valid", BOOL),
+        ("reason", STR),
     ]
 )

@@ -4,7 +4,7 @@ One entry point for the worker (crosspatch and pipeline jobs with `controls: [..
 (`crosspatch controls`, `crosspatch run --controls`) and the library:
 
     run_controls(pair, events, ["offmanifold", "commitment", "baselines", "native_history", "anatomy",
-                                "closure"], boundary)
+                                "identity_transfer", "source_decomposition", "closure"], boundary)
         -> ControlRun(tables={table name: Arrow table}, noop={source: native-history no-op report})
 
 Tables (the DuckDB tables of the same names; schemas in the engine modules):
@@ -14,8 +14,15 @@ Tables (the DuckDB tables of the same names; schemas in the engine modules):
                                             native_history adds conditions native_pt_history /
                                             native_it_history (events averaged within prompt, no share)
     anatomy_events, anatomy                 engine.anatomy (per event x measure; one row per statistic)
-    closure_cells, closure                  engine.closure (per held-out event x arm x rank x alpha;
-                                            one row per arm x rank x alpha)
+    identity_transfer_events, identity_transfer
+                                            engine.identity_transfer (per event x host x window; one row
+                                            per host x window x statistic)
+    source_decomposition_events, source_decomposition
+                                            engine.source_decomposition (per event x source; one row per
+                                            source x statistic)
+    closure_cells, closure                  engine.closure (per boundary x held-out event x arm x rank x
+                                            alpha; one row per boundary x arm x rank x alpha; the
+                                            wrong-descendant arm needs `wrong_descendant`, else not valid)
 `format_controls(tables)` renders the printed report lines.
 """
 
@@ -27,10 +34,20 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from crosspatch.engine.control_schemas import NO_SECOND_DESCENDANT
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.pairs import ModelPair
 
-CONTROLS: tuple[str, ...] = ("offmanifold", "commitment", "baselines", "native_history", "anatomy", "closure")
+CONTROLS: tuple[str, ...] = (
+    "offmanifold",
+    "commitment",
+    "baselines",
+    "native_history",
+    "anatomy",
+    "identity_transfer",
+    "source_decomposition",
+    "closure",
+)
 # control -> the tables it writes
 CONTROL_TABLES: dict[str, tuple[str, ...]] = {
     "offmanifold": ("interpolation", "signperm", "offmanifold"),
@@ -38,6 +55,8 @@ CONTROL_TABLES: dict[str, tuple[str, ...]] = {
     "baselines": ("baseline_cells", "baselines"),
     "native_history": ("baseline_cells", "baselines"),
     "anatomy": ("anatomy_events", "anatomy"),
+    "identity_transfer": ("identity_transfer_events", "identity_transfer"),
+    "source_decomposition": ("source_decomposition_events", "source_decomposition"),
     "closure": ("closure_cells", "closure"),
 }
 
@@ -57,10 +76,12 @@ class ControlOptions:
     seed: int = 23
     batch_size: int = 16
     windows: tuple[int, ...] = (3, 1)  # anatomy: final-k windows
+    mlp_windows: tuple[int, ...] = (3,)  # identity transfer: final-k MLP grafts
     ranks: tuple[int | str, ...] = (1, 4, 16, 64, 256, "full")  # closure
     closure_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5)
     closure_positions: str = "last"
     fit_fraction: float = 0.5  # closure: train share; `selection_seed` seeds its split and control draws
+    closure_boundaries: tuple[int, ...] | None = None  # closure: boundaries (None: the control's boundary)
 
 
 @dataclass
@@ -90,11 +111,12 @@ def run_controls(
     options: ControlOptions | None = None,
     cells: pa.Table | None = None,
     on_progress: Callable[[str], None] | None = None,
+    wrong_descendant: ModelPair | None = None,
 ) -> ControlRun:
     """Run `controls` on `events` (one per prompt) at `boundary` with `readout`: their tables by name.
 
     `cells`: the 2x2 of these events (any boundaries/readouts; the commitment view joins on it), else
-    computed here when needed.
+    computed here when needed. `wrong_descendant`: the base paired with a second descendant (closure).
     """
     from crosspatch.engine import baselines as bl
     from crosspatch.engine import commitment as cm
@@ -163,16 +185,32 @@ def run_controls(
         out["anatomy_events"], out["anatomy"] = anatomy(
             pair, scored, boundary, readout, opts.windows, opts.batch_size, opts.n_resamples, opts.seed
         )
+    if "identity_transfer" in names:
+        from crosspatch.engine.identity_transfer import identity_transfer
+
+        say(f"{pair.pair_id}: identity transfer (window grafts; final-k MLPs {list(opts.mlp_windows)})")
+        out["identity_transfer_events"], out["identity_transfer"] = identity_transfer(
+            pair, scored, boundary, readout, opts.mlp_windows, opts.batch_size, opts.n_resamples, opts.seed
+        )
+    if "source_decomposition" in names:
+        from crosspatch.engine.source_decomposition import source_decomposition
+
+        say(f"{pair.pair_id}: source decomposition of the upstream difference (embedding / attention / MLP)")
+        out["source_decomposition_events"], out["source_decomposition"] = source_decomposition(
+            pair, scored, boundary, readout, opts.batch_size, opts.n_resamples, opts.seed
+        )
     if "closure" in names:
         from crosspatch.engine.closure import closure
 
+        at = list(opts.closure_boundaries) if opts.closure_boundaries else boundary
         say(
-            f"{pair.pair_id}: boundary-state closure (ranks {list(opts.ranks)}, alphas {list(opts.closure_alphas)})"
+            f"{pair.pair_id}: boundary-state closure at {at} (ranks {list(opts.ranks)}, alphas "
+            f"{list(opts.closure_alphas)})"
         )
         out["closure_cells"], out["closure"] = closure(
-            pair, scored, boundary, readout, opts.ranks, opts.closure_alphas, opts.closure_positions,
+            pair, scored, at, readout, opts.ranks, opts.closure_alphas, opts.closure_positions,
             opts.fit_fraction, opts.selection_seed, opts.selection_seed, opts.batch_size, opts.n_resamples,
-            opts.seed,
+            opts.seed, wrong_descendant,
         )  # fmt: skip
     if parts:
         out["baseline_cells"] = pa.concat_tables(parts).cast(bl.BASELINE_CELLS_SCHEMA)
@@ -254,18 +292,33 @@ def format_controls(tables: dict[str, pa.Table]) -> str:
                 _ci(r["estimate"], r["ci_low"], r["ci_high"]) if r["valid"] else f"not valid: {r['reason']}"
             )
             lines.append(f"anatomy       {r['pair_id']}: {what:<27} {span:<13} {value}")
+    for table, label, what in (
+        ("identity_transfer", "transfer", lambda r: f"{r['host']} host {r['graft']} {r['window_name']} {r['statistic']}"),
+        ("source_decomposition", "sources", lambda r: f"{r['source']} {r['statistic']}"),
+    ):  # fmt: skip
+        for r in tables.get(table, pa.table({})).to_pylist():
+            span = f" blocks {r['layer_start']}..{r['layer_stop'] - 1}" if "layer_start" in r else ""
+            value = (
+                _ci(r["estimate"], r["ci_low"], r["ci_high"]) if r["valid"] else f"not valid: {r['reason']}"
+            )
+            lines.append(f"{label:<13} {r['pair_id']} (b={r['boundary']}): {what(r):<40}{span:<15} {value}")
     if "closure" in tables:
         said = set()
         for r in tables["closure"].to_pylist():
             rank = "full" if r["full_delta"] else str(r["rank"])
-            what = f"{r['arm']:<9} rank {rank:<5} alpha {r['alpha']:g}"
-            if not r["valid"] and r["reason"].startswith(f"rank {rank} "):  # one line per rank it cannot fit
-                if (r["pair_id"], rank) in said:
-                    continue
-                said.add((r["pair_id"], rank))
-                what = f"rank {rank}"
+            what = f"{r['arm']:<16} rank {rank:<5} alpha {r['alpha']:g}"
+            if not r["valid"]:  # one line per rank it cannot fit, one per arm missing its precondition
+                arm_wide = r["reason"] == NO_SECOND_DESCENDANT
+                key = (r["pair_id"], r["boundary"], r["arm"] if arm_wide else rank)
+                if arm_wide or r["reason"].startswith(f"rank {rank} "):
+                    if key in said:
+                        continue
+                    said.add(key)
+                    what = r["arm"] if arm_wide else f"rank {rank}"
             value = (
                 _ci(r["closure"], r["ci_low"], r["ci_high"]) if r["valid"] else f"not valid: {r['reason']}"
             )
-            lines.append(f"closure       {r['pair_id']} ({r['positions']}): {what:<33} {value}")
+            lines.append(
+                f"closure       {r['pair_id']} b={r['boundary']} ({r['positions']}): {what:<33} {value}"
+            )
     return "\n".join(lines)

@@ -482,12 +482,73 @@ CONTROL_TABLE_DOCS |= {
             **_VALID,
         },
     ),
+    "identity_transfer_events": (
+        "One row per event x host x window of the identity transfer (§4.8): the other model's window grafted "
+        "into the host at the divergence event.",
+        {
+            **_PER_EVENT,
+            "host": "'pt' or 'it': the model whose stack runs (the donor is the other model)",
+            "graft": "'blocks' (the donor's whole blocks) or 'mlp' (the donor's MLPs on the host's MLP inputs)",
+            "window_name": "'early', 'middle', 'late' (blocks; the method's windows scaled to L) or 'late', "
+            "'final_<k>' (mlp)",
+            "layer_start": "first grafted block",
+            "layer_stop": "one past the last grafted block",
+            "top1": "the host's greedy (masked argmax) token with the window grafted, its own readout",
+            "transferred": "top1 is the donor's token (t_IT for the PT host, t_PT for the IT host)",
+            "y_host": "Y of the host's own pass (through readout)",
+            "y_grafted": "Y of the grafted pass",
+            "margin_gain": "y_grafted - y_host toward the donor's token (negated for the IT host)",
+        },
+    ),
+    "identity_transfer": (
+        "One row per pair x host x window x statistic of the identity transfer (§4.8).",
+        {
+            **_KEYS,
+            "host": "'pt' or 'it' (the donor is the other model)",
+            "graft": "'blocks' or 'mlp'",
+            "window_name": "as in identity_transfer_events",
+            "layer_start": "first grafted block",
+            "layer_stop": "one past the last grafted block",
+            "statistic": "'transfer_rate' (fraction of events whose host top-1 becomes the donor's token) or "
+            "'margin_gain' (mean)",
+            "estimate": "the statistic's value",
+            **_CI,
+            "n": "events",
+            **_VALID,
+        },
+    ),
+    "source_decomposition_events": (
+        "One row per event x source: the 2x2 interaction with only that source's IT - PT boundary "
+        "difference added to PT's upstream state (§4.8, our reading).",
+        {
+            **_PER_EVENT,
+            "source": "'embedding', 'attention' or 'mlp' (that sublayer type's summed writes up to the "
+            "boundary, IT minus PT, every position) or 'all' (U_IT: the headline 2x2)",
+            "interaction": "[Y(U_s, IT late) - Y(U_s, PT late)] - [Y(U_PT, IT late) - Y(U_PT, PT late)]",
+            "diff_norm": "norm of the source's difference at the scored position",
+            "reconstruction_error": "max |embedding + attention + mlp - (h_IT - h_PT)| over the event's positions",
+        },
+    ),
+    "source_decomposition": (
+        "One row per pair x source x statistic of the source decomposition (§4.8).",
+        {
+            **_KEYS,
+            "source": "'embedding', 'attention', 'mlp' or 'all'",
+            "statistic": "'interaction' (mean), 'share' (mean source interaction / mean full interaction), "
+            "'non_additivity' (full minus the sum of the sources) or 'reconstruction_error' (largest over events)",
+            "estimate": "the statistic's value",
+            **_CI,
+            "n": "events",
+            **_VALID,
+        },
+    ),
     "closure_cells": (
-        "One row per held-out event x arm x rank x alpha of the boundary-state closure (§5.6).",
+        "One row per boundary x held-out event x arm x rank x alpha of the boundary-state closure (§5.6).",
         {
             **_PER_EVENT,
             "arm": "'pca' (projection of the event's IT - PT boundary shift on the top-r train PCs), "
-            "'gaussian', 'random' (norm-matched, orthogonal to the top PCs) or 'sign_flip' (minus the projection)",
+            "'gaussian', 'random' (norm-matched, orthogonal to the top PCs), 'sign_flip' (minus the projection) "
+            "or 'wrong_descendant' (the shift projected on a second descendant's top-r train PCs)",
             "rank": "r, the number of PCA directions (d_model for the full delta)",
             "full_delta": "true for the unprojected shift (rank 'full')",
             "alpha": "injection scale: upstream = U_PT + alpha x the injected vector",
@@ -497,7 +558,8 @@ CONTROL_TABLE_DOCS |= {
         },
     ),
     "closure": (
-        "One row per pair x arm x rank x alpha of the boundary-state closure (§5.6).",
+        "One row per pair x boundary x arm x rank x alpha of the boundary-state closure (§5.6); the "
+        "wrong-descendant arm is not valid when no second descendant was given.",
         {
             **_KEYS,
             "positions": "'last' (injected at the scored position, the method's) or 'all' positions",

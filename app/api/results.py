@@ -40,6 +40,10 @@ Table = Literal[
     "recipe_contrasts",
     "anatomy_events",
     "anatomy",
+    "identity_transfer_events",
+    "identity_transfer",
+    "source_decomposition_events",
+    "source_decomposition",
     "closure_cells",
     "closure",
 ]

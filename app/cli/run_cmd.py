@@ -78,8 +78,8 @@ def run(
     control: Annotated[
         list[str] | None,
         typer.Option(
-            help="Also run a control of the 2x2 at the headline boundary (offmanifold, commitment, baselines, anatomy, closure, "
-            "native_history) and print it. Repeatable."
+            help="Also run a control of the 2x2 at the headline boundary (offmanifold, commitment, baselines, anatomy, "
+            "identity_transfer, source_decomposition, closure, native_history) and print it. Repeatable."
         ),
     ] = None,
     rollout_tokens: Annotated[
@@ -87,6 +87,12 @@ def run(
     ] = 64,
     controls_out: Annotated[
         Path | None, typer.Option(help="Directory for the controls' tables (<table>.parquet).")
+    ] = None,
+    wrong_descendant: Annotated[
+        str | None,
+        typer.Option(
+            help="Closure's wrong-descendant control: a second descendant of the same PT (path or id)."
+        ),
     ] = None,
 ) -> None:
     """Find first divergences, run the 2x2 cross-patch, print the per-family table with 95% CIs."""
@@ -156,6 +162,9 @@ def run(
             seed,
             batch_size,
             controls_out,
+            load_pair(pt, wrong_descendant, device=device, dtype=dtype, family=family)
+            if wrong_descendant
+            else None,
         )
     typer.echo(f"\nwrote {cells.num_rows} cell rows to {out} in {time.perf_counter() - t0:.1f}s")
 
@@ -171,6 +180,7 @@ def _run_controls(
     seed: int,
     batch_size: int,
     out_dir: Path | None,
+    wrong_descendant: Any = None,
 ) -> None:
     """Run the controls in process at the pair's headline boundary, print their lines, write their tables."""
     from crosspatch.engine.control_suite import ControlOptions, format_controls, run_controls
@@ -179,7 +189,7 @@ def _run_controls(
     typer.echo(f"\ncontrols at boundary {b} (readout {readout}): {', '.join(controls)}")
     options = ControlOptions(rollout_tokens=rollout_tokens, seed=seed, batch_size=batch_size)
     try:
-        run = run_controls(pair, events, controls, b, readout, options, cells, log.info)
+        run = run_controls(pair, events, controls, b, readout, options, cells, log.info, wrong_descendant)
     except ValueError as e:
         raise CrosspatchError(str(e)) from None
     typer.echo(format_controls(run.tables))

@@ -74,14 +74,27 @@ class DivergenceSpec(_PromptsSpec):
     )
 
 
-Control = Literal["offmanifold", "commitment", "baselines", "native_history", "anatomy", "closure"]
+Control = Literal[
+    "offmanifold",
+    "commitment",
+    "baselines",
+    "native_history",
+    "anatomy",
+    "identity_transfer",
+    "source_decomposition",
+    "closure",
+]
 CONTROLS_HELP = (
     "Controls of the 2x2 run at each pair's headline boundary with the first readout (method 4.3-4.6): "
     "offmanifold (PT->IT interpolation slope, signed-permutation ratio), commitment (IT boundary logit-lens "
     "margin views), baselines (random rollout disagreements, pre-divergence prefix), native_history "
     "(disagreements after native greedy histories), anatomy (final-k window retention, final-MLP margin "
-    "interaction, MLP support by depth band; method 4.8), closure (boundary-state PCA closure by rank and alpha "
-    "with gaussian / random / sign-flip controls; method 5.6). Rows go to the tables the engine names."
+    "interaction, MLP support by depth band; method 4.8), identity_transfer (does grafting the other model's "
+    "middle / late blocks or final MLPs make the host pick its token; method 4.8), source_decomposition "
+    "(the interaction of the upstream difference's embedding / attention / MLP parts; method 4.8), closure "
+    "(boundary-state PCA closure by rank and alpha with gaussian / random / sign-flip controls; the "
+    "wrong-descendant control needs a second descendant, not given here: reported not valid; method 5.6). "
+    "Rows go to the tables the engine names."
 )
 
 
@@ -162,7 +175,7 @@ class CrosspatchSpec(DivergenceSpec):
     readouts: list[Readout] = Field(default_factory=lambda: ["it"], min_length=1, max_length=3)
     n_resamples: int = Field(default=2000, ge=10, le=100_000)
     seed: Seed = 23
-    controls: list[Control] = Field(default_factory=list, max_length=6, description=CONTROLS_HELP)
+    controls: list[Control] = Field(default_factory=list, max_length=8, description=CONTROLS_HELP)
     control_options: ControlOptions = Field(default_factory=ControlOptions)
 
     @model_validator(mode="after")
@@ -455,7 +468,7 @@ class PipelineSpec(_PromptsSpec):
     continuation: bool = Field(
         default=False, description="Also run constrained continuation per pair (§6.2)."
     )
-    controls: list[Control] = Field(default_factory=list, max_length=6, description=CONTROLS_HELP)
+    controls: list[Control] = Field(default_factory=list, max_length=8, description=CONTROLS_HELP)
     control_options: ControlOptions = Field(default_factory=ControlOptions)
 
     @model_validator(mode="after")

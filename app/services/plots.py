@@ -12,6 +12,8 @@
     lineage.png                 per lineage job: interaction of each stage on the fixed support
     handoff_dose.png            per pair: rescue fraction over alpha, top set and controls (method §5.5)
     handoff_windows.png         per pair: MLP-window grafts, total vs mediated margin change (method §5.5)
+    closure.png                 per pair x boundary: closure by PCA rank, a line per alpha, controls as markers
+                                (gaussian, random, sign-flip, wrong descendant; method §5.6)
 
 Each `plot_*` takes a results table (schemas in `engine.results`) and a path, draws with matplotlib's
 object API on an Agg canvas (no display, no pyplot global state, so safe on the service's background
@@ -370,42 +372,49 @@ def plot_lineage(lineage: pa.Table, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_closure(closure: pa.Table, path: Path, *, alpha: float = 1.0) -> Path | None:
-    """Per pair, boundary-state closure by PCA rank at `alpha` (95% CI) with its controls; invalid ranks marked."""
-    rows = [r for r in closure.to_pylist() if r["alpha"] == alpha]
-    groups = _groups(rows, "pair_id")
+def plot_closure(closure: pa.Table, path: Path) -> Path | None:
+    """Per pair x boundary, closure by PCA rank: one line per alpha (95% CI), the controls (alpha 1) as
+    markers; ranks that cannot be fitted stay on the axis, marked not valid."""
+    rows = closure.to_pylist()
+    groups = _groups([{**r, "panel": (r["pair_id"], r["boundary"])} for r in rows], "panel")
     if not groups:
         return None
     fig, axes = _stacked(len(groups), 6.5, 3.0)
-    styles = {"pca": ("o", "-", "#5c7fa3"), "gaussian": ("s", ":", "#999999"),
-              "random": ("^", ":", "#c49a3a"), "sign_flip": ("v", ":", "#b05050")}  # fmt: skip
-    for ax, (pair_id, mine) in zip(axes, groups.items(), strict=True):
-        labels: list[str] = []
-        for r in mine:
-            label = "full" if r["full_delta"] else str(r["rank"])
-            if label not in labels:
-                labels.append(label)
-        x = {label: i for i, label in enumerate(labels)}
-        for arm, (marker, line, color) in styles.items():
+    controls = {"gaussian": ("s", "#999999"), "random": ("^", "#c49a3a"), "sign_flip": ("v", "#b05050"),
+                "wrong_descendant": ("D", "#6a4c93")}  # fmt: skip
+
+    def label(r: dict[str, Any]) -> str:
+        return "full" if r["full_delta"] else str(r["rank"])
+
+    for ax, ((pair_id, boundary), mine) in zip(axes, groups.items(), strict=True):
+        labels = list(dict.fromkeys(label(r) for r in mine))
+        x = {name: i for i, name in enumerate(labels)}
+        pca = [r for r in mine if r["arm"] == "pca" and r["valid"]]
+        for alpha in sorted({r["alpha"] for r in pca}):
+            pts = [r for r in pca if r["alpha"] == alpha]
+            xs, ys = [x[label(r)] for r in pts], [r["closure"] for r in pts]
+            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"PCA, alpha {alpha:g}")
+            ax.errorbar(xs, ys, yerr=_errors(pts, "closure"), fmt="none", ecolor=line.get_color(), alpha=0.5)
+        for arm, (marker, color) in controls.items():
             pts = [r for r in mine if r["arm"] == arm and r["valid"]]
-            if not pts:
-                continue
-            xs = [x["full" if r["full_delta"] else str(r["rank"])] for r in pts]
-            ys = [r["closure"] for r in pts]
-            ax.plot(xs, ys, marker=marker, linestyle=line, color=color, label=arm)
-            ax.errorbar(xs, ys, yerr=_errors(pts, "closure"), fmt="none", ecolor=color, alpha=0.6)
-        for label in labels:
-            if not any(r["valid"] for r in mine if ("full" if r["full_delta"] else str(r["rank"])) == label):
-                ax.annotate("not valid", (x[label], 0), fontsize=6, ha="center", rotation=90)
+            if pts:
+                xs, ys = [x[label(r)] for r in pts], [r["closure"] for r in pts]
+                ax.errorbar(
+                    xs, ys, yerr=_errors(pts, "closure"), fmt=marker, color=color, label=arm, capsize=2
+                )
+        for name in labels:
+            if not any(r["valid"] for r in mine if label(r) == name):
+                ax.annotate("not valid", (x[name], 0), fontsize=6, ha="center", rotation=90)
         ax.set_xticks(range(len(labels)), labels)
         ax.axhline(1, color="k", linewidth=0.4, linestyle="--")
         _finish(
             ax,
-            f"{pair_id}: boundary-state closure at alpha {alpha:g} (95% CI)",
+            f"{pair_id}, boundary {boundary}: closure by rank (controls at alpha 1; 95% CI)",
             "PCA rank of the injected boundary shift",
             "closure",
             legend=6,
         )
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the panel, off the lines
     return _save(fig, path)
 
 

@@ -229,7 +229,11 @@ class ResultsStore:
             "recipe_contrasts": "rowid",
             "anatomy_events": "pair_id, prompt_id, measure, k, band",
             "anatomy": "pair_id, rowid",  # statistics in the engine's order
-            "closure_cells": "pair_id, prompt_id, arm, full_delta, rank, alpha",
+            "identity_transfer_events": "pair_id, host, prompt_id, rowid",  # windows in the engine's order
+            "identity_transfer": "pair_id, rowid",
+            "source_decomposition_events": "pair_id, source, prompt_id",
+            "source_decomposition": "pair_id, rowid",
+            "closure_cells": "pair_id, boundary, prompt_id, arm, full_delta, rank, alpha",
             "closure": "pair_id, rowid",  # ranks and arms in the engine's order
         }
         if table not in order:

@@ -37,8 +37,15 @@ The controls of the 2x2 (crosspatch / pipeline jobs with `controls`, the `lineag
     recipe_contrasts one row per (stage_a, stage_b): interaction A - B (CI) with the sign-flip p
     anatomy_events   one row per event x measure: final-k interactions, final-MLP margin, MLP support (engine.anatomy)
     anatomy          one row per pair x statistic: means (CI), final-k retention, valid / reason
-    closure_cells    one row per held-out event x arm x rank x alpha: injected, floor and native Y (engine.closure)
-    closure          one row per pair x arm x rank x alpha: closure (CI), valid / reason
+    identity_transfer_events  one row per event x host x window: grafted top-1, transferred, margin gain
+                     (engine.identity_transfer)
+    identity_transfer one row per pair x host x window x statistic: transfer rate, margin gain (CI), valid
+    source_decomposition_events  one row per event x source: interaction with only that source's difference
+                     (engine.source_decomposition)
+    source_decomposition  one row per pair x source x statistic: interaction, share, non-additivity (CI)
+    closure_cells    one row per boundary x held-out event x arm x rank x alpha: injected, floor and native Y
+                     (engine.closure)
+    closure          one row per pair x boundary x arm x rank x alpha: closure (CI), valid / reason
 """
 
 from __future__ import annotations
@@ -54,12 +61,16 @@ from crosspatch.engine.control_schemas import (
     CLOSURE_CELLS_SCHEMA,
     CLOSURE_SCHEMA,
     COMMITMENT_SCHEMA,
+    IDENTITY_TRANSFER_EVENTS_SCHEMA,
+    IDENTITY_TRANSFER_SCHEMA,
     INTERPOLATION_SCHEMA,
     LINEAGE_CELLS_SCHEMA,
     LINEAGE_SCHEMA,
     OFFMANIFOLD_SUMMARY_SCHEMA,
     RECIPE_CONTRAST_SCHEMA,
     SIGNPERM_SCHEMA,
+    SOURCE_DECOMPOSITION_EVENTS_SCHEMA,
+    SOURCE_DECOMPOSITION_SCHEMA,
 )
 from crosspatch.engine.results import (
     CELLS_SCHEMA,
@@ -117,6 +128,10 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
     "recipe_contrasts": RECIPE_CONTRAST_SCHEMA,
     "anatomy_events": ANATOMY_EVENTS_SCHEMA,
     "anatomy": ANATOMY_SCHEMA,
+    "identity_transfer_events": IDENTITY_TRANSFER_EVENTS_SCHEMA,
+    "identity_transfer": IDENTITY_TRANSFER_SCHEMA,
+    "source_decomposition_events": SOURCE_DECOMPOSITION_EVENTS_SCHEMA,
+    "source_decomposition": SOURCE_DECOMPOSITION_SCHEMA,
     "closure_cells": CLOSURE_CELLS_SCHEMA,
     "closure": CLOSURE_SCHEMA,
 }

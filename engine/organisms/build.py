@@ -38,6 +38,7 @@ EXACT: dict[str, tuple[str, ...]] = {
     "upstream_dependent": ("pt_late_effect",),
     "mediated": ("pt_late_effect",),
     "first_late_block": ("pt_late_effect",),
+    "two_descendants": ("pt_late_effect",),
     "self_contained": ("interaction",),
     "upstream_only": ("pt_late_effect", "it_late_effect", "interaction"),
 }
@@ -51,6 +52,7 @@ INTERACTION_CI: dict[str, str] = {
     "upstream_only": "covers_zero",
     "paper_sized": "excludes_zero",
     "lineage": "excludes_zero",
+    "two_descendants": "excludes_zero",
 }
 
 
@@ -203,8 +205,16 @@ def constructed_expected(con: cons.Construction, name: str) -> dict[str, Any]:
             }
             for stage, neurons in con.stages.items()
         }
+    if con.kind == "lineage":
         out["stage_order"] = list(cons.LINEAGE_STAGES)
         out["portable_stage"] = cons.LINEAGE_PORTABLE
+    if con.kind == "two_descendants":  # boundary-state closure of IT's hybrid with rank-1 directions (§5.6)
+        second = con.stages[cons.TWO_SECOND]
+        out["closure"] = {
+            "second_descendant": f"stages/{cons.TWO_SECOND}",
+            "own_rank1": cons.nominal_closure(con, con.it_neurons),
+            "wrong_descendant_rank1": cons.nominal_closure(con, second),
+        }
     return out
 
 

@@ -4,6 +4,7 @@ Residual-stream layout (d_model = 64), shared by every constructed organism:
 
 - coordinate 0 (`CONST`): a constant every token embedding carries, so "always-on" neurons exist;
 - coordinate 1 (`U`): the upstream signal `u` that IT's early blocks write in `upstream_dependent`/`mediated`;
+- coordinates 2, 3 (`V_A`, `V_B`): each descendant's own upstream direction in `two_descendants`;
 - coordinates 4..7 (`K[j]`): read only by the unembedding row of answer word j (t_IT for class j);
 - coordinates 8..11 (`C[j]`): class indicator, 1 on the embedding of the words of class j, else 0;
 - coordinates 12..15 (`M[j]`): extra axes that give the mediated neurons distinct decoder directions;
@@ -44,13 +45,15 @@ CONSTRUCTED_KINDS: tuple[str, ...] = (
     "paper_sized",
     "lineage",
     "first_late_block",
+    "two_descendants",
 )
 CONSTRUCTED_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gpt2")
 # GPT-2's MLP has no gate, so a neuron cannot be exactly "u AND class j": its organisms use one answer word
 # for every word (all divergences at position 0) and have no `mediated` kind (its neurons would co-fire).
 FAMILY_KINDS: dict[str, tuple[str, ...]] = {
     "llama": CONSTRUCTED_KINDS,
-    "qwen3": tuple(k for k in CONSTRUCTED_KINDS if k != "first_late_block"),  # llama-only (depth anatomy)
+    # llama-only: depth anatomy, closure's wrong-descendant control
+    "qwen3": tuple(k for k in CONSTRUCTED_KINDS if k not in ("first_late_block", "two_descendants")),
     "gpt2": ("upstream_dependent", "self_contained", "upstream_only"),
 }
 
@@ -59,6 +62,7 @@ N_LAYERS = 5
 BOUNDARY = round(0.6 * N_LAYERS)  # 3: upstream = blocks 0..2, late stack = blocks 3..4 + norm + unembed
 N_CLASSES = len(ANSWER_WORDS)
 CONST, U = 0, 1
+V_A, V_B = 2, 3
 K = tuple(4 + j for j in range(N_CLASSES))
 C = tuple(8 + j for j in range(N_CLASSES))
 M = tuple(12 + j for j in range(N_CLASSES))
@@ -187,6 +191,10 @@ def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Constr
         con = Construction(kind, family, seed, word_class, succ, _paper_sized_neurons(), mediators)
         con.strong_classes, con.beta_pt = PAPER_STRONG_CLASSES, SMALL_BETA_PT
         return con
+    elif kind == "two_descendants":
+        con = Construction(kind, family, seed, word_class, succ, _descendant_neurons(V_A), mediators)
+        con.stages, con.beta_pt = {TWO_SECOND: _descendant_neurons(V_B)}, SMALL_BETA_PT
+        return con
     elif kind == "lineage":
         stages = {name: _lineage_neurons(scale) for name, scale in LINEAGE_STAGES.items()}
         stages[LINEAGE_PORTABLE] = _lineage_neurons(0.0, portable=LINEAGE_PORTABLE_WEIGHT, write_u=False)
@@ -261,6 +269,28 @@ def _lineage_neurons(
                         layer, j, gate={U: SMALL_U_GATE}, up={C[j]: 1.0}, down={K[j]: scale * LINEAGE_LATE_U}
                     )
                 )
+    return neurons
+
+
+# `two_descendants`: two descendants of one base (descendant A = `it/`, B = `stages/b/`). Each writes, in
+# block 0, one upstream shift with a shared part (u) and its own part (V_A or V_B) of equal size, and its late
+# block 4 reads the sum linearly (per class j: gate on the class indicator, up on u + its own axis), so the
+# PT-up late effect is exactly 0. B's boundary shift is one direction, (u + V_B) / sqrt(2): projecting A's
+# shift (u + V_A) on it keeps half of A's u and none of V_A, so B's directions injected into A's hybrid
+# close about a quarter of A's gap (`nominal_closure`: the exact noise-free value).
+TWO_SECOND = "b"
+TWO_WRITE = SMALL_U_WRITE  # block-0 write on u and on the own axis (each ~1)
+TWO_GATE = 1.5  # late gate on the class indicator: silu(1.5 x 2) ~ 2.86
+TWO_READ = 0.6  # late write on K[j] per unit of (u + own axis)
+
+
+def _descendant_neurons(own: int) -> list[Neuron]:
+    """One `two_descendants` descendant whose own upstream axis is `own` (V_A or V_B)."""
+    neurons = [Neuron(0, 0, gate={CONST: 2.0}, up={CONST: 1.0}, down={U: TWO_WRITE, own: TWO_WRITE})]
+    for j in range(N_CLASSES):
+        neurons.append(
+            Neuron(N_LAYERS - 1, j, gate={C[j]: TWO_GATE}, up={U: 1.0, own: 1.0}, down={K[j]: TWO_READ})
+        )
     return neurons
 
 
@@ -518,3 +548,28 @@ def nominal_boundary_margin(
     h = _run_planted(h0, con.it_neurons if neurons is None else neurons, range(BOUNDARY), eps)
     x = _rms_norm(h, eps)
     return BETA_IT * x[K[word_class]] - con.beta_pt * x[N_RESERVED]
+
+
+def nominal_closure(con: Construction, fit: list[Neuron], word_class: int = 0) -> float:
+    """Noise-free rank-1 boundary-state closure of `con`'s IT hybrid with the direction fitted on the
+    descendant `fit`'s shift (its shift is one direction at every event): the projection of IT's shift on it
+    is added to PT's boundary state at the scored position, IT's late stack reads it out (method 5.6)."""
+    eps = NORM_EPS[con.family]
+    r_id = math.sqrt(EMBED_NORM**2 - CONST_VALUE**2 - CLASS_VALUE**2)
+    h0 = [0.0] * D_MODEL
+    h0[CONST], h0[C[word_class]], h0[N_RESERVED] = CONST_VALUE, CLASS_VALUE, r_id
+    base = _run_planted(h0, [], range(BOUNDARY), eps)
+    shift = [a - p for a, p in zip(_run_planted(h0, con.it_neurons, range(BOUNDARY), eps), base, strict=True)]
+    fitted = [a - p for a, p in zip(_run_planted(h0, fit, range(BOUNDARY), eps), base, strict=True)]
+    norm = math.sqrt(sum(v * v for v in fitted))
+    direction = [v / norm for v in fitted]
+    coeff = sum(s * d for s, d in zip(shift, direction, strict=True))
+
+    def y(h: list[float]) -> float:
+        x = _rms_norm(_run_planted(h, con.it_neurons, range(BOUNDARY, N_LAYERS), eps), eps)
+        return BETA_IT * x[K[word_class]] - con.beta_pt * x[N_RESERVED]
+
+    floor = y(base)
+    injected = y([b + coeff * d for b, d in zip(base, direction, strict=True)])
+    native = y([b + s for b, s in zip(base, shift, strict=True)])
+    return (injected - floor) / (native - floor)

@@ -273,6 +273,13 @@ def test_closure_by_rank_figure(tmp_path: Path) -> None:
             rows.append({**keys, "arm": arm, "rank": rank, "full_delta": full, "alpha": 1.0, "closure": c,
                          "ci_low": c and c - 0.1, "ci_high": c and c + 0.1, "valid": valid,
                          "reason": None if valid else "too small"})  # fmt: skip
+    # a second boundary with a line per alpha and the wrong-descendant control
+    for rank, full in ((1, False), (64, True)):
+        for arm, alpha, c in (("pca", 0.5, 0.5), ("pca", 1.0, 0.95), ("wrong_descendant", 1.0, 0.3)):
+            rows.append({**keys, "boundary": 4, "arm": arm, "rank": rank, "full_delta": full, "alpha": alpha,
+                         "closure": c, "ci_low": c - 0.1, "ci_high": c + 0.1, "valid": True, "reason": None})  # fmt: skip
     written = plots.write_figures({"closure": pa.Table.from_pylist(rows, schema=CLOSURE_SCHEMA)}, tmp_path)
     assert [p.name for p in written] == ["closure.png"]
     assert written[0].read_bytes().startswith(PNG_MAGIC) and written[0].stat().st_size > 5000
+    one = plots.plot_closure(pa.Table.from_pylist(rows[:12], schema=CLOSURE_SCHEMA), tmp_path / "one.png")
+    assert one is not None and one.stat().st_size < written[0].stat().st_size  # one panel, not two

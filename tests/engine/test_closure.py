@@ -4,6 +4,7 @@ planted direction (u, written by block 0 and read by the late u-gated neurons)."
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -69,10 +70,10 @@ def test_closure_by_rank_with_controls() -> None:
         assert _row(summary, "sign_flip", rank, 1.0)["closure"] < 0.1
     # a train split too small for the rank: not valid, with the reason, for every arm and alpha
     r16 = [r for r in summary.to_pylist() if r["rank"] == 16]
-    assert len(r16) == 3 + 3 and all(not r["valid"] and r["closure"] is None for r in r16)
+    assert len(r16) == 3 + 4 and all(not r["valid"] and r["closure"] is None for r in r16)
     assert r16[0]["reason"] == "rank 16 needs at least 16 train events; the fit split has 8"
     text = format_controls({"closure": summary})
-    assert "pca       rank 1     alpha 1" in text and "not valid: rank 16 needs" in text
+    assert "pca              rank 1     alpha 1" in text and "not valid: rank 16 needs" in text
 
 
 def test_split_and_pca_edges() -> None:
@@ -88,3 +89,98 @@ def test_split_and_pca_edges() -> None:
         split_fit_test(events, 1.0, 0)
     with pytest.raises(ValueError, match="ranks must be"):
         closure(None, events, ranks=(0,))  # type: ignore[arg-type]
+
+
+# ---- wrong-descendant control and boundary lists on `llama_two_descendants` -----------------------------
+# Descendants A (`it/`) and B (`stages/b/`) of one base each write one upstream shift, u + V_A and u + V_B
+# (equal parts), read linearly by their own final block. B's PCs hold half of A's u and none of V_A, so
+# injected into A's hybrid they close a known part of A's gap: `expected.json["closure"]`, derived noise-free.
+
+
+def _two_descendants(root=None):
+    root = root or organism_path("llama_two_descendants")
+    pair = load_pair(root / "pt", root / "it")
+    wrong = load_pair(root / "pt", root / "stages" / "b")
+    events = find_divergences(pair, load_prompts(root / "prompts.jsonl", limit=12))
+    return root, pair, wrong, events
+
+
+@functools.cache
+def _wrong_run():
+    root, pair, wrong, events = _two_descendants()
+    cells, summary = closure(
+        pair, events, boundary=[3, 4], ranks=(1, "full"), alphas=(0.0, 1.0), batch_size=6, n_resamples=200,
+        wrong_descendant=wrong,
+    )  # fmt: skip
+    return root, pair, wrong, events, cells, summary
+
+
+def _at(summary, boundary: int, arm: str, rank, alpha: float = 1.0) -> dict:
+    (row,) = [
+        r
+        for r in _row_list(summary, boundary)
+        if r["arm"] == arm and _rank(r) == rank and r["alpha"] == alpha
+    ]
+    return row
+
+
+def _row_list(summary, boundary: int) -> list[dict]:
+    return [r for r in summary.to_pylist() if r["boundary"] == boundary]
+
+
+def _rank(r: dict):
+    return "full" if r["full_delta"] else r["rank"]
+
+
+def test_wrong_descendant_closure_is_the_planted_fraction() -> None:
+    """Own rank-1 PCs close all of A's gap; B's close the planted fraction (0.2705). Tolerance 0.01: the noise
+    weights (identity axes only) tilt the fitted direction and move the margins by < 1% of the gap (measured
+    0.2712); the noise-free build below gives the nominal value to 1e-4."""
+    root, *_, summary = _wrong_run()
+    expected = json.loads((root / "expected.json").read_text())["closure"]
+    assert expected["own_rank1"] == 1.0 and 0.2 < expected["wrong_descendant_rank1"] < 0.35
+    for b in (3, 4):
+        own, wrong = _at(summary, b, "pca", 1), _at(summary, b, "wrong_descendant", 1)
+        assert own["closure"] == pytest.approx(1.0, abs=0.01)
+        assert wrong["valid"] and wrong["closure"] == pytest.approx(
+            expected["wrong_descendant_rank1"], abs=0.01
+        )
+        assert wrong["ci_low"] > 0.2  # nonzero: the directions are not recipe-unique
+    text = format_controls({"closure": summary})
+    assert "b=4 (last): wrong_descendant rank 1     alpha 1" in text
+
+
+def test_wrong_descendant_closure_noise_free_is_exact(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from crosspatch.engine.organisms import constructed as cons
+    from crosspatch.engine.organisms.build import build_constructed
+
+    monkeypatch.setattr(cons, "NOISE_STD", 0.0)
+    root = build_constructed("two_descendants", "llama", 0, tmp_path / "noise_free")
+    _, pair, wrong, events = _two_descendants(root)
+    _, summary = closure(
+        pair, events, ranks=(1,), alphas=(1.0,), batch_size=6, n_resamples=50, wrong_descendant=wrong
+    )
+    nominal = json.loads((root / "expected.json").read_text())["closure"]["wrong_descendant_rank1"]
+    assert _at(summary, 3, "wrong_descendant", 1)["closure"] == pytest.approx(nominal, abs=1e-4)
+    assert _at(summary, 3, "pca", 1)["closure"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_sweep_rows_equal_single_boundary_runs_and_missing_second_is_not_valid() -> None:
+    _, pair, wrong, events, cells, summary = _wrong_run()
+    assert set(summary.column("boundary").to_pylist()) == {3, 4}
+    for b in (3, 4):
+        c1, s1 = closure(pair, events, boundary=b, ranks=(1, "full"), alphas=(0.0, 1.0), batch_size=6,
+                         n_resamples=200, wrong_descendant=wrong)  # fmt: skip
+        assert s1.to_pylist() == _row_list(summary, b)
+        assert c1.to_pylist() == [r for r in cells.to_pylist() if r["boundary"] == b]
+    _, alone = closure(pair, events, ranks=(1,), alphas=(1.0,), batch_size=6, n_resamples=50)
+    (row,) = [r for r in alone.to_pylist() if r["arm"] == "wrong_descendant"]
+    assert (
+        not row["valid"] and row["closure"] is None and row["reason"].startswith("no second descendant given")
+    )
+    text = format_controls({"closure": alone})
+    assert text.count("not valid: no second descendant given") == 1  # one line for the arm, not one per rank
+    root = organism_path("llama_two_descendants")
+    other = load_pair(organism_path("llama_upstream_dependent") / "pt", root / "stages" / "b")  # another base
+    with pytest.raises(ValueError, match=r"is not .*'s PT"):
+        closure(pair, events, ranks=(1,), wrong_descendant=other)
