@@ -12,12 +12,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers import BOUND  # tests/helpers.py
 
 from crosspatch.app.config import Settings
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.prompts import load_prompts
-from tests.app.live import LiveServer, bootstrap_users, client, start_worker
+from tests.app.live import client, live_service
 
 pytestmark = pytest.mark.slow
 PAPER, LINEAGE = "llama_paper_sized", "llama_lineage"
@@ -35,18 +34,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         poll_seconds=0.2,
         _env_file=None,  # type: ignore[call-arg]
     )
-    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher"})
-    server = LiveServer(settings).start()
-    worker = start_worker(settings, root / "worker.log")
-    with client(server, keys["root"]) as admin:
-        for name, org in orgs.items():
-            body = {"pair_id": name, "family": "llama", "pt": str(org / "pt"), "it": str(org / "it")}
-            r = admin.post("/pairs", json=body)
-            assert r.status_code == 201, r.text
-    yield {"server": server, "keys": keys, "orgs": orgs}
-    worker.terminate()
-    worker.wait(timeout=BOUND)
-    server.stop()
+    users = {"root": "admin", "ada": "researcher"}
+    pairs = {name: ("llama", org / "pt", org / "it") for name, org in orgs.items()}
+    with live_service(settings, users, pairs, worker_log=root / "worker.log") as (server, keys):
+        yield {"server": server, "keys": keys, "orgs": orgs}
 
 
 def _prompts(org, limit: int) -> list[dict]:

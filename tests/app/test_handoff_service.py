@@ -53,7 +53,7 @@ def _handoff_row(pair_id: str, analysis: str, stat: str, effect: float, half: fl
 
 
 def test_feature_upstream_by_hand_balanced_rows_ingest_route_and_figures(tmp_path: Path, settings) -> None:
-    from tests.app.live import LiveServer, bootstrap_users, client
+    from tests.app.live import client, live_service
 
     # 4 test events; feature_acts keeps active latents only, so absent events count as (0, 0)
     acts = pa.Table.from_pylist(
@@ -113,17 +113,15 @@ def test_feature_upstream_by_hand_balanced_rows_ingest_route_and_figures(tmp_pat
     assert counts["feature_upstream"] == 2 and counts["handoff"] == table.num_rows
     assert store.query("feature_upstream", dictionary_id="d").column("latent").to_pylist() == [0, 1]
     store.close()
-    keys = bootstrap_users(settings, {"ada": "researcher"})
-    server = LiveServer(settings).start()
-    try:
-        with client(server, keys["ada"]) as c:
-            r = c.get("/features/upstream", params={"family": "llama", "limit": 1})
-            assert r.status_code == 200, r.text
-            (row,) = r.json()["data"]
-            assert (row["latent"], row["diff"], row["n"]) == (0, 1.25, 4)
-            assert c.get("/features/upstream", params={"split": "train"}).status_code == 422
-    finally:
-        server.stop()
+    with (
+        live_service(settings, {"ada": "researcher"}, {}) as (server, keys),
+        client(server, keys["ada"]) as c,
+    ):
+        r = c.get("/features/upstream", params={"family": "llama", "limit": 1})
+        assert r.status_code == 200, r.text
+        (row,) = r.json()["data"]
+        assert (row["latent"], row["diff"], row["n"]) == (0, 1.25, 4)
+        assert c.get("/features/upstream", params={"split": "train"}).status_code == 422
 
 
 def test_handoff_options_refuse_a_grid_without_zero(

@@ -296,7 +296,7 @@ def test_compare_families_filters_by_boundary_pair_and_readout(tmp_path: Path) -
 
 def test_top_features_endpoint_serves_the_evidence_and_the_gate_flag(tmp_path: Path, settings) -> None:
     """The HTTP route over a real DuckDB file: failed-gate dictionaries only with include_failed_gate=true."""
-    from tests.app.live import LiveServer, bootstrap_users, client
+    from tests.app.live import client, live_service
 
     assert settings.duckdb_path is not None
     tmp = tmp_path / "parts"
@@ -304,29 +304,27 @@ def test_top_features_endpoint_serves_the_evidence_and_the_gate_flag(tmp_path: P
     _evidence_store(tmp).close()
     settings.duckdb_path.parent.mkdir(parents=True, exist_ok=True)
     (tmp / "r.duckdb").rename(settings.duckdb_path)
-    keys = bootstrap_users(settings, {"ada": "researcher"})
-    server = LiveServer(settings).start()
-    try:
-        with client(server, keys["ada"]) as c:
-            r = c.get("/features/top", params={"family": "llama"})
-            assert r.status_code == 200, r.text
-            rows = r.json()["data"]
-            assert [(x["dictionary_id"], x["latent"], x["gate_status"]) for x in rows] == [
-                ("good", 2, "passed"),
-                ("good", 1, "passed"),
-            ]
-            assert rows[1]["heldout_drop"] == pytest.approx(0.5) and rows[1]["heldout_n"] == 80
-            rows = c.get("/features/top", params={"include_failed_gate": "true"}).json()["data"]
-            assert (rows[0]["dictionary_id"], rows[0]["gate_status"], rows[0]["heldout_ci_low"]) == (
-                "bad",
-                "failed",
-                -0.1,
-            )
-            fam = c.get("/features/families", params={"boundary": 3, "pair_id": "p"})
-            assert fam.status_code == 200 and fam.json()["data"] == []
-            assert c.get("/features/curve", params={"statistic": "gate"}).status_code == 422
-    finally:
-        server.stop()
+    with (
+        live_service(settings, {"ada": "researcher"}, {}) as (server, keys),
+        client(server, keys["ada"]) as c,
+    ):
+        r = c.get("/features/top", params={"family": "llama"})
+        assert r.status_code == 200, r.text
+        rows = r.json()["data"]
+        assert [(x["dictionary_id"], x["latent"], x["gate_status"]) for x in rows] == [
+            ("good", 2, "passed"),
+            ("good", 1, "passed"),
+        ]
+        assert rows[1]["heldout_drop"] == pytest.approx(0.5) and rows[1]["heldout_n"] == 80
+        rows = c.get("/features/top", params={"include_failed_gate": "true"}).json()["data"]
+        assert (rows[0]["dictionary_id"], rows[0]["gate_status"], rows[0]["heldout_ci_low"]) == (
+            "bad",
+            "failed",
+            -0.1,
+        )
+        fam = c.get("/features/families", params={"boundary": 3, "pair_id": "p"})
+        assert fam.status_code == 200 and fam.json()["data"] == []
+        assert c.get("/features/curve", params={"statistic": "gate"}).status_code == 422
 
 
 def test_events_written_before_event_kinds_read_as_first_diff(tmp_path: Path) -> None:
