@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -32,7 +33,7 @@ from crosspatch.app.store.models import (
 LINE_OVERHEAD_CHARS = 1024
 
 
-def _count_lines(path: Any, stop_after: int, max_chars: int) -> int:
+def _count_lines(path: str | Path, stop_after: int, max_chars: int) -> int:
     """Non-empty lines of a prompt file (stops past `stop_after`); 422 on a line too long to be a prompt
     of at most `max_chars` (never reads more than one line's cap into memory)."""
     cap = max_chars + LINE_OVERHEAD_CHARS
