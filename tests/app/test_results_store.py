@@ -150,37 +150,32 @@ def _evidence_store(tmp_path: Path) -> ResultsStore:
     """Two jobs on dictionary 'good' (gate passed), one on 'bad' (matched_random_drop failed)."""
     store = ResultsStore(tmp_path / "r.duckdb")
     passed = [_check("good", "topk_causal_drop", True), _check("good", "matched_random_drop", True)]
-    _mediation_job(
-        store,
-        tmp_path,
-        "a",
-        [
-            _row("good", "attribution", 1, 1.0, 10),
-            _row("good", "attribution", 2, 0.5, 10),
-            _row("good", "ablate_single", 1, 0.8, 20, ci_low=0.6, ci_high=1.0),
-        ],
-        passed,
-    )
-    _mediation_job(
-        store,
-        tmp_path,
-        "b",
-        [
-            _row("good", "attribution", 1, 0.0, 30),
-            _row("good", "ablate_single", 1, 0.4, 60, ci_low=0.2, ci_high=0.6),
-        ],
-        passed,
-    )
-    _mediation_job(
-        store,
-        tmp_path,
-        "c",
-        [
-            _row("bad", "attribution", 7, 5.0, 10),
-            _row("bad", "ablate_single", 7, 0.1, 20, ci_low=-0.1, ci_high=0.3),
-        ],
-        [_check("bad", "topk_causal_drop", True), _check("bad", "matched_random_drop", False)],
-    )
+    jobs = {
+        "a": (
+            [
+                _row("good", "attribution", 1, 1.0, 10),
+                _row("good", "attribution", 2, 0.5, 10),
+                _row("good", "ablate_single", 1, 0.8, 20, ci_low=0.6, ci_high=1.0),
+            ],
+            passed,
+        ),
+        "b": (
+            [
+                _row("good", "attribution", 1, 0.0, 30),
+                _row("good", "ablate_single", 1, 0.4, 60, ci_low=0.2, ci_high=0.6),
+            ],
+            passed,
+        ),
+        "c": (
+            [
+                _row("bad", "attribution", 7, 5.0, 10),
+                _row("bad", "ablate_single", 7, 0.1, 20, ci_low=-0.1, ci_high=0.3),
+            ],
+            [_check("bad", "topk_causal_drop", True), _check("bad", "matched_random_drop", False)],
+        ),
+    }
+    for job, (effects, checks) in jobs.items():
+        _mediation_job(store, tmp_path, job, effects, checks)
     return store
 
 
