@@ -199,6 +199,39 @@ def top2_gaps(
     return gap, pair_logits.abs().max(dim=-1).values
 
 
+class _Decoder(Protocol):
+    """What one cached greedy step needs of a model's decoding state (`_Stepper`, `_Slots`)."""
+
+    model: PreTrainedModel
+    adapter: ArchAdapter
+    neg_mask: torch.Tensor  # [vocab] 0 for allowed tokens, -inf for the rest
+    cache_kw: str
+
+
+@torch.no_grad()
+def _greedy_step(
+    d: _Decoder,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    pos: torch.Tensor,
+    cache: DynamicCache,
+    **model_kw: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cached forward: greedy allowed tokens `[batch]` at the last position and the final residual
+    `[batch, seq, d_model]` (the final norm's input)."""
+    with _final_resid_capture(d.adapter.final_norm) as fin:
+        out = d.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
+            use_cache=True,
+            **model_kw,
+            **{d.cache_kw: cache},
+        )
+    logits = out.logits[:, -1].float()  # [batch, vocab]
+    return (logits + d.neg_mask[: logits.shape[-1]]).argmax(-1), fin[-1]  # [batch], [batch, seq, d_model]
+
+
 class _Stepper:
     """One model's cached greedy decoding over a shrinking batch; keeps the last step's final residual."""
 
@@ -214,17 +247,9 @@ class _Stepper:
     def next_tokens(
         self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        with _final_resid_capture(self.adapter.final_norm) as seen:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{self.cache_kw: self.cache},
-            )
-        self.final = seen[-1][:, -1]  # [batch, d_model]
-        logits = out.logits[:, -1].float()  # [batch, vocab]
-        return (logits + self.neg_mask[: logits.shape[-1]]).argmax(-1)  # [batch]
+        tokens, final = _greedy_step(self, ids, attention_mask, position_ids, self.cache)
+        self.final = final[:, -1]  # [batch, d_model]
+        return tokens
 
     def gaps(self, rows: list[int], chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 top-2 gaps (and logit magnitudes) of batch `rows` whose greedy choices were `chosen`."""
@@ -389,23 +414,14 @@ class _Slots:
                     )
                 )
         try:
-            with _final_resid_capture(self.adapter.final_norm) as fin:
-                out = self.model(
-                    input_ids=ids,
-                    attention_mask=attn,
-                    position_ids=pos,
-                    use_cache=True,
-                    logits_to_keep=1,  # a prefill reads only its last position's logits
-                    **{self.cache_kw: cache},
-                )
+            # a prefill reads only its last position's logits
+            tokens, final = _greedy_step(self, ids, attn, pos, cache, logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()
         if n_layers in self.capture:
-            seen[n_layers] = fin[-1]
-        logits = out.logits[:, -1].float()  # [batch, vocab]
-        tokens = (logits + self.neg_mask[: logits.shape[-1]]).argmax(-1)  # [batch]
-        return tokens, fin[-1][:, -1], seen
+            seen[n_layers] = final
+        return tokens, final[:, -1], seen
 
     def step(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Decode one token for every live row (`ids` `[batch, 1]`); returns greedy tokens `[batch]`."""
