@@ -280,6 +280,23 @@ def _flag_near_ties(
         ev.gap_pt, ev.gap_it, ev.near_tie = g_pt, g_it, bool(t)
 
 
+_AGREED = "agreed"
+
+
+def _advance(ev: DivergenceEvent, t_pt: int, t_it: int, eos: set[int]) -> str:
+    """Apply one step's greedy tokens to `ev`: DIVERGED (they differ: the event is set at this position),
+    EOS_BEFORE_DIVERGENCE (both chose EOS), or _AGREED (the token joins the shared prefix)."""
+    if t_pt != t_it:
+        ev.diverged, ev.reason, ev.position = True, DIVERGED, len(ev.prefix_ids)
+        ev.t_pt, ev.t_it = t_pt, t_it
+        return DIVERGED
+    if t_pt in eos:
+        ev.reason = EOS_BEFORE_DIVERGENCE
+        return EOS_BEFORE_DIVERGENCE
+    ev.prefix_ids.append(t_pt)
+    return _AGREED
+
+
 def _decode_batch(
     pair: ModelPair,
     batch: list[PromptRecord],
@@ -311,15 +328,10 @@ def _decode_batch(
         keep_rows: list[int] = []
         div_rows: list[int] = []
         for row, ev_idx in enumerate(active):
-            ev = events[ev_idx]
-            if a[row] != c[row]:
-                ev.diverged, ev.reason, ev.position = True, DIVERGED, step
-                ev.t_pt, ev.t_it = a[row], c[row]
+            outcome = _advance(events[ev_idx], a[row], c[row], eos)  # position = step
+            if outcome == DIVERGED:
                 div_rows.append(row)
-            elif a[row] in eos:
-                ev.reason = EOS_BEFORE_DIVERGENCE
-            else:
-                ev.prefix_ids.append(a[row])
+            elif outcome == _AGREED:
                 keep_rows.append(row)
         if div_rows:
             diverged = [events[active[r]] for r in div_rows]
@@ -521,17 +533,12 @@ def _decode_continuous(
         done_rows: list[int] = []
         for row, ev_idx in enumerate(active):
             ev = events[ev_idx]
-            if a[row] != c[row]:
-                ev.diverged, ev.reason, ev.position = True, DIVERGED, len(ev.prefix_ids)
-                ev.t_pt, ev.t_it = a[row], c[row]
+            outcome = _advance(ev, a[row], c[row], eos)
+            if outcome == DIVERGED:
                 div_rows.append(row)
-            elif a[row] in eos:
-                ev.reason = EOS_BEFORE_DIVERGENCE
-            else:
-                ev.prefix_ids.append(a[row])
-                if len(ev.prefix_ids) < max_new_tokens:
-                    keep_rows.append(row)
-                    continue
+            elif outcome == _AGREED and len(ev.prefix_ids) < max_new_tokens:
+                keep_rows.append(row)
+                continue
             done_rows.append(row)
         if div_rows:
             _flag_near_ties([events[active[r]] for r in div_rows], div_rows, pt, it, near_tie_threshold)
