@@ -61,6 +61,11 @@ def make_job(store: Store, owner_id: int, pair_id: str | None = None, **override
 _made: list[uuid.UUID] = []
 
 
+def rows_where(rows: list[dict[str, Any]], **equal: object) -> list[dict[str, Any]]:
+    """The rows whose columns equal `equal` (e.g. summaries at level="pair", headline=True, subset="all")."""
+    return [r for r in rows if all(r[k] == v for k, v in equal.items())]
+
+
 def effect_row(**fields: Any) -> dict[str, Any]:
     """One FEATURE_EFFECTS_SCHEMA row: an attribution score of latent None unless `fields` say otherwise."""
     row: dict[str, Any] = dict(

@@ -16,6 +16,7 @@ import pytest
 from crosspatch.app.config import Settings
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.prompts import load_prompts
+from tests.app.builders import rows_where
 from tests.app.live import client, live_service
 
 pytestmark = pytest.mark.slow
@@ -121,11 +122,8 @@ def test_crosspatch_job_with_every_control(env: dict) -> None:
     # secondary scales in the summary by default; the printed report lines in the job log
     scales = {
         r["statistic"]: r
-        for r in summaries
-        if r["level"] == "pair"
-        and r["headline"]
-        and r["subset"] == "all"
-        and r["statistic"].endswith("_share")
+        for r in rows_where(summaries, level="pair", headline=True, subset="all")
+        if r["statistic"].endswith("_share")
     }
     pt_late = sum(r["pt_late_effect"] for r in cells if r["boundary"] == headline)
     it_late = sum(r["it_late_effect"] for r in cells if r["boundary"] == headline)
