@@ -14,42 +14,22 @@ from crosspatch.engine.handoff import feature_upstream_table, handoff_balanced
 from crosspatch.engine.report import format_handoff
 from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, HANDOFF_SCHEMA
 from crosspatch.engine.stats import Z95
+from tests.app.builders import schema_row
 
 PROV = {"kind": "mediation", "spec": {}, "provenance": {}}
 
 
 def _act(prompt: str, latent: int, itup: float, ptup: float) -> dict:
-    return dict(
-        family="llama",
-        pair_id="p",
-        prompt_id=prompt,
-        dictionary_id="d",
-        layer=4,
-        latent=latent,
-        act_ptup=ptup,
-        act_itup=itup,
-        attribution=None,
-        split="test",
-    )
+    row = dict(prompt_id=prompt, layer=4, latent=latent, act_ptup=ptup, act_itup=itup, split="test")
+    return schema_row(FEATURE_ACTS_SCHEMA, **row)
 
 
 def _handoff_row(pair_id: str, analysis: str, stat: str, effect: float, half: float, **kw) -> dict:
-    return dict(
-        dict.fromkeys(HANDOFF_SCHEMA.names),
-        family="llama",
-        pair_id=pair_id,
-        dictionary_id="d",
-        level="pair",
-        analysis=analysis,
-        set_kind="topk",
-        k=4,
-        statistic=stat,
-        effect=effect,
-        ci_low=effect - half,
-        ci_high=effect + half,
-        n=10,
-        **kw,
-    )
+    ci = dict(effect=effect, ci_low=effect - half, ci_high=effect + half)
+    return schema_row(
+        HANDOFF_SCHEMA, pair_id=pair_id, level="pair", analysis=analysis, set_kind="topk", k=4,
+        statistic=stat, n=10, **ci, **kw,
+    )  # fmt: skip
 
 
 def test_feature_upstream_by_hand_balanced_rows_ingest_route_and_figures(tmp_path: Path, settings) -> None:
