@@ -184,7 +184,7 @@ def _run_controls(
     seed: int,
     batch_size: int,
     out_dir: Path | None,
-    wrong_descendant: Any = None,
+    wrong_descendant: ModelPair | None = None,
 ) -> None:
     """Run the controls in process at the pair's headline boundary, print their lines, write their tables."""
     from crosspatch.engine.control_suite import ControlOptions, format_controls, run_controls
