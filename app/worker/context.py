@@ -240,13 +240,3 @@ class JobContext:
         if workload is None:
             return self._load_pair(pair_id)
         return self._load_pair(pair_id, workload=workload, admission=self.memory)
-
-    def oom_point(self, batch_size: int) -> None:
-        """Fault hook: raise a simulated `torch.OutOfMemoryError` on a batch above `OOM_ABOVE_BATCH_ENV`."""
-        limit = os.environ.get(OOM_ABOVE_BATCH_ENV)
-        if limit is not None and batch_size > int(limit):
-            import torch
-
-            raise torch.OutOfMemoryError(
-                f"simulated out of memory at batch size {batch_size} ({OOM_ABOVE_BATCH_ENV})"
-            )
