@@ -194,6 +194,7 @@ class PairActor:
                     Path(call.hold_marker).write_text(str(os.getpid()))
                     while not hooks.cancelled():  # until the test cancels the job or kills this actor
                         time.sleep(0.05)
+                    hooks.check_cancel()
                 self.chunks += 1
                 with count_forwards(self.pair) as counts:
                     tables = chunk_tables(self.pair, task, hooks)

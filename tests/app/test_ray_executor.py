@@ -1,5 +1,6 @@
 """The Ray executor on a real local Ray: same rows as the local executor, one warm actor per pair reused by
-the next worker's job, and a killed actor's chunk re-queued with every row in DuckDB once."""
+the next worker's job, a killed actor's chunk re-queued with every row in DuckDB once, a simulated OOM
+halved inside the actor with the same rows, and a cancelled job's chunk stopped in its still-warm actor."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from crosspatch.app.services.ingest import ingest_job
 from crosspatch.app.store.duckdb import ResultsStore
 from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.store.migrate import upgrade
-from crosspatch.app.store.models import Job, JobLog, Pair
+from crosspatch.app.store.models import Job, JobLog, JobPart, Pair
+from crosspatch.app.worker.context import OOM_ABOVE_BATCH_ENV
 from crosspatch.app.worker.executor import HOLD_CHUNK_ENV, RAY_NAMESPACE, actor_name
 from crosspatch.app.worker.main import Worker
 from tests.app.builders import make_job, make_user
@@ -180,4 +182,62 @@ def test_killed_actor_requeues_its_chunk_and_rows_land_once(
         logs = [m for (m,) in s.query(JobLog.message).filter(JobLog.job_id == job_id)]
     assert any("lost on chunk 00001" in m and "re-queued" in m for m in logs)
     assert _actor_info(worker)["chunks"] == 2  # the new actor ran the re-queued chunk and the last one
+    worker.store.dispose()
+
+
+def test_oom_in_the_actor_halves_the_batch_with_the_same_rows(
+    models: Path, local_rows: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's OOM fault hook reaches the actor: each step redoes its chunk at batch 1, same rows."""
+    monkeypatch.setenv(OOM_ABOVE_BATCH_ENV, "1")
+    settings = _settings(tmp_path, models, "ray")
+    worker = Worker(settings)
+    job_id = _submit(worker, models)
+    assert _run(worker, job_id) == "ingesting"
+    rows, job = _rows(settings, worker, job_id)
+    _assert_same(rows["events"], local_rows["events"])
+    _assert_same(rows["cells"], local_rows["cells"])
+    halvings = job.provenance["oom_halvings"]
+    assert {h["batch_size"] for h in halvings} == {1}
+    assert [h["stage"] for h in halvings].count("divergence") == 3  # one per chunk
+    assert "crosspatch" in {h["stage"] for h in halvings}
+    with worker.store.session(write=False) as s:
+        logs = [m for (m,) in s.query(JobLog.message).filter(JobLog.job_id == job_id)]
+    assert sum("out of memory" in m and "batch size 1" in m for m in logs) == len(halvings)
+    worker.store.dispose()
+
+
+def test_cancel_stops_the_actor_chunk_and_the_actor_stays_warm(
+    models: Path, local_rows: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its actor holds chunk 00001: the job ends `cancelled` at the actor's next batch
+    boundary (no kill), chunk 00001 writes nothing, and the same actor runs the next job."""
+    settings = _settings(tmp_path, models, "ray")
+    worker = Worker(settings)
+    job_id = _submit(worker, models)
+    monkeypatch.setenv(HOLD_CHUNK_ENV, "00001")
+    status: list[str] = []
+    thread = threading.Thread(target=lambda: status.append(_run(worker, job_id)))
+    thread.start()
+    marker = parts_dir(settings.data_dir, job_id) / ".held-00001"
+    deadline = time.monotonic() + 120  # bounds a broken actor only
+    while not marker.exists():
+        assert thread.is_alive() and time.monotonic() < deadline, "the actor never reached chunk 00001"
+        time.sleep(0.05)
+    before = _actor_info(worker)
+    assert ops.cancel(worker.store, job_id)
+    thread.join(timeout=settings.cancel_grace_seconds)
+    assert not thread.is_alive() and status == ["cancelled"]
+    with worker.store.session(write=False) as s:
+        parts = {p.name for p in s.query(JobPart).filter(JobPart.job_id == job_id)}
+    assert parts == {"events.00000", "cells.00000"}  # nothing of the cancelled chunk
+    after = _actor_info(worker)
+    assert after["pid"] == before["pid"] and after["cancelled_chunks"] == before["cancelled_chunks"] + 1
+
+    monkeypatch.delenv(HOLD_CHUNK_ENV)
+    follow = _submit(worker, models)
+    assert _run(worker, follow) == "ingesting"
+    rows, _ = _rows(settings, worker, follow)
+    _assert_same(rows["cells"], local_rows["cells"])
+    assert _actor_info(worker)["pid"] == before["pid"]  # the warm actor ran it
     worker.store.dispose()
