@@ -78,22 +78,6 @@ class SharedCache:
             records[kind] = record
         else:
             records.setdefault(kind, {"chunks": {}})["chunks"][chunk] = record
-        try:
-            return self._reuse_or_compute(ctx, kind, key, record, material, out, compute)
-        finally:
-            if chunk is not None:
-                _summarise(records[kind])
-
-    def _reuse_or_compute(
-        self,
-        ctx: JobContext,
-        kind: str,
-        key: str,
-        record: dict[str, Any],
-        material: dict[str, Any],
-        out: Path,
-        compute: Callable[[], T],
-    ) -> T:
         if self.cap_bytes <= 0:
             record["disabled"] = True
             return compute()
@@ -105,6 +89,8 @@ class SharedCache:
                 entry.hits += 1
                 entry.last_used_at = utcnow()
                 record.update(hit=True, from_job=str(entry.job_id), entry_owner=entry.owner_id)
+        if chunk is not None:
+            _summarise(records[kind])
         if record["hit"]:
             ctx.log(f"shared cache: {kind} {key[:12]} reused from job {record['from_job']}")
             return compute()

@@ -27,7 +27,7 @@ from crosspatch.engine.divergence import DivergenceEvent, iter_divergences
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.prompts import PromptRecord
 from crosspatch.engine.results import events_table
-from crosspatch.engine.staged import StagedPair, StateStore, staged_crosspatch, staged_divergences
+from crosspatch.engine.staged import StagedPair, StateStore, staged_divergences
 
 if TYPE_CHECKING:
     from crosspatch.app.schemas.jobs import CrosspatchSpec, DivergenceSpec, PipelineSpec
@@ -150,10 +150,8 @@ def chunk_cells(
             check_noop=task.check_noop,
             on_batch=hooks.on_batch(batch_size),
         )
-        if isinstance(pair, StagedPair):
-            with StateStore(max_bytes=state_bytes) as store:
-                return staged_crosspatch(pair, events, store=store, **kwargs)
-        return run_crosspatch(pair, events, **kwargs)
+        with StateStore(max_bytes=state_bytes) as store:  # a staged pair's states between phases
+            return run_crosspatch(pair, events, store=store, **kwargs)
 
     return run_halving(run, task.batch_size, lambda b, e: hooks.on_halve("crosspatch", b, e))
 

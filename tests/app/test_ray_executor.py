@@ -128,16 +128,22 @@ def _actor_info(worker: Worker) -> dict[str, Any]:
     return ray.get(ray.get_actor(actor_name(source), namespace=RAY_NAMESPACE).info.remote())
 
 
+def _ray_job(tmp_path: Path, models: Path, local_rows: dict) -> tuple[Settings, Worker, Job]:
+    """One crosspatch job on the Ray executor, its rows checked against the local executor's."""
+    settings = _settings(tmp_path, models, "ray")
+    worker = Worker(settings)
+    job_id = _submit(worker, models)
+    assert _run(worker, job_id) == "ingesting"
+    rows, job = _rows(settings, worker, job_id)
+    _assert_same(rows["events"], local_rows["events"])
+    _assert_same(rows["cells"], local_rows["cells"])
+    return settings, worker, job
+
+
 def test_ray_jobs_equal_local_and_reuse_the_warm_actor(
     models: Path, local_rows: dict, tmp_path: Path
 ) -> None:
-    settings = _settings(tmp_path, models, "ray")
-    first = Worker(settings)
-    job_id = _submit(first, models)
-    assert _run(first, job_id) == "ingesting"
-    rows, job = _rows(settings, first, job_id)
-    _assert_same(rows["events"], local_rows["events"])
-    _assert_same(rows["cells"], local_rows["cells"])
+    settings, first, job = _ray_job(tmp_path, models, local_rows)
     assert job.provenance["executor"] == {"kind": "ray", "num_gpus": 0.0, "lost_chunks": 0}
     assert job.provenance["noop_checks"][PAIR]["cells"]["passed"]  # the actor's first chunk was checked
     info = _actor_info(first)
@@ -154,13 +160,10 @@ def test_ray_jobs_equal_local_and_reuse_the_warm_actor(
     second.store.dispose()
 
 
-def test_killed_actor_requeues_its_chunk_and_rows_land_once(
-    models: Path, local_rows: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = _settings(tmp_path, models, "ray")
-    worker = Worker(settings)
-    job_id = _submit(worker, models)
-    monkeypatch.setenv(HOLD_CHUNK_ENV, "00001")  # the actor blocks on the 2nd chunk until killed
+def _run_until_held(
+    settings: Settings, worker: Worker, job_id: uuid.UUID
+) -> tuple[threading.Thread, list[str]]:
+    """Run the job in a thread until its actor holds chunk 00001; (the thread, its status once done)."""
     status: list[str] = []
     thread = threading.Thread(target=lambda: status.append(_run(worker, job_id)))
     thread.start()
@@ -169,6 +172,17 @@ def test_killed_actor_requeues_its_chunk_and_rows_land_once(
     while not marker.exists():
         assert thread.is_alive() and time.monotonic() < deadline, "the actor never reached chunk 00001"
         time.sleep(0.05)
+    return thread, status
+
+
+def test_killed_actor_requeues_its_chunk_and_rows_land_once(
+    models: Path, local_rows: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path, models, "ray")
+    worker = Worker(settings)
+    job_id = _submit(worker, models)
+    monkeypatch.setenv(HOLD_CHUNK_ENV, "00001")  # the actor blocks on the 2nd chunk until killed
+    thread, status = _run_until_held(settings, worker, job_id)
     ray.kill(
         ray.get_actor(actor_name(replace(worker.pair_source(PAIR), device="cpu")), namespace=RAY_NAMESPACE)
     )
@@ -190,19 +204,13 @@ def test_oom_in_the_actor_halves_the_batch_with_the_same_rows(
 ) -> None:
     """The worker's OOM fault hook reaches the actor: each step redoes its chunk at batch 1, same rows."""
     monkeypatch.setenv(OOM_ABOVE_BATCH_ENV, "1")
-    settings = _settings(tmp_path, models, "ray")
-    worker = Worker(settings)
-    job_id = _submit(worker, models)
-    assert _run(worker, job_id) == "ingesting"
-    rows, job = _rows(settings, worker, job_id)
-    _assert_same(rows["events"], local_rows["events"])
-    _assert_same(rows["cells"], local_rows["cells"])
+    _, worker, job = _ray_job(tmp_path, models, local_rows)
     halvings = job.provenance["oom_halvings"]
     assert {h["batch_size"] for h in halvings} == {1}
     assert [h["stage"] for h in halvings].count("divergence") == 3  # one per chunk
     assert "crosspatch" in {h["stage"] for h in halvings}
     with worker.store.session(write=False) as s:
-        logs = [m for (m,) in s.query(JobLog.message).filter(JobLog.job_id == job_id)]
+        logs = [m for (m,) in s.query(JobLog.message).filter(JobLog.job_id == job.id)]
     assert sum("out of memory" in m and "batch size 1" in m for m in logs) == len(halvings)
     worker.store.dispose()
 
@@ -215,15 +223,8 @@ def test_cancel_stops_the_actor_chunk_and_the_actor_stays_warm(
     settings = _settings(tmp_path, models, "ray")
     worker = Worker(settings)
     job_id = _submit(worker, models)
-    monkeypatch.setenv(HOLD_CHUNK_ENV, "00001")
-    status: list[str] = []
-    thread = threading.Thread(target=lambda: status.append(_run(worker, job_id)))
-    thread.start()
-    marker = parts_dir(settings.data_dir, job_id) / ".held-00001"
-    deadline = time.monotonic() + 120  # bounds a broken actor only
-    while not marker.exists():
-        assert thread.is_alive() and time.monotonic() < deadline, "the actor never reached chunk 00001"
-        time.sleep(0.05)
+    monkeypatch.setenv(HOLD_CHUNK_ENV, "00001")  # the actor holds the 2nd chunk until cancelled
+    thread, status = _run_until_held(settings, worker, job_id)
     before = _actor_info(worker)
     assert ops.cancel(worker.store, job_id)
     thread.join(timeout=settings.cancel_grace_seconds)
