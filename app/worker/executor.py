@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
@@ -26,6 +27,9 @@ import pyarrow as pa
 from crosspatch.engine.errors import CrosspatchError
 
 if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
     from crosspatch.app.config import Settings
     from crosspatch.app.worker.context import JobContext
     from crosspatch.engine.prompts import PromptRecord
@@ -147,7 +151,7 @@ class LocalExecutor:
         return None
 
 
-def import_ray() -> Any:
+def import_ray() -> ModuleType:
     """The `ray` module, or a CrosspatchError saying how to install it."""
     try:
         import ray
@@ -254,9 +258,9 @@ class RayExecutor:
         self.num_gpus, self.retries, self.poll_seconds = num_gpus, retries, poll_seconds
         self.stop_seconds = stop_seconds  # how long a stopping job waits for its actor's chunk to leave
         self._actor_cls = self.ray.remote(PairActor)
-        self._actors: dict[str, Any] = {}
+        self._actors: dict[str, ActorHandle] = {}
 
-    def actor(self, source: PairSource) -> Any:
+    def actor(self, source: PairSource) -> ActorHandle:
         """The pair's warm actor: this worker's handle, else the cluster's by name, else a new one."""
         name = actor_name(source)
         if name not in self._actors:
@@ -319,7 +323,7 @@ class RayExecutor:
             f"chunk {task.name} of {pair_id}: its Ray actor was lost {self.retries + 1} times"
         )
 
-    def _stop(self, actor: Any, call: ActorCall, ref: Any) -> None:
+    def _stop(self, actor: ActorHandle, call: ActorCall, ref: ObjectRef) -> None:
         """Cancel `call`'s chunk in `actor` and wait (bounded) until it has left, so the actor is free."""
         try:
             actor.cancel.remote(call.token)
