@@ -180,7 +180,8 @@ class Worker:
         if mode == "staged" and workload is None:
             raise MemoryAdmissionError(
                 f"job needs both models resident but does not fit the budget of {budget / 1e9:.2f} GB: "
-                f"{est.describe()}; only divergence and crosspatch jobs (without controls) run staged"
+                f"{est.describe()}; only divergence and crosspatch jobs on first_diff events without controls "
+                "run staged (one model resident)"
             )
         if admission is not None:
             admission.update(
