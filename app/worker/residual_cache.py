@@ -106,7 +106,8 @@ def load(out: Path) -> list[DivergenceEvent]:
 
 def run(ctx: JobContext, pair: ModelPair, task: ChunkTask, hooks: ChunkHooks) -> dict[str, pa.Table]:
     """The chunk's tables, its events and residuals reused from a readable entry, else computed and stored."""
-    assert ctx.shared_cache is not None
+    cache = ctx.shared_cache
+    assert cache is not None
     out = ctx.checkpoint_dir / KIND / task.name
     shutil.rmtree(out, ignore_errors=True)  # a crashed attempt's files: never trusted
 
@@ -115,15 +116,15 @@ def run(ctx: JobContext, pair: ModelPair, task: ChunkTask, hooks: ChunkHooks) ->
             events = load(out)
         else:
             events = chunk_events(pair, task, hooks)
-            save(events, out)  # before the 2x2 consumes the captures
+            size = sum(e.capture.nbytes for e in events if e.capture is not None)
+            if size <= cache.cap_bytes:  # larger than the whole cache: not stored (it would go at once)
+                save(events, out)  # before the 2x2 consumes the captures
         tables = {"events": events_table(events, pair.family, pair.pair_id)}
         hooks.check_cancel()
         tables["cells"] = chunk_cells(pair, events, task, hooks)
         return tables
 
     try:
-        return ctx.shared_cache.reuse_or_compute(
-            ctx, KIND, material(ctx, pair, task), out, compute, task.name
-        )
+        return cache.reuse_or_compute(ctx, KIND, material(ctx, pair, task), out, compute, task.name)
     finally:
         shutil.rmtree(out, ignore_errors=True)  # the entry keeps its own links

@@ -108,7 +108,12 @@ class SharedCache:
         out: Path,
         owner_id: int | None,
     ) -> None:
-        """Hard-link `out` into a new entry owned by the job's owner, then trim the cache to its cap."""
+        """Hard-link `out` into a new entry owned by the job's owner, then trim the cache to its cap.
+
+        Nothing is stored when `compute` left `out` absent (e.g. a state larger than the whole cache)."""
+        if not out.is_dir():
+            record["stored_bytes"] = 0
+            return
         entry_dir = self.root / f"{key}-{owner_id}"
         size = _link_tree(out, entry_dir)
         try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from crosspatch.app.config import Settings
 from crosspatch.app.queue import ops
@@ -168,3 +169,39 @@ def test_residual_entries_past_the_cap_evict_lru(settings: Settings) -> None:
     again = run(_spec(max_new_tokens=5))  # the evicted chunk is decoded again, the kept one reused
     assert [again["chunks"][n]["hit"] for n in ("00000", "00001")] == [False, True]
     worker.store.dispose()
+
+
+def test_saved_residuals_give_the_same_cells_bit_for_bit(tmp_path: Path) -> None:
+    """Events and captures round-trip through the entry's files; events past the capture budget keep none
+    (scored unfused, as in the job that computed them), and the cells are identical."""
+    from crosspatch.app.worker import residual_cache
+    from crosspatch.engine.crosspatch import crosspatch
+    from crosspatch.engine.divergence import iter_divergences
+    from tests.helpers import tiny_pair
+
+    pair = tiny_pair("llama", seed=3, it_scale=0.05)
+    prompts = random_prompts(8, seed=4)
+
+    def decode() -> list:
+        batches = iter_divergences(pair, prompts, 6, 4, capture=BOUNDARIES, max_capture_bytes=3 * 2**14)
+        return [e for b in batches for e in b]
+
+    events = decode()
+    captured = [e for e in events if e.capture is not None]
+    assert captured and len(captured) < sum(e.diverged for e in events)  # the budget left some out
+    residual_cache.save(events, tmp_path)
+    loaded = residual_cache.load(tmp_path)
+    for a, b in zip(events, loaded, strict=True):
+        assert {k: v for k, v in vars(a).items() if k != "capture"} == {
+            k: v for k, v in vars(b).items() if k != "capture"
+        }
+        assert (a.capture is None) == (b.capture is None)
+        if a.capture is not None:
+            for role in ("pt", "it"):
+                assert torch.equal(a.capture.final[role], b.capture.final[role])
+                assert all(
+                    torch.equal(a.capture.inputs[role][k], b.capture.inputs[role][k]) for k in BOUNDARIES
+                )
+    want = crosspatch(pair, events, boundary=BOUNDARIES, readouts=("it", "pt"), batch_size=BATCH)
+    got = crosspatch(pair, loaded, boundary=BOUNDARIES, readouts=("it", "pt"), batch_size=BATCH)
+    assert got.equals(want)
