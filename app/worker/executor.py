@@ -1,10 +1,11 @@
 """Where a job's chunks run: in the worker process (`local`) or in a warm Ray actor per pair (`ray`).
 
-Handlers describe one chunk as a `ChunkTask` and ask the job context's executor for its Arrow tables;
-`run_chunk` is the one chunk function both executors run, so handlers have a single code path. With Ray
-the worker stays the job's only writer: it gets the chunk's tables back as Arrow, writes the parts and
-records them in the job store (idempotent per chunk), and the service ingests them into DuckDB as for any
-job. A lost actor re-queues its chunk on a fresh actor (nothing was written for it, so no row lands twice).
+Handlers describe one chunk as a `ChunkTask` and ask for its Arrow tables (`staging.run_chunk`);
+`staging.chunk_tables` is the one chunk function both executors run (OOM halving included), so handlers
+have a single code path. With Ray the worker stays the job's only writer: it gets the chunk's tables back
+as Arrow, writes the parts and records them in the job store (idempotent per chunk), and the service
+ingests them into DuckDB as for any job. A lost actor re-queues its chunk on a fresh actor (nothing was
+written for it, so no row lands twice); a stopping job cancels its chunk in the actor, which stays warm.
 """
 
 from __future__ import annotations
@@ -283,6 +284,7 @@ class RayExecutor:
         from ray.exceptions import RayActorError
 
         from crosspatch.app.worker.staging import oom_limit, record_halving
+        from crosspatch.engine.counting import ForwardCounts
 
         device = "cuda" if self.num_gpus else "cpu"  # inside the actor: the GPU Ray gave it, or none
         source = replace(self.pair_source(pair_id), device=device)
@@ -313,11 +315,8 @@ class RayExecutor:
             for halving in result.halvings:
                 record_halving(ctx, halving)
             if result.compute:
-                totals = ctx.provenance.get("compute", {})
-                ctx.provenance["compute"] = {
-                    kind: {r: totals.get(kind, {}).get(r, 0) + n for r, n in per.items()}
-                    for kind, per in result.compute.items()
-                }
+                counts = ForwardCounts(**result.compute)
+                ctx.provenance["compute"] = counts.add(ctx.provenance.get("compute", {}))
             return result.tables
         raise CrosspatchError(
             f"chunk {task.name} of {pair_id}: its Ray actor was lost {self.retries + 1} times"
