@@ -119,6 +119,7 @@ def local_rows(models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     rows, job = _rows(settings, worker, job_id)
     assert job.provenance["executor"] == {"kind": "local"}
     assert len(rows["events"]) == 6 and rows["cells"]
+    rows["compute"] = job.provenance["compute"]  # forward calls counted in the worker
     worker.store.dispose()
     return rows
 
@@ -146,6 +147,7 @@ def test_ray_jobs_equal_local_and_reuse_the_warm_actor(
     settings, first, job = _ray_job(tmp_path, models, local_rows)
     assert job.provenance["executor"] == {"kind": "ray", "num_gpus": 0.0, "lost_chunks": 0}
     assert job.provenance["noop_checks"][PAIR]["cells"]["passed"]  # the actor's first chunk was checked
+    assert job.provenance["compute"] == local_rows["compute"]  # counted in the actor: the same work
     info = _actor_info(first)
     assert info["chunks"] == 3 and info["pid"] != os.getpid()
 
