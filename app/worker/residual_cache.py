@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import weakref
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,22 @@ def applies(ctx: JobContext, task: ChunkTask) -> bool:
     )
 
 
+_FINGERPRINTS: dict[int, dict[str, str]] = {}  # id(pair) -> its hashes, dropped with the pair
+
+
+def fingerprints(pair: ModelPair) -> dict[str, str]:
+    """`pair.provenance()`, hashed once per loaded pair (the worker keeps its pair warm across jobs)."""
+    if id(pair) not in _FINGERPRINTS:
+        _FINGERPRINTS[id(pair)] = pair.provenance()
+        weakref.finalize(pair, _FINGERPRINTS.pop, id(pair), None)
+    return _FINGERPRINTS[id(pair)]
+
+
 def material(ctx: JobContext, pair: ModelPair, task: ChunkTask) -> dict[str, Any]:
     """Everything the chunk's events and residuals depend on (the content key's input)."""
     return {
         "pair_id": pair.pair_id,
-        "pair": ctx.provenance.get("models") or pair.provenance(),  # weights + tokenizer fingerprints
+        "pair": fingerprints(pair),  # weights + tokenizer hashes: the pair's revision
         "prompts": digest([(p.id, p.text, p.category) for p in task.prompts]),
         "settings": {
             "dtype": ctx.dtype,
