@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,9 @@ from crosspatch.engine.memory import release_host_memory
 from crosspatch.engine.noop import NoopReport, attach, check_cells_noop
 from crosspatch.engine.pairs import ModelPair, check_readout
 from crosspatch.engine.results import CELL_COLUMNS, CELLS_SCHEMA
+
+if TYPE_CHECKING:  # engine.staged imports this module
+    from crosspatch.engine.staged import StagedPair, StateStore
 
 NOOP_EVENTS = 8  # events of the first fused batch the no-op check runs on (it costs two HF forwards)
 
@@ -304,7 +308,7 @@ def _cells_table(
 
 
 def crosspatch(
-    pair: ModelPair,
+    pair: ModelPair | StagedPair,
     events: Sequence[DivergenceEvent],
     boundary: int | float | str | Sequence[int] | None = None,
     readouts: Sequence[str] = ("it",),
@@ -312,13 +316,20 @@ def crosspatch(
     check_noop: bool = True,
     headline: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    store: StateStore | None = None,
 ) -> pa.Table:
     """The whole cells table for `events`, sorted by prompt id, boundary and readout.
 
     With `check_noop` (default) the first batch is no-op checked; the report rides in the table's schema
     metadata (`engine.noop.noop_report(table)`), and a failed check raises `NoopCheckError`. `on_batch` as in
-    `iter_crosspatch`: called after each batch (e.g. to stop a cancelled job there).
+    `iter_crosspatch`: called after each batch (e.g. to stop a cancelled job there). A `StagedPair`
+    (engine.staged) gives the same table in three phases, one model resident, its stored states in `store`.
     """
+    from crosspatch.engine.staged import StagedPair, staged_cells
+
+    if isinstance(pair, StagedPair):
+        plan = cells_plan(pair, boundary, readouts, batch_size, headline)  # type: ignore[arg-type]
+        return staged_cells(pair, events, plan, readouts, batch_size, check_noop, on_batch, store)
     reports: list[NoopReport] = []
     parts = list(
         iter_crosspatch(

@@ -44,7 +44,7 @@ from crosspatch.engine.adapters import (
     positions_from_mask,
 )
 from crosspatch.engine.admission import read_shape
-from crosspatch.engine.crosspatch import CELLS, _cells_table, cells_plan, length_batches, margin
+from crosspatch.engine.crosspatch import CELLS, _cells_table, length_batches, margin
 from crosspatch.engine.divergence import (
     DIVERGED,
     EOS_BEFORE_DIVERGENCE,
@@ -189,20 +189,28 @@ class StagedPair:
         return self._adapters[role]
 
 
+IDENTITY = ("family", "pair_id", "pair_label", "pt_revision", "it_revision")
+
+
 def load_staged_pair(
     pt: str | Path,
     it: str | Path,
     *,
     device: str | dict[str, int | str] = "cpu",
     dtype: str | torch.dtype = "float32",
-    family: str | None = None,
-    pair_id: str | None = None,
-    pair_label: str | None = None,
-    pt_revision: str | None = None,
-    it_revision: str | None = None,
     max_memory: dict[int | str, int | str] | None = None,
+    **identity: str | None,
 ) -> StagedPair:
-    """A `StagedPair` of two saved models: tokenizers and shapes now, weights only when a phase needs them."""
+    """A `StagedPair` of two saved models: tokenizers and shapes now, weights only when a phase needs them.
+
+    `identity`: `load_pair`'s `family`, `pair_id`, `pair_label`, `pt_revision`, `it_revision`.
+    """
+    unknown = sorted(set(identity) - set(IDENTITY))
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {unknown}; valid: device, dtype, max_memory, {', '.join(IDENTITY)}"
+        )
+    family, pair_id, pair_label, pt_revision, it_revision = (identity.get(k) for k in IDENTITY)
     shape = read_shape(pt)
 
     def loader(path: str | Path, revision: str | None) -> Loader:
@@ -500,22 +508,22 @@ def _compare(
 
 # ---- the 2x2 ---------------------------------------------------------------------------------
 @torch.no_grad()
-def staged_crosspatch(
+def staged_cells(
     pair: StagedPair,
     events: Sequence[DivergenceEvent],
-    boundary: int | float | str | Sequence[int] | None = None,
-    readouts: Sequence[str] = ("it",),
-    batch_size: int = 16,
-    check_noop: bool = True,
-    headline: int | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-    store: StateStore | None = None,
+    plan: tuple[list[int], int],
+    readouts: Sequence[str],
+    batch_size: int,
+    check_noop: bool,
+    on_batch: Callable[[int, int], None] | None,
+    store: StateStore | None,
 ) -> pa.Table:
-    """`engine.crosspatch.crosspatch` in three phases (IT, PT, IT), one model resident: the same cells table.
+    """The cells table in three phases (IT, PT, IT), one model resident: `crosspatch(staged_pair, ...)`.
 
-    `store` bounds the host memory of the stored states (default: 2 GiB, then memory-mapped files).
+    `plan`: (boundaries, headline) from `cells_plan`; `store` bounds the host memory of the stored states
+    (None: 2 GiB, then memory-mapped files).
     """
-    boundaries, headline = cells_plan(pair, boundary, readouts, batch_size, headline)  # type: ignore[arg-type]
+    boundaries, headline = plan
     batches = list(length_batches([e for e in events if e.diverged], batch_size))
     if not batches:
         return CELLS_SCHEMA.empty_table()

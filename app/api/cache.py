@@ -19,7 +19,7 @@ def list_cache(
     user: CurrentUser,
     pair_id: Annotated[str | None, Query(max_length=64, description="Only this pair's entries.")] = None,
 ) -> CacheEntriesPublic:
-    """Cached dictionaries / activation caches the caller may reuse: their own and those of jobs shared
-    with the lab (admins: all), most recently used first."""
+    """Cached states the caller may reuse (dictionaries with activation caches, a 2x2 chunk's residuals):
+    their own and those of jobs shared with the lab (admins: all), most recently used first."""
     rows = [CacheEntryPublic.model_validate(r) for r in service.list_entries(session, user, pair_id)]
     return CacheEntriesPublic(data=rows, count=len(rows), total_bytes=sum(r.size_bytes for r in rows))

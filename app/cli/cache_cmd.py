@@ -1,4 +1,4 @@
-"""`crosspatch cache ls`: the shared cache of dictionaries / activation caches (what is cached, for whom).
+"""`crosspatch cache ls`: the shared cache of dictionaries, activation caches and residuals (what, for whom).
 
 Through the server by default (the caller's key sees their own entries and those of jobs shared with
 the lab; admins all); `--local` reads the job store on the server host directly (every entry).
@@ -16,7 +16,8 @@ from crosspatch.app.cli.client_cmd import Json, Key, Url
 from crosspatch.app.client import Client
 
 cache = typer.Typer(
-    help="The shared cache of computed states (dictionaries, activation caches).", no_args_is_help=True
+    help="The shared cache of computed states (dictionaries, activation caches, residuals).",
+    no_args_is_help=True,
 )
 cli.add_typer(cache, name="cache")
 

@@ -1,4 +1,4 @@
-"""The shared cache of computed states (dictionaries with their activation caches): keys, access, LRU.
+"""The shared cache of computed states (dictionaries with activation caches, residuals): keys, access, LRU.
 
 An entry is content-addressed: `content_key` hashes everything the state depends on (pair weights and
 tokenizer fingerprints, prompt set, settings), so any later job with the same inputs may reuse it. Access

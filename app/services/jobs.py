@@ -194,7 +194,8 @@ def _memory_estimate(settings: Settings, spec: Any, pairs: list[Pair]) -> int | 
             raise Invalid(
                 "spec",
                 f"pair {pair.pair_id!r}: a {spec.kind} job needs both models resident, which does not fit the "
-                f"budget of {settings.device_memory_gb} GB per device: {est.describe()}",
+                f"budget of {settings.device_memory_gb} GB per device: {est.describe()}; only divergence and "
+                "crosspatch jobs on first_diff events without controls run staged (one model resident)",
             )
         need = max(need, est.staged if staged else est.lockstep)
     return need

@@ -7,9 +7,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +22,12 @@ from crosspatch.app.store.session import Store
 from crosspatch.app.worker.executor import Executor, LocalExecutor
 from crosspatch.app.worker.shared_cache import SharedCache
 
+if TYPE_CHECKING:
+    from crosspatch.engine.admission import Workload
+    from crosspatch.engine.pairs import ModelPair
+    from crosspatch.engine.staged import StagedPair
+    from crosspatch.saes.load import Dictionary
+
 log = logging.getLogger(__name__)
 
 # Fault injection for crash tests: a worker started with this variable set to N stops making progress
@@ -33,6 +38,15 @@ HELD_MARKER = ".held"
 # Fault injection for the OOM path: a batch larger than N raises a simulated torch.OutOfMemoryError after it
 # ran (mid-chunk), so the job must halve its batch and redo the chunk.
 OOM_ABOVE_BATCH_ENV = "CROSSPATCH_FAULT_OOM_ABOVE_BATCH"
+
+
+class PairLoader(Protocol):
+    """The worker's pair loader: a warm `ModelPair`, or under a memory budget a `StagedPair` for a job
+    that passes its `workload` (the decision goes into `admission`)."""
+
+    def __call__(
+        self, pair_id: str, workload: Workload | None = None, admission: dict[str, Any] | None = None
+    ) -> ModelPair | StagedPair: ...
 
 
 class JobCancelled(Exception):
@@ -52,10 +66,11 @@ class JobContext:
         lease_seconds: float,
         device: str,
         dtype: str,
-        load_pair: Callable[[str], Any],
+        load_pair: PairLoader,
         stopping: threading.Event,
         executor: Executor | None = None,
         shared_cache: SharedCache | None = None,
+        staged_state_bytes: int = 2 << 30,
     ) -> None:
         self.store, self.job_id, self.worker_id = store, job_id, worker_id
         self.lease_seconds = lease_seconds
@@ -63,9 +78,8 @@ class JobContext:
         self.checkpoint_dir = parts_dir(data_dir, job_id)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.provenance: dict[str, Any] = {}
-        self.memory: dict[
-            str, Any
-        ] = {}  # admission: mode, budget, estimate; the worker adds the measured peak
+        self.memory: dict[str, Any] = {}  # admission: mode, budget, estimate; the worker adds the peak
+        self.staged_state_bytes = staged_state_bytes  # host memory for a staged job's stored states
         self._load_pair = load_pair
         self.executor: Executor = executor or LocalExecutor()  # where handlers run their chunks
         self.shared_cache = shared_cache  # dictionaries / activation caches reused across jobs; None: off
@@ -209,7 +223,7 @@ class JobContext:
                 raise ValueError(f"unknown dictionary {dictionary_id!r}")
             return Path(d.path)
 
-    def register_dictionary(self, dictionary: Any, pair: Any) -> str:
+    def register_dictionary(self, dictionary: Dictionary, pair: ModelPair) -> str:
         """Record a dictionary this job trained in the job store's registry (upsert by id); returns its id."""
         from crosspatch.app.store.models import Dictionary, Job
 
@@ -231,22 +245,18 @@ class JobContext:
         return dict_id
 
     # ---- models ------------------------------------------------------------------------------
-    def load_pair(self, pair_id: str, workload: Any = None) -> Any:
+    @overload
+    def load_pair(self, pair_id: str) -> ModelPair: ...
+
+    @overload
+    def load_pair(self, pair_id: str, workload: Workload | None) -> ModelPair | StagedPair: ...
+
+    def load_pair(self, pair_id: str, workload: Workload | None = None) -> ModelPair | StagedPair:
         """The worker's warm `ModelPair` for `pair_id` (loaded on first use).
 
         A job that can run staged passes its `workload` (engine.admission.Workload): under a memory budget
         it may get a `StagedPair` (one model resident) instead; the decision lands in `memory`.
         """
         if workload is None:
-            return self._load_pair(pair_id)
+            return self._load_pair(pair_id)  # no workload: never staged
         return self._load_pair(pair_id, workload=workload, admission=self.memory)
-
-    def oom_point(self, batch_size: int) -> None:
-        """Fault hook: raise a simulated `torch.OutOfMemoryError` on a batch above `OOM_ABOVE_BATCH_ENV`."""
-        limit = os.environ.get(OOM_ABOVE_BATCH_ENV)
-        if limit is not None and batch_size > int(limit):
-            import torch
-
-            raise torch.OutOfMemoryError(
-                f"simulated out of memory at batch size {batch_size} ({OOM_ABOVE_BATCH_ENV})"
-            )

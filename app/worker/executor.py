@@ -1,10 +1,11 @@
 """Where a job's chunks run: in the worker process (`local`) or in a warm Ray actor per pair (`ray`).
 
-Handlers describe one chunk as a `ChunkTask` and ask the job context's executor for its Arrow tables;
-`run_chunk` is the one chunk function both executors run, so handlers have a single code path. With Ray
-the worker stays the job's only writer: it gets the chunk's tables back as Arrow, writes the parts and
-records them in the job store (idempotent per chunk), and the service ingests them into DuckDB as for any
-job. A lost actor re-queues its chunk on a fresh actor (nothing was written for it, so no row lands twice).
+Handlers describe one chunk as a `ChunkTask` and ask for its Arrow tables (`staging.run_chunk`);
+`staging.chunk_tables` is the one chunk function both executors run (OOM halving included), so handlers
+have a single code path. With Ray the worker stays the job's only writer: it gets the chunk's tables back
+as Arrow, writes the parts and records them in the job store (idempotent per chunk), and the service
+ingests them into DuckDB as for any job. A lost actor re-queues its chunk on a fresh actor (nothing was
+written for it, so no row lands twice); a stopping job cancels its chunk in the actor, which stays warm.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import json
 import logging
 import os
 import threading
+import time
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
@@ -24,9 +28,11 @@ import pyarrow as pa
 from crosspatch.engine.errors import CrosspatchError
 
 if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
     from crosspatch.app.config import Settings
     from crosspatch.app.worker.context import JobContext
-    from crosspatch.engine.pairs import ModelPair
     from crosspatch.engine.prompts import PromptRecord
 
 log = logging.getLogger(__name__)
@@ -70,37 +76,50 @@ class PairSource:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_chunk(
-    pair: ModelPair, task: ChunkTask, on_batch: Callable[[int, int], None] | None = None
-) -> dict[str, pa.Table]:
-    """First divergences of the chunk's prompts and (with boundaries) their 2x2 cells, as Arrow tables."""
-    from crosspatch.engine.crosspatch import crosspatch as run_crosspatch
-    from crosspatch.engine.divergence import iter_divergences
-    from crosspatch.engine.results import events_table
+@dataclass(frozen=True)
+class ActorCall:
+    """How the worker asks an actor for one chunk: a unique token to cancel it by, and the fault hooks."""
 
-    batches = iter_divergences(
-        pair,
-        list(task.prompts),
-        max_new_tokens=task.max_new_tokens,
-        batch_size=task.batch_size,
-        chat_template=task.chat_template,
-        event=task.event,
-        on_batch=on_batch,
-        capture=task.boundaries if task.event == "first_diff" else None,  # the fused 2x2
-    )
-    events = [e for batch in batches for e in batch]
-    out = {"events": events_table(events, pair.family, pair.pair_id)}
-    if task.boundaries is not None:
-        out["cells"] = run_crosspatch(
-            pair,
-            events,
-            boundary=list(task.boundaries),
-            readouts=task.readouts,
-            batch_size=task.batch_size,
-            check_noop=task.check_noop,
-            on_batch=on_batch,
-        )
-    return out
+    token: str  # job id, chunk name and a nonce: a cancel never reaches another attempt's chunk
+    hold_marker: str | None = None  # HOLD_CHUNK_ENV: write this file and block until cancelled or killed
+    oom_above_batch: int | None = None  # CROSSPATCH_FAULT_OOM_ABOVE_BATCH read by the worker
+
+
+@dataclass
+class ChunkResult:
+    """What an actor sends back: the chunk's tables, its OOM halvings and its forward counts."""
+
+    tables: dict[str, pa.Table]
+    halvings: list[dict[str, int | str]] = field(default_factory=list)
+    compute: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class ChunkCancelled(CrosspatchError):
+    """An actor's chunk stopped at a batch boundary: its job was cancelled (the actor stays warm)."""
+
+
+class ActorHooks:
+    """`staging.ChunkHooks` inside a pair actor: the call's fault hook and cancel flag; halvings kept."""
+
+    def __init__(self, call: ActorCall, cancelled: Callable[[], bool]) -> None:
+        self.call, self.cancelled = call, cancelled
+        self.halvings: list[dict[str, int | str]] = []
+
+    def on_batch(self, batch_size: int) -> Callable[[int, int], None]:
+        from crosspatch.app.worker.staging import oom_point
+
+        def on_batch(_done: int, _total: int) -> None:
+            oom_point(batch_size, self.call.oom_above_batch)
+            self.check_cancel()
+
+        return on_batch
+
+    def check_cancel(self) -> None:
+        if self.cancelled():
+            raise ChunkCancelled(f"chunk {self.call.token} cancelled")
+
+    def on_halve(self, stage: str, batch_size: int, error: BaseException) -> None:
+        self.halvings.append({"stage": stage, "batch_size": batch_size, "error": str(error)})
 
 
 class Executor(Protocol):
@@ -121,8 +140,10 @@ class LocalExecutor:
     kind = "local"
 
     def run_chunk(self, ctx: JobContext, pair_id: str, task: ChunkTask) -> dict[str, pa.Table]:
-        """The chunk's tables, computed here (the engine's per-batch callback is the job's cancel point)."""
-        return run_chunk(ctx.load_pair(pair_id), task, ctx.cancel_point)
+        """The chunk's tables, computed here (`staging.run_chunk`: the job's cancel points, OOM halving)."""
+        from crosspatch.app.worker.staging import run_chunk
+
+        return run_chunk(ctx, ctx.load_pair(pair_id), task)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind}
@@ -131,7 +152,7 @@ class LocalExecutor:
         return None
 
 
-def import_ray() -> Any:
+def import_ray() -> ModuleType:
     """The `ray` module, or a CrosspatchError saying how to install it."""
     try:
         import ray
@@ -143,7 +164,11 @@ def import_ray() -> Any:
 
 
 class PairActor:
-    """A Ray actor holding one loaded pair warm; runs chunks on it (serially)."""
+    """A Ray actor holding one loaded pair warm; runs its chunks one at a time, and takes cancels meanwhile.
+
+    Threaded (two calls at once): `run` holds a lock, so chunks stay serial, while `cancel(token)` lands
+    beside a running chunk, which stops at its next batch boundary (`ActorHooks`) and leaves the pair warm.
+    """
 
     def __init__(self, source: PairSource) -> None:
         from crosspatch.engine.pairs import load_pair
@@ -158,14 +183,36 @@ class PairActor:
             pair_id=source.pair_id,
         )
         self.chunks = 0
+        self.cancelled_chunks = 0
+        self._lock = threading.Lock()
+        self._cancelled: set[str] = set()
 
-    def run(self, task: ChunkTask, hold_marker: str | None = None) -> dict[str, pa.Table]:
-        """Run one chunk on the warm pair (blocks first when a test asked it to hold on this chunk)."""
-        if hold_marker is not None and not os.path.exists(hold_marker):
-            Path(hold_marker).write_text(str(os.getpid()))
-            threading.Event().wait()  # until the test kills this actor
-        self.chunks += 1
-        return run_chunk(self.pair, task)
+    def run(self, task: ChunkTask, call: ActorCall) -> ChunkResult:
+        """Run one chunk on the warm pair (`staging.chunk_tables`, the local path's function)."""
+        from crosspatch.app.worker.staging import chunk_tables
+        from crosspatch.engine.counting import count_forwards
+
+        with self._lock:
+            hooks = ActorHooks(call, lambda: call.token in self._cancelled)
+            try:
+                if call.hold_marker is not None and not os.path.exists(call.hold_marker):
+                    Path(call.hold_marker).write_text(str(os.getpid()))
+                    while not hooks.cancelled():  # until the test cancels the job or kills this actor
+                        time.sleep(0.05)
+                    hooks.check_cancel()
+                self.chunks += 1
+                with count_forwards(self.pair) as counts:
+                    tables = chunk_tables(self.pair, task, hooks)
+                return ChunkResult(tables, hooks.halvings, counts.to_dict())
+            except ChunkCancelled:
+                self.cancelled_chunks += 1
+                raise
+            finally:
+                self._cancelled.discard(call.token)
+
+    def cancel(self, token: str) -> None:
+        """Stop the chunk running under `token` at its next batch boundary."""
+        self._cancelled.add(token)
 
     def info(self) -> dict[str, Any]:
         """Who this actor is and how much it ran (tests and `ray list actors` read it)."""
@@ -174,6 +221,7 @@ class PairActor:
             "pair_id": self.source.pair_id,
             "key": self.source.key,
             "chunks": self.chunks,
+            "cancelled_chunks": self.cancelled_chunks,
         }
 
 
@@ -195,6 +243,7 @@ class RayExecutor:
         num_gpus: float = 0.0,
         retries: int = 3,
         poll_seconds: float = 0.5,
+        stop_seconds: float = 10.0,
     ) -> None:
         self.ray = import_ray()
         if not self.ray.is_initialized():
@@ -208,10 +257,11 @@ class RayExecutor:
                 ) from e
         self.pair_source = pair_source
         self.num_gpus, self.retries, self.poll_seconds = num_gpus, retries, poll_seconds
+        self.stop_seconds = stop_seconds  # how long a stopping job waits for its actor's chunk to leave
         self._actor_cls = self.ray.remote(PairActor)
-        self._actors: dict[str, Any] = {}
+        self._actors: dict[str, ActorHandle] = {}
 
-    def actor(self, source: PairSource) -> Any:
+    def actor(self, source: PairSource) -> ActorHandle:
         """The pair's warm actor: this worker's handle, else the cluster's by name, else a new one."""
         name = actor_name(source)
         if name not in self._actors:
@@ -221,25 +271,34 @@ class RayExecutor:
                 get_if_exists=True,
                 num_gpus=self.num_gpus,
                 num_cpus=1,
-                max_concurrency=1,
+                max_concurrency=2,  # a chunk and a cancel beside it (chunks stay serial)
             ).remote(source)
         return self._actors[name]
 
     def run_chunk(self, ctx: JobContext, pair_id: str, task: ChunkTask) -> dict[str, pa.Table]:
-        """The chunk's tables from the pair's actor; a lost actor re-queues the chunk on a new one."""
+        """The chunk's tables from the pair's actor; a lost actor re-queues the chunk on a new one.
+
+        While the actor works the worker polls the job's cancellation point; when the job stops, the actor
+        is told to stop the chunk at its next batch boundary (it stays warm for the next job).
+        """
         from ray.exceptions import RayActorError
+
+        from crosspatch.app.worker.staging import oom_limit, record_halving
+        from crosspatch.engine.counting import ForwardCounts
 
         device = "cuda" if self.num_gpus else "cpu"  # inside the actor: the GPU Ray gave it, or none
         source = replace(self.pair_source(pair_id), device=device)
         hold = None
         if os.environ.get(HOLD_CHUNK_ENV) == task.name:
             hold = str(ctx.checkpoint_dir / f".held-{task.name}")
+        call = ActorCall(f"{ctx.job_id}:{task.name}:{uuid.uuid4().hex[:8]}", hold, oom_limit())
         for attempt in range(self.retries + 1):
-            ref = self.actor(source).run.remote(task, hold)
+            actor = self.actor(source)
+            ref = actor.run.remote(task, call)
             try:
                 while not self.ray.wait([ref], timeout=self.poll_seconds)[0]:
                     ctx.check_cancel()  # the job's cancellation point while the actor works
-                return self.ray.get(ref)
+                result: ChunkResult = self.ray.get(ref)
             except RayActorError as e:
                 self._actors.pop(actor_name(source), None)
                 record = ctx.provenance.setdefault("executor", self.describe())
@@ -249,9 +308,27 @@ class RayExecutor:
                     f"re-queued ({type(e).__name__})",
                     level="WARNING",
                 )
+                continue
+            except BaseException:  # the job stops (cancel, lease lost, shutdown): so does its chunk
+                self._stop(actor, call, ref)
+                raise
+            for halving in result.halvings:
+                record_halving(ctx, halving)
+            if result.compute:
+                counts = ForwardCounts(**result.compute)
+                ctx.provenance["compute"] = counts.add(ctx.provenance.get("compute", {}))
+            return result.tables
         raise CrosspatchError(
             f"chunk {task.name} of {pair_id}: its Ray actor was lost {self.retries + 1} times"
         )
+
+    def _stop(self, actor: ActorHandle, call: ActorCall, ref: ObjectRef) -> None:
+        """Cancel `call`'s chunk in `actor` and wait (bounded) until it has left, so the actor is free."""
+        try:
+            actor.cancel.remote(call.token)
+            self.ray.wait([ref], timeout=self.stop_seconds)
+        except Exception as e:  # a lost actor or cluster: nothing left to stop
+            log.warning("could not stop chunk %s in its actor: %s", call.token, e)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_gpus": self.num_gpus, "lost_chunks": 0}

@@ -145,7 +145,7 @@ def _chunk_task(
     )
 
 
-def _provenance(ctx: JobContext, pair: ModelPair, spec: DivergenceSpec) -> None:
+def _provenance(ctx: JobContext, pair: staging.Pair, spec: DivergenceSpec) -> None:
     ctx.provenance.update(
         pair=pair.pair_id,
         family=pair.family,
@@ -178,7 +178,7 @@ def divergence(spec: DivergenceSpec, ctx: JobContext) -> None:
     ctx.log(f"divergence done: {len(prompts)} prompts in {len(chunks)} parts")
 
 
-def _record_noop(ctx: JobContext, pair: ModelPair, stage: str, report: dict | None) -> bool:
+def _record_noop(ctx: JobContext, pair: staging.Pair, stage: str, report: dict | None) -> bool:
     """Store a runtime no-op check in provenance (`noop_checks[pair][stage]`); True if there was one."""
     if report is None:
         return False
@@ -188,7 +188,7 @@ def _record_noop(ctx: JobContext, pair: ModelPair, stage: str, report: dict | No
 
 
 def _crosspatch_chunks(
-    pair: ModelPair,
+    pair: staging.Pair,
     prompts: Sequence[PromptRecord],
     spec: CrosspatchSpec | PipelineSpec,
     ctx: JobContext,

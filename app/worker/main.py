@@ -14,7 +14,8 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -29,6 +30,11 @@ from crosspatch.app.worker.handlers import run_job  # imports the engine before 
 from crosspatch.app.worker.shared_cache import SharedCache
 from crosspatch.app.worker.supervisor import budget_reason, resident_bytes
 from crosspatch.engine.errors import CrosspatchError
+
+if TYPE_CHECKING:
+    from crosspatch.engine.admission import Workload
+    from crosspatch.engine.pairs import ModelPair
+    from crosspatch.engine.staged import StagedPair
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ class Worker:
             settings.worker_memory_bytes or self.memory_budget() or device_memory_bytes(device)
         )
         self.stopping = threading.Event()
-        self._pair: Any = None
+        self._pair: ModelPair | None = None
         self._pair_id: str | None = None
         self._status_fd = status_fd  # a supervisor reads `job <id> <kind>` / `idle` lines here
         self.executor = make_executor(settings, self.pair_source)  # local, or one Ray actor per pair
@@ -124,7 +130,9 @@ class Worker:
             n = max(1, torch.cuda.device_count())
         return int(gb * 1e9 * n)
 
-    def load_pair(self, pair_id: str, workload: Any = None, admission: dict | None = None) -> Any:
+    def load_pair(
+        self, pair_id: str, workload: Workload | None = None, admission: dict[str, Any] | None = None
+    ) -> ModelPair | StagedPair:
         """The pair for `pair_id`, from the allow-list; reuses the one already loaded.
 
         With a memory budget the job's estimate (engine.admission, from config.json) decides: lockstep (a
@@ -156,7 +164,7 @@ class Worker:
         self._pair_id = pair_id
         return self._pair
 
-    def _admit(self, pt: Any, workload: Any, admission: dict | None) -> str:
+    def _admit(self, pt: str, workload: Workload | None, admission: dict[str, Any] | None) -> str:
         """lockstep / staged for a job on the pair whose PT is `pt`; raises when even staged does not fit."""
         budget = self.memory_budget()
         if budget is None and workload is None:
@@ -172,7 +180,8 @@ class Worker:
         if mode == "staged" and workload is None:
             raise MemoryAdmissionError(
                 f"job needs both models resident but does not fit the budget of {budget / 1e9:.2f} GB: "
-                f"{est.describe()}; only divergence and crosspatch jobs (without controls) run staged"
+                f"{est.describe()}; only divergence and crosspatch jobs on first_diff events without controls "
+                "run staged (one model resident)"
             )
         if admission is not None:
             admission.update(
@@ -184,7 +193,7 @@ class Worker:
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop after handing the current job back to the queue."""
 
-        def on_signal(signum: int, _frame: Any) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("worker %s: signal %d, stopping", self.worker_id, signum)
             self.stopping.set()
 
@@ -246,9 +255,9 @@ class Worker:
             stopping=self.stopping,
             executor=self.executor,
             shared_cache=self.shared_cache,
+            staged_state_bytes=self.settings.staged_state_bytes,
         )
         ctx.provenance["executor"] = self.executor.describe()
-        ctx.staged_state_bytes = self.settings.staged_state_bytes
         beat_stop = threading.Event()
         beat = threading.Thread(
             target=self._beat, args=(ctx, beat_stop, kind), daemon=True, name=f"heartbeat-{job_id}"

@@ -44,6 +44,13 @@ def _link_tree(src: Path, dst: Path) -> int:
     return size
 
 
+def _summarise(records: dict[str, Any]) -> None:
+    """A job's per-chunk records summed up: `key` over the chunk keys in order, `hit` when all hit."""
+    chunks = [records["chunks"][name] for name in sorted(records["chunks"])]
+    records["key"] = content_key({"chunks": [c["key"] for c in chunks]})
+    records["hit"] = all(c["hit"] for c in chunks)
+
+
 class SharedCache:
     """Content-addressed directories under `root`, indexed in the job store, capped at `cap_bytes`."""
 
@@ -51,12 +58,26 @@ class SharedCache:
         self.store, self.root, self.cap_bytes = store, root, cap_bytes
 
     def reuse_or_compute(
-        self, ctx: JobContext, kind: str, material: dict[str, Any], out: Path, compute: Callable[[], T]
+        self,
+        ctx: JobContext,
+        kind: str,
+        material: dict[str, Any],
+        out: Path,
+        compute: Callable[[], T],
+        chunk: str | None = None,
     ) -> T:
-        """`compute()`'s result, with `out` filled from a reusable entry first when there is one."""
+        """`compute()`'s result, with `out` filled from a reusable entry first when there is one.
+
+        `chunk`: one of a job's per-chunk entries; provenance `shared_cache[kind]` then holds each chunk's
+        record under `chunks`, and `key` (a hash of the chunk keys in order) and `hit` (every chunk hit).
+        """
         key = content_key({"kind": kind, **material})
         record: dict[str, Any] = {"key": key, "hit": False}
-        ctx.provenance.setdefault("shared_cache", {})[kind] = record
+        records = ctx.provenance.setdefault("shared_cache", {})
+        if chunk is None:
+            records[kind] = record
+        else:
+            records.setdefault(kind, {"chunks": {}})["chunks"][chunk] = record
         if self.cap_bytes <= 0:
             record["disabled"] = True
             return compute()
@@ -68,17 +89,31 @@ class SharedCache:
                 entry.hits += 1
                 entry.last_used_at = utcnow()
                 record.update(hit=True, from_job=str(entry.job_id), entry_owner=entry.owner_id)
+        if chunk is not None:
+            _summarise(records[kind])
         if record["hit"]:
             ctx.log(f"shared cache: {kind} {key[:12]} reused from job {record['from_job']}")
             return compute()
         result = compute()
-        self._store(ctx, kind, key, material, out, owner_id)
+        self._store(ctx, kind, key, record, material, out, owner_id)
         return result
 
     def _store(
-        self, ctx: JobContext, kind: str, key: str, material: dict[str, Any], out: Path, owner_id: int | None
+        self,
+        ctx: JobContext,
+        kind: str,
+        key: str,
+        record: dict[str, Any],
+        material: dict[str, Any],
+        out: Path,
+        owner_id: int | None,
     ) -> None:
-        """Hard-link `out` into a new entry owned by the job's owner, then trim the cache to its cap."""
+        """Hard-link `out` into a new entry owned by the job's owner, then trim the cache to its cap.
+
+        Nothing is stored when `compute` left `out` absent (e.g. a state larger than the whole cache)."""
+        if not out.is_dir():
+            record["stored_bytes"] = 0
+            return
         entry_dir = self.root / f"{key}-{owner_id}"
         size = _link_tree(out, entry_dir)
         try:
@@ -99,6 +134,6 @@ class SharedCache:
             return
         with self.store.session() as s:
             evicted = evict_lru(s, self.cap_bytes)
-        ctx.provenance["shared_cache"][kind]["stored_bytes"] = size
+        record["stored_bytes"] = size
         if evicted:
             ctx.log(f"shared cache: evicted {len(evicted)} least recently used entr(y/ies) past the cap")

@@ -1,5 +1,6 @@
 """The Ray executor on a real local Ray: same rows as the local executor, one warm actor per pair reused by
-the next worker's job, and a killed actor's chunk re-queued with every row in DuckDB once."""
+the next worker's job, a killed actor's chunk re-queued with every row in DuckDB once, a simulated OOM
+halved inside the actor with the same rows, and a cancelled job's chunk stopped in its still-warm actor."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from crosspatch.app.services.ingest import ingest_job
 from crosspatch.app.store.duckdb import ResultsStore
 from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.store.migrate import upgrade
-from crosspatch.app.store.models import Job, JobLog, Pair
+from crosspatch.app.store.models import Job, JobLog, JobPart, Pair
+from crosspatch.app.worker.context import OOM_ABOVE_BATCH_ENV
 from crosspatch.app.worker.executor import HOLD_CHUNK_ENV, RAY_NAMESPACE, actor_name
 from crosspatch.app.worker.main import Worker
 from tests.app.builders import make_job, make_user
@@ -117,6 +119,7 @@ def local_rows(models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     rows, job = _rows(settings, worker, job_id)
     assert job.provenance["executor"] == {"kind": "local"}
     assert len(rows["events"]) == 6 and rows["cells"]
+    rows["compute"] = job.provenance["compute"]  # forward calls counted in the worker
     worker.store.dispose()
     return rows
 
@@ -126,18 +129,25 @@ def _actor_info(worker: Worker) -> dict[str, Any]:
     return ray.get(ray.get_actor(actor_name(source), namespace=RAY_NAMESPACE).info.remote())
 
 
+def _ray_job(tmp_path: Path, models: Path, local_rows: dict) -> tuple[Settings, Worker, Job]:
+    """One crosspatch job on the Ray executor, its rows checked against the local executor's."""
+    settings = _settings(tmp_path, models, "ray")
+    worker = Worker(settings)
+    job_id = _submit(worker, models)
+    assert _run(worker, job_id) == "ingesting"
+    rows, job = _rows(settings, worker, job_id)
+    _assert_same(rows["events"], local_rows["events"])
+    _assert_same(rows["cells"], local_rows["cells"])
+    return settings, worker, job
+
+
 def test_ray_jobs_equal_local_and_reuse_the_warm_actor(
     models: Path, local_rows: dict, tmp_path: Path
 ) -> None:
-    settings = _settings(tmp_path, models, "ray")
-    first = Worker(settings)
-    job_id = _submit(first, models)
-    assert _run(first, job_id) == "ingesting"
-    rows, job = _rows(settings, first, job_id)
-    _assert_same(rows["events"], local_rows["events"])
-    _assert_same(rows["cells"], local_rows["cells"])
+    settings, first, job = _ray_job(tmp_path, models, local_rows)
     assert job.provenance["executor"] == {"kind": "ray", "num_gpus": 0.0, "lost_chunks": 0}
     assert job.provenance["noop_checks"][PAIR]["cells"]["passed"]  # the actor's first chunk was checked
+    assert job.provenance["compute"] == local_rows["compute"]  # counted in the actor: the same work
     info = _actor_info(first)
     assert info["chunks"] == 3 and info["pid"] != os.getpid()
 
@@ -152,13 +162,10 @@ def test_ray_jobs_equal_local_and_reuse_the_warm_actor(
     second.store.dispose()
 
 
-def test_killed_actor_requeues_its_chunk_and_rows_land_once(
-    models: Path, local_rows: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = _settings(tmp_path, models, "ray")
-    worker = Worker(settings)
-    job_id = _submit(worker, models)
-    monkeypatch.setenv(HOLD_CHUNK_ENV, "00001")  # the actor blocks on the 2nd chunk until killed
+def _run_until_held(
+    settings: Settings, worker: Worker, job_id: uuid.UUID
+) -> tuple[threading.Thread, list[str]]:
+    """Run the job in a thread until its actor holds chunk 00001; (the thread, its status once done)."""
     status: list[str] = []
     thread = threading.Thread(target=lambda: status.append(_run(worker, job_id)))
     thread.start()
@@ -167,6 +174,17 @@ def test_killed_actor_requeues_its_chunk_and_rows_land_once(
     while not marker.exists():
         assert thread.is_alive() and time.monotonic() < deadline, "the actor never reached chunk 00001"
         time.sleep(0.05)
+    return thread, status
+
+
+def test_killed_actor_requeues_its_chunk_and_rows_land_once(
+    models: Path, local_rows: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path, models, "ray")
+    worker = Worker(settings)
+    job_id = _submit(worker, models)
+    monkeypatch.setenv(HOLD_CHUNK_ENV, "00001")  # the actor blocks on the 2nd chunk until killed
+    thread, status = _run_until_held(settings, worker, job_id)
     ray.kill(
         ray.get_actor(actor_name(replace(worker.pair_source(PAIR), device="cpu")), namespace=RAY_NAMESPACE)
     )
@@ -180,4 +198,49 @@ def test_killed_actor_requeues_its_chunk_and_rows_land_once(
         logs = [m for (m,) in s.query(JobLog.message).filter(JobLog.job_id == job_id)]
     assert any("lost on chunk 00001" in m and "re-queued" in m for m in logs)
     assert _actor_info(worker)["chunks"] == 2  # the new actor ran the re-queued chunk and the last one
+    worker.store.dispose()
+
+
+def test_oom_in_the_actor_halves_the_batch_with_the_same_rows(
+    models: Path, local_rows: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's OOM fault hook reaches the actor: each step redoes its chunk at batch 1, same rows."""
+    monkeypatch.setenv(OOM_ABOVE_BATCH_ENV, "1")
+    _, worker, job = _ray_job(tmp_path, models, local_rows)
+    halvings = job.provenance["oom_halvings"]
+    assert {h["batch_size"] for h in halvings} == {1}
+    assert [h["stage"] for h in halvings].count("divergence") == 3  # one per chunk
+    assert "crosspatch" in {h["stage"] for h in halvings}
+    with worker.store.session(write=False) as s:
+        logs = [m for (m,) in s.query(JobLog.message).filter(JobLog.job_id == job.id)]
+    assert sum("out of memory" in m and "batch size 1" in m for m in logs) == len(halvings)
+    worker.store.dispose()
+
+
+def test_cancel_stops_the_actor_chunk_and_the_actor_stays_warm(
+    models: Path, local_rows: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its actor holds chunk 00001: the job ends `cancelled` at the actor's next batch
+    boundary (no kill), chunk 00001 writes nothing, and the same actor runs the next job."""
+    settings = _settings(tmp_path, models, "ray")
+    worker = Worker(settings)
+    job_id = _submit(worker, models)
+    monkeypatch.setenv(HOLD_CHUNK_ENV, "00001")  # the actor holds the 2nd chunk until cancelled
+    thread, status = _run_until_held(settings, worker, job_id)
+    before = _actor_info(worker)
+    assert ops.cancel(worker.store, job_id)
+    thread.join(timeout=settings.cancel_grace_seconds)
+    assert not thread.is_alive() and status == ["cancelled"]
+    with worker.store.session(write=False) as s:
+        parts = {p.name for p in s.query(JobPart).filter(JobPart.job_id == job_id)}
+    assert parts == {"events.00000", "cells.00000"}  # nothing of the cancelled chunk
+    after = _actor_info(worker)
+    assert after["pid"] == before["pid"] and after["cancelled_chunks"] == before["cancelled_chunks"] + 1
+
+    monkeypatch.delenv(HOLD_CHUNK_ENV)
+    follow = _submit(worker, models)
+    assert _run(worker, follow) == "ingesting"
+    rows, _ = _rows(settings, worker, follow)
+    _assert_same(rows["cells"], local_rows["cells"])
+    assert _actor_info(worker)["pid"] == before["pid"]  # the warm actor ran it
     worker.store.dispose()

@@ -23,7 +23,6 @@ from crosspatch.engine.staged import (
     StagedPair,
     StateStore,
     load_staged_pair,
-    staged_crosspatch,
     staged_divergences,
 )
 
@@ -72,7 +71,7 @@ def test_staged_equals_lockstep_per_family(family: str) -> None:
     assert sum(e.diverged for e in events) >= 3
     boundaries = [1, 3]
     lock = crosspatch(pair, lock_events, boundary=boundaries, readouts=("it", "pt", "own"), batch_size=6)
-    cells = staged_crosspatch(staged, events, boundary=boundaries, readouts=("it", "pt", "own"), batch_size=6)
+    cells = crosspatch(staged, events, boundary=boundaries, readouts=("it", "pt", "own"), batch_size=6)
     assert _same_cells(lock, cells) <= 1e-5
     assert staged.loads == ["pt", "it", "pt", "it"]  # divergence PT, IT; 2x2 IT (kept), PT, IT
     assert noop_report(cells)["passed"] and set(noop_report(cells)["max_abs_diff"]) == {
@@ -96,7 +95,7 @@ def test_staged_organism_from_disk_frees_models_and_spills(tmp_path) -> None:
     _same_events(lock_events, events)
     gone = weakref.ref(staged.model("it"))
     with StateStore(max_bytes=0, spill_dir=tmp_path / "spill") as store:  # every stored state memory-mapped
-        cells = staged_crosspatch(staged, events, batch_size=8, store=store)
+        cells = crosspatch(staged, events, batch_size=8, store=store)
         assert store.spilled > 0 and store.in_memory == 0
     assert _same_cells(lock, cells) <= 1e-5
     assert staged.resident() == ["it"]
