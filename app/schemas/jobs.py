@@ -93,9 +93,15 @@ CONTROLS_HELP = (
 _DEFAULT = EngineControlOptions()  # the method's defaults, as the engine holds them
 
 
-def _default(name: str) -> Any:
-    """A `default_factory` giving the engine's default of `name` as a list."""
-    return lambda: list(getattr(_DEFAULT, name))
+def _listed(name: str, min_length: int, max_length: int, description: str) -> Any:
+    """A list knob: the engine's default of `name` as a list, and its length bounds."""
+
+    def factory() -> list:
+        return list(getattr(_DEFAULT, name))
+
+    return Field(
+        default_factory=factory, min_length=min_length, max_length=max_length, description=description
+    )
 
 
 class DescendantIn(_Spec):
@@ -119,18 +125,10 @@ class DescendantIn(_Spec):
 class ControlOptions(_Spec):
     """Knobs of the 2x2 controls (defaults: the engine's, which follow the method)."""
 
-    alphas: list[float] = Field(
-        default_factory=_default("alphas"),
-        min_length=2,
-        max_length=21,
-        description="Interpolation grid of U(a) = (1 - a) U_PT + a U_IT (values in [0, 1]).",
+    alphas: list[float] = _listed(
+        "alphas", 2, 21, "Interpolation grid of U(a) = (1 - a) U_PT + a U_IT (values in [0, 1])."
     )
-    seeds: list[int] = Field(
-        default_factory=_default("seeds"),
-        min_length=1,
-        max_length=20,
-        description="Signed-permutation draws.",
-    )
+    seeds: list[int] = _listed("seeds", 1, 20, "Signed-permutation draws.")
     n_bins: int = Field(
         default=_DEFAULT.n_bins, ge=1, le=20, description="Boundary-margin quantile bins (commitment)."
     )
@@ -143,40 +141,22 @@ class ControlOptions(_Spec):
     n_tries: int = Field(
         default=_DEFAULT.n_tries, ge=1, le=256, description="Random prefix lengths tried per rollout."
     )
-    horizons: list[int] = Field(
-        default_factory=_default("horizons"),
-        min_length=1,
-        max_length=16,
-        description="Native-history horizons.",
-    )
+    horizons: list[int] = _listed("horizons", 1, 16, "Native-history horizons.")
     selection_seed: Seed = Field(
         default=_DEFAULT.selection_seed,
         description="Seed of the random baseline choices and closure's split.",
     )
-    windows: list[int] = Field(
-        default_factory=_default("windows"),
-        min_length=1,
-        max_length=16,
-        description="Anatomy: final-k windows.",
+    windows: list[int] = _listed("windows", 1, 16, "Anatomy: final-k windows.")
+    mlp_windows: list[int] = _listed(
+        "mlp_windows",
+        1,
+        16,
+        "Identity transfer: final-k MLP grafts (a k beyond the pair's blocks: a not-valid row).",
     )
-    mlp_windows: list[int] = Field(
-        default_factory=_default("mlp_windows"),
-        min_length=1,
-        max_length=16,
-        description="Identity transfer: final-k MLP grafts (a k beyond the pair's blocks: a not-valid row).",
+    ranks: list[int | Literal["full"]] = _listed(
+        "ranks", 1, 16, "Closure: PCA ranks ('full' = the whole shift)."
     )
-    ranks: list[int | Literal["full"]] = Field(
-        default_factory=_default("ranks"),
-        min_length=1,
-        max_length=16,
-        description="Closure: PCA ranks ('full' = the whole shift).",
-    )
-    closure_alphas: list[float] = Field(
-        default_factory=_default("closure_alphas"),
-        min_length=1,
-        max_length=21,
-        description="Closure: injection scales.",
-    )
+    closure_alphas: list[float] = _listed("closure_alphas", 1, 21, "Closure: injection scales.")
     closure_positions: Literal["last", "all"] = Field(
         default=_DEFAULT.closure_positions,
         description="Closure: inject at the scored position (method) or at every position.",
