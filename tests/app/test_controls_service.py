@@ -277,6 +277,17 @@ def test_wrong_descendant_closure_through_the_service(env: dict) -> None:
         rows = _rows(c, job_id, "closure")
         anatomy = {t: _rows(c, job_id, t) for t in ("identity_transfer", "source_decomposition")}
         logs = [e["message"] for e in c.get(f"/jobs/{job_id}/logs").json()["data"]]
+        with client(env["server"], env["keys"]["root"]) as admin:  # the same descendant as a registered pair
+            body = {
+                "pair_id": f"{TWO}_b",
+                "family": "llama",
+                "pt": str(org / "pt"),
+                "it": str(org / "stages/b"),
+            }
+            assert admin.post("/pairs", json=body).status_code == 201
+        by_id = {**spec, "controls": ["closure"]}
+        by_id["control_options"] = options | {"wrong_descendant": {"pair_id": f"{TWO}_b"}}
+        again = _rows(c, _run(c, by_id), "closure")
 
     pair = load_pair(org / "pt", org / "it")
     wrong = load_pair(org / "pt", org / "stages" / "b")
@@ -292,6 +303,7 @@ def test_wrong_descendant_closure_through_the_service(env: dict) -> None:
         assert r["valid"] == mine["valid"] and r["n_test"] == mine["n_test"]
         if r["valid"]:
             assert r["closure"] == pytest.approx(mine["closure"], abs=1e-6)
+    assert again == rows  # a registered pair's IT is the same second descendant as its path
     for b in (3, 4):
         (row,) = [
             r
