@@ -135,7 +135,9 @@ class Client:
     def provenance(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/jobs/{job_id}/provenance").json()
 
-    def top_features(self, family: str | None = None, limit: int = 20, **filters: Any) -> dict[str, Any]:
+    def top_features(
+        self, family: str | None = None, limit: int = 20, **filters: str | int | float | bool | None
+    ) -> dict[str, Any]:
         """Top mediating features; filters: dictionary_id, layer, min_events, intervention, include_failed_gate."""
         params: dict[str, Any] = {"limit": limit, **{k: v for k, v in filters.items() if v is not None}}
         if "include_failed_gate" in params:

@@ -17,16 +17,7 @@ import statistics
 from collections import Counter
 
 import torch
-from harness import (
-    base_args,
-    measure_interleaved,
-    pair_from_args,
-    paired_ratio,
-    parse,
-    random_prompts,
-    report,
-    shape_args,
-)
+from harness import base_args, measure_interleaved, paired_ratio, report, setup, shape_args
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from crosspatch.engine.divergence import (
@@ -138,9 +129,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--it-scale", type=float, default=DEFAULT_IT_SCALE)
     parser.add_argument("--probe", action="store_true", help="only print the divergence positions")
-    args = parse(parser)
-    pair = pair_from_args(args, it_scale=args.it_scale)
-    prompts = random_prompts(args.prompts)
+    args, pair, prompts = setup(parser)
     n, bs = args.max_new_tokens, args.batch_size
     ours = find_divergences(pair, prompts, max_new_tokens=n, batch_size=bs)
     print(f"first-divergence positions: {position_summary(ours)}")

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 from bench_divergence import DEFAULT_IT_SCALE, assert_same_events, generate_then_compare
-from harness import Timing, base_args, pair_from_args, parse, random_prompts, report, shape_args
+from harness import Timing, base_args, report, setup, shape_args
 
 from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.divergence import find_divergences
@@ -91,9 +91,7 @@ def main() -> None:
     parser = base_args(__doc__.splitlines()[0])
     shape_args(parser, batch_size=16, batch_help="crosspatch's divergence batch size")
     parser.add_argument("--it-scale", type=float, default=DEFAULT_IT_SCALE)
-    args = parse(parser)
-    pair = pair_from_args(args, it_scale=args.it_scale)
-    prompts = random_prompts(args.prompts)
+    args, pair, prompts = setup(parser)
     b = pair.default_boundary
     lms = make_nnsight(pair)
     # Warm-up both paths on a couple of prompts (imports, nnsight's first-trace setup, allocator).

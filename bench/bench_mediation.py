@@ -17,16 +17,7 @@ floor: the counted passes with no intervention code: the fit split's two late st
 from __future__ import annotations
 
 import torch
-from harness import (
-    base_args,
-    measure_interleaved,
-    pair_from_args,
-    paired_ratio,
-    parse,
-    random_prompts,
-    report,
-    shape_args,
-)
+from harness import base_args, measure_interleaved, paired_ratio, report, setup, shape_args
 
 from crosspatch.engine.crosspatch import clean_passes, crosspatch_batch, event_batches
 from crosspatch.engine.mediation import (
@@ -90,9 +81,8 @@ def main() -> None:
     shape_args(parser, batch_size=16)
     parser.add_argument("--latents", type=int, default=256)
     parser.add_argument("--boundary", type=int, default=7)
-    args = parse(parser)
-    pair = pair_from_args(args, it_scale=0.02)
-    events = forced_events(pair, random_prompts(args.prompts))
+    args, pair, prompts = setup(parser)
+    events = forced_events(pair, prompts)
     layer = pair.n_layers - 1
     g = torch.Generator().manual_seed(0)
     dictionary = DirectionDictionary(

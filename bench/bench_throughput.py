@@ -18,16 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 from bench_divergence import position_summary
-from harness import (
-    base_args,
-    measure_interleaved,
-    pair_from_args,
-    paired_ratio,
-    parse,
-    random_prompts,
-    report,
-    shape_args,
-)
+from harness import base_args, measure_interleaved, paired_ratio, report, setup, shape_args
 
 from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.divergence import find_divergences, iter_divergences
@@ -130,9 +121,7 @@ def main() -> None:
     parser.add_argument("--cells-batch-size", type=int, default=32)
     parser.add_argument("--part", choices=["both", "continuous", "fused"], default="both")
     parser.add_argument("--probe", action="store_true", help="only print the divergence positions")
-    args = parse(parser)
-    pair = pair_from_args(args, it_scale=args.it_scale)
-    prompts = random_prompts(args.prompts)
+    args, pair, prompts = setup(parser)
     if args.probe:
         print(position_summary(find_divergences(pair, prompts, args.max_new_tokens, args.batch_size)))
         return

@@ -145,7 +145,8 @@ def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 def pair_from_args(args, **kwargs):
-    """`random_llama_pair` with the script's shape, device, dtype and preset."""
+    """`random_llama_pair` with the script's shape, device, dtype, preset and `--it-scale` (if it has one)."""
+    kwargs.setdefault("it_scale", getattr(args, "it_scale", 0.02))
     return random_llama_pair(
         args.layers,
         args.d_model,
@@ -155,6 +156,15 @@ def pair_from_args(args, **kwargs):
         config=getattr(args, "config", None),
         **kwargs,
     )
+
+
+def setup(parser: argparse.ArgumentParser):
+    """The usual preamble: parse the options, build the random pair and `--prompts` random prompts.
+
+    Returns (args, pair, prompts)."""
+    args = parse(parser)
+    pair = pair_from_args(args)
+    return args, pair, random_prompts(args.prompts)
 
 
 def random_llama_pair(

@@ -199,6 +199,39 @@ def top2_gaps(
     return gap, pair_logits.abs().max(dim=-1).values
 
 
+class _Decoder(Protocol):
+    """What one cached greedy step needs of a model's decoding state (`_Stepper`, `_Slots`)."""
+
+    model: PreTrainedModel
+    adapter: ArchAdapter
+    neg_mask: torch.Tensor  # [vocab] 0 for allowed tokens, -inf for the rest
+    cache_kw: str
+
+
+@torch.no_grad()
+def _greedy_step(
+    d: _Decoder,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    pos: torch.Tensor,
+    cache: DynamicCache,
+    **model_kw: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cached forward: greedy allowed tokens `[batch]` at the last position and the final residual
+    `[batch, seq, d_model]` (the final norm's input)."""
+    with _final_resid_capture(d.adapter.final_norm) as fin:
+        out = d.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
+            use_cache=True,
+            **model_kw,
+            **{d.cache_kw: cache},
+        )
+    logits = out.logits[:, -1].float()  # [batch, vocab]
+    return (logits + d.neg_mask[: logits.shape[-1]]).argmax(-1), fin[-1]  # [batch], [batch, seq, d_model]
+
+
 class _Stepper:
     """One model's cached greedy decoding over a shrinking batch; keeps the last step's final residual."""
 
@@ -214,17 +247,9 @@ class _Stepper:
     def next_tokens(
         self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        with _final_resid_capture(self.adapter.final_norm) as seen:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{self.cache_kw: self.cache},
-            )
-        self.final = seen[-1][:, -1]  # [batch, d_model]
-        logits = out.logits[:, -1].float()  # [batch, vocab]
-        return (logits + self.neg_mask[: logits.shape[-1]]).argmax(-1)  # [batch]
+        tokens, final = _greedy_step(self, ids, attention_mask, position_ids, self.cache)
+        self.final = final[:, -1]  # [batch, d_model]
+        return tokens
 
     def gaps(self, rows: list[int], chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 top-2 gaps (and logit magnitudes) of batch `rows` whose greedy choices were `chosen`."""
@@ -253,6 +278,23 @@ def _flag_near_ties(
         tie = (gap_pt < near_tie_threshold) | (gap_it < near_tie_threshold)
     for ev, g_pt, g_it, t in zip(events, gap_pt.tolist(), gap_it.tolist(), tie.tolist(), strict=True):
         ev.gap_pt, ev.gap_it, ev.near_tie = g_pt, g_it, bool(t)
+
+
+_AGREED = "agreed"
+
+
+def _advance(ev: DivergenceEvent, t_pt: int, t_it: int, eos: set[int]) -> str:
+    """Apply one step's greedy tokens to `ev`: DIVERGED (they differ: the event is set at this position),
+    EOS_BEFORE_DIVERGENCE (both chose EOS), or _AGREED (the token joins the shared prefix)."""
+    if t_pt != t_it:
+        ev.diverged, ev.reason, ev.position = True, DIVERGED, len(ev.prefix_ids)
+        ev.t_pt, ev.t_it = t_pt, t_it
+        return DIVERGED
+    if t_pt in eos:
+        ev.reason = EOS_BEFORE_DIVERGENCE
+        return EOS_BEFORE_DIVERGENCE
+    ev.prefix_ids.append(t_pt)
+    return _AGREED
 
 
 def _decode_batch(
@@ -286,15 +328,10 @@ def _decode_batch(
         keep_rows: list[int] = []
         div_rows: list[int] = []
         for row, ev_idx in enumerate(active):
-            ev = events[ev_idx]
-            if a[row] != c[row]:
-                ev.diverged, ev.reason, ev.position = True, DIVERGED, step
-                ev.t_pt, ev.t_it = a[row], c[row]
+            outcome = _advance(events[ev_idx], a[row], c[row], eos)  # position = step
+            if outcome == DIVERGED:
                 div_rows.append(row)
-            elif a[row] in eos:
-                ev.reason = EOS_BEFORE_DIVERGENCE
-            else:
-                ev.prefix_ids.append(a[row])
+            elif outcome == _AGREED:
                 keep_rows.append(row)
         if div_rows:
             diverged = [events[active[r]] for r in div_rows]
@@ -389,23 +426,14 @@ class _Slots:
                     )
                 )
         try:
-            with _final_resid_capture(self.adapter.final_norm) as fin:
-                out = self.model(
-                    input_ids=ids,
-                    attention_mask=attn,
-                    position_ids=pos,
-                    use_cache=True,
-                    logits_to_keep=1,  # a prefill reads only its last position's logits
-                    **{self.cache_kw: cache},
-                )
+            # a prefill reads only its last position's logits
+            tokens, final = _greedy_step(self, ids, attn, pos, cache, logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()
         if n_layers in self.capture:
-            seen[n_layers] = fin[-1]
-        logits = out.logits[:, -1].float()  # [batch, vocab]
-        tokens = (logits + self.neg_mask[: logits.shape[-1]]).argmax(-1)  # [batch]
-        return tokens, fin[-1][:, -1], seen
+            seen[n_layers] = final
+        return tokens, final[:, -1], seen
 
     def step(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Decode one token for every live row (`ids` `[batch, 1]`); returns greedy tokens `[batch]`."""
@@ -505,17 +533,12 @@ def _decode_continuous(
         done_rows: list[int] = []
         for row, ev_idx in enumerate(active):
             ev = events[ev_idx]
-            if a[row] != c[row]:
-                ev.diverged, ev.reason, ev.position = True, DIVERGED, len(ev.prefix_ids)
-                ev.t_pt, ev.t_it = a[row], c[row]
+            outcome = _advance(ev, a[row], c[row], eos)
+            if outcome == DIVERGED:
                 div_rows.append(row)
-            elif a[row] in eos:
-                ev.reason = EOS_BEFORE_DIVERGENCE
-            else:
-                ev.prefix_ids.append(a[row])
-                if len(ev.prefix_ids) < max_new_tokens:
-                    keep_rows.append(row)
-                    continue
+            elif outcome == _AGREED and len(ev.prefix_ids) < max_new_tokens:
+                keep_rows.append(row)
+                continue
             done_rows.append(row)
         if div_rows:
             _flag_near_ties([events[active[r]] for r in div_rows], div_rows, pt, it, near_tie_threshold)

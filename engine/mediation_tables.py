@@ -75,6 +75,12 @@ def effects_table(
     layer_of = {d.id: d.layer for d in dictionaries}
     common = dict(family=pair.family, pair_id=pair.pair_id, dictionary_id=dict_ids, layer=None, latent=None)
     rows: list[dict] = []
+
+    def row(intervention: str, k: int, statistic: str, effect, ci_low, ci_high, n: int, **feature) -> dict:
+        """One row: set-level (`common`) unless `feature` names a dictionary_id, layer and latent."""
+        return {**common, **feature, "intervention": intervention, "k": k, "statistic": statistic,
+                "effect": effect, "ci_low": ci_low, "ci_high": ci_high, "n": n}  # fmt: skip
+
     i_full = np.array(base["interaction"])
     missing = np.array(base["missing_margin"])
     baseline = {"interaction": _ci(i_full, cfg), "missing_margin": _ci(missing, cfg)}
@@ -88,23 +94,8 @@ def effects_table(
         x = np.mean(runs, axis=0)  # [n_test] average over control seeds
         if name == "single":
             dict_id, latent = ranking.keys[k]
-            mean, lo, hi = _ci(x, cfg)
-            rank = rank_of[k]
-            rows.append(
-                dict(
-                    common,
-                    dictionary_id=dict_id,
-                    layer=layer_of[dict_id],
-                    latent=latent,
-                    intervention="ablate_single",
-                    k=rank,
-                    statistic=stat,
-                    effect=mean,
-                    ci_low=lo,
-                    ci_high=hi,
-                    n=len(x),
-                )
-            )
+            feature = dict(dictionary_id=dict_id, layer=layer_of[dict_id], latent=latent)
+            rows.append(row("ablate_single", rank_of[k], stat, *_ci(x, cfg), len(x), **feature))
             continue
         denom_name = {"interaction_drop": "interaction", "rescue_gain": "missing_margin"}.get(stat)
         denom = {"interaction": i_full, "missing_margin": missing}.get(denom_name)
@@ -112,36 +103,14 @@ def effects_table(
         means = bootstrap_means(cols, cfg.n_resamples, cfg.seed)  # [R, 1 or 2]
         lo, hi = np.quantile(means[:, 0], [0.025, 0.975])
         intervention = f"{mode}_{name}"
-        rows.append(
-            dict(
-                common,
-                intervention=intervention,
-                k=k,
-                statistic=stat,
-                effect=float(x.mean()),
-                ci_low=float(lo),
-                ci_high=float(hi),
-                n=len(x),
-            )
-        )
+        rows.append(row(intervention, k, stat, float(x.mean()), float(lo), float(hi), len(x)))
         if denom is not None:
             ratio_stat = "share" if stat == "interaction_drop" else "rescue_fraction"
             effect = rlo = rhi = None
             if ratio_ok[denom_name]:  # ratio of means
                 rlo, rhi = (float(v) for v in np.quantile(means[:, 0] / means[:, 1], [0.025, 0.975]))
                 effect = float(x.mean() / denom.mean())
-            rows.append(
-                dict(
-                    common,
-                    intervention=intervention,
-                    k=k,
-                    statistic=ratio_stat,
-                    effect=effect,
-                    ci_low=rlo,
-                    ci_high=rhi,
-                    n=len(x),
-                )
-            )
+            rows.append(row(intervention, k, ratio_stat, effect, rlo, rhi, len(x)))
     for k, st in sorted(status.items()):
         if st.available:
             continue
@@ -149,48 +118,14 @@ def effects_table(
             ("ablate_matched_random", ("interaction_drop", "share", "it_late_drop")),
             ("rescue_matched_random", ("rescue_gain", "rescue_fraction")),
         ):
-            rows += [
-                dict(
-                    common,
-                    intervention=intervention,
-                    k=k,
-                    statistic=stat,
-                    effect=None,
-                    ci_low=None,
-                    ci_high=None,
-                    n=0,
-                )
-                for stat in stats
-            ]
+            rows += [row(intervention, k, stat, None, None, None, 0) for stat in stats]
     for rank, f in enumerate(ranking.top(len(ranking.keys)), start=1):
         dict_id, latent = ranking.keys[f]
+        feature = dict(dictionary_id=dict_id, layer=layer_of[dict_id], latent=latent)
+        score = float(ranking.score[f])
         rows.append(
-            dict(
-                family=pair.family,
-                pair_id=pair.pair_id,
-                dictionary_id=dict_id,
-                layer=layer_of[dict_id],
-                intervention="attribution",
-                k=rank,
-                latent=latent,
-                statistic="attribution_score",
-                effect=float(ranking.score[f]),
-                ci_low=None,
-                ci_high=None,
-                n=ranking.n_events,
-            )
+            row("attribution", rank, "attribution_score", score, None, None, ranking.n_events, **feature)
         )
     for name, (mean, lo, hi) in baseline.items():
-        rows.append(
-            dict(
-                common,
-                intervention="baseline",
-                k=0,
-                statistic=name,
-                effect=mean,
-                ci_low=lo,
-                ci_high=hi,
-                n=len(i_full),
-            )
-        )
+        rows.append(row("baseline", 0, name, mean, lo, hi, len(i_full)))
     return pa.Table.from_pylist(rows, schema=FEATURE_EFFECTS_SCHEMA)

@@ -60,6 +60,14 @@ class ActivationSource(Protocol):
 
     def sequences(self, split: str = "heldout", heldout_fraction: float = 0.1) -> list[list[int]]: ...
 
+    def split_size(self, split: str, heldout_fraction: float = 0.1) -> int: ...
+
+    def chunks(
+        self, keys: Sequence[str], seed: int, split: str, heldout_fraction: float, start_sample: int
+    ) -> Iterator[torch.Tensor]:
+        """Seeded, shuffled `[rows, sum(d)]` chunks of the split, epoch after epoch, from `start_sample` on."""
+        ...
+
     def batches(
         self,
         keys: Sequence[str],
@@ -68,10 +76,16 @@ class ActivationSource(Protocol):
         split: str = "train",
         heldout_fraction: float = 0.1,
         start_sample: int = 0,
-    ) -> Iterator[torch.Tensor]: ...
+    ) -> Iterator[torch.Tensor]:
+        """An endless, deterministic stream of `[batch_size, sum(d)]` batches; `start_sample` resumes it
+        there (after a kill) without replaying what came before."""
+        n = self.split_size(split, heldout_fraction)
+        if n < batch_size:
+            raise CacheError(f"split {split!r} has {n} rows, fewer than one batch of {batch_size}")
+        yield from _rebatch(self.chunks(keys, seed, split, heldout_fraction, start_sample), batch_size)
 
 
-class ActivationCache:
+class ActivationCache(ActivationSource):
     """Read access to a finished cache: keys, held-out splits, deterministic shuffled batches."""
 
     def __init__(self, path: str | Path, allow_incomplete: bool = False) -> None:
@@ -151,24 +165,10 @@ class ActivationCache:
                     out.append(toks[offs[i] : offs[i + 1]].tolist())
         return out
 
-    def batches(
-        self,
-        keys: Sequence[str],
-        batch_size: int,
-        seed: int = 0,
-        split: str = "train",
-        heldout_fraction: float = 0.1,
-        start_sample: int = 0,
-    ) -> Iterator[torch.Tensor]:
-        """An endless, deterministic stream of `[batch_size, sum(d)]` batches.
-
-        Each epoch visits the shards in a seeded order and each shard's rows in a seeded order; the stream
-        is cut into consecutive batches. `start_sample` starts the stream there (resume after a kill),
-        skipping whole shards without reading their activations.
-        """
-        shards = self.manifest["shards"]
+    def _split_counts(self, split: str, heldout_fraction: float) -> list[int]:
+        """Rows per shard in this split (reads only seq_index)."""
         counts = []
-        for s in shards:  # rows per shard in this split (reads only seq_index)
+        for s in self.manifest["shards"]:
             with self._open(s) as f:
                 held = is_heldout(f.get_tensor("seq_index"), heldout_fraction)
             counts.append(
@@ -178,27 +178,32 @@ class ActivationCache:
                 if split == "train"
                 else len(held)
             )
-        total = sum(counts)
-        if total < batch_size:
-            raise CacheError(f"cache split {split!r} has {total} rows, fewer than one batch of {batch_size}")
+        return counts
 
-        def chunks() -> Iterator[torch.Tensor]:
-            skip = start_sample
-            for epoch in itertools.count():
-                g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-                for si in torch.randperm(len(shards), generator=g).tolist():
-                    if skip >= counts[si]:
-                        skip -= counts[si]
-                        continue
-                    rows = self._shard_rows(shards[si], keys, split, heldout_fraction)
-                    gs = torch.Generator().manual_seed(seed * 100_003 + epoch * 7919 + si + 1)
-                    yield rows[torch.randperm(len(rows), generator=gs)][skip:]
-                    skip = 0
+    def split_size(self, split: str, heldout_fraction: float = 0.1) -> int:
+        return sum(self._split_counts(split, heldout_fraction))
 
-        yield from _rebatch(chunks(), batch_size)
+    def chunks(
+        self, keys: Sequence[str], seed: int, split: str, heldout_fraction: float, start_sample: int
+    ) -> Iterator[torch.Tensor]:
+        """Each epoch visits the shards in a seeded order and each shard's rows in a seeded order;
+        `start_sample` skips whole shards without reading their activations."""
+        shards = self.manifest["shards"]
+        counts = self._split_counts(split, heldout_fraction)
+        skip = start_sample
+        for epoch in itertools.count():
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            for si in torch.randperm(len(shards), generator=g).tolist():
+                if skip >= counts[si]:
+                    skip -= counts[si]
+                    continue
+                rows = self._shard_rows(shards[si], keys, split, heldout_fraction)
+                gs = torch.Generator().manual_seed(seed * 100_003 + epoch * 7919 + si + 1)
+                yield rows[torch.randperm(len(rows), generator=gs)][skip:]
+                skip = 0
 
 
-class TensorSource:
+class TensorSource(ActivationSource):
     """In-memory stand-in for `ActivationCache` (synthetic data, tests): `{key: [n, d]}` tensors.
 
     Rows play the role of sequences for the held-out split; batches are deterministic in `seed`.
@@ -210,9 +215,12 @@ class TensorSource:
             raise CacheError("all arrays of a TensorSource need the same number of rows")
         self.arrays = {k: v.float() for k, v in arrays.items()}
         self.n_rows = lengths.pop()
-        self.d_model = next(iter(self.arrays.values())).shape[-1]
         self.path: Path | None = None
         self.manifest = manifest or {"models": {}, "source": {"kind": "tensors"}, "n_tokens": self.n_rows}
+
+    @property
+    def d_model(self) -> int:
+        return next(iter(self.arrays.values())).shape[-1]
 
     @property
     def n_tokens(self) -> int:
@@ -238,23 +246,16 @@ class TensorSource:
     def sequences(self, split: str = "heldout", heldout_fraction: float = 0.1) -> list[list[int]]:
         return []
 
-    def batches(
-        self,
-        keys: Sequence[str],
-        batch_size: int,
-        seed: int = 0,
-        split: str = "train",
-        heldout_fraction: float = 0.1,
-        start_sample: int = 0,
+    def split_size(self, split: str, heldout_fraction: float = 0.1) -> int:
+        return int(self._mask(split, heldout_fraction).sum())
+
+    def chunks(
+        self, keys: Sequence[str], seed: int, split: str, heldout_fraction: float, start_sample: int
     ) -> Iterator[torch.Tensor]:
+        """One seeded permutation of the split per epoch, entered mid-epoch at `start_sample`."""
         x = self.load(keys, split, heldout_fraction)  # [n, sum(d)]
         n = len(x)
-        if n < batch_size:
-            raise CacheError(f"split {split!r} has {n} rows, fewer than one batch of {batch_size}")
         first, offset = divmod(start_sample, n)
-        chunks = (
-            x[torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))]
-            for epoch in itertools.count(first)
-        )
-        next_chunk = next(chunks)[offset:]  # resume mid-epoch
-        yield from _rebatch(itertools.chain([next_chunk], chunks), batch_size)
+        for epoch in itertools.count(first):
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            yield x[torch.randperm(n, generator=g)][offset if epoch == first else 0 :]

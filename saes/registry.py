@@ -68,7 +68,7 @@ class DictionaryRegistry:
             os.replace(tmp, self.root / "index.json")
         return rows
 
-    def rows(self, **filters: Any) -> list[dict[str, Any]]:
+    def rows(self, **filters: str | int | float | bool | None) -> list[dict[str, Any]]:
         """Rows matching `filters` (e.g. layer=4, kind="crosscoder", gate_status="passed")."""
         return [r for r in self.scan() if all(r.get(k) == v for k, v in filters.items())]
 

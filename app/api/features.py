@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 
 from crosspatch.app.deps import CurrentUser, ResultsDep
 from crosspatch.app.schemas.features import FeaturePage
@@ -15,6 +16,24 @@ from crosspatch.app.services import results as service
 
 router = APIRouter(prefix="/features", tags=["features"])
 Family = Annotated[str | None, Query(max_length=64, description="Only this family (e.g. llama).")]
+
+
+@dataclass
+class FeatureRef:
+    """One feature from the path (`/{dictionary_id}/{latent}`), optionally within one family."""
+
+    dictionary_id: str
+    latent: int
+    family: str | None
+
+
+def _feature_ref(
+    dictionary_id: Name, latent: Annotated[int, Path(ge=0, le=1 << 24)], family: Family = None
+) -> FeatureRef:
+    return FeatureRef(dictionary_id, latent, family)
+
+
+FeatureDep = Annotated[FeatureRef, Depends(_feature_ref)]
 
 
 @router.get("/top", response_model=Rows)
@@ -87,11 +106,9 @@ def compare_families(
 
 @router.get("/page/{dictionary_id}/{latent}", response_model=FeaturePage)
 def feature_page(
-    dictionary_id: Name,
-    latent: Annotated[int, Path(ge=0, le=1 << 24)],
+    f: FeatureDep,
     results: ResultsDep,
     _user: CurrentUser,
-    family: Family = None,
     n_examples: Annotated[int, Query(ge=1, le=100)] = pages.N_EXAMPLES,
     labeller: Annotated[
         str | None, Query(max_length=64, description="A registered automatic labeller (none by default).")
@@ -99,18 +116,16 @@ def feature_page(
 ) -> FeaturePage:
     """One feature's page: top events in context, histogram, causal drop (CI), logit-lens tokens, gate."""
     return pages.feature_page(
-        results, dictionary_id, latent, family, n_examples=n_examples, labeller=labeller
+        results, f.dictionary_id, f.latent, f.family, n_examples=n_examples, labeller=labeller
     )
 
 
 @router.get("/{dictionary_id}/{latent}", response_model=Rows)
 def feature_across_events(
-    dictionary_id: Name,
-    latent: Annotated[int, Path(ge=0, le=1 << 24)],
+    f: FeatureDep,
     results: ResultsDep,
     _user: CurrentUser,
-    family: Family = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> Rows:
     """One feature's activations (PT-up, IT-up) and attributions across events, with the prompts' text."""
-    return service.feature(results, dictionary_id, latent, family, limit)
+    return service.feature(results, f.dictionary_id, f.latent, f.family, limit)

@@ -20,7 +20,7 @@ Key = Annotated[str | None, typer.Option("--key", help="API key (default: CROSSP
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def _print(obj: Any, as_json: bool, text: str) -> None:
+def _print(obj: object, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str) if as_json else text)
 
 
@@ -221,7 +221,7 @@ def _table_text(rows: list[dict[str, Any]], max_rows: int = 50) -> str:
         return "(no rows)"
     cols = [k for k in rows[0] if not isinstance(rows[0][k], list)]
 
-    def fmt(v: Any) -> str:
+    def fmt(v: object) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     widths = {k: max(len(k), *(len(fmt(r[k])) for r in rows[:max_rows])) for k in cols}

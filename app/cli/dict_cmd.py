@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from crosspatch.app.cli import cli
 from crosspatch.app.cli.progress import progress_bar
 from crosspatch.engine.errors import CrosspatchError
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without sae_lens
+    from crosspatch.saes.load import Dictionary
+    from crosspatch.saes.quality import GateConfig
 
 dict_app = typer.Typer(
     name="dict", help="Sparse dictionaries (SAE, transcoder, crosscoder) on MLP layers.", no_args_is_help=True
@@ -258,7 +262,7 @@ def train_cmd(
     typer.echo(json.dumps(_summary(d.meta)))
 
 
-def _gate(min_fve: float, min_heldout_tokens: int, max_alive: float) -> Any:
+def _gate(min_fve: float, min_heldout_tokens: int, max_alive: float) -> GateConfig:
     """The gate from CLI options (the method's defaults unless lowered explicitly)."""
     from crosspatch.saes.quality import GateConfig
 
@@ -317,7 +321,7 @@ def _summary(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _resolve(ref: str, registry: Path | None) -> Any:
+def _resolve(ref: str, registry: Path | None) -> Dictionary:
     """A dictionary dir, `sae_lens:RELEASE/SAE_ID` (local Hugging Face cache), or a registry id."""
     from crosspatch.saes.load import load_dictionary, parse_pretrained_ref, resolve_dictionary
     from crosspatch.saes.registry import DictionaryRegistry

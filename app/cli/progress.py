@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
     from crosspatch.engine.divergence import DivergenceEvent
     from crosspatch.engine.pairs import ModelPair
     from crosspatch.engine.prompts import PromptRecord
@@ -31,7 +34,7 @@ def progress_enabled(stream: TextIO | None = None) -> bool:
 class Bar:
     """One task of a rich progress display (a no-op when disabled)."""
 
-    def __init__(self, progress: Any | None, task: Any | None) -> None:
+    def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
         self._progress, self._task = progress, task
 
     @property
@@ -40,7 +43,7 @@ class Bar:
 
     def update(self, done: float, total: float | None = None, note: str | None = None) -> None:
         """Set the completed amount (and total / trailing note when given)."""
-        if self._progress is None:
+        if self._progress is None or self._task is None:
             return
         kw: dict[str, Any] = {"completed": done}
         if total is not None:
@@ -52,7 +55,11 @@ class Bar:
 
 @contextmanager
 def progress_bar(
-    description: str, total: float | None = None, *, enabled: bool | None = None, console: Any = None
+    description: str,
+    total: float | None = None,
+    *,
+    enabled: bool | None = None,
+    console: Console | None = None,
 ) -> Iterator[Bar]:
     """A rich progress bar on stderr for the block; `total=None` until known (an indeterminate bar)."""
     if not (progress_enabled() if enabled is None else enabled):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +14,10 @@ import typer
 from crosspatch.app.cli import cli
 from crosspatch.app.cli.progress import divergences_with_bar, progress_bar
 from crosspatch.engine.errors import CrosspatchError
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without torch
+    from crosspatch.engine.divergence import DivergenceEvent
+    from crosspatch.engine.pairs import ModelPair
 
 log = logging.getLogger("crosspatch.run")
 
@@ -170,8 +174,8 @@ def run(
 
 
 def _run_controls(
-    pair: Any,
-    events: list[Any],
+    pair: ModelPair,
+    events: list[DivergenceEvent],
     cells: pa.Table,
     controls: list[str],
     boundary: str,
@@ -180,7 +184,7 @@ def _run_controls(
     seed: int,
     batch_size: int,
     out_dir: Path | None,
-    wrong_descendant: Any = None,
+    wrong_descendant: ModelPair | None = None,
 ) -> None:
     """Run the controls in process at the pair's headline boundary, print their lines, write their tables."""
     from crosspatch.engine.control_suite import ControlOptions, format_controls, run_controls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -32,7 +33,7 @@ from crosspatch.app.store.models import (
 LINE_OVERHEAD_CHARS = 1024
 
 
-def _count_lines(path: Any, stop_after: int, max_chars: int) -> int:
+def _count_lines(path: str | Path, stop_after: int, max_chars: int) -> int:
     """Non-empty lines of a prompt file (stops past `stop_after`); 422 on a line too long to be a prompt
     of at most `max_chars` (never reads more than one line's cap into memory)."""
     cap = max_chars + LINE_OVERHEAD_CHARS
@@ -342,18 +343,32 @@ def list_jobs(
     ], count
 
 
-def cancel(session: Session, job_id: uuid.UUID, user: User) -> Job:
-    """Cancel an unfinished job (a running worker stops within a heartbeat); 409 if finished."""
+def _transition(
+    session: Session, job_id: uuid.UUID, from_statuses: tuple[str, ...], conflict: str, **values: object
+) -> Job:
+    """Set `values` on the job, atomically, if its status is one of `from_statuses`; else 409 `conflict`
+    (a format string given the job's {status})."""
     result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
-        .values(status="cancelled", finished_at=utcnow(), lease_expires_at=None)
-        .returning(Job.id)
+        update(Job).where(Job.id == job_id, Job.status.in_(from_statuses)).values(**values).returning(Job.id)
     ).first()
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     if result is None:
-        raise Conflict(f"job {job_id} is already {job.status}")
+        raise Conflict(conflict.format(status=job.status))
+    return job
+
+
+def cancel(session: Session, job_id: uuid.UUID, user: User) -> Job:
+    """Cancel an unfinished job (a running worker stops within a heartbeat); 409 if finished."""
+    job = _transition(
+        session,
+        job_id,
+        ACTIVE_STATUSES,
+        f"job {job_id} is already {{status}}",
+        status="cancelled",
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
     ops.end_attempt(session, job_id, "cancelled", f"cancelled by {user.name}")
     session.add(JobLog(job_id=job_id, message=f"cancelled by {user.name}"))
     return job
@@ -361,23 +376,18 @@ def cancel(session: Session, job_id: uuid.UUID, user: User) -> Job:
 
 def retry(session: Session, job_id: uuid.UUID, user: User) -> Job:
     """Queue a failed or cancelled job again; it resumes from its finished parts."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(("failed", "cancelled")))
-        .values(
-            status="queued",
-            error=None,
-            finished_at=None,
-            losses=0,  # attempts (and their history in job_attempts) are kept
-            worker_id=None,
-            progress={"fraction": 0.0, "message": "queued (retry)"},
-        )
-        .returning(Job.id)
-    ).first()
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    if result is None:
-        raise Conflict(f"only failed or cancelled jobs can be retried; job {job_id} is {job.status}")
+    job = _transition(
+        session,
+        job_id,
+        ("failed", "cancelled"),
+        f"only failed or cancelled jobs can be retried; job {job_id} is {{status}}",
+        status="queued",
+        error=None,
+        finished_at=None,
+        losses=0,  # attempts (and their history in job_attempts) are kept
+        worker_id=None,
+        progress={"fraction": 0.0, "message": "queued (retry)"},
+    )
     session.add(JobLog(job_id=job_id, message=f"retried by {user.name}"))
     return job
 

@@ -13,6 +13,8 @@ from crosspatch.app.store.duckdb import ResultsStore, to_parquet_bytes
 from crosspatch.app.store.models import Job
 from crosspatch.app.store.result_tables import with_descriptions
 
+Filter = str | int | float | bool | None  # one query filter value (None: not filtered)
+
 
 def _finished(job: Job) -> None:
     if job.status != "succeeded":
@@ -51,7 +53,7 @@ def provenance(results: ResultsStore, job: Job) -> ProvenancePublic:
     return ProvenancePublic(**prov)
 
 
-def top_features(results: ResultsStore, **filters: Any) -> Rows:
+def top_features(results: ResultsStore, **filters: Filter) -> Rows:
     return to_rows("top_features", results.query("top_features", **filters))
 
 
@@ -64,7 +66,7 @@ def feature(results: ResultsStore, dictionary_id: str, latent: int, family: str 
     )
 
 
-def feature_upstream(results: ResultsStore, **filters: Any) -> Rows:
+def feature_upstream(results: ResultsStore, **filters: Filter) -> Rows:
     return to_rows("feature_upstream", results.query("feature_upstream", **filters))
 
 

@@ -9,12 +9,14 @@ sae_lens, only inside the handlers that need it); the API takes job kinds from t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel
 
 from crosspatch.app.schemas.jobs import (
     JOB_SPEC_ADAPTER,
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # saes imports sae_lens (seconds): its handlers import it whe
 
 Handler = Callable[[Any, JobContext], None]
 HANDLERS: dict[str, Handler] = {}
+_D = TypeVar("_D")
 
 
 def register(kind: str) -> Callable[[Handler], Handler]:
@@ -255,20 +258,18 @@ def crosspatch(spec: CrosspatchSpec, ctx: JobContext) -> None:
     ctx.log(f"crosspatch done: {len(prompts)} prompts, boundaries {boundaries}, readouts {spec.readouts}")
 
 
-def _mediation_config(options: MediationOptions, boundary: int | None, batch_size: int) -> MediationConfig:
+def _dataclass_from(cls: type[_D], options: BaseModel, **extra: object) -> _D:
+    """The engine dataclass `cls` from the API options of the same names (lists as tuples), plus `extra`."""
+    names = {f.name for f in dataclasses.fields(cls)} & set(type(options).model_fields) - set(extra)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.model_dump(include=names).items()}
+    return cls(**values, **extra)
 
-    return MediationConfig(
-        top_k=options.top_k,
-        ks=tuple(options.ks),
-        ablation=options.ablation,
-        fit_fraction=options.fit_fraction,
-        split_seed=options.split_seed,
-        n_random_seeds=options.n_random_seeds,
-        neighbours=options.neighbours,
-        boundary=boundary,
-        batch_size=batch_size,
-        allow_failed_gate=options.allow_failed_gate,
-        handoff=HandoffConfig(alphas=tuple(options.handoff_alphas)) if options.handoff else None,
+
+def _mediation_config(options: MediationOptions, boundary: int | None, batch_size: int) -> MediationConfig:
+    """The engine's MediationConfig from a job's mediation options."""
+    handoff = HandoffConfig(alphas=tuple(options.handoff_alphas)) if options.handoff else None
+    return _dataclass_from(
+        MediationConfig, options, boundary=boundary, batch_size=batch_size, handoff=handoff
     )
 
 
@@ -811,12 +812,8 @@ def _controls(ctx: JobContext, pair: Any, spec: Any, tag: str, progress: tuple[f
     events = events_from_table(events_tbl) if events_tbl is not None else []
     boundary, readout = pair.headline_boundary(spec.boundary), spec.readouts[0]
     o = spec.control_options
-    knobs = o.model_dump(exclude={"wrong_descendant"})  # the job schema's knobs are the engine's, by name
-    options = ControlOptions(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()},
-        n_resamples=spec.n_resamples,
-        seed=spec.seed,
-        batch_size=spec.batch_size,
+    options = _dataclass_from(
+        ControlOptions, o, n_resamples=spec.n_resamples, seed=spec.seed, batch_size=spec.batch_size
     )
     record = ctx.provenance.setdefault("controls", {}).setdefault(pair.pair_id, {})
     record.update(controls=list(spec.controls), boundary=boundary, readout=readout, options=o.model_dump())

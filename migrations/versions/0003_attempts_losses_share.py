@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from crosspatch.migrations.helpers import create_job_child_table, drop_table, in_check
+
 revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
@@ -19,27 +21,19 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     """Apply this revision."""
-    op.create_table(
+    create_job_child_table(
         "job_attempts",
-        sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("job_id", sa.Uuid(), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
         sa.Column("worker_id", sa.String(length=128), nullable=False),
         sa.Column("claimed_at", sa.DateTime(), nullable=False),
         sa.Column("ended_at", sa.DateTime(), nullable=True),
         sa.Column("outcome", sa.String(length=16), nullable=True),
         sa.Column("detail", sa.Text(), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], name=op.f("fk_job_attempts_job_id_jobs"), ondelete="CASCADE"
-        ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_job_attempts")),
     )
-    with op.batch_alter_table("job_attempts", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_job_attempts_job_id"), ["job_id"], unique=False)
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("losses", sa.Integer(), server_default="0", nullable=False))
         batch_op.add_column(sa.Column("share", sa.String(length=8), server_default="lab", nullable=False))
-        batch_op.create_check_constraint(op.f("ck_jobs_share"), "share IN ('lab', 'owner')")
+        batch_op.create_check_constraint(op.f("ck_jobs_share"), in_check("share", ("lab", "owner")))
 
 
 def downgrade() -> None:
@@ -48,6 +42,4 @@ def downgrade() -> None:
         batch_op.drop_constraint(op.f("ck_jobs_share"), type_="check")
         batch_op.drop_column("share")
         batch_op.drop_column("losses")
-    with op.batch_alter_table("job_attempts", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_job_attempts_job_id"))
-    op.drop_table("job_attempts")
+    drop_table("job_attempts", ["ix_job_attempts_job_id"])

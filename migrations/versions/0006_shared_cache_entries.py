@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from crosspatch.migrations.helpers import create_indexes, drop_table
+
 revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
@@ -42,16 +44,19 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_cache_entries")),
         sa.UniqueConstraint("key", "owner_id", name="uq_cache_entries_key_owner_id"),
     )
-    with op.batch_alter_table("cache_entries", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_cache_entries_key"), ["key"], unique=False)
-        batch_op.create_index(batch_op.f("ix_cache_entries_pair_id"), ["pair_id"], unique=False)
-        batch_op.create_index(batch_op.f("ix_cache_entries_last_used_at"), ["last_used_at"], unique=False)
+    create_indexes(
+        "cache_entries",
+        {
+            "ix_cache_entries_key": ["key"],
+            "ix_cache_entries_pair_id": ["pair_id"],
+            "ix_cache_entries_last_used_at": ["last_used_at"],
+        },
+    )
 
 
 def downgrade() -> None:
     """Revert this revision."""
-    with op.batch_alter_table("cache_entries", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_cache_entries_last_used_at"))
-        batch_op.drop_index(batch_op.f("ix_cache_entries_pair_id"))
-        batch_op.drop_index(batch_op.f("ix_cache_entries_key"))
-    op.drop_table("cache_entries")
+    drop_table(
+        "cache_entries",
+        ["ix_cache_entries_last_used_at", "ix_cache_entries_pair_id", "ix_cache_entries_key"],
+    )

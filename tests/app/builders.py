@@ -10,6 +10,8 @@ from crosspatch.app.store.models import Job, Pair, User, utcnow
 from crosspatch.app.store.session import Store
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from crosspatch.app.config import Settings
     from crosspatch.app.store.duckdb import ResultsStore
     from crosspatch.engine.pairs import ModelPair
@@ -59,6 +61,16 @@ def make_job(store: Store, owner_id: int, pair_id: str | None = None, **override
 
 
 _made: list[uuid.UUID] = []
+
+
+def schema_row(schema: pa.Schema, **fields: object) -> dict[str, object]:
+    """One row of `schema`: every column null, family llama, pair p, dictionary d, then `fields`."""
+    return {**dict.fromkeys(schema.names), "family": "llama", "pair_id": "p", "dictionary_id": "d", **fields}
+
+
+def rows_where(rows: list[dict[str, Any]], **equal: object) -> list[dict[str, Any]]:
+    """The rows whose columns equal `equal` (e.g. summaries at level="pair", headline=True, subset="all")."""
+    return [r for r in rows if all(r[k] == v for k, v in equal.items())]
 
 
 def effect_row(**fields: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from crosspatch.app.config import Settings
-from tests.app.live import LiveServer, bootstrap_users, client, config_only_pair
+from tests.app.live import client, config_only_pair, live_service
 
 MAX_PROMPT_CHARS, MAX_FILE_BYTES, MAX_REQUEST = 1000, 200_000, 100_000
 
@@ -28,17 +28,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         max_active_jobs_per_user=1000,
         _env_file=None,  # type: ignore[call-arg]
     )
-    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher"})
-    server = LiveServer(settings).start()
-    with client(server, keys["root"]) as admin:
-        r = admin.post(
-            "/pairs",
-            json={"pair_id": "tiny", "family": "llama", "pt": str(models / "pt"), "it": str(models / "it")},
-        )
-        assert r.status_code == 201, r.text
-    with client(server, keys["ada"]) as c:
+    users = {"root": "admin", "ada": "researcher"}
+    with (
+        live_service(settings, users, {"tiny": ("llama", models / "pt", models / "it")}) as (server, keys),
+        client(server, keys["ada"]) as c,
+    ):
         yield {"c": c, "models": models}
-    server.stop()
 
 
 BASE = {"kind": "crosspatch", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1 w2"}]}

@@ -45,3 +45,24 @@ def test_every_job_knob_is_an_engine_knob_with_its_default() -> None:
 def test_bad_anatomy_and_closure_options_are_refused(bad: dict) -> None:
     with pytest.raises(pydantic.ValidationError):
         ControlOptions(**bad)
+
+
+def test_the_worker_carries_every_option_into_the_engine_configs() -> None:
+    """Non-default API options reach the engine's ControlOptions / MediationConfig unchanged (lists as tuples)."""
+    from crosspatch.app.schemas.jobs import MediationOptions
+    from crosspatch.app.worker.handlers import _dataclass_from, _mediation_config
+    from crosspatch.engine.handoff import HandoffConfig
+    from crosspatch.engine.mediation import MediationConfig
+
+    o = ControlOptions(ranks=[2, "full"], windows=[5], n_tries=3, closure_positions="all", fit_fraction=0.3)
+    assert _dataclass_from(EngineOptions, o, n_resamples=7, seed=9, batch_size=4) == EngineOptions(
+        ranks=(2, "full"), windows=(5,), n_tries=3, closure_positions="all", fit_fraction=0.3,
+        n_resamples=7, seed=9, batch_size=4,
+    )  # fmt: skip
+    m = MediationOptions(
+        top_k=40, ks=[10, 40], ablation="pt_value", split_seed=3, handoff=True, handoff_alphas=[0.0, 1.0]
+    )
+    assert _mediation_config(m, 2, 8) == MediationConfig(
+        top_k=40, ks=(10, 40), ablation="pt_value", split_seed=3, boundary=2, batch_size=8,
+        handoff=HandoffConfig(alphas=(0.0, 1.0)),
+    )  # fmt: skip

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers import BOUND  # tests/helpers.py
 
 from crosspatch.app.config import Settings
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.prompts import load_prompts
-from tests.app.live import LiveServer, bootstrap_users, client, start_worker
+from tests.app.builders import rows_where
+from tests.app.live import client, live_service
 
 pytestmark = pytest.mark.slow
 PAPER, LINEAGE, TWO = "llama_paper_sized", "llama_lineage", "llama_two_descendants"
@@ -37,18 +37,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         poll_seconds=0.2,
         _env_file=None,  # type: ignore[call-arg]
     )
-    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher"})
-    server = LiveServer(settings).start()
-    worker = start_worker(settings, root / "worker.log")
-    with client(server, keys["root"]) as admin:
-        for name, org in orgs.items():
-            body = {"pair_id": name, "family": "llama", "pt": str(org / "pt"), "it": str(org / "it")}
-            r = admin.post("/pairs", json=body)
-            assert r.status_code == 201, r.text
-    yield {"server": server, "keys": keys, "orgs": orgs}
-    worker.terminate()
-    worker.wait(timeout=BOUND)
-    server.stop()
+    users = {"root": "admin", "ada": "researcher"}
+    pairs = {name: ("llama", org / "pt", org / "it") for name, org in orgs.items()}
+    pairs[f"{TWO}_b"] = ("llama", orgs[TWO] / "pt", orgs[TWO] / "stages" / "b")  # the second descendant
+    with live_service(settings, users, pairs, worker_log=root / "worker.log") as (server, keys):
+        yield {"server": server, "keys": keys, "orgs": orgs}
 
 
 def _prompts(org, limit: int) -> list[dict]:
@@ -132,11 +125,8 @@ def test_crosspatch_job_with_every_control(env: dict) -> None:
     # secondary scales in the summary by default; the printed report lines in the job log
     scales = {
         r["statistic"]: r
-        for r in summaries
-        if r["level"] == "pair"
-        and r["headline"]
-        and r["subset"] == "all"
-        and r["statistic"].endswith("_share")
+        for r in rows_where(summaries, level="pair", headline=True, subset="all")
+        if r["statistic"].endswith("_share")
     }
     pt_late = sum(r["pt_late_effect"] for r in cells if r["boundary"] == headline)
     it_late = sum(r["it_late_effect"] for r in cells if r["boundary"] == headline)
@@ -277,17 +267,9 @@ def test_wrong_descendant_closure_through_the_service(env: dict) -> None:
         rows = _rows(c, job_id, "closure")
         anatomy = {t: _rows(c, job_id, t) for t in ("identity_transfer", "source_decomposition")}
         logs = [e["message"] for e in c.get(f"/jobs/{job_id}/logs").json()["data"]]
-        with client(env["server"], env["keys"]["root"]) as admin:  # the same descendant as a registered pair
-            body = {
-                "pair_id": f"{TWO}_b",
-                "family": "llama",
-                "pt": str(org / "pt"),
-                "it": str(org / "stages/b"),
-            }
-            assert admin.post("/pairs", json=body).status_code == 201
         by_id = {**spec, "controls": ["closure"]}
         by_id["control_options"] = options | {"wrong_descendant": {"pair_id": f"{TWO}_b"}}
-        again = _rows(c, _run(c, by_id), "closure")
+        again = _rows(c, _run(c, by_id), "closure")  # the same descendant as a registered pair's IT
 
     pair = load_pair(org / "pt", org / "it")
     wrong = load_pair(org / "pt", org / "stages" / "b")

@@ -14,46 +14,26 @@ from crosspatch.engine.handoff import feature_upstream_table, handoff_balanced
 from crosspatch.engine.report import format_handoff
 from crosspatch.engine.results import FEATURE_ACTS_SCHEMA, HANDOFF_SCHEMA
 from crosspatch.engine.stats import Z95
+from tests.app.builders import schema_row
 
 PROV = {"kind": "mediation", "spec": {}, "provenance": {}}
 
 
 def _act(prompt: str, latent: int, itup: float, ptup: float) -> dict:
-    return dict(
-        family="llama",
-        pair_id="p",
-        prompt_id=prompt,
-        dictionary_id="d",
-        layer=4,
-        latent=latent,
-        act_ptup=ptup,
-        act_itup=itup,
-        attribution=None,
-        split="test",
-    )
+    row = dict(prompt_id=prompt, layer=4, latent=latent, act_ptup=ptup, act_itup=itup, split="test")
+    return schema_row(FEATURE_ACTS_SCHEMA, **row)
 
 
 def _handoff_row(pair_id: str, analysis: str, stat: str, effect: float, half: float, **kw) -> dict:
-    return dict(
-        dict.fromkeys(HANDOFF_SCHEMA.names),
-        family="llama",
-        pair_id=pair_id,
-        dictionary_id="d",
-        level="pair",
-        analysis=analysis,
-        set_kind="topk",
-        k=4,
-        statistic=stat,
-        effect=effect,
-        ci_low=effect - half,
-        ci_high=effect + half,
-        n=10,
-        **kw,
-    )
+    ci = dict(effect=effect, ci_low=effect - half, ci_high=effect + half)
+    return schema_row(
+        HANDOFF_SCHEMA, pair_id=pair_id, level="pair", analysis=analysis, set_kind="topk", k=4,
+        statistic=stat, n=10, **ci, **kw,
+    )  # fmt: skip
 
 
 def test_feature_upstream_by_hand_balanced_rows_ingest_route_and_figures(tmp_path: Path, settings) -> None:
-    from tests.app.live import LiveServer, bootstrap_users, client
+    from tests.app.live import client, live_service
 
     # 4 test events; feature_acts keeps active latents only, so absent events count as (0, 0)
     acts = pa.Table.from_pylist(
@@ -113,17 +93,15 @@ def test_feature_upstream_by_hand_balanced_rows_ingest_route_and_figures(tmp_pat
     assert counts["feature_upstream"] == 2 and counts["handoff"] == table.num_rows
     assert store.query("feature_upstream", dictionary_id="d").column("latent").to_pylist() == [0, 1]
     store.close()
-    keys = bootstrap_users(settings, {"ada": "researcher"})
-    server = LiveServer(settings).start()
-    try:
-        with client(server, keys["ada"]) as c:
-            r = c.get("/features/upstream", params={"family": "llama", "limit": 1})
-            assert r.status_code == 200, r.text
-            (row,) = r.json()["data"]
-            assert (row["latent"], row["diff"], row["n"]) == (0, 1.25, 4)
-            assert c.get("/features/upstream", params={"split": "train"}).status_code == 422
-    finally:
-        server.stop()
+    with (
+        live_service(settings, {"ada": "researcher"}, {}) as (server, keys),
+        client(server, keys["ada"]) as c,
+    ):
+        r = c.get("/features/upstream", params={"family": "llama", "limit": 1})
+        assert r.status_code == 200, r.text
+        (row,) = r.json()["data"]
+        assert (row["latent"], row["diff"], row["n"]) == (0, 1.25, 4)
+        assert c.get("/features/upstream", params={"split": "train"}).status_code == 422
 
 
 def test_handoff_options_refuse_a_grid_without_zero(

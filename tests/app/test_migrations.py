@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -46,6 +48,32 @@ def test_every_job_kind_the_api_accepts_is_allowed_by_the_job_store() -> None:
     from crosspatch.app.store.models import JOB_KINDS
 
     assert set(job_kinds()) == set(JOB_KINDS)
+
+
+def test_head_checks_name_exactly_the_models_values(db_url: str) -> None:
+    """The CHECK constraints the revisions leave at head list the models' kinds, statuses, roles and shares."""
+    from crosspatch.app.store.models import JOB_KINDS, JOB_STATUSES, MODEL_ROLES, ROLES, SHARES
+
+    upgrade(db_url)
+    s = Store(db_url)
+    try:
+        with s.engine.connect() as conn:
+            insp = inspect(conn)
+            checks = {
+                c["name"]: c["sqltext"]
+                for table in ("jobs", "users", "dictionaries")
+                for c in insp.get_check_constraints(table)
+            }
+    finally:
+        s.dispose()
+    for name, values in [
+        ("ck_jobs_kind", JOB_KINDS),
+        ("ck_jobs_status", JOB_STATUSES),
+        ("ck_jobs_share", SHARES),
+        ("ck_users_role", ROLES),
+        ("ck_dictionaries_model_role", MODEL_ROLES),
+    ]:
+        assert sorted(re.findall(r"'([^']*)'", checks[name])) == sorted(values), name
 
 
 def test_downgrade_and_upgrade_again(db_url: str) -> None:

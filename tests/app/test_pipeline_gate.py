@@ -40,6 +40,7 @@ def test_a_pair_below_the_gate_is_excluded_from_feature_claims(settings: Setting
         r["check_name"]: r for r in results.job_table("gate_checks", str(job.id), limit=100).to_pylist()
     }
     assert checks["heldout_tokens"]["passed"] is False
-    assert checks["fve_it"]["value"] is not None
+    fve = checks["fve_it"]["value"]  # measured and judged even though another check failed
+    assert isinstance(fve, float) and fve <= 1.0 and checks["fve_it"]["passed"] is (fve >= 0.75)
     assert results.job_table("feature_effects", str(job.id), limit=10).num_rows == 0  # no feature claims
     assert results.job_table("feature_acts", str(job.id), limit=10).num_rows == 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -191,15 +194,15 @@ def test_a_failing_figure_is_skipped_not_raised(tmp_path: Path) -> None:
     assert not (tmp_path / "interaction_by_boundary.png").exists()
 
 
-def test_ingest_draws_a_succeeded_jobs_figures(tmp_path: Path) -> None:
-    """The ingest hook writes figures beside the parts; a job whose figures fail still succeeds."""
+@contextlib.contextmanager
+def _ingesting_jobs(tmp_path: Path, specs: dict[str, dict]) -> Iterator[tuple[Any, Any, dict]]:
+    """A migrated SQLite job store and a DuckDB results store holding one `ingesting` job per spec, each
+    with one summaries part; yields (store, results, {name: job id})."""
     import pyarrow.parquet as pq
 
-    from crosspatch.app.services import figures
-    from crosspatch.app.services.ingest import ingest_job
     from crosspatch.app.store.duckdb import ResultsStore
     from crosspatch.app.store.migrate import upgrade
-    from crosspatch.app.store.models import Job, JobLog, JobPart
+    from crosspatch.app.store.models import JobPart
     from crosspatch.app.store.session import Store
     from tests.app.builders import make_job, make_user
 
@@ -212,10 +215,7 @@ def test_ingest_draws_a_succeeded_jobs_figures(tmp_path: Path) -> None:
         part = tmp_path / "summaries.parquet"
         pq.write_table(summaries, part)
         jobs = {}
-        for name, spec in (
-            ("drawn", {"kind": "crosspatch"}),
-            ("off", {"kind": "pipeline", "figures": False}),
-        ):
+        for name, spec in specs.items():
             jobs[name] = make_job(store, owner, status="ingesting", spec=spec)
             with store.session() as s:
                 s.add(
@@ -228,6 +228,20 @@ def test_ingest_draws_a_succeeded_jobs_figures(tmp_path: Path) -> None:
                         rows=summaries.num_rows,
                     )
                 )
+        yield store, results, jobs
+    finally:
+        results.close()
+        store.dispose()
+
+
+def test_ingest_draws_a_succeeded_jobs_figures(tmp_path: Path) -> None:
+    """The ingest hook writes figures beside the parts, unless the spec turns them off."""
+    from crosspatch.app.services import figures
+    from crosspatch.app.services.ingest import ingest_job
+    from crosspatch.app.store.models import Job, JobLog
+
+    specs = {"drawn": {"kind": "crosspatch"}, "off": {"kind": "pipeline", "figures": False}}
+    with _ingesting_jobs(tmp_path, specs) as (store, results, jobs):
         assert ingest_job(store, results, jobs["drawn"], tmp_path / "data") == "succeeded"
         assert ingest_job(store, results, jobs["off"], tmp_path / "data") == "succeeded"
         drawn = plots.list_figures(tmp_path / "data", jobs["drawn"])
@@ -242,22 +256,20 @@ def test_ingest_draws_a_succeeded_jobs_figures(tmp_path: Path) -> None:
             assert public.count == 2 and public.data[0].url.endswith(f"/jobs/{job.id}/figures/family_2x2.png")
             messages = [m.message for m in s.query(JobLog).filter(JobLog.job_id == jobs["drawn"])]
             assert any("2 figure(s)" in m for m in messages), messages
-    finally:
-        results.close()
-        store.dispose()
 
 
 def test_figure_failure_never_fails_ingest(tmp_path: Path, monkeypatch) -> None:
+    """Drawing raises inside a real ingest: the job still succeeds with its rows, and has no figures."""
+    from crosspatch.app.services.ingest import ingest_job
+
     def boom(*_a, **_k):
         raise RuntimeError("no fonts today")
 
     monkeypatch.setattr(plots, "write_figures", boom)
-
-    class Results:
-        def job_table(self, *_a, **_k):
-            return synthetic_feature_effects()
-
-    assert plots.write_job_figures(Results(), tmp_path, "j1") == []  # type: ignore[arg-type]
+    with _ingesting_jobs(tmp_path, {"job": {"kind": "crosspatch"}}) as (store, results, jobs):
+        assert ingest_job(store, results, jobs["job"], tmp_path / "data") == "succeeded"
+        assert results.job_table("summaries", str(jobs["job"]), limit=1000).num_rows > 0
+        assert plots.list_figures(tmp_path / "data", jobs["job"]) == []
 
 
 def test_closure_by_rank_figure(tmp_path: Path) -> None:

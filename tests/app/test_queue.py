@@ -139,3 +139,22 @@ def test_three_worker_losses_do_not_fail_a_job_under_a_higher_loss_cap(store: St
     with store.session() as s:
         row = s.get(Job, job)
         assert row is not None and (row.attempts, row.losses) == (3, 3)
+
+
+def test_cancel_and_retry_refuse_the_wrong_status_with_a_409(store: Store) -> None:
+    """Retry only from failed/cancelled, cancel only while active: anything else is a Conflict naming the status."""
+    import pytest
+
+    from crosspatch.app.errors import Conflict
+
+    alice = make_user(store, "alice")
+    job = make_job(store, alice)
+    with store.session() as s:
+        user = s.get(User, alice)
+        assert user is not None
+        with pytest.raises(Conflict, match=f"can be retried; job {job} is queued"):
+            jobs_service.retry(s, job, user)
+        assert jobs_service.cancel(s, job, user).status == "cancelled"
+        with pytest.raises(Conflict, match=f"job {job} is already cancelled"):
+            jobs_service.cancel(s, job, user)
+        assert jobs_service.retry(s, job, user).status == "queued"

@@ -150,37 +150,32 @@ def _evidence_store(tmp_path: Path) -> ResultsStore:
     """Two jobs on dictionary 'good' (gate passed), one on 'bad' (matched_random_drop failed)."""
     store = ResultsStore(tmp_path / "r.duckdb")
     passed = [_check("good", "topk_causal_drop", True), _check("good", "matched_random_drop", True)]
-    _mediation_job(
-        store,
-        tmp_path,
-        "a",
-        [
-            _row("good", "attribution", 1, 1.0, 10),
-            _row("good", "attribution", 2, 0.5, 10),
-            _row("good", "ablate_single", 1, 0.8, 20, ci_low=0.6, ci_high=1.0),
-        ],
-        passed,
-    )
-    _mediation_job(
-        store,
-        tmp_path,
-        "b",
-        [
-            _row("good", "attribution", 1, 0.0, 30),
-            _row("good", "ablate_single", 1, 0.4, 60, ci_low=0.2, ci_high=0.6),
-        ],
-        passed,
-    )
-    _mediation_job(
-        store,
-        tmp_path,
-        "c",
-        [
-            _row("bad", "attribution", 7, 5.0, 10),
-            _row("bad", "ablate_single", 7, 0.1, 20, ci_low=-0.1, ci_high=0.3),
-        ],
-        [_check("bad", "topk_causal_drop", True), _check("bad", "matched_random_drop", False)],
-    )
+    jobs = {
+        "a": (
+            [
+                _row("good", "attribution", 1, 1.0, 10),
+                _row("good", "attribution", 2, 0.5, 10),
+                _row("good", "ablate_single", 1, 0.8, 20, ci_low=0.6, ci_high=1.0),
+            ],
+            passed,
+        ),
+        "b": (
+            [
+                _row("good", "attribution", 1, 0.0, 30),
+                _row("good", "ablate_single", 1, 0.4, 60, ci_low=0.2, ci_high=0.6),
+            ],
+            passed,
+        ),
+        "c": (
+            [
+                _row("bad", "attribution", 7, 5.0, 10),
+                _row("bad", "ablate_single", 7, 0.1, 20, ci_low=-0.1, ci_high=0.3),
+            ],
+            [_check("bad", "topk_causal_drop", True), _check("bad", "matched_random_drop", False)],
+        ),
+    }
+    for job, (effects, checks) in jobs.items():
+        _mediation_job(store, tmp_path, job, effects, checks)
     return store
 
 
@@ -296,7 +291,7 @@ def test_compare_families_filters_by_boundary_pair_and_readout(tmp_path: Path) -
 
 def test_top_features_endpoint_serves_the_evidence_and_the_gate_flag(tmp_path: Path, settings) -> None:
     """The HTTP route over a real DuckDB file: failed-gate dictionaries only with include_failed_gate=true."""
-    from tests.app.live import LiveServer, bootstrap_users, client
+    from tests.app.live import client, live_service
 
     assert settings.duckdb_path is not None
     tmp = tmp_path / "parts"
@@ -304,29 +299,27 @@ def test_top_features_endpoint_serves_the_evidence_and_the_gate_flag(tmp_path: P
     _evidence_store(tmp).close()
     settings.duckdb_path.parent.mkdir(parents=True, exist_ok=True)
     (tmp / "r.duckdb").rename(settings.duckdb_path)
-    keys = bootstrap_users(settings, {"ada": "researcher"})
-    server = LiveServer(settings).start()
-    try:
-        with client(server, keys["ada"]) as c:
-            r = c.get("/features/top", params={"family": "llama"})
-            assert r.status_code == 200, r.text
-            rows = r.json()["data"]
-            assert [(x["dictionary_id"], x["latent"], x["gate_status"]) for x in rows] == [
-                ("good", 2, "passed"),
-                ("good", 1, "passed"),
-            ]
-            assert rows[1]["heldout_drop"] == pytest.approx(0.5) and rows[1]["heldout_n"] == 80
-            rows = c.get("/features/top", params={"include_failed_gate": "true"}).json()["data"]
-            assert (rows[0]["dictionary_id"], rows[0]["gate_status"], rows[0]["heldout_ci_low"]) == (
-                "bad",
-                "failed",
-                -0.1,
-            )
-            fam = c.get("/features/families", params={"boundary": 3, "pair_id": "p"})
-            assert fam.status_code == 200 and fam.json()["data"] == []
-            assert c.get("/features/curve", params={"statistic": "gate"}).status_code == 422
-    finally:
-        server.stop()
+    with (
+        live_service(settings, {"ada": "researcher"}, {}) as (server, keys),
+        client(server, keys["ada"]) as c,
+    ):
+        r = c.get("/features/top", params={"family": "llama"})
+        assert r.status_code == 200, r.text
+        rows = r.json()["data"]
+        assert [(x["dictionary_id"], x["latent"], x["gate_status"]) for x in rows] == [
+            ("good", 2, "passed"),
+            ("good", 1, "passed"),
+        ]
+        assert rows[1]["heldout_drop"] == pytest.approx(0.5) and rows[1]["heldout_n"] == 80
+        rows = c.get("/features/top", params={"include_failed_gate": "true"}).json()["data"]
+        assert (rows[0]["dictionary_id"], rows[0]["gate_status"], rows[0]["heldout_ci_low"]) == (
+            "bad",
+            "failed",
+            -0.1,
+        )
+        fam = c.get("/features/families", params={"boundary": 3, "pair_id": "p"})
+        assert fam.status_code == 200 and fam.json()["data"] == []
+        assert c.get("/features/curve", params={"statistic": "gate"}).status_code == 422
 
 
 def test_events_written_before_event_kinds_read_as_first_diff(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from crosspatch.app.config import Settings
-from tests.app.live import LiveServer, bootstrap_users, client, config_only_pair
+from tests.app.live import client, config_only_pair, live_service
 
 PER_USER, TOTAL = 2, 3
 
@@ -29,11 +29,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         job_visibility="lab",
         _env_file=None,  # type: ignore[call-arg]
     )
-    keys = bootstrap_users(settings, {"root": "admin", "ada": "researcher", "bob": "researcher"})
-    with LiveServer(settings) as server:
-        with client(server, keys["root"]) as admin:
-            pair = {"pair_id": "tiny", "family": "llama", "pt": str(models / "pt"), "it": str(models / "it")}
-            assert admin.post("/pairs", json=pair).status_code == 201
+    users = {"root": "admin", "ada": "researcher", "bob": "researcher"}
+    pairs = {"tiny": ("llama", models / "pt", models / "it")}
+    with live_service(settings, users, pairs) as (server, keys):
         with client(server, keys["ada"]) as ada:
             spec = {"kind": "crosspatch", "pair_id": "tiny", "prompts": [{"id": "a", "text": "w1"}]}
             job = ada.post("/jobs", json={"spec": spec}).json()["id"]  # no worker: it stays queued

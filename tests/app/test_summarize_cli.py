@@ -19,6 +19,7 @@ import pytest
 from crosspatch.app.cli import main
 from crosspatch.engine.organisms.tiny import tiny_model
 from crosspatch.engine.pairs import pair_identity
+from tests.app.builders import rows_where
 from tests.helpers import cli_ok, perturbed_copy, random_prompts, word_tokenizer
 
 Z = 1.959963984540054
@@ -108,8 +109,7 @@ def test_summarize_equals_a_hand_computation_from_the_cells(swept: dict, capsys)
             hand[(pid, b)] = (float(x.mean()), *_boot(x))
     got = {
         (r["pair_id"], r["boundary"]): r
-        for r in summary
-        if r["level"] == "pair" and r["statistic"] == "interaction" and r["subset"] == "all"
+        for r in rows_where(summary, level="pair", statistic="interaction", subset="all")
     }
     assert set(got) == set(hand)
     for key, (est, lo, hi) in hand.items():
@@ -122,11 +122,7 @@ def test_summarize_equals_a_hand_computation_from_the_cells(swept: dict, capsys)
     a, b, c = (next(iter(ids[k])) for k in "abc")
     fam = {
         r["family"]: r
-        for r in summary
-        if r["level"] == "family"
-        and r["headline"]
-        and r["statistic"] == "interaction"
-        and r["subset"] == "all"
+        for r in rows_where(summary, level="family", headline=True, statistic="interaction", subset="all")
     }
     llama = _combine([hand[(a, 3)], hand[(b, 3)]])
     qwen3 = _combine([hand[(c, 6)]])

@@ -141,8 +141,9 @@ def test_cancel_stops_a_job_that_does_not_look_up_within_seconds(
         stuck = _pids(settings)["worker"]
         assert ops.cancel(store, job)
         took = _wait_until(lambda: _gone(stuck), "the stuck worker killed")
-        # detected at the next supervisor tick (<= 0.1 s), then the grace period, then SIGKILL
-        assert took < GRACE + 5.0, took
+        # the supervisor notes the stop at its next tick and kills only after the grace period: a lower
+        # bound only (load can delay the kill, never hasten it; half: the tick's clock may precede our t0)
+        assert took >= GRACE / 2, took
         assert ops.status_of(store, job) == "cancelled"
         # the supervisor records why, right after the kill
         _wait_until(
@@ -174,12 +175,10 @@ def test_cancel_stops_at_the_next_batch_without_a_kill(
 
         _wait_until(lambda: batches_done() >= 2, "the big job inside its chunk")
         worker = _pids(settings)["worker"]
-        t0 = time.monotonic()
         assert ops.cancel(store, big)
         _wait_until(lambda: ops.status_of(store, small) != "queued", "the next job claimed")
-        took = time.monotonic() - t0
-        # seen by the next heartbeat (0.2 s), raised at the next batch: well under the grace period
-        assert took < 5.0, took
+        # seen by the next heartbeat, raised at the next batch: had it not stopped by itself, the supervisor
+        # would have killed it after the 300 s grace, and the same worker would not be claiming
         assert _pids(settings)["worker"] == worker and not _gone(worker)  # stopped by itself, not killed
         assert not any("killed by its supervisor" in m for m in _messages(store, big))
         with store.session(write=False) as s:
