@@ -125,6 +125,24 @@ def anatomy_batch(
     return out
 
 
+def control_boundary(
+    pair: ModelPair,
+    boundary: int | None,
+    readout: str,
+    batch_size: int,
+    counts: Sequence[int] | None = None,
+    name: str = "windows",
+) -> int:
+    """The one boundary a per-event control of section 4.8 runs at, after the checks they share: readout,
+    batch size and (when given) distinct final-k block `counts`; a ValueError names the bad input."""
+    check_readout(readout)
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if counts is not None and (not counts or len(set(counts)) != len(counts)):
+        raise ValueError(f"{name} must name distinct final-block counts, got {list(counts)}")
+    return single_boundary(pair, boundary)
+
+
 def _window_reason(k: int, boundary: int, n_layers: int) -> str | None:
     """Why window k cannot be measured at this boundary (None when it can)."""
     if k < 1 or k > n_layers - boundary:
@@ -143,12 +161,7 @@ def anatomy(
     seed: int = 23,
 ) -> tuple[pa.Table, pa.Table]:
     """(per-event ANATOMY_EVENTS_SCHEMA rows, ANATOMY_SCHEMA summary rows) for the diverged `events`."""
-    check_readout(readout)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    if not windows or len(set(windows)) != len(windows):
-        raise ValueError(f"windows must name distinct final-block counts, got {list(windows)}")
-    b = single_boundary(pair, boundary)
+    b = control_boundary(pair, boundary, readout, batch_size, windows)
     n_layers = pair.n_layers
     valid = [k for k in windows if _window_reason(k, b, n_layers) is None]
     bands = depth_bands(b, n_layers)

@@ -30,13 +30,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from crosspatch.engine.control_schemas import NO_SECOND_DESCENDANT
-from crosspatch.engine.divergence import DivergenceEvent
-from crosspatch.engine.pairs import ModelPair
+
+if TYPE_CHECKING:  # this module stays torch-free (the API's job schemas take the names and defaults)
+    from crosspatch.engine.divergence import DivergenceEvent
+    from crosspatch.engine.pairs import ModelPair
 
 CONTROLS: tuple[str, ...] = (
     "offmanifold",

@@ -28,13 +28,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from crosspatch.engine.anatomy import control_boundary
 from crosspatch.engine.control_schemas import IDENTITY_TRANSFER_EVENTS_SCHEMA, IDENTITY_TRANSFER_SCHEMA
 from crosspatch.engine.crosspatch import CleanPasses, clean_passes, event_batches, readout_margin
 from crosspatch.engine.divergence import DivergenceEvent, real_token_mask
 from crosspatch.engine.handoff import default_windows
 from crosspatch.engine.hooks import MlpHook, mlp_hooks
-from crosspatch.engine.pairs import ModelPair, check_readout
-from crosspatch.engine.recipe import single_boundary
+from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.results import event_key_columns
 from crosspatch.engine.stats import bootstrap_ci
 
@@ -94,12 +94,7 @@ def identity_transfer(
     seed: int = 23,
 ) -> tuple[pa.Table, pa.Table]:
     """(IDENTITY_TRANSFER_EVENTS_SCHEMA rows per event x host x window, IDENTITY_TRANSFER_SCHEMA summary)."""
-    check_readout(readout)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    if len(set(mlp_windows)) != len(mlp_windows):
-        raise ValueError(f"mlp_windows must name distinct final-MLP counts, got {list(mlp_windows)}")
-    b = single_boundary(pair, boundary)
+    b = control_boundary(pair, boundary, readout, batch_size, mlp_windows, "mlp_windows")
     windows = transfer_windows(pair.n_layers, b, mlp_windows)
     valid = [w for w in windows if w[3] is None]
     starts = sorted({span[0] for _, _, span, _ in valid})

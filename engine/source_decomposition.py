@@ -29,13 +29,14 @@ import pyarrow as pa
 import torch
 
 from crosspatch.engine.adapters import positions_from_mask
+from crosspatch.engine.anatomy import control_boundary
 from crosspatch.engine.control_schemas import SOURCE_DECOMPOSITION_EVENTS_SCHEMA, SOURCE_DECOMPOSITION_SCHEMA
 from crosspatch.engine.crosspatch import CELLS, CleanPasses, event_batches, late_stack_final, readout_margin
 from crosspatch.engine.divergence import DivergenceEvent
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.hooks import mlp_hooks
-from crosspatch.engine.pairs import ModelPair, check_readout
-from crosspatch.engine.recipe import ratio_of_means, single_boundary
+from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.recipe import ratio_of_means
 from crosspatch.engine.results import event_key_columns
 from crosspatch.engine.stats import bootstrap_ci
 
@@ -86,10 +87,7 @@ def source_decomposition(
     seed: int = 23,
 ) -> tuple[pa.Table, pa.Table]:
     """(SOURCE_DECOMPOSITION_EVENTS_SCHEMA rows per event x source, SOURCE_DECOMPOSITION_SCHEMA summary)."""
-    check_readout(readout)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    b = single_boundary(pair, boundary)
+    b = control_boundary(pair, boundary, readout, batch_size)
     if b < 1:
         raise ValueError("the source decomposition needs at least one upstream block (boundary >= 1)")
     parts = []

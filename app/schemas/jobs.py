@@ -9,6 +9,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, model_validator
 
+from crosspatch.engine.control_suite import CONTROLS
+from crosspatch.engine.control_suite import ControlOptions as EngineControlOptions
+
 Readout = Literal["it", "pt", "own"]
 # Seeds fit a signed 64-bit column and torch/numpy generators; larger ones used to fail in the worker.
 MAX_SEED = 2**63 - 1
@@ -74,16 +77,7 @@ class DivergenceSpec(_PromptsSpec):
     )
 
 
-Control = Literal[
-    "offmanifold",
-    "commitment",
-    "baselines",
-    "native_history",
-    "anatomy",
-    "identity_transfer",
-    "source_decomposition",
-    "closure",
-]
+Control = Literal[CONTROLS]  # the engine's names (engine.control_suite.CONTROLS), one source
 CONTROLS_HELP = (
     "Controls of the 2x2 run at each pair's headline boundary with the first readout (method 4.3-4.6): "
     "offmanifold (PT->IT interpolation slope, signed-permutation ratio), commitment (IT boundary logit-lens "
@@ -92,59 +86,94 @@ CONTROLS_HELP = (
     "interaction, MLP support by depth band; method 4.8), identity_transfer (does grafting the other model's "
     "middle / late blocks or final MLPs make the host pick its token; method 4.8), source_decomposition "
     "(the interaction of the upstream difference's embedding / attention / MLP parts; method 4.8), closure "
-    "(boundary-state PCA closure by rank and alpha with gaussian / random / sign-flip controls; the "
-    "wrong-descendant control needs a second descendant, not given here: reported not valid; method 5.6). "
+    "(boundary-state PCA closure by rank and alpha with gaussian / random / sign-flip controls, and the "
+    "wrong-descendant control with `control_options.wrong_descendant`, else reported not valid; method 5.6). "
     "Rows go to the tables the engine names."
 )
+_DEFAULT = EngineControlOptions()  # the method's defaults, as the engine holds them
+
+
+def _listed(name: str, min_length: int, max_length: int, description: str) -> Any:
+    """A list knob: the engine's default of `name` as a list, and its length bounds."""
+
+    def factory() -> list:
+        return list(getattr(_DEFAULT, name))
+
+    return Field(
+        default_factory=factory, min_length=min_length, max_length=max_length, description=description
+    )
+
+
+class DescendantIn(_Spec):
+    """A descendant of the pair's base: a registered pair (its IT model) or a model path."""
+
+    pair_id: Name | None = Field(default=None, description="A registered pair whose PT is the same base.")
+    path: str | None = Field(
+        default=None, min_length=1, max_length=1024, description="Under the model roots."
+    )
+
+    def label(self) -> str:
+        return "wrong_descendant"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DescendantIn:
+        if (self.pair_id is None) == (self.path is None):
+            raise ValueError(f"{self.label()}: give exactly one of 'pair_id' or 'path'")
+        return self
 
 
 class ControlOptions(_Spec):
-    """Knobs of the 2x2 controls (defaults follow the method)."""
+    """Knobs of the 2x2 controls (defaults: the engine's, which follow the method)."""
 
-    alphas: list[float] = Field(
-        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
-        min_length=2,
-        max_length=21,
-        description="Interpolation grid of U(a) = (1 - a) U_PT + a U_IT (values in [0, 1]).",
+    alphas: list[float] = _listed(
+        "alphas", 2, 21, "Interpolation grid of U(a) = (1 - a) U_PT + a U_IT (values in [0, 1])."
     )
-    seeds: list[int] = Field(
-        default_factory=lambda: [0, 1, 2],
-        min_length=1,
-        max_length=20,
-        description="Signed-permutation draws.",
+    seeds: list[int] = _listed("seeds", 1, 20, "Signed-permutation draws.")
+    n_bins: int = Field(
+        default=_DEFAULT.n_bins, ge=1, le=20, description="Boundary-margin quantile bins (commitment)."
     )
-    n_bins: int = Field(default=4, ge=1, le=20, description="Boundary-margin quantile bins (commitment).")
     rollout_tokens: int = Field(
-        default=64, ge=1, le=1024, description="Greedy rollout length (baselines, native history)."
+        default=_DEFAULT.rollout_tokens,
+        ge=1,
+        le=1024,
+        description="Greedy rollout length (baselines, native history).",
     )
-    n_tries: int = Field(default=8, ge=1, le=256, description="Random prefix lengths tried per rollout.")
-    horizons: list[int] = Field(
-        default_factory=lambda: [4, 8, 16],
-        min_length=1,
-        max_length=16,
-        description="Native-history horizons.",
+    n_tries: int = Field(
+        default=_DEFAULT.n_tries, ge=1, le=256, description="Random prefix lengths tried per rollout."
     )
-    selection_seed: int = Field(default=0, ge=0, description="Seed of the random baseline choices.")
-    windows: list[int] = Field(
-        default_factory=lambda: [3, 1], min_length=1, max_length=16, description="Anatomy: final-k windows."
+    horizons: list[int] = _listed("horizons", 1, 16, "Native-history horizons.")
+    selection_seed: Seed = Field(
+        default=_DEFAULT.selection_seed,
+        description="Seed of the random baseline choices and closure's split.",
     )
-    ranks: list[int | Literal["full"]] = Field(
-        default_factory=lambda: [1, 4, 16, 64, 256, "full"],
-        min_length=1,
-        max_length=16,
-        description="Closure: PCA ranks ('full' = the whole shift).",
+    windows: list[int] = _listed("windows", 1, 16, "Anatomy: final-k windows.")
+    mlp_windows: list[int] = _listed(
+        "mlp_windows",
+        1,
+        16,
+        "Identity transfer: final-k MLP grafts (a k beyond the pair's blocks: a not-valid row).",
     )
-    closure_alphas: list[float] = Field(
-        default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5],
-        min_length=1,
-        max_length=21,
-        description="Closure: injection scales.",
+    ranks: list[int | Literal["full"]] = _listed(
+        "ranks", 1, 16, "Closure: PCA ranks ('full' = the whole shift)."
     )
+    closure_alphas: list[float] = _listed("closure_alphas", 1, 21, "Closure: injection scales.")
     closure_positions: Literal["last", "all"] = Field(
-        default="last", description="Closure: inject at the scored position (method) or at every position."
+        default=_DEFAULT.closure_positions,
+        description="Closure: inject at the scored position (method) or at every position.",
     )
     fit_fraction: float = Field(
-        default=0.5, gt=0.0, lt=1.0, description="Closure: train share of the events."
+        default=_DEFAULT.fit_fraction, gt=0.0, lt=1.0, description="Closure: train share of the events."
+    )
+    closure_boundaries: list[Boundary] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Closure: boundaries, each run as on its own (default: the controls' boundary).",
+    )
+    wrong_descendant: DescendantIn | None = Field(
+        default=None,
+        description="Closure's wrong-descendant control: a second descendant of the pair's PT (a registered "
+        "pair's IT or a model path); without it that arm is reported not valid.",
     )
 
     @model_validator(mode="after")
@@ -153,10 +182,16 @@ class ControlOptions(_Spec):
             raise ValueError("alphas must hold at least two distinct values in [0, 1]")
         if any(h < 1 for h in self.horizons) or any(s < 0 for s in self.seeds):
             raise ValueError("horizons must be >= 1 and seeds >= 0")
-        if any(k < 1 for k in self.windows) or len(set(self.windows)) != len(self.windows):
-            raise ValueError("windows must be distinct final-block counts >= 1")
+        for name in ("windows", "mlp_windows"):
+            ks = getattr(self, name)
+            if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+                raise ValueError(f"{name} must be distinct final-block counts >= 1")
         if any(r != "full" and r < 1 for r in self.ranks) or len(set(self.ranks)) != len(self.ranks):
             raise ValueError("ranks must be distinct ints >= 1 or 'full'")
+        if self.closure_boundaries is not None and len(set(self.closure_boundaries)) != len(
+            self.closure_boundaries
+        ):
+            raise ValueError("closure_boundaries must be distinct")
         return self
 
 
@@ -175,7 +210,7 @@ class CrosspatchSpec(DivergenceSpec):
     readouts: list[Readout] = Field(default_factory=lambda: ["it"], min_length=1, max_length=3)
     n_resamples: int = Field(default=2000, ge=10, le=100_000)
     seed: Seed = 23
-    controls: list[Control] = Field(default_factory=list, max_length=8, description=CONTROLS_HELP)
+    controls: list[Control] = Field(default_factory=list, max_length=len(CONTROLS), description=CONTROLS_HELP)
     control_options: ControlOptions = Field(default_factory=ControlOptions)
 
     @model_validator(mode="after")
@@ -468,7 +503,7 @@ class PipelineSpec(_PromptsSpec):
     continuation: bool = Field(
         default=False, description="Also run constrained continuation per pair (§6.2)."
     )
-    controls: list[Control] = Field(default_factory=list, max_length=8, description=CONTROLS_HELP)
+    controls: list[Control] = Field(default_factory=list, max_length=len(CONTROLS), description=CONTROLS_HELP)
     control_options: ControlOptions = Field(default_factory=ControlOptions)
 
     @model_validator(mode="after")
@@ -481,20 +516,13 @@ class PipelineSpec(_PromptsSpec):
         return self
 
 
-class StageIn(_Spec):
+class StageIn(DescendantIn):
     """One descendant of the support pair's base: a registered pair (its IT model) or a model path."""
 
     name: Name
-    pair_id: Name | None = Field(default=None, description="A registered pair whose PT is the same base.")
-    path: str | None = Field(
-        default=None, min_length=1, max_length=1024, description="Under the model roots."
-    )
 
-    @model_validator(mode="after")
-    def _one_source(self) -> StageIn:
-        if (self.pair_id is None) == (self.path is None):
-            raise ValueError(f"stage {self.name!r}: give exactly one of 'pair_id' or 'path'")
-        return self
+    def label(self) -> str:
+        return f"stage {self.name!r}"
 
 
 class LineageSpec(_PromptsSpec):

@@ -93,12 +93,12 @@ def _check_pair(session: Session, pair_id: str, field: str) -> Pair:
     return pair
 
 
-def _check_boundary(boundary: Any, pair: Pair) -> None:
+def _check_boundary(boundary: Any, pair: Pair, field: str = "spec.boundary") -> None:
     values = [] if boundary in (None, "sweep") else [boundary] if isinstance(boundary, int) else boundary
     for b in values:
         if not 0 <= b <= pair.n_layers:
             raise Invalid(
-                "spec.boundary",
+                field,
                 f"boundary {b} out of range: pair {pair.pair_id!r} has {pair.n_layers} layers (0..{pair.n_layers})",
             )
 
@@ -147,12 +147,47 @@ def validate_spec(session: Session, settings: Settings, body: JobCreate) -> tupl
                 _check_pair(session, stage.pair_id, f"spec.stages.{i}.pair_id")
             else:
                 stage.path = str(resolve_under(stage.path, settings.model_roots, f"spec.stages.{i}.path"))
+    if getattr(spec, "controls", None):
+        _check_control_options(session, settings, spec.control_options, pairs)
     if spec.kind == "load_dictionary" and spec.source == "sae_lens":
         _check_pretrained_allowed(settings, f"{spec.release}/{spec.sae_id}")
     elif spec.kind == "load_dictionary":
         spec.path = str(resolve_under(spec.path, settings.dictionary_roots, "spec.path"))
     memory = _memory_estimate(settings, spec, pairs)
     return pairs[0].pair_id, memory if memory is not None else max(p.estimated_memory_bytes for p in pairs)
+
+
+def _check_control_options(session: Session, settings: Settings, options: Any, pairs: list[Pair]) -> None:
+    """Closure's boundaries in range for every pair; its second descendant a registered pair, or a model
+    directory under the model roots, with the pair's block count (the base itself is checked on load)."""
+    field = "spec.control_options"
+    for pair in pairs:
+        _check_boundary(options.closure_boundaries, pair, f"{field}.closure_boundaries")
+    ref = options.wrong_descendant
+    if ref is None:
+        return
+    field += ".wrong_descendant"
+    if len(pairs) > 1:
+        raise Invalid(field, "a second descendant belongs to one base: give it for a one-pair job")
+    if ref.pair_id is not None:
+        n_layers = _check_pair(session, ref.pair_id, f"{field}.pair_id").n_layers
+    else:
+        from crosspatch.engine.admission import read_shape
+
+        path = resolve_under(ref.path, settings.model_roots, f"{field}.path")
+        if not (path / "config.json").is_file():
+            raise Invalid(f"{field}.path", f"{path} is not a model directory (no config.json)")
+        try:
+            n_layers = read_shape(path).n_layers
+        except Exception as e:  # a config.json that does not describe a decoder
+            raise Invalid(f"{field}.path", f"not a model directory: {e}") from None
+        ref.path = str(path)
+    if n_layers != pairs[0].n_layers:
+        raise Invalid(
+            field,
+            f"the second descendant has {n_layers} blocks, pair {pairs[0].pair_id!r} {pairs[0].n_layers}: "
+            "it must be a descendant of the same base",
+        )
 
 
 STAGED_KINDS = ("divergence", "crosspatch")  # kinds a worker may run with one model resident

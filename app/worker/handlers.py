@@ -830,7 +830,8 @@ def _controls(ctx: JobContext, pair: Any, spec: Any, tag: str, progress: tuple[f
         if all(n in done for n in names.values()):
             ctx.log(f"resumed: control {control} of {pair.pair_id} already done")
         else:
-            run = run_controls(pair, events, [control], boundary, readout, options, cells, ctx.log)
+            second = _wrong_descendant(ctx, pair, o.wrong_descendant) if control == "closure" else None
+            run = run_controls(pair, events, [control], boundary, readout, options, cells, ctx.log, second)
             if run.noop:
                 record.setdefault("native_history_noop", {}).update(run.noop)
             for table, name in names.items():
@@ -844,6 +845,19 @@ def _controls(ctx: JobContext, pair: Any, spec: Any, tag: str, progress: tuple[f
         ctx.log(line)
 
 
+def _wrong_descendant(ctx: JobContext, pair: Any, ref: Any) -> Any:
+    """Closure's second descendant as a pair with `pair`'s PT (None when the job gives none)."""
+    if ref is None:
+        return None
+    from crosspatch.engine.pairs import ModelPair, weights_fingerprint
+
+    model, tok = _stage_model(ctx, ref, weights_fingerprint(pair.pt))
+    return ModelPair.from_models(
+        pair.pt, model, pair.tokenizer, tok or pair.tokenizer, family=pair.family,
+        pair_id=f"{pair.pair_id}~{ref.pair_id or 'wrong_descendant'}",
+    )  # fmt: skip
+
+
 def _stage_model(ctx: JobContext, stage: Any, base_fingerprint: str) -> tuple[Any, Any]:
     """(model, tokenizer) of one lineage stage: a registered pair's IT (same base required) or a path."""
     from crosspatch.engine.pairs import load_model, weights_fingerprint
@@ -852,16 +866,14 @@ def _stage_model(ctx: JobContext, stage: Any, base_fingerprint: str) -> tuple[An
         pair = ctx.load_pair(stage.pair_id)
         if weights_fingerprint(pair.pt) != base_fingerprint:
             raise CrosspatchError(
-                f"stage {stage.name!r}: pair {stage.pair_id!r} has another base (PT) than the support pair; "
-                "a lineage scores descendants of one base"
+                f"{stage.label()}: pair {stage.pair_id!r} has another base (PT) than the support pair; "
+                "a descendant must share the pair's base"
             )
         return pair.it, pair.it_tokenizer
     from crosspatch.app.config import get_settings
     from crosspatch.app.services.paths import model_ref_to_open
 
-    path = model_ref_to_open(
-        stage.path, get_settings().model_roots, f"stage {stage.name!r}"
-    )  # checked at open
+    path = model_ref_to_open(stage.path, get_settings().model_roots, stage.label())  # checked at open
     return load_model(path, device=ctx.device, dtype=ctx.dtype)
 
 

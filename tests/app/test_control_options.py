@@ -18,10 +18,29 @@ def test_defaults_follow_the_method_and_the_engine() -> None:
     assert {"anatomy", "closure"} <= set(CONTROLS)
 
 
+def test_every_job_knob_is_an_engine_knob_with_its_default() -> None:
+    """The worker passes the knobs to the engine by name: same names, same defaults, same control names."""
+    from dataclasses import fields
+
+    from crosspatch.app.schemas.jobs import CrosspatchSpec
+
+    o, e = ControlOptions().model_dump(exclude={"wrong_descendant"}), EngineOptions()
+    assert set(o) <= {f.name for f in fields(EngineOptions)}
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in o.items()} == {k: getattr(e, k) for k in o}
+    assert o["mlp_windows"] == [3] and o["closure_boundaries"] is None
+    spec = CrosspatchSpec(pair_id="p", prompts=[{"id": "a", "text": "x"}], controls=list(CONTROLS))
+    assert spec.controls == list(CONTROLS)
+    with pytest.raises(pydantic.ValidationError, match="controls"):
+        CrosspatchSpec(pair_id="p", prompts=[{"id": "a", "text": "x"}], controls=["anatomy", "nope"])
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"ranks": [0]}, {"ranks": [4, 4]}, {"ranks": ["half"]}, {"windows": [0]}, {"windows": [1, 1]},
-     {"closure_positions": "first"}, {"fit_fraction": 1.0}, {"closure_alphas": []}],
+     {"closure_positions": "first"}, {"fit_fraction": 1.0}, {"closure_alphas": []}, {"mlp_windows": [0]},
+     {"mlp_windows": [3, 3]}, {"closure_boundaries": [3, 3]}, {"closure_boundaries": []},
+     {"closure_boundaries": [True]}, {"wrong_descendant": {}}, {"wrong_descendant": {"pair_id": "a", "path": "b"}},
+     {"wrong_descendant": {"path": ""}}, {"selection_seed": 2**63}],
 )  # fmt: skip
 def test_bad_anatomy_and_closure_options_are_refused(bad: dict) -> None:
     with pytest.raises(pydantic.ValidationError):

@@ -2,7 +2,9 @@
 
 `llama_paper_sized` plants an upstream-dependent late push (interaction about +2) at first divergences,
 weaker pushes elsewhere in the rollouts and none before the first divergence; `llama_lineage` has three
-cumulative descendants of one base (sft < dpo < final) and a `portable` one (interaction exactly 0).
+cumulative descendants of one base (sft < dpo < final) and a `portable` one (interaction exactly 0);
+`llama_two_descendants` has a second descendant (`stages/b`) whose rank-1 closure of the first's gap is
+planted (`expected.json["closure"]`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from tests.app.builders import rows_where
 from tests.app.live import client, live_service
 
 pytestmark = pytest.mark.slow
-PAPER, LINEAGE = "llama_paper_sized", "llama_lineage"
+PAPER, LINEAGE, TWO = "llama_paper_sized", "llama_lineage", "llama_two_descendants"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("controls")
-    orgs = {name: organism_path(name) for name in (PAPER, LINEAGE)}
+    orgs = {name: organism_path(name) for name in (PAPER, LINEAGE, TWO)}
     settings = Settings(
         data_dir=root / "data",
         model_roots=sorted({o.parent for o in orgs.values()}),
@@ -37,6 +39,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     )
     users = {"root": "admin", "ada": "researcher"}
     pairs = {name: ("llama", org / "pt", org / "it") for name, org in orgs.items()}
+    pairs[f"{TWO}_b"] = ("llama", orgs[TWO] / "pt", orgs[TWO] / "stages" / "b")  # the second descendant
     with live_service(settings, users, pairs, worker_log=root / "worker.log") as (server, keys):
         yield {"server": server, "keys": keys, "orgs": orgs}
 
@@ -223,3 +226,75 @@ def _check_anatomy_closure(
     assert {r["arm"] for r in tables["closure_cells"]} == {"pca", "gaussian", "random", "sign_flip"}
     assert any(f.startswith("closure") for f in figures)
     assert any(m.startswith("anatomy") and "final_k_retention k=1" in m for m in logs)
+
+
+def test_wrong_descendant_closure_through_the_service(env: dict) -> None:
+    """A second descendant by path: the job's wrong-descendant closure equals the library's (same events,
+    split and options) and the planted fraction (tolerance 0.01 as in tests/engine/test_closure.py);
+    bad references are a 422 naming the field."""
+    import json
+
+    from crosspatch.engine.closure import closure
+    from crosspatch.engine.divergence import find_divergences
+    from crosspatch.engine.pairs import load_pair
+
+    org = env["orgs"][TWO]
+    options = {"ranks": [1, "full"], "closure_alphas": [0.0, 1.0], "closure_boundaries": [3, 4]}
+    spec = {
+        "kind": "crosspatch",
+        "pair_id": TWO,
+        "prompts": _prompts(org, 12),
+        "max_new_tokens": 16,
+        "batch_size": 6,
+        "n_resamples": 200,
+        "controls": ["identity_transfer", "source_decomposition", "closure"],
+        "control_options": options | {"wrong_descendant": {"path": str(org / "stages" / "b")}},
+    }
+    field = "spec.control_options.wrong_descendant"
+    with client(env["server"], env["keys"]["ada"]) as c:
+
+        def refused(**opts) -> str:
+            r = c.post("/jobs", json={"spec": {**spec, "control_options": options | opts}})
+            assert r.status_code == 422, r.text
+            return r.text
+
+        assert "not a model directory" in refused(wrong_descendant={"path": str(org / "prompts.jsonl")})
+        assert f"{field}.path" in refused(wrong_descendant={"path": "/etc"})
+        assert "unknown pair 'nope'" in refused(wrong_descendant={"pair_id": "nope"})
+        assert "exactly one of 'pair_id' or 'path'" in refused(wrong_descendant={})
+        assert "boundary 9 out of range" in refused(closure_boundaries=[3, 9])
+        job_id = _run(c, spec)
+        rows = _rows(c, job_id, "closure")
+        anatomy = {t: _rows(c, job_id, t) for t in ("identity_transfer", "source_decomposition")}
+        logs = [e["message"] for e in c.get(f"/jobs/{job_id}/logs").json()["data"]]
+        by_id = {**spec, "controls": ["closure"]}
+        by_id["control_options"] = options | {"wrong_descendant": {"pair_id": f"{TWO}_b"}}
+        again = _rows(c, _run(c, by_id), "closure")  # the same descendant as a registered pair's IT
+
+    pair = load_pair(org / "pt", org / "it")
+    wrong = load_pair(org / "pt", org / "stages" / "b")
+    events = find_divergences(pair, load_prompts(org / "prompts.jsonl", limit=12), max_new_tokens=16)
+    _, lib = closure(pair, events, [3, 4], "it", (1, "full"), (0.0, 1.0), batch_size=6, n_resamples=200,
+                     wrong_descendant=wrong)  # fmt: skip
+    expected = json.loads((org / "expected.json").read_text())["closure"]["wrong_descendant_rank1"]
+    key = ("boundary", "arm", "full_delta", "rank", "alpha")
+    library = {tuple(r[k] for k in key): r for r in lib.to_pylist()}
+    assert len(rows) == len(library) and {r["boundary"] for r in rows} == {3, 4}
+    for r in rows:
+        mine = library[tuple(r[k] for k in key)]
+        assert r["valid"] == mine["valid"] and r["n_test"] == mine["n_test"]
+        if r["valid"]:
+            assert r["closure"] == pytest.approx(mine["closure"], abs=1e-6)
+    assert again == rows  # a registered pair's IT is the same second descendant as its path
+    for b in (3, 4):
+        (row,) = [
+            r
+            for r in rows
+            if (r["boundary"], r["arm"], r["rank"], r["alpha"]) == (b, "wrong_descendant", 1, 1.0)
+        ]
+        assert row["valid"] and row["closure"] == pytest.approx(expected, abs=0.01) and row["ci_low"] > 0.2
+    assert any(m.startswith("closure") and "wrong_descendant rank 1" in m for m in logs)
+    # the 4.8 controls ride along: rows in DuckDB and their report lines in the job log
+    assert {r["window_name"] for r in anatomy["identity_transfer"]} >= {"late", "final_3"}
+    assert {r["source"] for r in anatomy["source_decomposition"]} == {"all", "embedding", "attention", "mlp"}
+    assert any(m.startswith("transfer") for m in logs) and any(m.startswith("sources") for m in logs)
