@@ -53,6 +53,7 @@ class ControlStatus:
     reason: str = ""
     seeds: list[int] = field(default_factory=list)
     pool_sizes: dict[str, int] = field(default_factory=dict)  # per dictionary id
+    drawn: list[list[tuple[str, int]]] = field(default_factory=list)  # per seed: (dict id, latent)
 
 
 def control_pool(

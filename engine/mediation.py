@@ -602,10 +602,9 @@ def mediate(
         if status[k].available:
             status[k].seeds = [1000 * k + s for s in seeds]
             for s, seed in zip(seeds, status[k].seeds, strict=True):
-                runs[("matched_random", k, s)] = (
-                    matched_random(ranking.keys, match_key, top, pool, seed, cfg.neighbours),
-                    None,
-                )
+                drawn = matched_random(ranking.keys, match_key, top, pool, seed, cfg.neighbours)
+                runs[("matched_random", k, s)] = (drawn, None)
+                status[k].drawn.append([ranking.keys[f] for f in drawn])  # recorded: auditable draws
         elif on_progress:
             on_progress(f"matched-random control unavailable: {status[k].reason}")
     singles = largest[: cfg.n_single_features]

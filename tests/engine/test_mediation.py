@@ -139,6 +139,9 @@ def test_matched_random_never_draws_a_planted_latent_and_removes_nothing():
     for (_, k, _s), feats in drawn.items():
         assert len(feats) == k and len(set(feats)) == k
         assert all(latent >= 4 for _, latent in feats), feats  # oracle latents 0..3 are the planted ones
+    # the draws are recorded per size and seed (provenance of a job): exactly the sets ablated
+    by_k = res.controls["matched_random"]["by_k"]
+    assert all(by_k[k]["drawn"][s] == feats for (_, k, s), feats in drawn.items())
     # the pool: not the largest top set, no positive score, fired on the fit split
     score = dict(zip(res.ranking.keys, res.ranking.score, strict=True))
     assert all(score[f] <= 0 for feats in drawn.values() for f in feats)
