@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -45,22 +45,24 @@ class Shape:
     tied: bool = False
 
 
+# Each `Shape` field's HF config key.
+_HF_KEYS = dict(
+    layers="num_hidden_layers",
+    d_model="hidden_size",
+    d_mlp="intermediate_size",
+    heads="num_attention_heads",
+    kv_heads="num_key_value_heads",
+    vocab="vocab_size",
+    max_positions="max_position_embeddings",
+    tied="tie_word_embeddings",
+)
+
+
 def family_config(family: str, shape: Shape, **extra: object) -> PretrainedConfig:
     """`family`'s HF config of `shape`; `extra` adds (or overrides) keys: the family's own, special ids."""
-    keys = dict(
-        hidden_size=shape.d_model,
-        intermediate_size=shape.d_mlp,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=shape.tied,
-        vocab_size=shape.vocab,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return AutoConfig.for_model("gemma3_text" if family == "gemma3" else family, **{**keys, **extra})
+    keys = {_HF_KEYS[f.name]: getattr(shape, f.name) for f in fields(shape)}
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoConfig.for_model("gemma3_text" if family == "gemma3" else family, **{**keys, **ids, **extra})
 
 
 def gemma3_keys(head_dim: int, window: int, pattern: int) -> dict[str, object]:
