@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from crosspatch.engine.anatomy import control_boundary
 from crosspatch.engine.control_schemas import (
     INTERPOLATION_SCHEMA,
     OFFMANIFOLD_SUMMARY_SCHEMA,
@@ -43,8 +44,8 @@ from crosspatch.engine.crosspatch import (
     readout_margin,
 )
 from crosspatch.engine.divergence import DivergenceEvent
-from crosspatch.engine.pairs import ModelPair, check_readout
-from crosspatch.engine.recipe import Ratio, ratio_of_means, single_boundary
+from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.recipe import Ratio, ratio_of_means
 from crosspatch.engine.results import event_key_columns
 from crosspatch.engine.stats import bootstrap_ci
 from crosspatch.engine.streams import gathered, reported, whole
@@ -147,13 +148,10 @@ def iter_offmanifold(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Stream (interpolation, signperm) tables batch by batch for the diverged `events`."""
-    check_readout(readout)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    b = control_boundary(pair, boundary, readout, batch_size)
     if not seeds:
         raise ValueError("seeds must name at least one signed-permutation draw")
     grid = _check_alphas(alphas)
-    b = single_boundary(pair, boundary)
     n_scored = sum(e.diverged for e in events)
     for batch, ids, mask, tokens in reported(event_batches(pair, events, batch_size), n_scored, on_batch):
         interp, rand, late0, interaction = offmanifold_batch(pair, ids, mask, tokens, b, readout, grid, seeds)
