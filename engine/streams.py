@@ -49,7 +49,7 @@ def whole(
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         return gather(list(stream(*args, **kwargs)))
 
-    run.__doc__ = doc
     run.__name__ = run.__qualname__ = name
     run.__module__ = stream.__module__
+    run.__doc__ = f"{doc} Takes `{stream.__name__}`'s arguments."
     return run
