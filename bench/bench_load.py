@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from crosspatch.engine.organisms.tiny import random_prompts, save_tiny_pair
+from crosspatch.engine.organisms.tiny import random_prompts, save_tiny_pair, tiny_sweep_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,17 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                     "/pairs", json={"pair_id": "tiny-llama", "family": "llama", "pt": str(pt), "it": str(it)}
                 )
                 r.raise_for_status()
-                long_spec = {
-                    "kind": "crosspatch",
-                    "pair_id": "tiny-llama",
-                    "boundary": "sweep",
-                    "readouts": ["it", "pt"],
-                    "max_new_tokens": 12,
-                    "batch_size": 4,
-                    "chunk_size": 4,
-                    "n_resamples": 200,
-                    "prompt_file": str(prompt_file),
-                }
+                long_spec = tiny_sweep_spec(chunk_size=4, n_resamples=200, prompt_file=str(prompt_file))
                 r = admin.post("/jobs", json={"spec": long_spec, "priority": 100})
                 r.raise_for_status()
                 job_id = r.json()["id"]

@@ -21,6 +21,7 @@ is 0.125), so bf16's rounding is as coarse as on a real checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import math
 import sys
@@ -35,71 +36,38 @@ from harness import base_args, parse, random_prompts, report
 from crosspatch.engine.adapters import ArchAdapter
 from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.divergence import DivergenceEvent, find_divergences
+from crosspatch.engine.organisms.tiny import Shape, family_config, gemma3_keys, perturbed_copy, word_tokenizer
 from crosspatch.engine.pairs import ModelPair
 
-# Real shapes (config.json of meta-llama/Llama-3.2-1B and google/gemma-3-1b-pt); depth is `layers` unless
-# --layers overrides it. Rope settings are left at the library's defaults (positions here are < 100).
-CONFIGS: dict[str, dict] = {
-    "llama-3.2-1b": dict(
-        model_type="llama",
-        family="llama",
-        layers=16,
-        d_model=2048,
-        vocab=128256,
-        config=dict(
-            intermediate_size=8192,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            tie_word_embeddings=True,
-            max_position_embeddings=131072,
-        ),
+# Real shapes (config.json of meta-llama/Llama-3.2-1B and google/gemma-3-1b-pt) as (family, shape, own keys);
+# depth is the shape's unless --layers overrides it. Rope settings are left at the library's defaults
+# (positions here are < 100). Gemma is untied here (the real model ties): with random blocks, Gemma's
+# sqrt(d)-scaled embedding dominates the residual and a tied readout just repeats the last input token.
+CONFIGS: dict[str, tuple[str, Shape, dict[str, object]]] = {
+    "llama-3.2-1b": (
+        "llama",
+        Shape(16, 2048, 8192, 32, 8, vocab=128256, max_positions=131072, tied=True),
+        {"head_dim": 64},
     ),
-    "gemma-3-1b": dict(
-        model_type="gemma3_text",
-        family="gemma3",
-        layers=26,
-        d_model=1152,
-        vocab=262144,
-        config=dict(
-            intermediate_size=6912,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=256,
-            query_pre_attn_scalar=256,
-            sliding_window=512,
-            sliding_window_pattern=6,
-            layer_types=None,
-            # untied here (the real model ties): with random blocks, Gemma's sqrt(d)-scaled embedding
-            # dominates the residual and a tied readout just repeats the last input token in both models
-            tie_word_embeddings=False,
-            max_position_embeddings=32768,
-        ),
+    "gemma-3-1b": (
+        "gemma3",
+        Shape(26, 1152, 6912, 4, 1, vocab=262144, max_positions=32768),
+        gemma3_keys(256, 512, 6),
     ),
 }
 
 
 def build_pair(name: str, layers: int, it_scale: float, seed: int = 0) -> ModelPair:
     """The fp32 random PT and IT = PT + `it_scale` x N(0, 1) of config `name`, with a full-vocab tokenizer."""
-    from helpers import perturbed_copy, word_tokenizer
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    spec = CONFIGS[name]
-    cfg = AutoConfig.for_model(
-        spec["model_type"],
-        hidden_size=spec["d_model"],
-        num_hidden_layers=layers,
-        vocab_size=spec["vocab"],
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **spec["config"],
-    )
+    family, shape, keys = CONFIGS[name]
+    cfg = family_config(family, dataclasses.replace(shape, layers=layers), **keys)
     torch.manual_seed(seed)
     pt = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
     it = perturbed_copy(pt, it_scale, seed + 1).eval().requires_grad_(False)
     return ModelPair.from_models(
-        pt, it, word_tokenizer(spec["vocab"]), family=spec["family"], pair_id=f"{name}-{layers}L"
+        pt, it, word_tokenizer(shape.vocab), family=family, pair_id=f"{name}-{layers}L"
     )
 
 
@@ -178,9 +146,9 @@ def _log(t0: float, what: str) -> None:
 def run_config(name: str, args) -> dict:
     """Events, near ties and interaction drift of config `name` in fp32 and bf16."""
     t0 = time.perf_counter()
-    spec = CONFIGS[name]
-    layers = args.layers or spec["layers"]
-    prompts = random_prompts(args.prompts, seed=args.seed, min_len=8, max_len=24, vocab=spec["vocab"])
+    shape = CONFIGS[name][1]
+    layers = args.layers or shape.layers
+    prompts = random_prompts(args.prompts, seed=args.seed, min_len=8, max_len=24, vocab=shape.vocab)
     pair32 = build_pair(name, layers, args.it_scale, args.seed)
     gain = scale_logits(pair32, prompts, args.top_logit)
     _log(t0, f"{name}: fp32 pair built")
@@ -232,9 +200,9 @@ def run_config(name: str, args) -> dict:
     ]
     return dict(
         config=name,
-        layers=f"{layers} of {spec['layers']}",
-        d_model=spec["d_model"],
-        vocab=spec["vocab"],
+        layers=f"{layers} of {shape.layers}",
+        d_model=shape.d_model,
+        vocab=shape.vocab,
         final_norm_gain=gain,
         seconds=round(time.perf_counter() - t0, 1),
         boundary=boundary,

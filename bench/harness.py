@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from crosspatch.engine.organisms.tiny import Shape, family_config, perturbed_copy, word_tokenizer
+
 
 @dataclass
 class Timing:
@@ -114,19 +116,11 @@ def shape_args(parser: argparse.ArgumentParser, batch_size: int = 16, batch_help
     parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
 
 
-# Real shapes for the GPU runs (random weights: only speed and memory are measured).
-PRESETS: dict[str, dict] = {
-    "llama-3.1-8b": dict(
-        layers=32,
-        d_model=4096,
-        vocab=128256,
-        config=dict(
-            intermediate_size=14336,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            rope_theta=500000.0,
-            max_position_embeddings=131072,
-        ),
+# Real shapes for the GPU runs (random weights: only speed and memory are measured), with their own keys.
+PRESETS: dict[str, tuple[Shape, dict[str, object]]] = {
+    "llama-3.1-8b": (
+        Shape(32, 4096, 14336, 32, 8, vocab=128256, max_positions=131072),
+        {"rope_theta": 500000.0},
     ),
 }
 
@@ -136,11 +130,11 @@ def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.config = None
+    args.preset_shape = None
     if args.preset:
-        preset = PRESETS[args.preset]
-        args.layers, args.d_model, args.vocab = preset["layers"], preset["d_model"], preset["vocab"]
-        args.config = preset["config"]
+        args.preset_shape = PRESETS[args.preset]
+        shape = args.preset_shape[0]
+        args.layers, args.d_model, args.vocab = shape.layers, shape.d_model, shape.vocab
     return args
 
 
@@ -153,7 +147,7 @@ def pair_from_args(args, **kwargs):
         args.vocab,
         device=args.device,
         dtype=args.dtype,
-        config=getattr(args, "config", None),
+        preset=getattr(args, "preset_shape", None),
         **kwargs,
     )
 
@@ -175,28 +169,18 @@ def random_llama_pair(
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "float32",
-    config: dict | None = None,
+    preset: tuple[Shape, dict[str, object]] | None = None,
 ):
     """A random-initialised Llama PT and a perturbed IT of the given shape (no weights needed for speed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from crosspatch.engine.organisms.tiny import perturbed_copy, word_tokenizer
     from crosspatch.engine.pairs import ModelPair, resolve_dtype
 
     torch.manual_seed(seed)
-    shape = dict(
-        hidden_size=d_model,
-        intermediate_size=int(2.6875 * d_model),
-        num_hidden_layers=n_layers,
-        num_attention_heads=max(1, d_model // 64),
-        num_key_value_heads=max(1, d_model // 256),
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    cfg = AutoConfig.for_model("llama", **{**shape, **(config or {})})
+    d = d_model
+    shape = Shape(n_layers, d, int(2.6875 * d), max(1, d // 64), max(1, d // 256), vocab, 4096)
+    shape, keys = preset or (shape, {})
+    cfg = family_config("llama", shape, **keys)
     if device == "cpu":
         pt = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         _init(pt, d_model)

@@ -190,19 +190,23 @@ def native_history_events(
 
 def native_history_cells(
     pair: ModelPair,
-    events: Sequence[DivergenceEvent],
+    native: Sequence[DivergenceEvent],
     source: str,
-    horizons: Sequence[int] = DEFAULT_HORIZONS,
     boundary: int | None = None,
     readout: str = "it",
-    max_new_tokens: int = 64,
     batch_size: int = 16,
 ) -> pa.Table:
-    """The 2x2 on native-history disagreements; `condition` = 'native_<source>_history', position = horizon."""
-    scored = native_history_events(pair, events, source, horizons, max_new_tokens, batch_size)
-    cells = crosspatch(pair, scored, boundary, (readout,), batch_size)
-    condition = pa.array([f"native_{source}_history"] * cells.num_rows, pa.string())
-    return cells.append_column("condition", condition).cast(BASELINE_CELLS_SCHEMA)
+    """The 2x2 on `native_history_events(..., source, ...)`; condition 'native_<source>_history', position = horizon."""
+    return with_condition(
+        crosspatch(pair, native, boundary, (readout,), batch_size), f"native_{source}_history"
+    )
+
+
+def with_condition(cells: pa.Table, condition: str) -> pa.Table:
+    """A cells table with its `condition` column, as `BASELINE_CELLS_SCHEMA` (the 2x2's no-op metadata dropped)."""
+    return cells.append_column("condition", pa.array([condition] * cells.num_rows, pa.string())).cast(
+        BASELINE_CELLS_SCHEMA
+    )
 
 
 def clustered_interaction(
@@ -276,9 +280,8 @@ def baseline_cells(
     }
     parts = []
     for condition, scored in conditions.items():
-        cells = crosspatch(pair, scored, boundary, (readout,), batch_size)
-        parts.append(cells.append_column("condition", pa.array([condition] * cells.num_rows, pa.string())))
-    return pa.concat_tables(parts).cast(BASELINE_CELLS_SCHEMA)
+        parts.append(with_condition(crosspatch(pair, scored, boundary, (readout,), batch_size), condition))
+    return pa.concat_tables(parts)
 
 
 def summarize_baselines(

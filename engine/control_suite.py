@@ -176,8 +176,7 @@ def run_controls(
             report = noop_report(nc)
             if report is not None:
                 run.noop[source] = report
-            condition = pa.array([f"native_{source}_history"] * nc.num_rows, pa.string())
-            nc = nc.append_column("condition", condition).cast(bl.BASELINE_CELLS_SCHEMA)
+            nc = bl.with_condition(nc, f"native_{source}_history")
             if nc.num_rows:
                 parts.append(nc)
                 summaries.append(_native_row(nc, f"native_{source}_history", opts))

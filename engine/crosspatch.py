@@ -35,6 +35,7 @@ from crosspatch.engine.memory import release_host_memory
 from crosspatch.engine.noop import NoopReport, attach, check_cells_noop
 from crosspatch.engine.pairs import ModelPair, check_readout
 from crosspatch.engine.results import CELL_COLUMNS, CELLS_SCHEMA
+from crosspatch.engine.streams import reported
 
 if TYPE_CHECKING:  # engine.staged imports this module
     from crosspatch.engine.staged import StagedPair, StateStore
@@ -236,18 +237,16 @@ def iter_crosspatch(
     boundary: `headline`, or `ModelPair.headline_boundary(boundary)`.
     """
     boundaries, headline = cells_plan(pair, boundary, readouts, batch_size, headline)
-    n_scored = sum(e.diverged for e in events)
-    done = 0
     unfused = (
         (*batch, None)
         for batch in event_batches(pair, [e for e in events if not has_capture(e, boundaries)], batch_size)
     )
-    for batch, ids, mask, tokens, passes in chain(
-        fused_batches(pair, events, boundaries, batch_size), unfused
-    ):
+    batches = chain(fused_batches(pair, events, boundaries, batch_size), unfused)
+    n_scored = sum(e.diverged for e in events)
+    for i, (batch, ids, mask, tokens, passes) in enumerate(reported(batches, n_scored, on_batch)):
         if passes is None:
             passes = clean_passes(pair, ids, mask, boundaries)  # 2 full forwards
-        if check_noop and done == 0:
+        if check_noop and i == 0:
             if has_capture(batch[0], boundaries):  # fused: the HF forwards of the check on a few events
                 report = check_cells_noop(
                     pair, *fused_passes(pair, batch[:NOOP_EVENTS], boundaries), boundaries
@@ -263,9 +262,6 @@ def iter_crosspatch(
         del cells
         if ids.device.type == "cpu":
             release_host_memory()  # keep peak RSS flat across batches of different widths
-        done += len(batch)
-        if on_batch:
-            on_batch(done, n_scored)
 
 
 def _cells_table(

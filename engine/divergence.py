@@ -596,6 +596,18 @@ def mismatch_event(pair: Tokenizers, record: PromptRecord) -> DivergenceEvent:
     )
 
 
+def check_decoding(max_new_tokens: int, batch_size: int, near_tie_threshold: float | None) -> None:
+    """ValueError unless the budget and batch size are >= 1 and the near-tie threshold is None or finite >= 0."""
+    if near_tie_threshold is not None and not (math.isfinite(near_tie_threshold) and near_tie_threshold >= 0):
+        raise ValueError(
+            f"near_tie_threshold must be a finite number >= 0 or None, got {near_tie_threshold!r}"
+        )
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+
+
 def iter_divergences(
     pair: ModelPair,
     prompts: Sequence[PromptRecord],
@@ -622,14 +634,7 @@ def iter_divergences(
     from crosspatch.engine.event_kinds import check_kind, refine_events
 
     check_kind(event)
-    if near_tie_threshold is not None and not (math.isfinite(near_tie_threshold) and near_tie_threshold >= 0):
-        raise ValueError(
-            f"near_tie_threshold must be a finite number >= 0 or None, got {near_tie_threshold!r}"
-        )
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    check_decoding(max_new_tokens, batch_size, near_tie_threshold)
     if capture and not (continuous and event == "first_diff"):
         raise ValueError("capture (the fused 2x2) needs continuous batching and the first_diff event")
     masks = (real_token_mask(pair.pt, pair.tokenizer), real_token_mask(pair.it, pair.it_tokenizer))

@@ -18,6 +18,7 @@ of the families' means; each bootstrap draw resamples events within every family
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -31,6 +32,7 @@ from crosspatch.engine.divergence import DivergenceEvent, eos_ids, left_pad, rea
 from crosspatch.engine.pairs import ModelPair
 from crosspatch.engine.prompts import PromptRecord
 from crosspatch.engine.results import FORCED_SCHEMA, FORCED_SUMMARY_SCHEMA
+from crosspatch.engine.streams import gathered, whole
 from crosspatch.engine.validators import score
 
 BRANCHES: tuple[str, ...] = ("it", "pt", "rank_matched", "class_matched")
@@ -185,17 +187,12 @@ def _row(
     }
 
 
-def forced_table(
-    pair: ModelPair,
-    events: Sequence[DivergenceEvent],
-    prompts: Sequence[PromptRecord],
-    branches: Sequence[str] = BRANCHES,
-    budgets: Mapping[str, int] | None = None,
-    batch_size: int = 16,
-) -> pa.Table:
-    """The whole forced-token table, sorted by prompt id and branch."""
-    parts = list(iter_forced(pair, events, prompts, branches, budgets, batch_size))
-    return pa.concat_tables(parts) if parts else FORCED_SCHEMA.empty_table()
+forced_table = whole(
+    "forced_table",
+    iter_forced,
+    functools.partial(gathered, schema=FORCED_SCHEMA),
+    "The whole forced-token table, sorted by prompt id and branch.",
+)
 
 
 def summarize_forced(table: pa.Table, n_resamples: int = 1000, seed: int = 23) -> pa.Table:

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from crosspatch.engine.anatomy import control_boundary
 from crosspatch.engine.control_schemas import (
     INTERPOLATION_SCHEMA,
     OFFMANIFOLD_SUMMARY_SCHEMA,
@@ -43,10 +44,11 @@ from crosspatch.engine.crosspatch import (
     readout_margin,
 )
 from crosspatch.engine.divergence import DivergenceEvent
-from crosspatch.engine.pairs import ModelPair, check_readout
-from crosspatch.engine.recipe import Ratio, ratio_of_means, single_boundary
+from crosspatch.engine.pairs import ModelPair
+from crosspatch.engine.recipe import Ratio, ratio_of_means
 from crosspatch.engine.results import event_key_columns
 from crosspatch.engine.stats import bootstrap_ci
+from crosspatch.engine.streams import gathered, reported, whole
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
@@ -146,15 +148,12 @@ def iter_offmanifold(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Stream (interpolation, signperm) tables batch by batch for the diverged `events`."""
-    check_readout(readout)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    b = control_boundary(pair, boundary, readout, batch_size)
     if not seeds:
         raise ValueError("seeds must name at least one signed-permutation draw")
     grid = _check_alphas(alphas)
-    b = single_boundary(pair, boundary)
-    n_scored, done = sum(e.diverged for e in events), 0
-    for batch, ids, mask, tokens in event_batches(pair, events, batch_size):
+    n_scored = sum(e.diverged for e in events)
+    for batch, ids, mask, tokens in reported(event_batches(pair, events, batch_size), n_scored, on_batch):
         interp, rand, late0, interaction = offmanifold_batch(pair, ids, mask, tokens, b, readout, grid, seeds)
         base = {
             **event_key_columns(pair.family, pair.pair_id, batch),
@@ -192,28 +191,22 @@ def iter_offmanifold(
             for i, s in enumerate(seeds)
         ]
         yield pa.concat_tables(rows_i), pa.concat_tables(rows_s)
-        done += len(batch)
-        if on_batch:
-            on_batch(done, n_scored)
 
 
-def offmanifold(
-    pair: ModelPair,
-    events: Sequence[DivergenceEvent],
-    boundary: int | None = None,
-    readout: str = "it",
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    seeds: Sequence[int] = DEFAULT_SEEDS,
-    batch_size: int = 16,
-) -> tuple[pa.Table, pa.Table]:
-    """The whole (interpolation, signperm) tables for the diverged `events`, sorted by prompt id."""
-    parts = list(iter_offmanifold(pair, events, boundary, readout, alphas, seeds, batch_size))
-    interp = pa.concat_tables([p[0] for p in parts]) if parts else INTERPOLATION_SCHEMA.empty_table()
-    perm = pa.concat_tables([p[1] for p in parts]) if parts else SIGNPERM_SCHEMA.empty_table()
+def _gather(parts: list[tuple[pa.Table, pa.Table]]) -> tuple[pa.Table, pa.Table]:
+    """The (interpolation, signperm) batches as two whole tables, sorted by prompt id and alpha / seed."""
     return (
-        interp.sort_by([("prompt_id", "ascending"), ("alpha", "ascending")]),
-        perm.sort_by([("prompt_id", "ascending"), ("seed", "ascending")]),
+        gathered([p[0] for p in parts], INTERPOLATION_SCHEMA, ("prompt_id", "alpha")),
+        gathered([p[1] for p in parts], SIGNPERM_SCHEMA, ("prompt_id", "seed")),
     )
+
+
+offmanifold = whole(
+    "offmanifold",
+    iter_offmanifold,
+    _gather,
+    "The whole (interpolation, signperm) tables for the diverged `events`, sorted by prompt id.",
+)
 
 
 def _pivot(table: pa.Table, key: str, value: str) -> tuple[list, np.ndarray]:

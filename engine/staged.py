@@ -51,6 +51,7 @@ from crosspatch.engine.divergence import (
     NO_DIVERGENCE_IN_BUDGET,
     DivergenceEvent,
     bf16_step,
+    check_decoding,
     describe_event,
     encode_prompt,
     eos_ids,
@@ -412,10 +413,7 @@ def staged_divergences(
         raise ValueError(
             f"event {event!r} reads both models' rollouts together; staged execution supports only first_diff"
         )
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError("max_new_tokens and batch_size must be >= 1")
-    if near_tie_threshold is not None and not near_tie_threshold >= 0:
-        raise ValueError(f"near_tie_threshold must be >= 0 or None, got {near_tie_threshold!r}")
+    check_decoding(max_new_tokens, batch_size, near_tie_threshold)
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
     ids_check = TokenPreflight(pair, {})  # type: ignore[arg-type]  # tokenizers only: no model needed
     same = [ids_check.prompt_ids_match(r.text) for r in prompts]

@@ -45,6 +45,15 @@ def organism_events(
     return root, pair, [e for e in events if e.diverged or not diverged_only]
 
 
+PAPER_SIZED = "llama_paper_sized"
+
+
+def paper_sized(limit: int) -> tuple[ModelPair, list[DivergenceEvent]]:
+    """(pair, diverged events) of the `llama_paper_sized` organism on its first `limit` prompts."""
+    _root, pair, events = organism_events(PAPER_SIZED, limit=limit)
+    return pair, events
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """Run `crosspatch ARGS` in process; (exit code, stdout, stderr)."""
     from crosspatch.app.cli import main

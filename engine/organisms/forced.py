@@ -25,9 +25,10 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from crosspatch.engine.organisms.build import build_atomic, cache_root
+from crosspatch.engine.organisms.tiny import Shape, family_config
 from crosspatch.engine.organisms.tokenizer import (
     ADJECTIVES,
     COLOURS,
@@ -113,16 +114,9 @@ def build_model(role: str, vocab: dict[str, int]) -> PreTrainedModel:
     """The PT or IT bigram model as an fp32 Llama with 5 identity blocks."""
     n_vocab = len(vocab)
     d_model = 8 * math.ceil(n_vocab / 8)
-    config = AutoConfig.for_model(
+    config = family_config(
         "llama",
-        vocab_size=n_vocab,
-        hidden_size=d_model,
-        intermediate_size=16,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
+        Shape(5, d_model, 16, 4, 2, vocab=n_vocab, max_positions=512),
         rms_norm_eps=1e-6,
         pad_token_id=vocab["<pad>"],
         bos_token_id=vocab["<s>"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,21 +30,65 @@ from crosspatch.engine.prompts import PromptRecord
 
 FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma3", "gpt2")
 
-_COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
+
+@dataclass(frozen=True)
+class Shape:
+    """A model's size in the config keys every family shares (ids 0,1,2 = pad, bos, eos)."""
+
+    layers: int
+    d_model: int
+    d_mlp: int
+    heads: int
+    kv_heads: int
+    vocab: int = 512
+    max_positions: int = 256
+    tied: bool = False
+
+
+# Each `Shape` field's HF config key.
+_HF_KEYS = dict(
+    layers="num_hidden_layers",
+    d_model="hidden_size",
+    d_mlp="intermediate_size",
+    heads="num_attention_heads",
+    kv_heads="num_key_value_heads",
+    vocab="vocab_size",
+    max_positions="max_position_embeddings",
+    tied="tie_word_embeddings",
 )
+
+
+def family_config(family: str, shape: Shape, **extra: object) -> PretrainedConfig:
+    """`family`'s HF config of `shape`; `extra` adds (or overrides) keys: the family's own, special ids."""
+    keys = {_HF_KEYS[f.name]: getattr(shape, f.name) for f in fields(shape)}
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoConfig.for_model("gemma3_text" if family == "gemma3" else family, **{**keys, **ids, **extra})
+
+
+def gemma3_keys(head_dim: int, window: int, pattern: int) -> dict[str, object]:
+    """Gemma3's own keys: `window`-token sliding layers, every `pattern`-th layer full, query scale = head_dim."""
+    return dict(
+        head_dim=head_dim,
+        sliding_window=window,
+        layer_types=None,
+        sliding_window_pattern=pattern,
+        query_pre_attn_scalar=head_dim,
+    )
+
+
+# The tiny shape of every family but GPT-2 (which names its keys its own way).
+_FAMILY_KEYS: dict[str, dict[str, object]] = {
+    "llama": {},
+    "olmo2": {},
+    "gemma3": gemma3_keys(head_dim=16, window=4, pattern=2),
+    "mistral": dict(sliding_window=6, head_dim=16),
+    "qwen2": dict(use_sliding_window=False),
+    "qwen3": dict(head_dim=16),
+}
 
 
 def tiny_config(family: str, vocab_size: int = 512, n_layers: int = 5) -> PretrainedConfig:
     """A few-layer config of `family` with `vocab_size` tokens (ids 0,1,2 = pad, bos, eos)."""
-    ids = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    common = {**_COMMON, "num_hidden_layers": n_layers}
     if family == "gpt2":
         return AutoConfig.for_model(
             "gpt2",
@@ -54,28 +99,14 @@ def tiny_config(family: str, vocab_size: int = 512, n_layers: int = 5) -> Pretra
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
-            **ids,
+            vocab_size=vocab_size,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
-    if family == "gemma3":
-        return AutoConfig.for_model(
-            "gemma3_text",
-            head_dim=16,
-            sliding_window=4,
-            layer_types=None,
-            sliding_window_pattern=2,
-            query_pre_attn_scalar=16,
-            **common,
-            **ids,
-        )
-    if family == "mistral":
-        return AutoConfig.for_model("mistral", sliding_window=6, head_dim=16, **common, **ids)
-    if family == "qwen2":
-        return AutoConfig.for_model("qwen2", use_sliding_window=False, **common, **ids)
-    if family == "qwen3":
-        return AutoConfig.for_model("qwen3", head_dim=16, **common, **ids)
-    if family in ("llama", "olmo2"):
-        return AutoConfig.for_model(family, **common, **ids)
-    raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family not in _FAMILY_KEYS:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return family_config(family, Shape(n_layers, 64, 128, 4, 2, vocab=vocab_size), **_FAMILY_KEYS[family])
 
 
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 512, n_layers: int = 5) -> PreTrainedModel:
@@ -152,6 +183,22 @@ def save_tiny_pair(root: Path, family: str = "llama") -> tuple[Path, Path]:
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root / "pt", root / "it"
+
+
+def tiny_sweep_spec(chunk_size: int, n_resamples: int, **extra: object) -> dict[str, object]:
+    """A crosspatch job spec on `save_tiny_pair`'s pair (registered as tiny-llama): every boundary, both
+    readouts, 12 new tokens, batches of 4; `extra` adds the prompts."""
+    return {
+        "kind": "crosspatch",
+        "pair_id": "tiny-llama",
+        "boundary": "sweep",
+        "readouts": ["it", "pt"],
+        "max_new_tokens": 12,
+        "batch_size": 4,
+        "chunk_size": chunk_size,
+        "n_resamples": n_resamples,
+        **extra,
+    }
 
 
 def forced_events(

@@ -19,6 +19,7 @@ from helpers import BOUND, save_tiny_pair, wait_for_file  # tests/helpers.py
 from crosspatch.app.config import Settings
 from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.worker.context import HELD_MARKER, HOLD_AFTER_PARTS_ENV
+from crosspatch.engine.organisms.tiny import tiny_sweep_spec
 from tests.app.live import client, live_service, live_settings, start_worker
 
 pytestmark = pytest.mark.slow
@@ -32,16 +33,7 @@ def _prompts() -> list[dict]:
     return [{"id": p.id, "text": p.text, "category": p.category} for p in random_prompts(N_PROMPTS, seed=3)]
 
 
-SPEC = {
-    "kind": "crosspatch",
-    "pair_id": "tiny-llama",
-    "boundary": "sweep",
-    "readouts": ["it", "pt"],
-    "max_new_tokens": 12,
-    "batch_size": 4,
-    "chunk_size": 1,
-    "n_resamples": 50,
-}
+SPEC = tiny_sweep_spec(chunk_size=1, n_resamples=50)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from crosspatch.engine.baselines import (
     baseline_cells,
     clustered_interaction,
     native_history_cells,
+    native_history_events,
     pre_divergence_events,
     random_disagreements,
     summarize_baselines,
@@ -103,7 +104,8 @@ def test_native_history_disagreements_carry_the_planted_interaction(source: str)
     pair, events, _ = _run()
     classes = load_expected(NAME)["classes"]
     answer_class = {c["answer_word"]: j for j, c in classes.items()}
-    cells = native_history_cells(pair, events, source, horizons=(4, 8, 16), max_new_tokens=16, batch_size=8)
+    native = native_history_events(pair, events, source, horizons=(4, 8, 16), max_new_tokens=16, batch_size=8)
+    cells = native_history_cells(pair, native, source, batch_size=8)
     assert cells.schema == BASELINE_CELLS_SCHEMA and cells.num_rows > 0
     assert set(cells["condition"].to_pylist()) == {f"native_{source}_history"}
     assert set(cells["position"].to_pylist()) <= {4, 8, 16}
@@ -113,4 +115,4 @@ def test_native_history_disagreements_carry_the_planted_interaction(source: str)
     mean, lo, _, n_events, n_prompts = clustered_interaction(cells)
     assert mean > lo > 0 and n_prompts <= n_events <= 3 * n_prompts
     with pytest.raises(ValueError, match="horizons"):
-        native_history_cells(pair, events, source, horizons=(0, 4))
+        native_history_events(pair, events, source, horizons=(0, 4))

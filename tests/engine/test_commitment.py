@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 import pytest
-from helpers import organism_events  # tests/helpers.py
+from helpers import PAPER_SIZED, paper_sized  # tests/helpers.py
 
 from crosspatch.engine.commitment import (
     BOUNDARY_MARGIN_SCHEMA,
@@ -17,12 +17,10 @@ from crosspatch.engine.commitment import (
 from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.organisms import load_expected
 
-NAME = "llama_paper_sized"
-
 
 @functools.cache
 def _run():
-    _root, pair, events = organism_events(NAME, limit=24)
+    pair, events = paper_sized(24)
     return pair, events, crosspatch(pair, events), boundary_margins(pair, events, batch_size=5)
 
 
@@ -32,7 +30,7 @@ def _band(nominal: float) -> float:
 
 def test_boundary_margin_is_the_planted_logit_lens_per_class() -> None:
     pair, events, _, margins = _run()
-    classes = load_expected(NAME)["classes"]
+    classes = load_expected(PAPER_SIZED)["classes"]
     assert margins.schema == BOUNDARY_MARGIN_SCHEMA and margins.num_rows == len(events)
     by_prompt = dict(
         zip(margins["prompt_id"].to_pylist(), margins["boundary_margin"].to_pylist(), strict=True)
@@ -51,7 +49,7 @@ def test_boundary_margin_is_the_planted_logit_lens_per_class() -> None:
 
 def test_interaction_stays_positive_among_uncommitted_events() -> None:
     _, _, cells, margins = _run()
-    classes = load_expected(NAME)["classes"]
+    classes = load_expected(PAPER_SIZED)["classes"]
     summary, table = commitment_summary(cells, margins)
     assert table.schema == COMMITMENT_SCHEMA
     assert set(table["view"].to_pylist()) == {"all", "uncommitted", "committed", "bin", "intercept"}

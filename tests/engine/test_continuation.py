@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from helpers import organism_events  # tests/helpers.py
+from helpers import paper_sized  # tests/helpers.py
 
 from crosspatch.engine.continuation import (
     CONTINUATION_SCHEMA,
@@ -17,12 +17,10 @@ from crosspatch.engine.continuation import (
 from crosspatch.engine.crosspatch import crosspatch
 from crosspatch.engine.report import format_continuation
 
-NAME = "llama_paper_sized"
-
 
 @functools.cache
 def _run():
-    _root, pair, events = organism_events(NAME, limit=16)
+    pair, events = paper_sized(16)
     table = continuation_table(pair, events, ns=(0, 1, 2, 4), batch_size=5)
     return pair, events, table
 
