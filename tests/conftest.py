@@ -16,8 +16,15 @@ else:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+LONGEST_FIRST = ("test_chaos.py", "test_end_to_end.py", "test_worker_lifetime.py")  # minutes, not seconds
+
+
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.gpu` tests run only where CUDA is available (skipped, with the reason, elsewhere)."""
+    """The longest files first (xdist's loadfile hands files out in this order, so the chaos test no longer
+    runs alone at the end); `@pytest.mark.gpu` tests run only where CUDA is available (skipped, with the
+    reason, elsewhere)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     import pytest
