@@ -19,10 +19,17 @@ else:
 LONGEST_FIRST = ("test_chaos.py", "test_end_to_end.py", "test_worker_lifetime.py")  # minutes, not seconds
 
 
+def pytest_configure(config):
+    """Keep the order below under xdist: loadfile would otherwise sort files by test count, which puts the
+    one-test chaos file (minutes) last, alone."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """The longest files first (xdist's loadfile hands files out in this order, so the chaos test no longer
-    runs alone at the end); `@pytest.mark.gpu` tests run only where CUDA is available (skipped, with the
-    reason, elsewhere)."""
+    """The longest files first (xdist's loadfile hands files out in collection order, see pytest_configure),
+    so the chaos test no longer runs alone at the end; `@pytest.mark.gpu` tests run only where CUDA is
+    available (skipped, with the reason, elsewhere)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
