@@ -6,7 +6,6 @@ another researcher; past the size cap the least recently used chunk entries go."
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from crosspatch.app.store.models import CacheEntry, Job, Pair
 from crosspatch.app.worker.main import Worker
 from tests.app.builders import make_job, make_user
 from tests.app.live import client, live_service, live_settings
-from tests.helpers import cli_ok, random_prompts, save_tiny_pair
+from tests.helpers import BOUND, cli_ok, random_prompts, save_tiny_pair
 
 L, BOUNDARIES, BATCH, CHUNK = 5, [2, 3], 4, 4
 PROMPTS = [{"id": p.id, "text": p.text, "category": p.category} for p in random_prompts(8, seed=4)]
@@ -55,10 +54,12 @@ def _run(c: httpx.Client, spec: dict[str, Any], share: str = "lab") -> str:
     r = c.post("/jobs", json={"spec": spec, "share": share})
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
-    deadline = time.monotonic() + 600  # bounds a broken build only
-    while (job := c.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.2)
+    with c.stream(
+        "GET", f"/jobs/{job_id}/progress", timeout=BOUND
+    ) as stream:  # event-driven: ends with the job
+        events = [line for line in stream.iter_lines() if line.startswith("event:")]
+    assert events[-1] == "event: end", events
+    job = c.get(f"/jobs/{job_id}").json()
     assert job["status"] == "succeeded", (job, c.get(f"/jobs/{job_id}/logs").json())
     return job_id
 
