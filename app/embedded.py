@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -13,9 +15,32 @@ from crosspatch.app.config import Settings
 from crosspatch.app.main import create_app
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 nobody listens on right now, outside the kernel's ephemeral range.
+
+    Outside it, no outgoing connection can take the port while a server that owns it restarts on it
+    (the chaos test's API and PostgreSQL are killed and restarted on the same port).
+    """
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10_000, 65_536) if not low <= p <= high]
+    rng = random.Random()  # fresh OS entropy: parallel test processes do not draw the same sequence
+    for port in rng.sample(candidates, 200) if candidates else []:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every candidate is taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -31,11 +31,16 @@ from crosspatch.app.store.session import Store
 from tests.app.live import bootstrap_users, start_worker
 from tests.app.pg import PgServer
 
-pytestmark = pytest.mark.slow
+# slow; a hang shows as a failure with every thread's stack (pytest-timeout), not as a CI run past its limit
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 N_JOBS, N_PROMPTS, KILLS, N_WORKERS = 10, 8, 20, 2
 PG_CRASHES_AT = (7, 14)  # after these kills, PostgreSQL itself crashes and restarts
 BOUND = 600.0  # seconds; only a broken build waits this long for one event
+
+
+class ApiDied(AssertionError):
+    """The API process exited without being killed: a bug to show, not a restart to wait out."""
 
 
 def _until(cond: Callable[[], Any], what: str, bound: float = BOUND) -> Any:
@@ -43,6 +48,8 @@ def _until(cond: Callable[[], Any], what: str, bound: float = BOUND) -> Any:
     while True:
         try:
             value = cond()
+        except ApiDied:
+            raise
         except Exception:  # the API or PostgreSQL is restarting: ask again
             value = None
         if value:
@@ -59,10 +66,11 @@ class Api:
         self.settings, self.log, self.port = settings, log, free_port()
         self.url = f"http://127.0.0.1:{self.port}/api/v1"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.exits: list[str] = []  # exits the test did not cause, with the log's tail
 
     def start(self, wait: bool = True) -> None:
         """Start it; with `wait=False` the next kill may land while it is still starting (migrating)."""
-        env = {**os.environ, **settings_env(self.settings)}
+        env = {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
         code = "from crosspatch.app.cli import main; main()"
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -72,7 +80,21 @@ class Api:
                 stderr=subprocess.STDOUT,
             )
         if wait:
-            _until(lambda: httpx.get(f"{self.url}/health", timeout=2).status_code == 200, "API up")
+            _until(
+                lambda: self.check_alive() and httpx.get(f"{self.url}/health", timeout=2).status_code == 200,
+                "API up",
+            )
+
+    def check_alive(self) -> bool:
+        """Restart the API, as a process manager would, when it exited by itself (e.g. it started while
+        PostgreSQL was down: the migration fails and it exits); the third time, fail with its log."""
+        if self.proc is None or (code := self.proc.poll()) is None:
+            return True
+        self.exits.append(f"exit {code}: " + self.log.read_text(errors="replace")[-2000:])
+        if len(self.exits) > 2:
+            raise ApiDied("the API exited by itself 3 times; its logs end:\n" + "\n---\n".join(self.exits))
+        self.start(wait=False)
+        return True
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -83,6 +105,7 @@ class Api:
         """One request, retried while the API or PostgreSQL is down (connection errors, 5xx)."""
 
         def once() -> httpx.Response | None:
+            self.check_alive()
             r = httpx.request(
                 method, f"{self.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kw
             )
