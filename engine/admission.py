@@ -193,6 +193,11 @@ def estimate(shape: Shape, w: Workload) -> Estimate:
     )
 
 
+def second_descendant_bytes(est: Estimate) -> int:
+    """What a third resident model of the same shape adds (closure's wrong-descendant control)."""
+    return int(est.weights * (1.0 + OVERHEAD))
+
+
 def choose_mode(est: Estimate, budget_bytes: int | None) -> Mode:
     """Lockstep if it fits `budget_bytes` (None: no budget), else staged if that fits, else refuse."""
     if budget_bytes is None or est.lockstep <= budget_bytes:

@@ -197,7 +197,13 @@ def _memory_estimate(settings: Settings, spec: Any, pairs: list[Pair]) -> int | 
     """The job's peak bytes by the workers' estimator (engine.admission, config.json only): staged for a kind
     that may run staged, else lockstep. 422 when it cannot fit `device_memory_gb` even staged. None when a
     model has no local config.json (a hub id): the pair's own estimate stands."""
-    from crosspatch.engine.admission import MemoryAdmissionError, Workload, admit, read_shape
+    from crosspatch.engine.admission import (
+        MemoryAdmissionError,
+        Workload,
+        admit,
+        read_shape,
+        second_descendant_bytes,
+    )
     from crosspatch.engine.pairs import DEVICE_MAPS
 
     staged = spec.kind in STAGED_KINDS and getattr(spec, "event", "first_diff") == "first_diff"
@@ -232,8 +238,23 @@ def _memory_estimate(settings: Settings, spec: Any, pairs: list[Pair]) -> int | 
                 f"budget of {settings.device_memory_gb} GB per device: {est.describe()}; only divergence and "
                 "crosspatch jobs on first_diff events without controls run staged (one model resident)",
             )
-        need = max(need, est.staged if staged else est.lockstep)
+        # closure's wrong-descendant control keeps a third model (the second descendant) resident
+        extra = second_descendant_bytes(est) if _holds_second_descendant(spec) else 0
+        if extra and budget is not None and est.lockstep + extra > budget:
+            raise Invalid(
+                "spec.control_options.wrong_descendant",
+                f"pair {pair.pair_id!r}: three models resident (PT, IT, the second descendant) need about "
+                f"{(est.lockstep + extra) / 1e9:.1f} GB, over the budget of {settings.device_memory_gb} GB per device",
+            )
+        need = max(need, (est.staged if staged else est.lockstep) + extra)
     return need
+
+
+def _holds_second_descendant(spec: Any) -> bool:
+    """Whether the job loads closure's second descendant beside its pair (a third resident model)."""
+    options = getattr(spec, "control_options", None)
+    controls = getattr(spec, "controls", None) or []
+    return "closure" in controls and options is not None and options.wrong_descendant is not None
 
 
 def _check_pretrained_allowed(settings: Settings, ref: str) -> None:

@@ -21,12 +21,22 @@ class LiveServer(ServiceThread):
     """`crosspatch serve` without the embedded worker, for tests: start(), url, stop()."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, embedded_worker=False, startup_timeout=20)
+        super().__init__(settings, embedded_worker=False, startup_timeout=BOUND)  # a bound, not a wait
 
 
 def client(server: LiveServer, key: str | None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=f"{server.url}/api/v1", headers=headers, timeout=30)
+
+
+def finished_job(c: httpx.Client, job_id: str) -> dict:
+    """The job once it has ended: follows its SSE progress stream to the `end` event (no polling, no clock;
+    BOUND only catches a stream that goes silent)."""
+    with c.stream("GET", f"/jobs/{job_id}/progress", timeout=BOUND) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: end"):
+                break
+    return c.get(f"/jobs/{job_id}").json()
 
 
 def start_worker(

@@ -9,7 +9,6 @@ planted (`expected.json["closure"]`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -19,7 +18,7 @@ from crosspatch.app.config import Settings
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.prompts import load_prompts
 from tests.app.builders import rows_where
-from tests.app.live import client, live_service
+from tests.app.live import client, finished_job, live_service
 
 pytestmark = pytest.mark.slow
 PAPER, LINEAGE, TWO = "llama_paper_sized", "llama_lineage", "llama_two_descendants"
@@ -52,10 +51,7 @@ def _run(c: httpx.Client, spec: dict) -> str:
     r = c.post("/jobs", json={"spec": spec})
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
-    deadline = time.monotonic() + 300
-    while (job := c.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.3)
+    job = finished_job(c, job_id)
     assert job["status"] == "succeeded", (job, c.get(f"/jobs/{job_id}/logs").json())
     return job_id
 
@@ -234,6 +230,7 @@ def test_wrong_descendant_closure_through_the_service(env: dict) -> None:
     bad references are a 422 naming the field."""
     import json
 
+    from crosspatch.engine.admission import OVERHEAD, read_shape
     from crosspatch.engine.closure import closure
     from crosspatch.engine.divergence import find_divergences
     from crosspatch.engine.pairs import load_pair
@@ -263,7 +260,15 @@ def test_wrong_descendant_closure_through_the_service(env: dict) -> None:
         assert "unknown pair 'nope'" in refused(wrong_descendant={"pair_id": "nope"})
         assert "exactly one of 'pair_id' or 'path'" in refused(wrong_descendant={})
         assert "boundary 9 out of range" in refused(closure_boundaries=[3, 9])
+        # the submit-time memory estimate counts the second descendant as a third resident model
+        alone = c.post("/jobs", json={"spec": {**spec, "control_options": options}, "priority": -10})
+        assert alone.status_code == 201, alone.text
+        assert c.post(f"/jobs/{alone.json()['id']}/cancel").status_code == 200
+        assert finished_job(c, alone.json()["id"])["status"] == "cancelled"
         job_id = _run(c, spec)
+        third = int(read_shape(org / "pt").n_params * 4 * (1 + OVERHEAD))  # fp32 weights + overhead
+        with_third = c.get(f"/jobs/{job_id}").json()["estimated_memory_bytes"]
+        assert with_third - alone.json()["estimated_memory_bytes"] == third > 0
         rows = _rows(c, job_id, "closure")
         anatomy = {t: _rows(c, job_id, t) for t in ("identity_transfer", "source_decomposition")}
         logs = [e["message"] for e in c.get(f"/jobs/{job_id}/logs").json()["data"]]

@@ -21,7 +21,7 @@ import pytest
 from crosspatch.app.store.migrate import upgrade
 from crosspatch.engine.organisms import organism_path
 from crosspatch.engine.prompts import load_prompts
-from tests.app.live import client, live_service, live_settings, start_worker
+from tests.app.live import client, finished_job, live_service, live_settings, start_worker
 
 pytestmark = pytest.mark.slow
 ORGANISM = "llama_mediated"
@@ -36,15 +36,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def _wait(c: Any, job_id: str) -> dict:
-    """Follow the job's SSE progress stream to its `end` event (no polling, no sleeps)."""
-    with c.stream("GET", f"/jobs/{job_id}/progress", timeout=900) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event: end"):
-                break
-    return c.get(f"/jobs/{job_id}").json()
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +88,7 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             with client(server, keys["ada"]) as c:
                 r = c.post("/jobs", json={"spec": spec})
                 assert r.status_code == 201, r.text
-                job = _wait(c, r.json()["id"])
+                job = finished_job(c, r.json()["id"])
                 assert job["status"] == "succeeded", (job, c.get(f"/jobs/{job['id']}/logs").json())
         finally:
             worker.terminate()

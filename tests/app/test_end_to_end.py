@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from helpers import BOUND, save_tiny_pair, wait_for_file  # tests/helpers.py
 
@@ -20,7 +18,7 @@ from crosspatch.app.config import Settings
 from crosspatch.app.store.layout import parts_dir
 from crosspatch.app.worker.context import HELD_MARKER, HOLD_AFTER_PARTS_ENV
 from crosspatch.engine.organisms.tiny import tiny_sweep_spec
-from tests.app.live import client, live_service, live_settings, start_worker
+from tests.app.live import client, finished_job, live_service, live_settings, start_worker
 
 pytestmark = pytest.mark.slow
 
@@ -79,16 +77,6 @@ def library_cells(env: dict) -> list[dict]:
     return rows
 
 
-def _wait(c: httpx.Client, job_id: str, timeout: float = BOUND) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
 def _key(row: dict) -> tuple:
     return (row["prompt_id"], row["boundary"], row["readout"])
 
@@ -124,7 +112,7 @@ def test_crosspatch_job_end_to_end(env: dict, library_cells: list[dict], tmp_pat
             with c.stream("GET", f"/jobs/{job_id}/progress", timeout=BOUND) as stream:
                 events = [line for line in stream.iter_lines() if line.startswith("event:")]
             assert events[-1] == "event: end" and "event: progress" in events
-            job = _wait(c, job_id)
+            job = finished_job(c, job_id)
             assert job["status"] == "succeeded", (job, (tmp_path / "worker.log").read_text()[-3000:])
             cells = c.get(f"/jobs/{job_id}/results/cells").json()
             _assert_same_cells(cells["data"], library_cells)
@@ -159,7 +147,7 @@ def test_killed_worker_loses_nothing(env: dict, library_cells: list[dict], tmp_p
         assert c.get(f"/jobs/{job_id}").json()["status"] == "running"
         second = start_worker(env["settings"], log)
         try:
-            job = _wait(c, job_id)
+            job = finished_job(c, job_id)
         finally:
             second.terminate()
             second.wait(timeout=BOUND)

@@ -15,7 +15,7 @@ import torch
 
 from crosspatch.engine.organisms import load_expected, organism_path
 from crosspatch.engine.prompts import load_prompts
-from tests.app.live import client, live_service, live_settings
+from tests.app.live import client, finished_job, live_service, live_settings
 
 pytestmark = pytest.mark.slow
 ORGANISM = "llama_mediated"
@@ -83,12 +83,7 @@ def pipeline_job(env: dict) -> dict:
         r = c.post("/jobs", json={"spec": spec})
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
-        import time
-
-        deadline = time.monotonic() + 900  # a shared, loaded machine
-        while (job := c.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.5)
+        job = finished_job(c, job_id)
         assert job["status"] == "succeeded", (job, c.get(f"/jobs/{job_id}/logs").json())
     return {"job_id": job_id, "prompts": prompts}
 
@@ -277,16 +272,6 @@ def test_feature_page_of_a_planted_latent(env: dict, pipeline_job: dict, capsys)
     assert "PT decoder share" in out and word in out
 
 
-def _wait(c, job_id: str) -> dict:
-    import time
-
-    deadline = time.monotonic() + 600
-    while (job := c.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.3)
-    return job
-
-
 def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env: dict) -> None:
     """After the pipeline: a mediation job on its registered dictionary, and registering a copy by path."""
     prompts = [{"id": p.id, "text": p.text} for p in load_prompts(env["org"] / "prompts.jsonl")]
@@ -312,7 +297,7 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
             },
         )
         assert r.status_code == 201, r.text
-        job = _wait(c, r.json()["id"])
+        job = finished_job(c, r.json()["id"])
         assert job["status"] == "succeeded", c.get(f"/jobs/{job['id']}/logs").json()
         effects = c.get(f"/jobs/{job['id']}/results/feature_effects", params={"limit": 5000}).json()["data"]
         share = next(e for e in effects if e["intervention"] == "ablate_topk" and e["statistic"] == "share")
@@ -323,7 +308,7 @@ def test_mediation_and_load_dictionary_jobs_reuse_the_registered_dictionary(env:
             "/jobs", json={"spec": {"kind": "load_dictionary", "pair_id": ORGANISM, "path": d["path"]}}
         )
         assert r.status_code == 201, r.text
-        assert _wait(c, r.json()["id"])["status"] == "succeeded"
+        assert finished_job(c, r.json()["id"])["status"] == "succeeded"
         outside = c.post(
             "/jobs", json={"spec": {"kind": "load_dictionary", "pair_id": ORGANISM, "path": "/etc"}}
         )
