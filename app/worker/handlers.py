@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from crosspatch.app.schemas.jobs import (
     JOB_SPEC_ADAPTER,
     ContinuationSpec,
     CrosspatchSpec,
+    DescendantIn,
     DictionaryOptions,
     DivergenceSpec,
     ForcedTokensSpec,
@@ -39,7 +41,7 @@ from crosspatch.app.worker.executor import ChunkTask
 from crosspatch.engine.divergence import DivergenceEvent, iter_divergences
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.handoff import HandoffConfig, feature_upstream_table, handoff_balanced
-from crosspatch.engine.mediation import BranchView, MediationConfig
+from crosspatch.engine.mediation import BranchView, MediationConfig, MediationResult
 from crosspatch.engine.mediation import mediate as run_mediation
 from crosspatch.engine.noop import noop_report
 from crosspatch.engine.pairs import ModelPair
@@ -359,7 +361,13 @@ def _handoff_balanced(ctx: JobContext) -> None:
 
 
 def _feature_page_parts(
-    ctx: JobContext, pair: ModelPair, events: list, dictionary: Dictionary, view: Any, result: Any, tag: str
+    ctx: JobContext,
+    pair: ModelPair,
+    events: list[DivergenceEvent],
+    dictionary: Dictionary,
+    view: BranchView,
+    result: MediationResult,
+    tag: str,
 ) -> None:
     """What feature pages need (engine.feature_pages): decoded top events and decoder logit-lens tokens."""
     from crosspatch.engine import feature_pages as fp
@@ -798,7 +806,13 @@ def lora_control(spec: LoraControlSpec, ctx: JobContext) -> None:
 # ---- controls of the 2x2 (method 4.3-4.7) ------------------------------------------------------------
 
 
-def _controls(ctx: JobContext, pair: Any, spec: Any, tag: str, progress: tuple[float, float]) -> None:
+def _controls(
+    ctx: JobContext,
+    pair: ModelPair,
+    spec: CrosspatchSpec | PipelineSpec,
+    tag: str,
+    progress: tuple[float, float],
+) -> None:
     """The spec's `controls` on this pair's events at its headline boundary, first readout: parts
     `<table>.<tag><control>` (resumable per control); report lines in the log."""
     if not spec.controls:
@@ -845,11 +859,11 @@ def _controls(ctx: JobContext, pair: Any, spec: Any, tag: str, progress: tuple[f
         ctx.log(line)
 
 
-def _wrong_descendant(ctx: JobContext, pair: Any, ref: Any) -> Any:
+def _wrong_descendant(ctx: JobContext, pair: ModelPair, ref: DescendantIn | None) -> ModelPair | None:
     """Closure's second descendant as a pair with `pair`'s PT (None when the job gives none)."""
     if ref is None:
         return None
-    from crosspatch.engine.pairs import ModelPair, weights_fingerprint
+    from crosspatch.engine.pairs import weights_fingerprint
 
     model, tok = _stage_model(ctx, ref, weights_fingerprint(pair.pt))
     return ModelPair.from_models(
@@ -858,7 +872,9 @@ def _wrong_descendant(ctx: JobContext, pair: Any, ref: Any) -> Any:
     )  # fmt: skip
 
 
-def _stage_model(ctx: JobContext, stage: Any, base_fingerprint: str) -> tuple[Any, Any]:
+def _stage_model(
+    ctx: JobContext, stage: DescendantIn, base_fingerprint: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """(model, tokenizer) of one lineage stage: a registered pair's IT (same base required) or a path."""
     from crosspatch.engine.pairs import load_model, weights_fingerprint
 
