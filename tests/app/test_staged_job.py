@@ -134,3 +134,30 @@ def test_submit_refuses_a_job_that_cannot_fit_even_staged(settings: Settings) ->
             validate_spec(s, small, JobCreate.model_validate({"spec": _spec()}))
         assert e.value.status == 422 and f"{est.staged / 1e6:.2f} MB staged" in str(e.value)
     worker.store.dispose()
+
+
+def test_submit_counts_closures_second_descendant_as_a_third_model(settings: Settings) -> None:
+    """Closure with a second descendant: the estimate is lockstep + one model's weights (with overhead); a
+    budget that fits two models but not three is a 422 naming the second descendant."""
+    from crosspatch.app.errors import Invalid
+    from crosspatch.app.schemas.jobs import JobCreate
+    from crosspatch.app.services.jobs import validate_spec
+    from crosspatch.engine.admission import OVERHEAD
+
+    upgrade(settings.database_url)
+    pt, it = save_tiny_pair(settings.model_roots[0])
+    worker = Worker(settings)
+    with worker.store.session() as s:
+        s.add(Pair(pair_id="tiny", family="llama", pt=str(pt), it=str(it), n_layers=5, default_boundary=3))
+    spec = _spec() | {"controls": ["closure"], "control_options": {"wrong_descendant": {"path": str(it)}}}
+    w = workload_for(type("S", (), {"batch_size": 4, "max_new_tokens": 6})(), PROMPTS, [2, 3])
+    est = estimate(read_shape(pt), Workload(w.batch_size, w.prompt_tokens, w.new_tokens, 2, 4))
+    third = int(read_shape(pt).n_params * 4 * (1 + OVERHEAD))  # fp32 weights + overhead
+    with worker.store.session() as s:
+        _, memory = validate_spec(s, settings, JobCreate.model_validate({"spec": spec}))
+        assert memory == est.lockstep + third  # controls never run staged: both models, plus the third
+        two_not_three = settings.model_copy(update={"device_memory_gb": (est.lockstep + third / 2) / 1e9})
+        with pytest.raises(Invalid, match="three models resident") as e:
+            validate_spec(s, two_not_three, JobCreate.model_validate({"spec": spec}))
+        assert e.value.status == 422 and str(e.value).startswith("spec.control_options.wrong_descendant:")
+    worker.store.dispose()
