@@ -359,14 +359,30 @@ def _capture_mlp(
 
 
 def split_events(events: Sequence[DivergenceEvent], fit_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded fit/test split over diverged events (by prompt); returns (fit, test)."""
+    """Seeded fit/test split over diverged events (by prompt), stratified by the IT token; returns (fit, test).
+
+    Events are grouped by t_IT (groups in seeded random order, events shuffled within each) and every
+    1/fit_fraction-th from a random offset goes to fit, so each IT token meets the fit split in proportion,
+    within one event: a small fit split cannot leave a token out of the ranking or crowd it with another.
+    With all-distinct IT tokens (a real pair's usual case) this is a seeded random split.
+    """
     scored = sorted((e for e in events if e.diverged), key=lambda e: e.prompt_id)
-    order = list(range(len(scored)))
-    random.Random(seed).shuffle(order)
-    n_fit = max(1, round(fit_fraction * len(scored)))
-    fit = {scored[i].prompt_id for i in order[:n_fit]}
     if len(scored) < 4:
         raise CrosspatchError(f"mediation needs at least 4 diverged events, got {len(scored)}")
+    rng = random.Random(seed)
+    strata: dict[int, list[DivergenceEvent]] = {}
+    for e in scored:
+        strata.setdefault(e.t_it, []).append(e)
+    tokens = sorted(strata)
+    rng.shuffle(tokens)
+    order: list[DivergenceEvent] = []
+    for t in tokens:
+        block = strata[t][:]
+        rng.shuffle(block)
+        order += block
+    n, n_fit = len(order), max(1, round(fit_fraction * len(order)))
+    offset = rng.random()
+    fit = {order[int((i + offset) * n / n_fit)].prompt_id for i in range(n_fit)}  # systematic sample
     return [e for e in scored if e.prompt_id in fit], [e for e in scored if e.prompt_id not in fit]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ from crosspatch.saes.for_pair import train_for_pair
 from crosspatch.saes.load import Dictionary
 from crosspatch.saes.quality import GateConfig
 
-ROOT = Path("/tmp/mediated_pool")
+ROOT = Path(os.environ.get("MEDIATED_POOL_DIR", "/tmp/mediated_pool"))
 
 
 def train(pair: ModelPair, events: list[DivergenceEvent], args: argparse.Namespace) -> Dictionary:
@@ -60,8 +61,8 @@ def train(pair: ModelPair, events: list[DivergenceEvent], args: argparse.Namespa
         k=args.k,
         training_tokens=args.tokens,
         continuation_tokens=160,
-        batch_size=128,
-        lr=3e-3,
+        batch_size=args.batch,
+        lr=args.lr,
         seed=args.seed,
         events=events,
         max_new_tokens=16,
@@ -99,6 +100,22 @@ def report(pair: ModelPair, d: Dictionary, res: MediationResult) -> None:
     print("pool", mr["pool"], "excluded", mr["excluded"])
     for c in res.checks:
         print(c["name"], c["value"], c["passed"], c["detail"][:160])
+    top4 = [r.keys[f][1] for f in r.top(4)]
+    classes = sorted({int(proj[lat].abs().argmax()) for lat in top4 if cos[lat] >= 0.9})
+    best = (w_it / w_it.norm(dim=-1, keepdim=True) @ planted.T).abs().max(0)  # per planted direction
+    ok = (
+        all(cos[lat] >= 0.9 for lat in top4)
+        and float(share[top4].max()) <= 0.05
+        and all(float(share[i]) <= 0.05 for i in best.indices)
+        and d.gate_status == "passed"
+        and sum(mr["pool"].values()) >= 5
+    )
+    print(
+        f"VERDICT gate={d.gate_status} pool={sum(mr['pool'].values())} top4_classes={classes} "
+        f"top4_share_max={float(share[top4].max()):.3f} "
+        f"best_share={[round(float(share[i]), 3) for i in best.indices]} "
+        f"ok={ok}"
+    )
     ib = d.sae.input_mean[1].float() @ planted.T, d.sae.b_dec[1].detach().float() @ planted.T
     print("IT input_mean / b_dec on planted:", *(np.array2string(v.numpy(), precision=3) for v in ib))
 
@@ -106,7 +123,9 @@ def report(pair: ModelPair, d: Dictionary, res: MediationResult) -> None:
 @torch.no_grad()
 def preacts(pair: ModelPair, d: Dictionary, events: list[DivergenceEvent], boundary: int) -> None:
     """Top IT-branch-only pre-activations at the fit events' scored positions, both IT-late cells."""
-    fit, _ = split_events(events, 0.27, 0)
+    import crosspatch.engine.mediation as med
+
+    fit, _ = med.split_events(events, 0.27, 0)
     sae = d.sae
     print("inference threshold", float(sae.threshold.detach().float().mean()))
     for batch, ids, mask, tokens in event_batches(pair, fit, 16):
@@ -121,6 +140,33 @@ def preacts(pair: ModelPair, d: Dictionary, events: list[DivergenceEvent], bound
                 print(f"{up}-up {e.prompt_id}", pairs)
 
 
+def stratified_split(events, fit_fraction: float, seed: int):
+    """Experiment: fit/test split stratified by the IT token (systematic sampling over shuffled strata)."""
+    import random
+    from crosspatch.engine.errors import CrosspatchError
+
+    scored = sorted((e for e in events if e.diverged), key=lambda e: e.prompt_id)
+    if len(scored) < 4:
+        raise CrosspatchError(f"mediation needs at least 4 diverged events, got {len(scored)}")
+    rng = random.Random(seed)
+    strata: dict[int, list] = {}
+    for e in scored:
+        strata.setdefault(e.t_it, []).append(e)
+    keys = sorted(strata)
+    rng.shuffle(keys)
+    order = []
+    for k in keys:
+        block = strata[k][:]
+        rng.shuffle(block)
+        order += block
+    n = len(order)
+    n_fit = max(1, round(fit_fraction * n))
+    offset = rng.random()
+    picks = {int((i + offset) * n / n_fit) for i in range(n_fit)}
+    fit = {order[i].prompt_id for i in picks}
+    return [e for e in scored if e.prompt_id in fit], [e for e in scored if e.prompt_id not in fit]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--organism", default="llama_mediated")
@@ -130,9 +176,17 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=150_000)
     p.add_argument("--neighbours", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--extra", default="{}", help="JSON keywords for train_for_pair")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--stratify", action="store_true")
     args = p.parse_args()
+    if args.stratify:
+        import crosspatch.engine.mediation as med
+        import crosspatch.saes.for_pair as fp
+
+        med.split_events = fp.split_events = stratified_split
     torch.set_num_threads(1)
     t0 = time.time()
     org = organism_path(args.organism)

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from crosspatch.engine.organisms import constructed as cons
 from crosspatch.engine.organisms.tokenizer import ANSWER_WORDS, build_tokenizer, vocabulary
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 N_PROMPTS = 48
 N_HELDOUT = 24
 MAX_POSITION = 4  # constructed prompts diverge at generated positions 0..MAX_POSITION
@@ -44,6 +44,11 @@ EXACT: dict[str, tuple[str, ...]] = {
 }
 # `paper_sized` first divergences fall at generated position 0 or 3..8 (most at >= 3).
 PAPER_POSITIONS: tuple[int, ...] = (0, 3, 4, 5, 6, 7, 8)
+# Kinds whose prompt set meets its classes in equal shares (`mediated`: each class has its planted latent).
+CLASS_BALANCED: tuple[str, ...] = ("paper_sized", "mediated")
+# Kinds whose prompts score a new classed word where the walks allow (`mediated`: every scored word is one more
+# (class, word group) sample, so a fit split meets many background features).
+DISTINCT_SCORED: tuple[str, ...] = ("mediated",)
 INTERACTION_CI: dict[str, str] = {
     "upstream_dependent": "excludes_zero",
     "mediated": "excludes_zero",
@@ -83,20 +88,21 @@ def divergence_step(con: cons.Construction, last_word: int) -> tuple[int, int]:
 def _walk_starts(con: cons.Construction, words: list[int]) -> dict[tuple[int, int], list[int]]:
     """(generated position, class of the first classed word) -> the words whose walk starts there.
 
-    Most kinds use every class at positions 0..MAX_POSITION (class key -1); `paper_sized` uses its strong
-    classes only, at `PAPER_POSITIONS` (one combination per available (position, class), classes alternating).
+    Most kinds use every class at positions 0..MAX_POSITION (class key -1). `paper_sized` uses its strong
+    classes only, at `PAPER_POSITIONS`, and `mediated` every class (one planted latent each), each with one
+    combination per available (position, class), classes alternating.
     """
+    balanced = con.kind in CLASS_BALANCED
+    classes = con.strong_classes or tuple(range(cons.N_CLASSES))
+    positions = PAPER_POSITIONS if con.kind == "paper_sized" else tuple(range(MAX_POSITION + 1))
     out: dict[tuple[int, int], list[int]] = {}
     for w in words:
         pos, classed = divergence_step(con, w)
-        if con.kind == "paper_sized":
-            j = con.word_class[classed]
-            if pos in PAPER_POSITIONS and j in con.strong_classes:
-                out.setdefault((pos, j), []).append(w)
-        elif pos <= MAX_POSITION:
-            out.setdefault((pos, -1), []).append(w)
-    if con.kind == "paper_sized":  # keep positions where every strong class has a start (balanced classes)
-        full = {p for p, _ in out if all((p, j) in out for j in con.strong_classes)}
+        j = con.word_class[classed] if balanced else -1
+        if pos in positions and (j in classes or not balanced):
+            out.setdefault((pos, j), []).append(w)
+    if balanced:  # keep positions where every class has a start
+        full = {p for p, _ in out if all((p, j) in out for j in classes)}
         out = {k: v for k, v in out.items() if k[0] in full}
     return out
 
@@ -109,12 +115,17 @@ def constructed_prompts(con: cons.Construction, n: int, seed: int, id_prefix: st
     by_start = _walk_starts(con, words)
     starts = sorted(by_start)
     records = []
+    scored: set[int] = set()  # `mediated`: classed words already scored (prefer new ones)
     for i in range(n):
         start = starts[i % len(starts)]  # cycle through positions (and classes) so every one is represented
         pos = start[0]
-        last = rng.choice(by_start[start])
+        candidates = by_start[start]
+        if con.kind in DISTINCT_SCORED:
+            candidates = [w for w in candidates if divergence_step(con, w)[1] not in scored] or candidates
+        last = rng.choice(candidates)
         body = [rng.choice(words) for _ in range(rng.randint(3, 8))] + [last]
         _, classed = divergence_step(con, last)
+        scored.add(classed)
         answer = ANSWER_WORDS[con.word_class[classed]]
         # PT's token at the divergent step is the successor of the classed word.
         records.append(
@@ -139,19 +150,25 @@ def _band(kind: str, quantity: str, nominal: float) -> dict[str, Any]:
 
 
 def _support_nominal(con: cons.Construction, neurons: list[cons.Neuron] | None = None) -> dict[str, float]:
-    """Nominal 2x2 averaged over the classes the prompt set's first divergences meet (equal shares)."""
-    classes = con.strong_classes or (0,)
-    per_class = [cons.nominal_cells(con, word_class=j, neurons=neurons) for j in classes]
-    return {q: sum(c[q] for c in per_class) / len(per_class) for q in per_class[0]}
+    """Nominal 2x2 averaged over the classes the prompt set's first divergences meet (equal shares); with word
+    groups, over every classed word (each has its own group value)."""
+    if con.word_group:
+        per_word = [cons.nominal_cells(con, neurons=neurons, word=w) for w in sorted(con.word_class)]
+    else:
+        per_word = [
+            cons.nominal_cells(con, word_class=j, neurons=neurons) for j in con.strong_classes or (0,)
+        ]
+    return {q: sum(c[q] for c in per_word) / len(per_word) for q in per_word[0]}
 
 
 def constructed_expected(con: cons.Construction, name: str) -> dict[str, Any]:
     """expected.json of a constructed organism: nominal 2x2 (noise-free), bounds and mediator metadata."""
     nominal = _support_nominal(con)
     if not con.strong_classes:  # the construction is symmetric across classes
+        first = cons.nominal_cells(con, word_class=0)
         for j in sorted(set(con.word_class.values()) - {0}):
             other = cons.nominal_cells(con, word_class=j)
-            assert all(math.isclose(other[k], v, abs_tol=1e-9) for k, v in nominal.items())
+            assert all(math.isclose(other[k], v, abs_tol=1e-9) for k, v in first.items())
     out: dict[str, Any] = {
         "name": name,
         "kind": "constructed",
@@ -180,6 +197,16 @@ def constructed_expected(con: cons.Construction, name: str) -> dict[str, Any]:
             ],
             "interaction_after_ablation": ablated["interaction"],
             "min_interaction_share_removed": 0.9,
+        }
+    if con.base_neurons:  # `mediated`: the shared background neurons, one per word group, in PT and IT
+        out["background"] = {
+            "layer": con.base_neurons[0].layer,
+            "site": "mlp_output",
+            "neurons": [n.index for n in con.base_neurons],
+            "directions": [
+                [n.down.get(i, 0.0) / _norm(n.down) for i in range(cons.D_MODEL)] for n in con.base_neurons
+            ],
+            "identity_start": con.identity_start,
         }
     if con.kind == "paper_sized":
         out["classes"] = {

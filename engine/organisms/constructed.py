@@ -8,7 +8,9 @@ Residual-stream layout (d_model = 64), shared by every constructed organism:
 - coordinates 4..7 (`K[j]`): read only by the unembedding row of answer word j (t_IT for class j);
 - coordinates 8..11 (`C[j]`): class indicator, 1 on the embedding of the words of class j, else 0;
 - coordinates 12..15 (`M[j]`): extra axes that give the mediated neurons distinct decoder directions;
-- coordinates 16..63: token identity, a random unit vector per word, scaled so every embedding has norm 8.
+- coordinates 16..63: token identity, a random unit vector per word, scaled so every embedding has norm 8;
+  `mediated` keeps 16..31 for word groups (`BACKGROUND[g]`: the word's group value on the embedding of the
+  words of group g, independent of class) and its identity subspace starts at 32 (`Construction.identity_start`).
 
 PT reads only token identity: its unembedding row for word t is the identity vector of the word before t in
 a fixed random cycle `succ`, so PT's greedy continuation walks the cycle (t_PT = succ(current word)). Random
@@ -17,6 +19,9 @@ they vary per-prompt values a little but never touch the planted coordinates. Pl
 gated MLP neurons, `down * silu(gate . x) * (up . x)` with no biases, so a neuron whose gate reads only `U`
 is exactly 0 when `u` is absent (silu(0) = 0). A neuron fires only when the current word is in its class,
 so IT departs from PT at the first generated step whose current word is classed: positions vary by prompt.
+`mediated` also gives PT and IT the same final-MLP *background* neurons, one per word group, each writing back
+on its group axis, which nothing downstream reads but the final norm: shared sparse features that fire under
+either upstream at every scored position (the pool a matched-random control draws from, method 5.2).
 
 GPT-2 (ungated gelu MLP, LayerNorm) gets the same logical construction written in a mean-free orthogonal
 basis (see `_mean_free_basis`), with one answer word for every word, and no `mediated` kind.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +74,16 @@ C = tuple(8 + j for j in range(N_CLASSES))
 M = tuple(12 + j for j in range(N_CLASSES))
 N_RESERVED = 16
 N_PLANT_SLOTS = 8  # MLP neurons 0..7 of every block are reserved for planting; the rest are noise
+# `mediated`'s word groups: axes 16..31; each cycle word carries its own group value (drawn from GROUP_VALUES)
+# on its group's axis. Background neuron g (final MLP slot N_CLASSES + g, in PT and IT alike) reads it and
+# writes back on the same axis: silu(2 v / rms) * (2 / rms) * 0.5, 2.9 .. 7.0 at rms 1. Many groups and
+# per-word values keep a word's background from being one fixed vector per (class, group): a dictionary
+# then learns one latent per group, not one per classed word fused with its planted direction.
+N_BACKGROUND = 16
+BACKGROUND = tuple(N_RESERVED + g for g in range(N_BACKGROUND))
+GROUP_VALUES = (1.5, 2.0, 2.5, 3.0, 3.5)
+BACKGROUND_GATE = 2.0
+BACKGROUND_WRITE = 0.5
 
 EMBED_NORM = math.sqrt(D_MODEL)  # post-RMSNorm the embedding is itself (RMS 1)
 CONST_VALUE = 2.0
@@ -105,6 +121,19 @@ class Construction:
     stages: dict[str, list[Neuron]] = field(default_factory=dict)
     strong_classes: tuple[int, ...] = ()  # `paper_sized`: classes whose late effect needs IT's upstream u
     beta_pt: float = BETA_PT  # scale of PT's cycle readout (the new kinds halve it: |Y(PT, PT)| ~ 3.7)
+    base_neurons: list[Neuron] = field(default_factory=list)  # in PT and IT alike (`mediated`'s background)
+    word_group: dict[int, int] = field(default_factory=dict)  # token id -> word group g (`mediated`)
+    group_value: dict[int, float] = field(default_factory=dict)  # token id -> its group indicator value
+
+    @property
+    def identity_start(self) -> int:
+        """First coordinate of the token-identity subspace (after the word-group axes, if any)."""
+        return N_RESERVED + (N_BACKGROUND if self.word_group else 0)
+
+    @property
+    def plant_slots(self) -> int:
+        """MLP neurons 0..plant_slots-1 of every block are kept free of noise for planting."""
+        return N_CLASSES + N_BACKGROUND if self.word_group else N_PLANT_SLOTS
 
     @property
     def answer_ids(self) -> list[int]:
@@ -181,6 +210,10 @@ def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Constr
             )
             neurons.append(n)
             mediators.append(n)
+        con = Construction(kind, family, seed, word_class, succ, neurons, mediators)
+        con.word_group, con.group_value = _word_groups(classed, n_classed, seed)
+        con.base_neurons = _background_neurons()
+        return con
     elif kind == "self_contained":
         for j in range(N_CLASSES):
             neurons.append(Neuron(last, j, gate=always_on, up={C[j]: 1.0}, down={K[j]: 1.2}))
@@ -202,6 +235,29 @@ def make_construction(kind: str, family: str = "llama", seed: int = 0) -> Constr
         con.stages, con.beta_pt = stages, SMALL_BETA_PT
         return con
     return Construction(kind, family, seed, word_class, succ, neurons, mediators)
+
+
+def _word_groups(classed: list[int], n_classed: int, seed: int) -> tuple[dict[int, int], dict[int, float]]:
+    """Word group of every cycle word, spread evenly over each class (and the unclassed words), and its
+    indicator value, drawn independently per word."""
+    groups = {t: (i // N_CLASSES) % N_BACKGROUND for i, t in enumerate(classed[:n_classed])}
+    groups.update({t: i % N_BACKGROUND for i, t in enumerate(classed[n_classed:])})
+    rng = random.Random(f"groups-{seed}")
+    return groups, {t: rng.choice(GROUP_VALUES) for t in classed}
+
+
+def _background_neurons() -> list[Neuron]:
+    """Final-MLP neuron per word group: reads its group axis, writes back on it (no readout reads it)."""
+    return [
+        Neuron(
+            N_LAYERS - 1,
+            N_CLASSES + g,
+            gate={BACKGROUND[g]: BACKGROUND_GATE},
+            up={CONST: 1.0},
+            down={BACKGROUND[g]: BACKGROUND_WRITE},
+        )
+        for g in range(N_BACKGROUND)
+    ]
 
 
 # `paper_sized`: effects of the size the method reports (interaction ~ +2, portable part ~ +0.8), later
@@ -326,20 +382,22 @@ def _identity_stop(family: str) -> int:
     return D_MODEL - 1 if family == "gpt2" else D_MODEL
 
 
-def _token_directions(gen: torch.Generator, vocab_size: int, stop: int) -> torch.Tensor:
+def _token_directions(gen: torch.Generator, vocab_size: int, start: int, stop: int) -> torch.Tensor:
     """A random unit vector per token in the identity subspace: `[vocab, d_model]`, zero on reserved coords."""
     dirs = torch.zeros(vocab_size, D_MODEL, dtype=torch.float64)
-    raw = torch.randn(vocab_size, stop - N_RESERVED, generator=gen, dtype=torch.float64)
-    dirs[:, N_RESERVED:stop] = raw / raw.norm(dim=-1, keepdim=True)
+    raw = torch.randn(vocab_size, stop - start, generator=gen, dtype=torch.float64)
+    dirs[:, start:stop] = raw / raw.norm(dim=-1, keepdim=True)
     return dirs
 
 
 def embedding_matrix(con: Construction, token_dirs: torch.Tensor) -> torch.Tensor:
-    """`[vocab, d_model]`: CONST + class indicator + identity, every row of norm `EMBED_NORM`."""
+    """`[vocab, d_model]`: CONST + class and group indicators + identity, every row of norm `EMBED_NORM`."""
     emb = torch.zeros_like(token_dirs)
     emb[:, CONST] = CONST_VALUE
     for t, j in con.word_class.items():
         emb[t, C[j]] = CLASS_VALUE
+    for t, g in con.word_group.items():
+        emb[t, BACKGROUND[g]] = con.group_value[t]
     used = (emb**2).sum(-1, keepdim=True)
     return emb + token_dirs * (EMBED_NORM**2 - used).sqrt()
 
@@ -355,15 +413,21 @@ def unembedding_matrix(con: Construction, token_dirs: torch.Tensor) -> torch.Ten
 
 
 def _noise(
-    gen: torch.Generator, rows: int, cols: int, read_identity: bool, write_identity: bool, stop: int = D_MODEL
+    gen: torch.Generator,
+    rows: int,
+    cols: int,
+    read_identity: bool,
+    write_identity: bool,
+    start: int = N_RESERVED,
+    stop: int = D_MODEL,
 ) -> torch.Tensor:
-    """Small random `[rows, cols]` weights confined to the identity subspace (coords 16..stop-1)."""
+    """Small random `[rows, cols]` weights confined to the identity subspace (coords start..stop-1)."""
     w = torch.randn(rows, cols, generator=gen, dtype=torch.float64) * NOISE_STD
     if read_identity:
-        w[:, :N_RESERVED] = 0.0  # never read the planted coordinates
+        w[:, :start] = 0.0  # never read the planted coordinates
         w[:, stop:] = 0.0
     if write_identity:
-        w[:N_RESERVED, :] = 0.0  # never write them
+        w[:start, :] = 0.0  # never write them
         w[stop:, :] = 0.0
     return w
 
@@ -376,14 +440,16 @@ def _set(param: torch.nn.Parameter, value: torch.Tensor) -> None:
 def build_models(
     con: Construction, neurons: list[Neuron] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedModel]:
-    """The PT and IT models of `con` (fp32, eval mode). IT = PT plus `neurons` (default `con.it_neurons`)."""
+    """The PT and IT models of `con` (fp32, eval mode): PT holds `con.base_neurons`, IT = PT plus `neurons`
+    (default `con.it_neurons`)."""
     if con.family == "gpt2":
         return _build_gpt2(con)
     vocab_size = len(vocabulary())
     config = tiny_config(con.family, vocab_size=vocab_size, n_layers=N_LAYERS)
     assert config.hidden_size == D_MODEL
     gen = torch.Generator().manual_seed(10_000 + con.seed)
-    token_dirs = _token_directions(gen, vocab_size, D_MODEL)
+    start, slots = con.identity_start, con.plant_slots
+    token_dirs = _token_directions(gen, vocab_size, start, D_MODEL)
     state: dict[str, torch.Tensor] = {}
     pt = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for name, param in pt.named_parameters():
@@ -394,29 +460,35 @@ def build_models(
         elif name == "lm_head.weight":
             value = unembedding_matrix(con, token_dirs)
         elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            value = _noise(gen, *param.shape, read_identity=True, write_identity=False)
+            value = _noise(gen, *param.shape, read_identity=True, write_identity=False, start=start)
         elif name.endswith("o_proj.weight"):
-            value = _noise(gen, *param.shape, read_identity=False, write_identity=True)
+            value = _noise(gen, *param.shape, read_identity=False, write_identity=True, start=start)
         elif name.endswith(("gate_proj.weight", "up_proj.weight")):
-            value = _noise(gen, *param.shape, read_identity=True, write_identity=False)
-            value[:N_PLANT_SLOTS] = 0.0
+            value = _noise(gen, *param.shape, read_identity=True, write_identity=False, start=start)
+            value[:slots] = 0.0
         elif name.endswith("down_proj.weight"):
-            value = _noise(gen, *param.shape, read_identity=False, write_identity=True)
-            value[:, :N_PLANT_SLOTS] = 0.0
+            value = _noise(gen, *param.shape, read_identity=False, write_identity=True, start=start)
+            value[:, :slots] = 0.0
         else:
             raise AssertionError(f"constructed organisms do not know parameter {name!r}")
         state[name] = value
         _set(param, value)
-    it = _copy_of(config, state)
-    for n in con.it_neurons if neurons is None else neurons:
-        mlp = it.model.layers[n.layer].mlp
+    _plant(pt, con.base_neurons)
+    it = _copy_of(config, {name: param.data for name, param in pt.named_parameters()})
+    _plant(it, con.it_neurons if neurons is None else neurons)
+    return pt, it
+
+
+def _plant(model: PreTrainedModel, neurons: list[Neuron]) -> None:
+    """Write gated `neurons` into a Llama/Qwen3 model's MLP weights (their slots hold zeros before)."""
+    for n in neurons:
+        mlp = model.model.layers[n.layer].mlp
         for coord, w in n.gate.items():
             mlp.gate_proj.weight.data[n.index, coord] = w
         for coord, w in n.up.items():
             mlp.up_proj.weight.data[n.index, coord] = w
         for coord, w in n.down.items():
             mlp.down_proj.weight.data[coord, n.index] = w
-    return pt, it
 
 
 def _mean_free_basis() -> torch.Tensor:
@@ -442,7 +514,7 @@ def _build_gpt2(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
     stop = _identity_stop("gpt2")
     q = _mean_free_basis()
     gen = torch.Generator().manual_seed(10_000 + con.seed)
-    token_dirs = _token_directions(gen, vocab_size, stop)
+    token_dirs = _token_directions(gen, vocab_size, N_RESERVED, stop)
     state: dict[str, torch.Tensor] = {}
     pt = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for name, param in pt.named_parameters():
@@ -456,12 +528,12 @@ def _build_gpt2(con: Construction) -> tuple[PreTrainedModel, PreTrainedModel]:
             value = unembedding_matrix(con, token_dirs) @ q.T
         elif name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")):  # Conv1D [in, out]: reads
             out_dim = param.shape[1]
-            value = (_noise(gen, out_dim, D_MODEL, True, False, stop) @ q.T).T
+            value = (_noise(gen, out_dim, D_MODEL, True, False, stop=stop) @ q.T).T
             if "c_fc" in name:
                 value[:, :N_PLANT_SLOTS] = 0.0
         elif name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):  # Conv1D [in, out]: writes
             in_dim = param.shape[0]
-            value = (q @ _noise(gen, D_MODEL, in_dim, False, True, stop)).T
+            value = (q @ _noise(gen, D_MODEL, in_dim, False, True, stop=stop)).T
             if "mlp" in name:
                 value[:N_PLANT_SLOTS, :] = 0.0
         else:
@@ -502,34 +574,59 @@ def _run_planted(h: list[float], neurons: list[Neuron], layers: range, eps: floa
     return h
 
 
+def _start_residual(con: Construction, word_class: int, word: int | None = None) -> list[float]:
+    """The embedding of `word` (default: a word of class `word_class`) on the coordinates the nominal values track.
+
+    Its identity direction is put on the first identity coordinate (only PT's logit of t_PT reads it). With
+    word groups, `word`'s own group and value; by default group 0 with the median value stands for every word
+    of the class (the construction is the same for each group).
+    """
+    if word is not None:
+        word_class = con.word_class[word]
+    h0 = [0.0] * D_MODEL
+    h0[CONST], h0[C[word_class]] = CONST_VALUE, CLASS_VALUE
+    if con.word_group:
+        group, value = (
+            (0, statistics.median(GROUP_VALUES))
+            if word is None
+            else (con.word_group[word], con.group_value[word])
+        )
+        h0[BACKGROUND[group]] = value
+    h0[con.identity_start] = math.sqrt(EMBED_NORM**2 - sum(v * v for v in h0))
+    return h0
+
+
 def nominal_cells(
     con: Construction,
     word_class: int = 0,
     ablate_mediators: bool = False,
     neurons: list[Neuron] | None = None,
+    word: int | None = None,
 ) -> dict[str, float]:
-    """Noise-free 2x2 at a step whose current word has class `word_class` (float64, from the construction).
+    """Noise-free 2x2 at a step whose current word has class `word_class`, or is `word` (float64).
 
     The residual is tracked on the planted coordinates plus the identity part, whose direction only enters
     PT's logit of t_PT; the common-IT readout equals PT's (the constructions never change the readout).
     """
     eps = NORM_EPS[con.family]
-    r_id = math.sqrt(EMBED_NORM**2 - CONST_VALUE**2 - CLASS_VALUE**2)  # identity scale of a classed word
-    h0 = [0.0] * D_MODEL
-    h0[CONST], h0[C[word_class]], h0[N_RESERVED] = CONST_VALUE, CLASS_VALUE, r_id
+    word_class = con.word_class[word] if word is not None else word_class
+    h0 = _start_residual(con, word_class, word)
+    base = con.base_neurons
     it_neurons = con.it_neurons if neurons is None else neurons
     it_late_neurons = [n for n in it_neurons if not (ablate_mediators and n in con.mediators)]
     upstream = {
-        "pt": _run_planted(h0, [], range(BOUNDARY), eps),
-        "it": _run_planted(h0, it_neurons, range(BOUNDARY), eps),
+        "pt": _run_planted(h0, base, range(BOUNDARY), eps),
+        "it": _run_planted(h0, base + it_neurons, range(BOUNDARY), eps),
     }
-    late = {"pt": [], "it": it_late_neurons}
+    late = {"pt": base, "it": base + it_late_neurons}
     cells: dict[str, float] = {}
     for up_name, h_up in upstream.items():
         for late_name, neurons in late.items():
             x = _rms_norm(_run_planted(h_up, neurons, range(BOUNDARY, N_LAYERS), eps), eps)
             logit_it = BETA_IT * x[K[word_class]]
-            logit_pt = con.beta_pt * x[N_RESERVED]  # t_PT's row is the identity direction of the current word
+            logit_pt = (
+                con.beta_pt * x[con.identity_start]
+            )  # t_PT's row: the current word's identity direction
             cells[f"y_{up_name}up_{late_name}late"] = logit_it - logit_pt
     cells["pt_late_effect"] = cells["y_ptup_itlate"] - cells["y_ptup_ptlate"]
     cells["it_late_effect"] = cells["y_itup_itlate"] - cells["y_itup_ptlate"]
@@ -542,12 +639,10 @@ def nominal_boundary_margin(
 ) -> float:
     """Noise-free IT logit-lens margin Y at the boundary (IT's residual entering block `BOUNDARY`, IT readout)."""
     eps = NORM_EPS[con.family]
-    r_id = math.sqrt(EMBED_NORM**2 - CONST_VALUE**2 - CLASS_VALUE**2)
-    h0 = [0.0] * D_MODEL
-    h0[CONST], h0[C[word_class]], h0[N_RESERVED] = CONST_VALUE, CLASS_VALUE, r_id
+    h0 = _start_residual(con, word_class)
     h = _run_planted(h0, con.it_neurons if neurons is None else neurons, range(BOUNDARY), eps)
     x = _rms_norm(h, eps)
-    return BETA_IT * x[K[word_class]] - con.beta_pt * x[N_RESERVED]
+    return BETA_IT * x[K[word_class]] - con.beta_pt * x[con.identity_start]
 
 
 def nominal_closure(con: Construction, fit: list[Neuron], word_class: int = 0) -> float:
@@ -555,9 +650,7 @@ def nominal_closure(con: Construction, fit: list[Neuron], word_class: int = 0) -
     descendant `fit`'s shift (its shift is one direction at every event): the projection of IT's shift on it
     is added to PT's boundary state at the scored position, IT's late stack reads it out (method 5.6)."""
     eps = NORM_EPS[con.family]
-    r_id = math.sqrt(EMBED_NORM**2 - CONST_VALUE**2 - CLASS_VALUE**2)
-    h0 = [0.0] * D_MODEL
-    h0[CONST], h0[C[word_class]], h0[N_RESERVED] = CONST_VALUE, CLASS_VALUE, r_id
+    h0 = _start_residual(con, word_class)
     base = _run_planted(h0, [], range(BOUNDARY), eps)
     shift = [a - p for a, p in zip(_run_planted(h0, con.it_neurons, range(BOUNDARY), eps), base, strict=True)]
     fitted = [a - p for a, p in zip(_run_planted(h0, fit, range(BOUNDARY), eps), base, strict=True)]
@@ -566,8 +659,8 @@ def nominal_closure(con: Construction, fit: list[Neuron], word_class: int = 0) -
     coeff = sum(s * d for s, d in zip(shift, direction, strict=True))
 
     def y(h: list[float]) -> float:
-        x = _rms_norm(_run_planted(h, con.it_neurons, range(BOUNDARY, N_LAYERS), eps), eps)
-        return BETA_IT * x[K[word_class]] - con.beta_pt * x[N_RESERVED]
+        x = _rms_norm(_run_planted(h, con.base_neurons + con.it_neurons, range(BOUNDARY, N_LAYERS), eps), eps)
+        return BETA_IT * x[K[word_class]] - con.beta_pt * x[con.identity_start]
 
     floor = y(base)
     injected = y([b + coeff * d for b, d in zip(base, direction, strict=True)])

@@ -33,11 +33,12 @@ def _setup(name: str):
     events = [e for e in find_divergences(pair, load_prompts(root / "prompts.jsonl")) if e.diverged][
         :N_EVENTS
     ]
-    med = load_expected(name)["mediators"]
+    expected = load_expected(name)
+    med = expected["mediators"]
     planted = torch.tensor(med["directions"], dtype=torch.float32)  # [4, d_model]
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(60, planted.shape[1], generator=g)
-    noise[:, :16] = 0  # the organism's noise subspace: coordinates 16+
+    noise[:, : expected["background"]["identity_start"]] = 0  # the organism's noise subspace (token identity)
     d = DirectionDictionary(
         "oracle", med["layer"], torch.cat([planted, noise / noise.norm(dim=-1, keepdim=True)])
     )

@@ -96,7 +96,7 @@ def test_noise_free_model_reproduces_nominal_exactly(monkeypatch: pytest.MonkeyP
     j = con.word_class[word]
     ids = [1, *list(con.succ)[:3], word]
     ref = reference_cells(pt, it, ids, con.succ[word], con.answer_ids[j], cons.BOUNDARY)
-    nominal = cons.nominal_cells(con, word_class=j)
+    nominal = cons.nominal_cells(con, word=word)  # the word's own class (and group value, `mediated`)
     for q in QUANTITIES:
         assert ref[q] == pytest.approx(nominal[q], abs=1e-4), q
 
@@ -124,25 +124,41 @@ def test_mediators_carry_the_interaction(built, family: str) -> None:
     assert (i_full - i_ablate) / i_full >= med["min_interaction_share_removed"]
 
 
-@pytest.mark.parametrize("family", MEDIATED_FAMILIES)
-def test_mediator_directions_dominate_the_final_mlp_output(built, family: str) -> None:
-    """What a dictionary on IT's final MLP output sees at divergent steps is mostly the recorded directions."""
-    pair, rows, _, expected = _run(built(f"{family}_mediated"))
-    med = expected["mediators"]
-    basis = torch.tensor(med["directions"])  # [n_mediators, d_model], orthonormal by construction
-    assert torch.allclose(basis @ basis.T, torch.eye(len(basis)), atol=1e-6)
+def _final_mlp_outputs(model: torch.nn.Module, layer: int, rows: list) -> torch.Tensor:
+    """`[n_events, d_model]`: `model`'s final-MLP output at each event's scored position (its own clean run)."""
     outs = []
-    handle = pair.it.model.layers[med["layer"]].mlp.register_forward_hook(
+    handle = model.model.layers[layer].mlp.register_forward_hook(
         lambda _m, _a, out: outs.append(out[0, -1].detach())  # [d_model] at the scored position
     )
     try:
         with torch.no_grad():
             for _, event in rows:
-                pair.it(torch.tensor([event.input_ids]))
+                model(torch.tensor([event.input_ids]))
     finally:
         handle.remove()
-    mlp_out = torch.stack(outs)  # [n_events, d_model]
-    explained = ((mlp_out @ basis.T) ** 2).sum() / (mlp_out**2).sum()
-    assert explained > 0.9, float(explained)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("family", MEDIATED_FAMILIES)
+def test_mediator_directions_dominate_the_final_mlp_output(built, family: str) -> None:
+    """At divergent steps IT's final MLP writes the recorded mediator directions plus the word-group background
+    that PT's final MLP writes too; outside the background axes it is mostly the mediator directions."""
+    pair, rows, _, expected = _run(built(f"{family}_mediated"))
+    med, bg = expected["mediators"], expected["background"]
+    basis = torch.tensor(med["directions"])  # [n_mediators, d_model], orthonormal by construction
+    background = torch.tensor(bg["directions"])  # [n_groups, d_model]: one axis each
+    assert torch.allclose(basis @ basis.T, torch.eye(len(basis)), atol=1e-6)
+    assert torch.allclose(background @ background.T, torch.eye(len(background)), atol=1e-6)
+    assert (basis @ background.T).abs().max() == 0  # the background never writes a mediator direction
+    mlp_out = _final_mlp_outputs(pair.it, med["layer"], rows)  # [n_events, d_model]
+    foreground = mlp_out - (mlp_out @ background.T) @ background
+    explained = ((foreground @ basis.T) ** 2).sum() / (foreground**2).sum()
+    assert explained > 0.99, float(explained)
     active = (mlp_out @ basis.T).argmax(dim=-1)  # one mediator per event: the class of its current word
     assert len(set(active.tolist())) == len(basis)
+    # every event's word fires its group's background neuron, in PT as in IT (one group axis each)
+    pt_out = _final_mlp_outputs(pair.pt, bg["layer"], rows)
+    for out in (mlp_out, pt_out):
+        on_groups = out @ background.T  # [n_events, n_groups]
+        assert (on_groups.max(dim=-1).values > 2.0).all() and ((on_groups > 0.5).sum(dim=-1) == 1).all()
+    assert len({int(g) for g in (pt_out @ background.T).argmax(dim=-1)}) >= 8  # many groups at scored words

