@@ -54,24 +54,23 @@ def pipeline_job(env: dict) -> dict:
         "n_resamples": 200,
         "boundary": "sweep",  # mediation must run at the headline boundary, not at boundaries[0] = 1
         # the default dictionary: a paired PT/IT BatchTopK crosscoder (method 5.1). IT's final MLP writes
-        # through 4 planted neurons (at most one per token, about half the tokens); PT's (and IT's) also
-        # write a small dense per-word term, which shared latents (one per word) reconstruct: k = 2 covers
-        # one word latent + the planted one, width 256 leaves the word latents room. Branches are balanced
-        # (the default), so PT's small outputs count in the loss.
+        # through 4 planted neurons (at most one per token, about half the tokens); PT's and IT's both write
+        # one word-group background feature on every token (16 groups): k = 1.5 is that true L0, width 256
+        # leaves room for a small dense per-word term. Branches are balanced (the default).
         "dictionary": {
             "width": 256,
-            "k": 2,
-            "training_tokens": 150_000,
+            "k": 1.5,
+            "training_tokens": 600_000,
             "continuation_tokens": 160,
             "batch_size": 128,
             "lr": 3e-3,
-            # the dictionary trains only on the mediation fit split (about a quarter of 48 prompts): an
-            # explicit, lowered held-out minimum; about 130 words + 4 planted latents alive in 256
+            # the dictionary trains on the prompts outside the mediation test split: an explicit, lowered
+            # held-out minimum for the tiny organism
             "min_heldout_tokens": 100,
             "max_alive_fraction": 0.6,
         },
-        # the tiny organism's fit events activate only about 9 latents (the 4 planted, a few word latents
-        # with positive scores): no matched-random candidates remain, so that control is unavailable
+        # the fit events' scored words fire their groups' shared background latents under either upstream:
+        # active, not causal (score <= 0, through the final norm only), the matched-random pool
         "mediation": {"top_k": 4, "ks": [4], "neighbours": 2, "allow_failed_gate": False},
         "forced_tokens": True,  # method 6: forced tokens and constrained continuation per pair
         "continuation": True,
@@ -153,29 +152,28 @@ def test_pipeline_finds_the_planted_mediators(env: dict, pipeline_job: dict) -> 
     assert lo <= inter["estimate"] <= hi and inter["ci_low"] > 0
 
     got = {(r["intervention"], r["statistic"]): r for r in effects if r["k"] == 4 and r["latent"] is None}
-    # the crosscoder's IT branch alone (its encoder, its decoder) carries about 2/3 of the interaction in the
-    # 4 planted latents (an SAE on IT's MLP output: >= 0.8); rescuing them restores most of it
+    # the crosscoder's IT branch alone (its encoder, its decoder) carries most of the interaction in the
+    # 4 planted latents; rescuing them restores most of it
     assert got[("ablate_topk", "share")]["effect"] >= 0.5
     assert got[("rescue_topk", "rescue_fraction")]["effect"] >= 0.7
-    # the matched-random control could not be drawn without touching the signal: unavailable, not a number
-    assert got[("ablate_matched_random", "share")]["effect"] is None
-    assert got[("ablate_matched_random", "interaction_drop")]["n"] == 0
+    # matched-random sets, drawn from active non-causal latents (the shared background), remove nothing
     status = provenance["provenance"]["mediation_splits"][ORGANISM]["controls"]["matched_random"]["by_k"]["4"]
-    assert not status["available"] and "pool too small" in status["reason"]
-    # every other check of the method's gate holds, on both branches: held-out tokens, FVE of PT and of IT,
-    # L0 within 10% of k, alive fraction, and a positive top-k causal drop
+    assert status["available"], status
+    random_share = got[("ablate_matched_random", "share")]
+    assert random_share["n"] > 0 and -0.1 < random_share["effect"] <= 0.05
+    # the method's full gate holds on both branches: held-out tokens, FVE of PT and of IT, L0 within 10%
+    # of k, alive fraction, a positive top-k causal drop and a matched-random drop <= 0.05
     by_name = {r["check_name"]: r for r in checks}
     assert by_name["topk_causal_drop"]["passed"] and by_name["topk_causal_drop"]["value"] > 0
-    for name in ("fve_pt", "fve_it", "l0_target", "alive_fraction", "heldout_tokens"):
+    for name in ("fve_pt", "fve_it", "l0_target", "alive_fraction", "heldout_tokens", "matched_random_drop"):
         assert by_name[name]["passed"], by_name[name]
     assert by_name["fve_pt"]["value"] >= 0.75 and by_name["fve_it"]["value"] >= 0.75
-    assert not by_name["matched_random_drop"]["passed"] and by_name["matched_random_drop"]["value"] is None
+    assert by_name["matched_random_drop"]["value"] <= 0.05
     full_gate = provenance["provenance"]["dictionaries"][ORGANISM]["gate_after_mediation"]
-    assert full_gate["status"] == "failed" and full_gate["pending"] == []
-    assert {c["name"]: c["status"] for c in full_gate["checks"]}["matched_random_drop"] == "failed"
-    # so top-features leaves the dictionary out unless asked, and then shows why, with held-out evidence
-    assert gated == []
-    assert all(r["gate_status"] == "failed" and r["failed_checks"] == "matched_random_drop" for r in top)
+    assert full_gate["status"] == "passed" and full_gate["pending"] == []
+    # so top-features shows the dictionary's latents without being asked, with held-out evidence
+    assert [r["latent"] for r in gated] == [r["latent"] for r in top]
+    assert all(r["gate_status"] == "passed" and not r["failed_checks"] for r in top)
     assert all(r["heldout_n"] == got[("ablate_topk", "share")]["n"] for r in top)
     assert sum(r["heldout_drop"] for r in top) > 0
 
@@ -202,10 +200,16 @@ def test_pipeline_finds_the_planted_mediators(env: dict, pipeline_job: dict) -> 
     planted = torch.tensor(expected["mediators"]["directions"], dtype=w.dtype)
     top_latents = [r["latent"] for r in top]
     assert len(top_latents) == 4
-    cos = (planted @ w[top_latents].T).abs().max(dim=1).values
-    assert (cos >= 0.9).all(), cos
-    # the planted mediators are IT-only latents: their PT decoder share is about 0
+    # the top latents point along planted directions (a mediator may split in two: cos per latent)
+    assert ((planted @ w[top_latents].T).abs().max(dim=0).values >= 0.9).all()
+    # every planted mediator is recovered as an IT-only latent: PT decoder share about 0
+    cos, best = (planted @ w.T).max(dim=1)  # [4]
+    assert (cos >= 0.99).all() and pt_share[best].max() <= 0.05, (cos, pt_share[best])
     assert pt_share[top_latents].max() <= 0.05, pt_share[top_latents]
+    # the background latents the control drew from are shared: both branches decode them (PT share ~0.55)
+    background = torch.tensor(expected["background"]["directions"], dtype=w.dtype)
+    bg_cos, bg_best = (background @ w.T).max(dim=1)  # [16]
+    assert (bg_cos >= 0.8).sum() >= 12 and (pt_share[bg_best[bg_cos >= 0.8]] > 0.3).all()
     assert {r["intervention"] for r in curve} >= {"ablate_topk", "ablate_matched_random"}
     assert any(r["family"] == "llama" and r["k"] == 4 for r in families)
 
@@ -253,7 +257,7 @@ def test_feature_page_of_a_planted_latent(env: dict, pipeline_job: dict, capsys)
     assert page["architecture"] == "crosscoder" and page["branch"] == "it"
     assert page["pt_decoder_share"] <= 0.05 and page["layer"] == 4
     gate = {g["name"]: g for g in page["gate"]}
-    assert page["gate_passed"] is False and gate["matched_random_drop"]["status"] == "failed"
+    assert page["gate_passed"] is True and gate["matched_random_drop"]["status"] == "passed"
     assert gate["fve_pt"]["passed"] and gate["fve_it"]["passed"] and gate["fve_pt"]["threshold"] == ">= 0.75"
     assert page["label"] is None  # no labeller is registered by default
     # the CLI prints the same page, the scored token highlighted
