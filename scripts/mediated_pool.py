@@ -1,15 +1,18 @@
-"""Why the matched-random pool of a pipeline crosscoder on `mediated` is short: train it, mediate, print per latent.
+"""A pipeline crosscoder on `mediated`, trained and mediated in process: its gate, pool and planted latents.
 
-    PYTHONPATH=.pp .venv/bin/python scripts/mediated_pool.py --tag base
-    PYTHONPATH=.pp .venv/bin/python scripts/mediated_pool.py --tag k8 --k 8 --extra '{"balance_branches": false}'
+    .venv/bin/python scripts/mediated_pool.py --tag base
+    for s in 0 1 2 3; do .venv/bin/python scripts/mediated_pool.py --tag s$s --seed $s | grep VERDICT; done
+    .venv/bin/python scripts/mediated_pool.py --tag k2 --k 2 --extra '{"balance_branches": false}'
 
-Trains the crosscoder exactly as the pipeline test's spec does (`saes.for_pair.train_for_pair` on the
-mediation fit split, events with 16 new tokens, the test's dictionary options; `--extra` passes further
-`train_for_pair` keywords), runs `engine.mediation.mediate` in process at the headline boundary (top-4,
+Trains the crosscoder exactly as the pipeline test's spec does (`saes.for_pair.train_for_pair` on the prompts
+outside the mediation test split, events with 16 new tokens, the test's dictionary options; `--extra` passes
+further `train_for_pair` keywords), runs `engine.mediation.mediate` at the headline boundary (top-4,
 neighbours 2) and prints, for every latent that fired at the fit events' scored positions: activation rate,
 fit score, PT decoder share, |cos| to the nearest planted direction, the IT decoder's projection on the
-planted directions; then the pool, the causal checks, and (`--verbose`) the IT-branch-only pre-activations
-at the scored positions of both IT-late cells beside the inference threshold. Work goes to /tmp/mediated_pool.
+planted directions; then the pool, the causal checks, a one-line VERDICT (full gate, pool size, top-4 classes
+and PT shares, each planted direction's best latent's PT share; ok = all of the pipeline test's dictionary
+claims) and (`--verbose`) the IT-branch-only pre-activations at the scored positions of both IT-late cells
+beside the inference threshold. About 10 s a run. Work goes to $MEDIATED_POOL_DIR (default /tmp/mediated_pool).
 """
 
 from __future__ import annotations
@@ -123,9 +126,7 @@ def report(pair: ModelPair, d: Dictionary, res: MediationResult) -> None:
 @torch.no_grad()
 def preacts(pair: ModelPair, d: Dictionary, events: list[DivergenceEvent], boundary: int) -> None:
     """Top IT-branch-only pre-activations at the fit events' scored positions, both IT-late cells."""
-    import crosspatch.engine.mediation as med
-
-    fit, _ = med.split_events(events, 0.27, 0)
+    fit, _ = split_events(events, 0.27, 0)
     sae = d.sae
     print("inference threshold", float(sae.threshold.detach().float().mean()))
     for batch, ids, mask, tokens in event_batches(pair, fit, 16):
@@ -140,53 +141,20 @@ def preacts(pair: ModelPair, d: Dictionary, events: list[DivergenceEvent], bound
                 print(f"{up}-up {e.prompt_id}", pairs)
 
 
-def stratified_split(events, fit_fraction: float, seed: int):
-    """Experiment: fit/test split stratified by the IT token (systematic sampling over shuffled strata)."""
-    import random
-    from crosspatch.engine.errors import CrosspatchError
-
-    scored = sorted((e for e in events if e.diverged), key=lambda e: e.prompt_id)
-    if len(scored) < 4:
-        raise CrosspatchError(f"mediation needs at least 4 diverged events, got {len(scored)}")
-    rng = random.Random(seed)
-    strata: dict[int, list] = {}
-    for e in scored:
-        strata.setdefault(e.t_it, []).append(e)
-    keys = sorted(strata)
-    rng.shuffle(keys)
-    order = []
-    for k in keys:
-        block = strata[k][:]
-        rng.shuffle(block)
-        order += block
-    n = len(order)
-    n_fit = max(1, round(fit_fraction * n))
-    offset = rng.random()
-    picks = {int((i + offset) * n / n_fit) for i in range(n_fit)}
-    fit = {order[i].prompt_id for i in picks}
-    return [e for e in scored if e.prompt_id in fit], [e for e in scored if e.prompt_id not in fit]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--organism", default="llama_mediated")
     p.add_argument("--tag", required=True, help="names the work directory of this variant")
     p.add_argument("--width", type=int, default=256)
-    p.add_argument("--k", type=float, default=2)
-    p.add_argument("--tokens", type=int, default=150_000)
+    p.add_argument("--k", type=float, default=1.5)
+    p.add_argument("--tokens", type=int, default=600_000)
     p.add_argument("--neighbours", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--extra", default="{}", help="JSON keywords for train_for_pair")
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--stratify", action="store_true")
     args = p.parse_args()
-    if args.stratify:
-        import crosspatch.engine.mediation as med
-        import crosspatch.saes.for_pair as fp
-
-        med.split_events = fp.split_events = stratified_split
     torch.set_num_threads(1)
     t0 = time.time()
     org = organism_path(args.organism)

@@ -8,7 +8,7 @@ import torch
 from helpers import random_prompts, tiny_pair
 
 from crosspatch.engine.controls import control_pool, matched_status, random_directions
-from crosspatch.engine.divergence import find_divergences
+from crosspatch.engine.divergence import DivergenceEvent, find_divergences
 from crosspatch.engine.errors import CrosspatchError
 from crosspatch.engine.mediation import (
     DirectionDictionary,
@@ -17,6 +17,7 @@ from crosspatch.engine.mediation import (
     _labelled_sets,
     mediate,
     splice_with_error,
+    split_events,
 )
 from crosspatch.engine.organisms import load_expected, organism_path
 from crosspatch.engine.organisms.tiny import FAMILIES
@@ -248,3 +249,26 @@ def test_sets_are_labelled_by_their_real_size():
         MediationConfig(n_random_seeds=3).validate(
             [DirectionDictionary("x", 4, torch.eye(4))], tiny_pair("llama")
         )
+
+
+def test_fit_split_meets_every_it_token_in_proportion():
+    """`split_events` stratifies by t_IT: 4 tokens x 12 events, fit 13 -> 3 or 4 of each; plain otherwise."""
+
+    def event(i: int, t_it: int) -> DivergenceEvent:
+        return DivergenceEvent(f"p{i:03d}", "c", [1], diverged=True, position=0, t_pt=5, t_it=t_it)
+
+    events = [event(i, 10 + i % 4) for i in range(48)] + [DivergenceEvent("x", "c", [1])]  # + one not scored
+    for seed in range(20):
+        fit, test = split_events(events, 0.27, seed)
+        assert len(fit) == 13 and len(test) == 35  # round(0.27 x 48); the unscored event is in neither
+        assert {e.prompt_id for e in fit}.isdisjoint(e.prompt_id for e in test)
+        counts = sorted(sum(e.t_it == t for e in fit) for t in range(10, 14))
+        assert counts == [3, 3, 3, 4]
+    assert split_events(events, 0.27, 3) == split_events(events, 0.27, 3)  # seeded
+    assert split_events(events, 0.27, 3)[0] != split_events(events, 0.27, 4)[0]
+    distinct = [event(i, 100 + i) for i in range(40)]  # all-distinct tokens: a plain seeded random split
+    fits = [frozenset(e.prompt_id for e in split_events(distinct, 0.25, s)[0]) for s in range(30)]
+    assert all(len(f) == 10 for f in fits) and len(set(fits)) == 30
+    assert set().union(*fits) == {e.prompt_id for e in distinct}  # every event can land in fit
+    with pytest.raises(CrosspatchError, match="at least 4"):
+        split_events(distinct[:3], 0.27, 0)
