@@ -91,7 +91,8 @@ def test_dict_cache_loads_models_with_device_and_dtype(
 
     monkeypatch.setenv("CROSSPATCH_PROGRESS", "0")
     common = ["dict", "cache", "--organism", "trained_llama", "--layers", "last:1", "--hooks", "mlp_out"]
-    common += ["--max-tokens", "200", "--shard-tokens", "100"]
+    # every prompt (not the mediation fit side, which depends on each dtype's divergences): the same tokens
+    common += ["--max-tokens", "200", "--shard-tokens", "100", "--training-prompts", "all"]
     caches = {}
     for dtype in ("bfloat16", "float32"):
         out = json.loads(
