@@ -450,7 +450,6 @@ def build_models(
     gen = torch.Generator().manual_seed(10_000 + con.seed)
     start, slots = con.identity_start, con.plant_slots
     token_dirs = _token_directions(gen, vocab_size, start, D_MODEL)
-    state: dict[str, torch.Tensor] = {}
     pt = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for name, param in pt.named_parameters():
         if name.endswith("norm.weight"):  # every RMSNorm (incl. Qwen3 q/k norms) is the identity
@@ -471,7 +470,6 @@ def build_models(
             value[:, :slots] = 0.0
         else:
             raise AssertionError(f"constructed organisms do not know parameter {name!r}")
-        state[name] = value
         _set(param, value)
     _plant(pt, con.base_neurons)
     it = _copy_of(config, {name: param.data for name, param in pt.named_parameters()})
@@ -575,14 +573,13 @@ def _run_planted(h: list[float], neurons: list[Neuron], layers: range, eps: floa
 
 
 def _start_residual(con: Construction, word_class: int, word: int | None = None) -> list[float]:
-    """The embedding of `word` (default: a word of class `word_class`) on the coordinates the nominal values track.
+    """The embedding of `word` (of class `word_class`; default: any word of that class) on the coordinates the
+    nominal values track.
 
     Its identity direction is put on the first identity coordinate (only PT's logit of t_PT reads it). With
     word groups, `word`'s own group and value; by default group 0 with the median value stands for every word
     of the class (the construction is the same for each group).
     """
-    if word is not None:
-        word_class = con.word_class[word]
     h0 = [0.0] * D_MODEL
     h0[CONST], h0[C[word_class]] = CONST_VALUE, CLASS_VALUE
     if con.word_group:
@@ -624,9 +621,8 @@ def nominal_cells(
         for late_name, neurons in late.items():
             x = _rms_norm(_run_planted(h_up, neurons, range(BOUNDARY, N_LAYERS), eps), eps)
             logit_it = BETA_IT * x[K[word_class]]
-            logit_pt = (
-                con.beta_pt * x[con.identity_start]
-            )  # t_PT's row: the current word's identity direction
+            # t_PT's row is the identity direction of the current word
+            logit_pt = con.beta_pt * x[con.identity_start]
             cells[f"y_{up_name}up_{late_name}late"] = logit_it - logit_pt
     cells["pt_late_effect"] = cells["y_ptup_itlate"] - cells["y_ptup_ptlate"]
     cells["it_late_effect"] = cells["y_itup_itlate"] - cells["y_itup_ptlate"]
