@@ -262,13 +262,18 @@ class RayExecutor:
         self._actors: dict[str, ActorHandle] = {}
 
     def actor(self, source: PairSource) -> ActorHandle:
-        """The pair's warm actor: this worker's handle, else the cluster's by name, else a new one."""
+        """The pair's warm actor: this worker's handle, else the cluster's by name, else a new one.
+
+        Detached: Ray ends a non-detached actor when its creator's handles are collected, even while other
+        workers use it by name, so a stopping worker would take the pair's warm actor with it.
+        """
         name = actor_name(source)
         if name not in self._actors:
             self._actors[name] = self._actor_cls.options(
                 name=name,
                 namespace=RAY_NAMESPACE,
                 get_if_exists=True,
+                lifetime="detached",  # the cluster's, not this worker's: a name lookup holds only a weak ref
                 num_gpus=self.num_gpus,
                 num_cpus=1,
                 max_concurrency=2,  # a chunk and a cancel beside it (chunks stay serial)

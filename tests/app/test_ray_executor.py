@@ -1,9 +1,11 @@
 """The Ray executor on a real local Ray: same rows as the local executor, one warm actor per pair reused by
-the next worker's job, a killed actor's chunk re-queued with every row in DuckDB once, a simulated OOM
-halved inside the actor with the same rows, and a cancelled job's chunk stopped in its still-warm actor."""
+the next worker's job (also once the worker that started it is gone), a killed actor's chunk re-queued with
+every row in DuckDB once, a simulated OOM halved inside the actor with the same rows, and a cancelled job's
+chunk stopped in its still-warm actor."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -160,6 +162,27 @@ def test_ray_jobs_equal_local_and_reuse_the_warm_actor(
     assert _actor_info(second) == {**info, "chunks": 6}
     first.store.dispose()
     second.store.dispose()
+
+
+def test_the_warm_actor_outlives_the_worker_that_created_it(
+    models: Path, local_rows: dict, tmp_path: Path
+) -> None:
+    """The pair's actor is the cluster's, not its creator's: a worker that started it stops (its handles
+    closed and collected) and another worker's job still runs on the same warm actor."""
+    settings, creator, _ = _ray_job(tmp_path, models, local_rows)
+    pid = _actor_info(creator)["pid"]
+    creator.store.dispose()
+    creator.executor.close()
+    del creator
+    gc.collect()  # Ray ends an actor whose owning handles are gone, unless the cluster owns it
+    time.sleep(1.0)  # a kill sent on collection lands within this
+    other = Worker(settings)
+    follow = _submit(other, models)
+    assert _run(other, follow) == "ingesting"
+    rows, job = _rows(settings, other, follow)
+    _assert_same(rows["cells"], local_rows["cells"])
+    assert job.provenance["executor"]["lost_chunks"] == 0 and _actor_info(other)["pid"] == pid
+    other.store.dispose()
 
 
 def _run_until_held(
