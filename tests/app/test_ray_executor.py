@@ -175,7 +175,6 @@ def test_the_warm_actor_outlives_the_worker_that_created_it(
     creator.executor.close()
     del creator
     gc.collect()  # Ray ends an actor whose owning handles are gone, unless the cluster owns it
-    time.sleep(1.0)  # a kill sent on collection lands within this
     other = Worker(settings)
     follow = _submit(other, models)
     assert _run(other, follow) == "ingesting"
